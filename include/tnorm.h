@@ -1,0 +1,240 @@
+/*
+ * tnorm — normalisation kernels for transformer inference (RMSNorm, L2Norm and their fused forms).
+ *
+ * This header is the whole public API and its specification. It is ordered from simple to advanced:
+ * a worked example, statuses, tensors, the context, the ops, and the generic op entry point.
+ *
+ * Worked example: normalise a 4 x 4096 bf16 activation with a bf16 weight, in place.
+ *
+ *     #include <tnorm.h>
+ *
+ *     tn_context *ctx;
+ *     if (tn_context_create(&ctx) != TN_OK) return 1;
+ *     tn_tensor x = tn_tensor_2d(act, TN_BF16, 4, 4096);        // rows x dim, contiguous
+ *     tn_tensor w = tn_tensor_vector(weight, TN_BF16, 4096);    // one row of dim elements
+ *     tn_status st = tn_rms_norm(ctx, &x, &w, 0.0f, 1e-6f, &x); // y may be x itself
+ *     if (st != TN_OK) fprintf(stderr, "%s\n", tn_context_last_error(ctx));
+ *     tn_context_destroy(ctx);
+ *
+ * Semantics, common to every op and backend:
+ * - All arithmetic is done in float32; each result is rounded once to the output dtype, to nearest even.
+ *   f16/bf16 conversions are exact for every bit pattern (NaN stays NaN, Inf, subnormals).
+ * - A tensor is a view of `rows x dim` elements; rows may be strided (row_stride >= dim, in elements) so a
+ *   view into a packed buffer needs no copy. Reductions run over dim.
+ * - rows == 0 is a valid no-op; dim == 0 is an error. eps must be finite and >= 0.
+ * - A row of zeros gives zeros when eps > 0. NaN or Inf in a row propagates to that row only.
+ * - An output may be exactly the same view as a row-shaped input (in place); any other overlap between an
+ *   output and another operand is refused. Outputs never overlap each other.
+ * - A row gives the same bytes whatever its position and the number of rows in the call (batch invariance).
+ * - Index arithmetic is 64-bit: rows * dim may exceed 2^31.
+ * - On any error nothing is written; the status says what kind of error it was and
+ *   tn_context_last_error() says exactly what, with the numbers involved.
+ * - The library never aborts, exits or prints.
+ */
+#ifndef TNORM_H
+#define TNORM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && defined(TNORM_SHARED_BUILD)
+#define TN_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define TN_API __attribute__((visibility("default")))
+#else
+#define TN_API
+#endif
+
+#define TNORM_VERSION_MAJOR 0
+#define TNORM_VERSION_MINOR 1
+#define TNORM_VERSION_PATCH 0
+
+/* "MAJOR.MINOR.PATCH" of the library actually loaded. */
+TN_API const char *tn_version(void);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Statuses. One table: the enum, tn_status_name() and tn_status_string() are generated from it.     */
+/* ------------------------------------------------------------------------------------------------ */
+
+#define TN_STATUS_TABLE(X)                                                                     \
+  X(TN_OK, 0, "success")                                                                       \
+  X(TN_ERR_NULL, 1, "a required pointer is NULL")                                              \
+  X(TN_ERR_SHAPE, 2, "shapes or strides do not agree")                                         \
+  X(TN_ERR_DTYPE, 3, "unsupported dtype or dtypes that do not agree")                          \
+  X(TN_ERR_VALUE, 4, "a scalar argument is out of range")                                      \
+  X(TN_ERR_OVERLAP, 5, "an output partially overlaps another operand")                         \
+  X(TN_ERR_OVERFLOW, 6, "a size does not fit in 64 bits or in the address space")              \
+  X(TN_ERR_OPERAND, 7, "an operand is missing, or given to an op that takes none")             \
+  X(TN_ERR_DEVICE, 8, "tensors on different devices, or a device the op cannot run on")        \
+  X(TN_ERR_UNAVAILABLE, 9, "the backend for this device is not available")                     \
+  X(TN_ERR_NO_MEMORY, 10, "out of memory")                                                     \
+  X(TN_ERR_BACKEND, 11, "the backend reported an error")                                       \
+  X(TN_ERR_INTERNAL, 12, "internal error")
+
+typedef enum tn_status {
+#define TN_STATUS_ENUM_(name, value, text) name = value,
+  TN_STATUS_TABLE(TN_STATUS_ENUM_)
+#undef TN_STATUS_ENUM_
+} tn_status;
+
+/* The enumerator's name ("TN_ERR_SHAPE"), or "TN_UNKNOWN_STATUS". Never NULL. */
+TN_API const char *tn_status_name(tn_status status);
+/* A short generic description ("shapes or strides do not agree"). Never NULL. */
+TN_API const char *tn_status_string(tn_status status);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Tensors                                                                                          */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef enum tn_dtype { TN_F32 = 0, TN_F16 = 1, TN_BF16 = 2 } tn_dtype;
+#define TN_DTYPE_COUNT 3
+
+/* "f32", "f16", "bf16"; "?" for a value outside the enum. */
+TN_API const char *tn_dtype_name(tn_dtype dtype);
+/* Bytes per element: 4, 2, 2; 0 for a value outside the enum. */
+TN_API size_t tn_dtype_size(tn_dtype dtype);
+
+typedef enum tn_device_kind { TN_DEVICE_CPU = 0, TN_DEVICE_CUDA = 1 } tn_device_kind;
+#define TN_DEVICE_KIND_COUNT 2
+
+typedef struct tn_device {
+  tn_device_kind kind;
+  int index; /* CUDA device ordinal; 0 for the CPU */
+} tn_device;
+
+/* A view of rows x dim elements of one dtype. Row r starts at element r * row_stride from data.
+ * Inputs are only read, whatever the constness of `data`. */
+typedef struct tn_tensor {
+  void *data;
+  tn_dtype dtype;
+  int64_t rows;
+  int64_t dim;
+  int64_t row_stride; /* in elements, >= dim */
+  tn_device device;
+} tn_tensor;
+
+/* A contiguous rows x dim tensor in host memory. */
+static inline tn_tensor tn_tensor_2d(const void *data, tn_dtype dtype, int64_t rows, int64_t dim) {
+  tn_tensor t;
+  t.data = (void *)data;
+  t.dtype = dtype;
+  t.rows = rows;
+  t.dim = dim;
+  t.row_stride = dim;
+  t.device.kind = TN_DEVICE_CPU;
+  t.device.index = 0;
+  return t;
+}
+
+/* A rows x dim tensor in host memory whose rows start row_stride elements apart. */
+static inline tn_tensor tn_tensor_strided(const void *data, tn_dtype dtype, int64_t rows, int64_t dim,
+                                          int64_t row_stride) {
+  tn_tensor t = tn_tensor_2d(data, dtype, rows, dim);
+  t.row_stride = row_stride;
+  return t;
+}
+
+/* A vector of n elements (a weight): one row of n. */
+static inline tn_tensor tn_tensor_vector(const void *data, tn_dtype dtype, int64_t n) {
+  return tn_tensor_2d(data, dtype, 1, n);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Context                                                                                          */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* A context owns the backends' state (the CPU thread pool; later device streams) and the last error.
+ * One context serves one caller thread at a time; use one context per thread for concurrent calls. */
+typedef struct tn_context tn_context;
+
+/* Creates a context. The CPU thread count is taken from the environment variable TNORM_NUM_THREADS
+ * when set (a positive integer), else the number of online processors. */
+TN_API tn_status tn_context_create(tn_context **out);
+/* Destroys a context; NULL is a no-op. */
+TN_API void tn_context_destroy(tn_context *ctx);
+
+/* The message of the last failed call on this context ("rms_norm: weight has 7 elements, dim is 8"),
+ * or "" when the last call succeeded. Valid until the next call on the context. ctx may be NULL. */
+TN_API const char *tn_context_last_error(const tn_context *ctx);
+
+/* Number of CPU threads the CPU backend uses (>= 1). Setting n <= 0 restores the automatic count. */
+TN_API tn_status tn_context_set_num_threads(tn_context *ctx, int n);
+TN_API int tn_context_num_threads(const tn_context *ctx);
+
+/* TN_OK when ops can run on tensors of this device kind; otherwise TN_ERR_UNAVAILABLE, with the reason
+ * in the last error (for example, no NVIDIA driver on this machine). */
+TN_API tn_status tn_device_available(tn_context *ctx, tn_device_kind kind);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Ops                                                                                              */
+/*                                                                                                  */
+/* x, y, mul, residual, residual_out: rows x dim, all of x's dtype (f32, f16 or bf16).             */
+/* weight: a vector of dim elements (rows == 1), of x's dtype or f32; NULL for the no-scale form.    */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* y = x * rsqrt(mean(x^2) + eps) * (weight + weight_offset).
+ * weight_offset is 0 for most models and 1 for Gemma's (1 + w) convention. With weight == NULL the
+ * scale is 1 and weight_offset must be 0. */
+TN_API tn_status tn_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight,
+                             float weight_offset, float eps, const tn_tensor *y);
+
+/* y = rms_norm(x) * mul, elementwise, in the same pass (a norm followed by a gate). */
+TN_API tn_status tn_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight,
+                                 float weight_offset, const tn_tensor *mul, float eps,
+                                 const tn_tensor *y);
+
+/* y = x * rsqrt(sum(x^2) + eps) * scale. scale must be finite; 1 gives the plain L2 norm. */
+TN_API tn_status tn_l2_norm(tn_context *ctx, const tn_tensor *x, float eps, float scale,
+                            const tn_tensor *y);
+
+/* s = round(x + residual) to x's dtype; residual_out = s; y = rms_norm(s) with weight, in one pass.
+ * residual_out may be residual itself and y may be x itself (the residual stream updated in place). */
+TN_API tn_status tn_add_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual,
+                                 const tn_tensor *weight, float weight_offset, float eps,
+                                 const tn_tensor *y, const tn_tensor *residual_out);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Generic entry point: one descriptor for every op. The functions above fill it and call tn_op_run. */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef enum tn_op {
+  TN_OP_RMS_NORM = 0,     /* x, weight?, mul?           -> y                */
+  TN_OP_L2_NORM = 1,      /* x                          -> y                */
+  TN_OP_ADD_RMS_NORM = 2, /* x, residual, weight?       -> y, residual_out  */
+} tn_op;
+#define TN_OP_COUNT 3
+
+/* "rms_norm", "l2_norm", "add_rms_norm"; "?" outside the enum. */
+TN_API const char *tn_op_name(tn_op op);
+
+typedef struct tn_op_args {
+  tn_op op;
+  const tn_tensor *x;
+  const tn_tensor *weight;       /* optional (rms_norm, add_rms_norm) */
+  const tn_tensor *mul;          /* optional (rms_norm)               */
+  const tn_tensor *residual;     /* required (add_rms_norm)           */
+  const tn_tensor *y;            /* required                          */
+  const tn_tensor *residual_out; /* required (add_rms_norm)           */
+  float eps;
+  float scale;         /* l2_norm; must be 1 for the other ops */
+  float weight_offset; /* rms_norm, add_rms_norm; must be 0 when there is no weight */
+} tn_op_args;
+
+/* Arguments with every operand NULL, eps = 1e-6, scale = 1, weight_offset = 0. */
+TN_API tn_op_args tn_op_args_init(tn_op op);
+
+/* Validates the arguments (every rule above), picks the backend from the tensors' device and runs. */
+TN_API tn_status tn_op_run(tn_context *ctx, const tn_op_args *args);
+
+/* Only validates: the status and message tn_op_run would give before running anything. */
+TN_API tn_status tn_op_validate(tn_context *ctx, const tn_op_args *args);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TNORM_H */

@@ -1,0 +1,17 @@
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "context.h"
+
+int tn_threads_wanted(const tn_context *ctx) {
+  if (ctx != NULL && ctx->num_threads_requested > 0) return ctx->num_threads_requested;
+  const char *env = getenv("TNORM_NUM_THREADS");
+  if (env != NULL && *env != '\0') {
+    char *end;
+    long n = strtol(env, &end, 10);
+    if (*end == '\0' && n > 0 && n <= 1024) return (int)n;
+  }
+  long online = sysconf(_SC_NPROCESSORS_ONLN);
+  return online > 0 ? (int)(online > 1024 ? 1024 : online) : 1;
+}

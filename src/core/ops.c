@@ -1,0 +1,69 @@
+#include "ops.h"
+
+#include <stddef.h>
+
+static const tn_op_info op_table[TN_OP_COUNT] = {
+    [TN_OP_RMS_NORM] = {"rms_norm",
+                        {[TN_OPERAND_X] = TN_REQUIRED,
+                         [TN_OPERAND_WEIGHT] = TN_OPTIONAL,
+                         [TN_OPERAND_MUL] = TN_OPTIONAL,
+                         [TN_OPERAND_Y] = TN_REQUIRED},
+                        0,
+                        1},
+    [TN_OP_L2_NORM] = {"l2_norm", {[TN_OPERAND_X] = TN_REQUIRED, [TN_OPERAND_Y] = TN_REQUIRED}, 1, 0},
+    [TN_OP_ADD_RMS_NORM] = {"add_rms_norm",
+                            {[TN_OPERAND_X] = TN_REQUIRED,
+                             [TN_OPERAND_WEIGHT] = TN_OPTIONAL,
+                             [TN_OPERAND_RESIDUAL] = TN_REQUIRED,
+                             [TN_OPERAND_Y] = TN_REQUIRED,
+                             [TN_OPERAND_RESIDUAL_OUT] = TN_REQUIRED},
+                            0,
+                            1},
+};
+
+const tn_op_info *tn_op_info_get(tn_op op) {
+  return (unsigned)op < TN_OP_COUNT ? &op_table[op] : NULL;
+}
+
+const char *tn_op_name(tn_op op) {
+  const tn_op_info *info = tn_op_info_get(op);
+  return info != NULL ? info->name : "?";
+}
+
+const char *tn_operand_name(tn_operand operand) {
+  static const char *const names[TN_OPERAND_COUNT] = {"x", "weight", "mul", "residual", "y", "residual_out"};
+  return (unsigned)operand < TN_OPERAND_COUNT ? names[operand] : "?";
+}
+
+int tn_operand_is_output(tn_operand operand) {
+  return operand == TN_OPERAND_Y || operand == TN_OPERAND_RESIDUAL_OUT;
+}
+
+const tn_tensor *tn_op_operand(const tn_op_args *args, tn_operand operand) {
+  switch (operand) {
+    case TN_OPERAND_X:
+      return args->x;
+    case TN_OPERAND_WEIGHT:
+      return args->weight;
+    case TN_OPERAND_MUL:
+      return args->mul;
+    case TN_OPERAND_RESIDUAL:
+      return args->residual;
+    case TN_OPERAND_Y:
+      return args->y;
+    case TN_OPERAND_RESIDUAL_OUT:
+      return args->residual_out;
+    case TN_OPERAND_COUNT:
+      break;
+  }
+  return NULL;
+}
+
+tn_op_args tn_op_args_init(tn_op op) {
+  tn_op_args a = {0};
+  a.op = op;
+  a.eps = 1e-6f;
+  a.scale = 1.0f;
+  a.weight_offset = 0.0f;
+  return a;
+}

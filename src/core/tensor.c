@@ -1,0 +1,53 @@
+#include "tensor.h"
+
+#include "dtype.h"
+
+tn_extent tn_tensor_extent(const tn_tensor *t) {
+  tn_extent e;
+  e.begin = (uintptr_t)t->data;
+  e.end = e.begin;
+  if (t->rows > 0 && t->dim > 0) {
+    uint64_t elems = (uint64_t)(t->rows - 1) * (uint64_t)t->row_stride + (uint64_t)t->dim;
+    e.end = e.begin + (uintptr_t)(elems * tn_dtype_size(t->dtype));
+  }
+  return e;
+}
+
+int tn_tensor_same_view(const tn_tensor *a, const tn_tensor *b) {
+  return a->data == b->data && a->dtype == b->dtype && a->rows == b->rows && a->dim == b->dim &&
+         (a->rows <= 1 || a->row_stride == b->row_stride) && a->device.kind == b->device.kind &&
+         a->device.index == b->device.index;
+}
+
+/* Rows of b, each `width_b` bytes, start at offset `d` (>= 0) from a's first row, with the same row
+ * pitch `pitch` as a; a has rows_a rows of width_a bytes. Does any byte coincide? */
+static int same_pitch_overlap(uint64_t d, uint64_t pitch, uint64_t width_a, uint64_t rows_a,
+                              uint64_t width_b, uint64_t rows_b) {
+  uint64_t first_slot = d / pitch; /* b's row k lies in a's slot first_slot + k (and maybe the next) */
+  uint64_t offset = d % pitch;
+  if (first_slot >= rows_a) return 0;
+  if (offset < width_a) return 1; /* b's first row starts inside a row of a */
+  /* b's rows start in the gap after a's rows; they reach into the next slot's row of a when they
+   * are longer than the gap. */
+  if (offset + width_b > pitch) {
+    uint64_t slots_left = rows_a - first_slot - 1; /* rows of a after the first slot */
+    return slots_left > 0 && rows_b > 0;
+  }
+  return 0;
+}
+
+int tn_tensors_overlap(const tn_tensor *a, const tn_tensor *b) {
+  if (a->device.kind != b->device.kind || a->device.index != b->device.index) return 0;
+  tn_extent ea = tn_tensor_extent(a), eb = tn_tensor_extent(b);
+  if (ea.begin == ea.end || eb.begin == eb.end) return 0;
+  if (ea.end <= eb.begin || eb.end <= ea.begin) return 0;
+  uint64_t pitch_a = (uint64_t)a->row_stride * tn_dtype_size(a->dtype);
+  uint64_t pitch_b = (uint64_t)b->row_stride * tn_dtype_size(b->dtype);
+  int multi_row = a->rows > 1 && b->rows > 1;
+  if (!multi_row || pitch_a != pitch_b) return 1; /* conservative: the extents intersect */
+  uint64_t wa = (uint64_t)a->dim * tn_dtype_size(a->dtype);
+  uint64_t wb = (uint64_t)b->dim * tn_dtype_size(b->dtype);
+  if (ea.begin <= eb.begin)
+    return same_pitch_overlap(eb.begin - ea.begin, pitch_a, wa, (uint64_t)a->rows, wb, (uint64_t)b->rows);
+  return same_pitch_overlap(ea.begin - eb.begin, pitch_a, wb, (uint64_t)b->rows, wa, (uint64_t)a->rows);
+}
