@@ -12,13 +12,4 @@ const char *tn_dtype_name(tn_dtype dtype) {
   return "?";
 }
 
-size_t tn_dtype_size(tn_dtype dtype) {
-  switch (dtype) {
-    case TN_F32:
-      return 4;
-    case TN_F16:
-    case TN_BF16:
-      return 2;
-  }
-  return 0;
-}
+size_t tn_dtype_size(tn_dtype dtype) { return tn_elem_size(dtype); }

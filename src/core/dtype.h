@@ -23,6 +23,9 @@ static inline float tn_f32_from_bits(uint32_t u) {
   return f;
 }
 
+/* All-ones when cond holds, else zero: selects written as masks, which the vectoriser takes. */
+static inline uint32_t tn_mask(int cond) { return (uint32_t)0 - (uint32_t)(cond != 0); }
+
 static inline float tn_bf16_to_f32(uint16_t h) { return tn_f32_from_bits((uint32_t)h << 16); }
 
 /* Round to nearest even; NaN stays NaN (made quiet, sign and top payload bits kept); overflow -> Inf. */
@@ -30,7 +33,8 @@ static inline uint16_t tn_f32_to_bf16(float f) {
   uint32_t u = tn_f32_bits(f);
   uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   uint32_t quiet_nan = (u >> 16) | 0x0040u;
-  return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+  uint32_t is_nan = tn_mask((u & 0x7fffffffu) > 0x7f800000u);
+  return (uint16_t)((quiet_nan & is_nan) | (rounded & ~is_nan));
 }
 
 static inline float tn_f16_to_f32(uint16_t h) {
@@ -39,8 +43,9 @@ static inline float tn_f16_to_f32(uint16_t h) {
   /* Subnormals and zero: the 10-bit mantissa times 2^-24 is exact in float32. */
   uint32_t small = tn_f32_bits((float)(int32_t)em * 0x1p-24f);
   /* Normals: rebias the exponent by 127 - 15; Inf and NaN: exponent 31 -> 255, payload kept. */
-  uint32_t normal = (em << 13) + (em >= 0x7c00u ? 0x70000000u : 0x38000000u);
-  return tn_f32_from_bits(sign | (em < 0x0400u ? small : normal));
+  uint32_t normal = (em << 13) + 0x38000000u + (tn_mask(em >= 0x7c00u) & 0x38000000u);
+  uint32_t is_small = tn_mask(em < 0x0400u);
+  return tn_f32_from_bits(sign | (small & is_small) | (normal & ~is_small));
 }
 
 /* Round to nearest even, with subnormal results and overflow to Inf; NaN stays NaN (quiet). */
@@ -53,9 +58,12 @@ static inline uint16_t tn_f32_to_f16(float f) {
   uint32_t subnormal = tn_f32_bits(tn_f32_from_bits(a) + 0.5f) - 0x3f000000u;
   /* Normal range: rebias the exponent (-112 << 23) and round the 13 dropped bits to nearest even. */
   uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
-  uint32_t r = a < 0x38800000u ? subnormal : normal;
-  r = a >= 0x477ff000u ? 0x7c00u : r;                           /* >= 65520 rounds to Inf */
-  r = a > 0x7f800000u ? (0x7e00u | ((a >> 13) & 0x03ffu)) : r; /* NaN */
+  uint32_t is_sub = tn_mask(a < 0x38800000u);
+  uint32_t is_inf = tn_mask(a >= 0x477ff000u); /* >= 65520 rounds to Inf */
+  uint32_t is_nan = tn_mask(a > 0x7f800000u);
+  uint32_t r = (subnormal & is_sub) | (normal & ~is_sub);
+  r = (0x7c00u & is_inf) | (r & ~is_inf);
+  r = ((0x7e00u | ((a >> 13) & 0x03ffu)) & is_nan) | (r & ~is_nan);
   return (uint16_t)(sign | r);
 }
 
@@ -102,5 +110,8 @@ static inline float tn_round_to(tn_dtype dtype, float v) {
 }
 
 static inline int tn_dtype_valid(tn_dtype dtype) { return (unsigned)dtype < TN_DTYPE_COUNT; }
+
+/* tn_dtype_size, inlinable for the kernels' address arithmetic. */
+static inline size_t tn_elem_size(tn_dtype dtype) { return dtype == TN_F32 ? 4 : tn_dtype_valid(dtype) ? 2 : 0; }
 
 #endif

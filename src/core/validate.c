@@ -44,8 +44,11 @@ static tn_status check_against_x(tn_context *ctx, const char *op, tn_operand ope
                                  const tn_tensor *x) {
   const char *name = tn_operand_name(operand);
   if (operand == TN_OPERAND_WEIGHT) {
-    TN_RETURN_ERROR_IF(t->rows != 1 || t->dim != x->dim, ctx, TN_ERR_SHAPE,
-                       "%s: weight has %" PRId64 " elements, dim is %" PRId64, op, t->rows * t->dim, x->dim);
+    TN_RETURN_ERROR_IF(t->rows != 1, ctx, TN_ERR_SHAPE,
+                       "%s: weight is %" PRId64 " x %" PRId64 "; must be one row of dim %" PRId64 " elements", op,
+                       t->rows, t->dim, x->dim);
+    TN_RETURN_ERROR_IF(t->dim != x->dim, ctx, TN_ERR_SHAPE, "%s: weight has %" PRId64 " elements, dim is %" PRId64,
+                       op, t->dim, x->dim);
     TN_RETURN_ERROR_IF(t->dtype != x->dtype && t->dtype != TN_F32, ctx, TN_ERR_DTYPE,
                        "%s: weight is %s; must be f32 or x's dtype %s", op, tn_dtype_name(t->dtype),
                        tn_dtype_name(x->dtype));

@@ -1,16 +1,23 @@
-/* The CPU backend: the op's row function, with rows spread over the context's thread pool. */
+/* The CPU backend: prepares what every row of a call shares (the weight in float32, scratch rows),
+ * then runs the op's row function with rows spread over the context's thread pool. All memory is
+ * obtained before the first row runs, so a failure writes nothing. */
 #include "backend.h"
 
 #include <stdlib.h>
 
+#include "../core/dtype.h"
 #include "../core/error.h"
 #include "ops.h"
+#include "row_kernels.h"
 #include "thread_pool.h"
 
 /* Below this many elements a call stays on the calling thread: waking workers costs more. */
 #define TN_CPU_PARALLEL_MIN_ELEMENTS (1 << 16)
 /* Chunks per thread: enough for dynamic balancing, few enough to keep per-chunk overhead small. */
 #define TN_CPU_CHUNKS_PER_THREAD 4
+/* Calls writing at least this many bytes use non-temporal stores: their output cannot stay in cache
+ * for the next op anyway, and plain stores would first read every output line. */
+#define TN_CPU_STREAM_MIN_BYTES ((size_t)16 << 20)
 
 static const tn_cpu_rows_fn cpu_ops[TN_OP_COUNT] = {
     [TN_OP_RMS_NORM] = tn_cpu_rms_norm_rows,
@@ -20,20 +27,22 @@ static const tn_cpu_rows_fn cpu_ops[TN_OP_COUNT] = {
 
 typedef struct cpu_state {
   tn_thread_pool *pool;
+  float *buffer; /* the weight row, then one scratch row per chunk */
+  size_t buffer_floats;
 } cpu_state;
 
 typedef struct row_job {
   tn_cpu_rows_fn fn;
-  const tn_op_args *args;
-  int64_t rows;
-  int64_t chunks;
+  const tn_cpu_call *call;
+  float *scratch; /* chunks rows of dim floats */
+  int64_t rows, dim, chunks;
 } row_job;
 
 static void run_chunk(void *p, int64_t chunk) {
   const row_job *job = p;
   int64_t begin = job->rows * chunk / job->chunks;
   int64_t end = job->rows * (chunk + 1) / job->chunks;
-  job->fn(job->args, begin, end);
+  job->fn(job->call, job->scratch + (size_t)chunk * (size_t)job->dim, begin, end);
 }
 
 static tn_status cpu_open(tn_context *ctx, void **state) {
@@ -47,6 +56,7 @@ static void cpu_close(void *state) {
   cpu_state *s = state;
   if (s == NULL) return;
   tn_thread_pool_destroy(s->pool);
+  free(s->buffer);
   free(s);
 }
 
@@ -60,18 +70,57 @@ static tn_status ensure_pool(cpu_state *s, tn_context *ctx) {
   return TN_OK;
 }
 
+/* Grows the state's buffer to at least n floats; it is kept across calls. */
+static tn_status ensure_buffer(cpu_state *s, tn_context *ctx, size_t n) {
+  if (s->buffer_floats >= n) return TN_OK;
+  float *p = malloc(n * sizeof *p);
+  TN_RETURN_ERROR_IF(p == NULL, ctx, TN_ERR_NO_MEMORY, "cpu: out of memory for %zu bytes of scratch",
+                     n * sizeof *p);
+  free(s->buffer);
+  s->buffer = p;
+  s->buffer_floats = n;
+  return TN_OK;
+}
+
+/* weight + offset in float32, once per call; the switch sits outside the loops so they vectorise. */
+TN_CPU_CLONES static void prepare_weight(const tn_tensor *w, float offset, float *restrict out) {
+  const int64_t n = w->dim;
+  const void *restrict src = w->data;
+  switch (w->dtype) {
+    case TN_F16:
+      for (int64_t i = 0; i < n; i++) out[i] = tn_load(TN_F16, src, i) + offset;
+      break;
+    case TN_BF16:
+      for (int64_t i = 0; i < n; i++) out[i] = tn_load(TN_BF16, src, i) + offset;
+      break;
+    case TN_F32:
+    default:
+      for (int64_t i = 0; i < n; i++) out[i] = tn_load(TN_F32, src, i) + offset;
+      break;
+  }
+}
+
 static tn_status cpu_run(void *state, tn_context *ctx, const tn_op_args *args) {
   cpu_state *s = state;
-  tn_cpu_rows_fn fn = cpu_ops[args->op];
-  const int64_t rows = args->x->rows;
-  if (rows < 2 || rows * args->x->dim < TN_CPU_PARALLEL_MIN_ELEMENTS || tn_threads_wanted(ctx) == 1) {
-    fn(args, 0, rows);
-    return TN_OK;
+  const int64_t rows = args->x->rows, dim = args->x->dim;
+  int parallel = rows >= 2 && rows * dim >= TN_CPU_PARALLEL_MIN_ELEMENTS && tn_threads_wanted(ctx) > 1;
+  if (parallel) TN_FORWARD_IF_ERROR(ensure_pool(s, ctx));
+  int64_t chunks = parallel ? (int64_t)tn_thread_pool_size(s->pool) * TN_CPU_CHUNKS_PER_THREAD : 1;
+  if (chunks > rows) chunks = rows;
+  int has_weight = args->weight != NULL;
+  TN_FORWARD_IF_ERROR(ensure_buffer(s, ctx, (size_t)(chunks + has_weight) * (size_t)dim));
+
+  float *weight = NULL;
+  if (has_weight) {
+    weight = s->buffer + (size_t)chunks * (size_t)dim;
+    prepare_weight(args->weight, args->weight_offset, weight);
   }
-  TN_FORWARD_IF_ERROR(ensure_pool(s, ctx));
-  int64_t chunks = (int64_t)tn_thread_pool_size(s->pool) * TN_CPU_CHUNKS_PER_THREAD;
-  row_job job = {fn, args, rows, chunks < rows ? chunks : rows};
-  tn_thread_pool_run(s->pool, job.chunks, run_chunk, &job);
+  size_t outputs = args->residual_out != NULL ? 2 : 1;
+  size_t out_bytes = outputs * (size_t)rows * (size_t)dim * tn_elem_size(args->x->dtype);
+  tn_cpu_call call = {args, weight, out_bytes >= TN_CPU_STREAM_MIN_BYTES};
+  row_job job = {cpu_ops[args->op], &call, s->buffer, rows, dim, chunks};
+  if (parallel) tn_thread_pool_run(s->pool, chunks, run_chunk, &job);
+  else run_chunk(&job, 0);
   return TN_OK;
 }
 

@@ -10,6 +10,11 @@ float tn_reference_load(const tn_tensor *t, int64_t r, int64_t i) {
   return tn_load(t->dtype, row, i);
 }
 
+void tn_reference_store(const tn_tensor *t, int64_t r, int64_t i, float v) {
+  char *row = (char *)t->data + (size_t)r * (size_t)t->row_stride * tn_dtype_size(t->dtype);
+  tn_store(t->dtype, row, i, v);
+}
+
 int tn_reference_run(const tn_op_args *a, double *y, double *residual_out) {
   const tn_tensor *x = a->x;
   const int64_t rows = x->rows, dim = x->dim;

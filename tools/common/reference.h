@@ -24,6 +24,8 @@ double tn_reference_error(tn_dtype dtype, float got, double ref);
 
 /* The value of element i of row r of a host tensor, as float. */
 float tn_reference_load(const tn_tensor *t, int64_t r, int64_t i);
+/* Stores v, rounded once to the tensor's dtype, as element i of row r of a host tensor. */
+void tn_reference_store(const tn_tensor *t, int64_t r, int64_t i, float v);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,101 @@
+"""`tnorm check`, `tnorm bench`, `tnorm --help` and `tnorm` alone."""
+
+import csv
+import io
+import math
+import re
+
+import tnormtest as T
+
+OPS = ["rms_norm", "l2_norm", "add_rms_norm"]
+DTYPES = ["f32", "f16", "bf16"]
+
+
+def test_check_passes_and_prints_table(tmp_path):
+    proc = T.run_tnorm(["check"], cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, "tnorm check reported a mismatch or failed\n" + T.describe(proc)
+    out = proc.stdout
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) >= 9, "expected a table with a line per op/dtype at least\n" + T.describe(proc)
+    for op in OPS:
+        assert re.search(rf"\b{op}\b", out), f"check's table does not mention {op}\n" + T.describe(proc)
+    for dt in DTYPES:
+        assert re.search(rf"\b{dt}\b", out), f"check's table does not mention {dt}\n" + T.describe(proc)
+    # Every op meets every dtype on some line of the table.
+    for op in OPS:
+        for dt in DTYPES:
+            assert any(re.search(rf"\b{op}\b", ln) and re.search(rf"\b{dt}\b", ln) for ln in lines), (
+                f"no line of check's table shows {op} with {dt}\n" + T.describe(proc))
+    assert "cpu" in out.lower(), "check's table does not name the cpu device\n" + T.describe(proc)
+    assert not list(tmp_path.iterdir()), "check left files in its working directory"
+
+
+QUICK = ["--shapes", "64x256", "--iters", "3", "--ops", "rms_norm", "--dtypes", "f32"]
+
+
+def _parse_csv(path):
+    text = path.read_text()
+    rows = list(csv.reader(io.StringIO(text)))
+    rows = [r for r in rows if any(f.strip() for f in r)]
+    assert len(rows) >= 2, f"{path}: expected a header line and at least one measurement:\n{text}"
+    return rows[0], rows[1:], text
+
+
+def _number(s):
+    try:
+        v = float(s.strip().rstrip("%"))
+    except ValueError:
+        return None
+    return v
+
+
+def test_bench_cpu_csv(tmp_path):
+    csv_path = tmp_path / "bench.csv"
+    proc = T.run_tnorm(["bench", "--device", "cpu", "--csv", csv_path, *QUICK], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, T.describe(proc)
+    assert "GB/s" in proc.stdout, "bench should print GB/s\n" + T.describe(proc)
+    header, rows, text = _parse_csv(csv_path)
+    header = [h.strip() for h in header]
+    assert all(header), f"empty column name in the CSV header {header}"
+    assert all(_number(h) is None for h in header), f"the CSV's first line is not a header: {header}"
+    for r in rows:
+        assert len(r) == len(header), f"row {r} has {len(r)} fields, the header {len(header)}:\n{text}"
+    numeric = [i for i in range(len(header)) if all(_number(r[i]) is not None for r in rows)]
+    assert len(numeric) >= 3, f"expected at least 3 numeric columns (time, GB/s, %): {header}\n{text}"
+    for i in numeric:
+        for r in rows:
+            v = _number(r[i])
+            assert math.isfinite(v) and v > 0, (
+                f"column {header[i]!r}: value {r[i]!r} is not a positive number:\n{text}")
+    names = " ".join(header).lower()
+    assert re.search(r"time|sec|_us|_ns|_ms|\bus\b|\bms\b|\bns\b|lat", names), f"no time column in {header}"
+    assert re.search(r"gb", names), f"no GB/s column in {header}"
+    assert re.search(r"%|pct|percent|ceil|frac|eff|roof|peak", names), f"no ceiling-percentage column in {header}"
+    # The measurement asked for is there.
+    assert any("rms_norm" in ",".join(r) for r in rows), f"no rms_norm measurement in the CSV:\n{text}"
+
+
+def test_bench_cpu_prints_without_csv(tmp_path):
+    proc = T.run_tnorm(["bench", "--device", "cpu", *QUICK], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, T.describe(proc)
+    assert "GB/s" in proc.stdout and "rms_norm" in proc.stdout, T.describe(proc)
+    assert not list(tmp_path.iterdir()), "bench without --csv left files behind"
+
+
+def test_help_exits_0(tmp_path):
+    proc = T.run_tnorm(["--help"], cwd=tmp_path)
+    assert proc.returncode == 0, T.describe(proc)
+    text = proc.stdout + proc.stderr
+    for word in ["run", "check", "bench"]:
+        assert word in text, f"--help does not mention {word}\n" + T.describe(proc)
+
+
+def test_no_arguments_exits_2(tmp_path):
+    proc = T.run_tnorm([], cwd=tmp_path)
+    assert proc.returncode == 2, T.describe(proc)
+
+
+def test_no_arguments_one_error_line(tmp_path):
+    # A usage error like any other: exactly one "tnorm: error: " line on stderr.
+    proc = T.run_tnorm([], cwd=tmp_path)
+    T.assert_error_output(proc, 2)

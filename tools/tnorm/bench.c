@@ -1,0 +1,336 @@
+/* tnorm bench: time each op and dtype over a list of shapes and report GB/s next to the memory-copy
+ * ceiling measured in the same run.
+ *
+ * Napkin math: an op moves every operand once, bytes = rows * dim * elem * (inputs + outputs)
+ * + dim * weight_elem. rms_norm bf16 at 4096 x 4096: 2 * 4096 * 4096 * 2 B + 8 KiB = 64 MiB.
+ * The ceiling is a copy of a large buffer (out of cache) by as many threads as the op uses, counting
+ * read + write; % of ceiling = op GB/s / copy GB/s. Shapes that fit in cache can exceed 100%. */
+#include <getopt.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli.h"
+#include "reference.h"
+#include "rng.h"
+
+#define MAX_SHAPES 64
+#define COPY_BYTES ((size_t)512 << 20) /* the ceiling's buffer: well past any CPU cache */
+
+typedef struct bench_options {
+  cli_device device;
+  const char *csv;
+  int64_t shapes[MAX_SHAPES][2];
+  int shape_count;
+  int ops[TN_OP_COUNT];
+  int dtypes[TN_DTYPE_COUNT];
+  long long iters; /* 0: automatic, ~0.3 s per measurement */
+} bench_options;
+
+static double now_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* ---- the ceiling: a parallel memcpy with a persistent set of threads ---- */
+
+typedef struct copy_job {
+  unsigned char *dst;
+  const unsigned char *src;
+  size_t bytes;
+  int threads;
+  int index;
+  pthread_barrier_t *start, *done;
+  int rounds;
+} copy_job;
+
+static void *copy_worker(void *p) {
+  copy_job *j = p;
+  size_t begin = j->bytes * (size_t)j->index / (size_t)j->threads;
+  size_t end = j->bytes * (size_t)(j->index + 1) / (size_t)j->threads;
+  for (int r = 0; r < j->rounds; r++) {
+    pthread_barrier_wait(j->start);
+    memcpy(j->dst + begin, j->src + begin, end - begin);
+    pthread_barrier_wait(j->done);
+  }
+  return NULL;
+}
+
+/* Best copy bandwidth (read + write bytes per second) over a few rounds, or 0 on failure. */
+static double measure_copy_ceiling(int threads) {
+  unsigned char *src = malloc(COPY_BYTES), *dst = malloc(COPY_BYTES);
+  copy_job *jobs = calloc((size_t)threads, sizeof *jobs);
+  pthread_t *tids = calloc((size_t)threads, sizeof *tids);
+  double best = 0.0;
+  const int rounds = 6;
+  if (src == NULL || dst == NULL || jobs == NULL || tids == NULL) goto out;
+  memset(src, 1, COPY_BYTES);
+  memset(dst, 0, COPY_BYTES); /* touch every page before timing */
+  pthread_barrier_t start, done;
+  pthread_barrier_init(&start, NULL, (unsigned)threads + 1);
+  pthread_barrier_init(&done, NULL, (unsigned)threads + 1);
+  int started = 0;
+  for (; started < threads; started++) {
+    jobs[started] = (copy_job){dst, src, COPY_BYTES, threads, started, &start, &done, rounds};
+    if (pthread_create(&tids[started], NULL, copy_worker, &jobs[started]) != 0) break;
+  }
+  if (started == threads) {
+    for (int r = 0; r < rounds; r++) {
+      double t0 = now_seconds();
+      pthread_barrier_wait(&start);
+      pthread_barrier_wait(&done);
+      double bw = 2.0 * (double)COPY_BYTES / (now_seconds() - t0);
+      if (r > 0 && bw > best) best = bw; /* round 0 warms up */
+    }
+    for (int i = 0; i < threads; i++) pthread_join(tids[i], NULL);
+  } else {
+    best = 0.0; /* could not start the threads; the barrier would never complete */
+    for (int i = 0; i < started; i++) pthread_cancel(tids[i]);
+  }
+  pthread_barrier_destroy(&start);
+  pthread_barrier_destroy(&done);
+out:
+  free(src), free(dst), free(jobs), free(tids);
+  return best;
+}
+
+/* ---- one measurement ---- */
+
+typedef struct measurement {
+  double seconds; /* median time per call */
+  double bytes;
+} measurement;
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+static void *alloc_random(tn_dtype dtype, size_t elems, tn_rng *rng, double mean) {
+  void *p = malloc(elems * tn_dtype_size(dtype));
+  if (p == NULL) return NULL;
+  tn_tensor t = tn_tensor_2d(p, dtype, 1, (int64_t)elems);
+  for (size_t i = 0; i < elems; i++) tn_reference_store(&t, 0, (int64_t)i, (float)(mean + tn_rng_normal(rng)));
+  return p;
+}
+
+/* Times op on rows x dim (weight in x's dtype where the op takes one). Returns 0, -1 on OOM, -2 on an op error. */
+static int measure(tn_context *ctx, tn_op op, tn_dtype dtype, int64_t rows, int64_t dim, long long iters,
+                   measurement *out) {
+  tn_rng rng = {0x5eed ^ (uint64_t)(rows * 31 + dim)};
+  size_t elems = (size_t)rows * (size_t)dim;
+  int is_add = op == TN_OP_ADD_RMS_NORM, has_weight = op != TN_OP_L2_NORM;
+  void *x = alloc_random(dtype, elems, &rng, 0.0), *y = alloc_random(dtype, elems, &rng, 0.0);
+  void *w = alloc_random(dtype, (size_t)dim, &rng, 1.0);
+  void *r = is_add ? alloc_random(dtype, elems, &rng, 0.0) : NULL;
+  void *ro = is_add ? alloc_random(dtype, elems, &rng, 0.0) : NULL;
+  double *times = NULL;
+  int rc = -1;
+  if (x == NULL || y == NULL || w == NULL || (is_add && (r == NULL || ro == NULL))) goto out;
+  tn_tensor xt = tn_tensor_2d(x, dtype, rows, dim), yt = tn_tensor_2d(y, dtype, rows, dim);
+  tn_tensor wt = tn_tensor_vector(w, dtype, dim);
+  tn_tensor rt = tn_tensor_2d(r, dtype, rows, dim), rot = tn_tensor_2d(ro, dtype, rows, dim);
+  tn_op_args a = tn_op_args_init(op);
+  a.x = &xt;
+  a.y = &yt;
+  a.weight = has_weight ? &wt : NULL;
+  a.residual = is_add ? &rt : NULL;
+  a.residual_out = is_add ? &rot : NULL;
+
+  rc = -2;
+  if (tn_op_run(ctx, &a) != TN_OK) goto out; /* warm-up: pages, pool, caches */
+  if (iters == 0) {
+    double t0 = now_seconds();
+    long long n = 0;
+    do {
+      if (tn_op_run(ctx, &a) != TN_OK) goto out;
+      n++;
+    } while (now_seconds() - t0 < 0.05);
+    double per_call = (now_seconds() - t0) / (double)n;
+    iters = (long long)(0.3 / per_call);
+    if (iters < 5) iters = 5;
+    if (iters > 100000) iters = 100000;
+  }
+  rc = -1;
+  times = malloc((size_t)iters * sizeof *times);
+  if (times == NULL) goto out;
+  rc = -2;
+  for (long long i = 0; i < iters; i++) {
+    double t0 = now_seconds();
+    if (tn_op_run(ctx, &a) != TN_OK) goto out;
+    times[i] = now_seconds() - t0;
+  }
+  qsort(times, (size_t)iters, sizeof *times, cmp_double);
+  out->seconds = times[iters / 2];
+  double row_operands = is_add ? 4 : 2;
+  out->bytes = (double)elems * (double)tn_dtype_size(dtype) * row_operands +
+               (has_weight ? (double)dim * (double)tn_dtype_size(dtype) : 0.0);
+  rc = 0;
+out:
+  free(x), free(y), free(w), free(r), free(ro), free(times);
+  return rc;
+}
+
+/* ---- options ---- */
+
+static const int64_t default_shapes[][2] = {{1, 4096},   {64, 4096},  {4096, 4096}, {131072, 128},
+                                            {8192, 2048}, {512, 16384}, {16, 65536}};
+
+static int parse_shapes(const char *s, bench_options *o) {
+  o->shape_count = 0;
+  char *copy = strdup(s), *save = NULL;
+  if (copy == NULL) return cli_fail("out of memory");
+  int rc = CLI_OK;
+  for (char *tok = strtok_r(copy, ",", &save); tok != NULL; tok = strtok_r(NULL, ",", &save)) {
+    char *xpos = strchr(tok, 'x');
+    long long rows, dim;
+    if (xpos == NULL || o->shape_count == MAX_SHAPES) {
+      rc = cli_usage("--shapes: '%s' is not ROWSxDIM (at most %d shapes)", tok, MAX_SHAPES);
+      break;
+    }
+    *xpos = '\0';
+    if (cli_parse_count(tok, &rows) != 0 || cli_parse_count(xpos + 1, &dim) != 0 || rows > (1ll << 40) / dim) {
+      rc = cli_usage("--shapes: '%sx%s' is not a valid ROWSxDIM", tok, xpos + 1);
+      break;
+    }
+    o->shapes[o->shape_count][0] = rows;
+    o->shapes[o->shape_count][1] = dim;
+    o->shape_count++;
+  }
+  free(copy);
+  if (rc == CLI_OK && o->shape_count == 0) rc = cli_usage("--shapes: no shape given");
+  return rc;
+}
+
+/* A comma list of names into flags, via parse (cli_parse_op or cli_parse_dtype). */
+static int parse_list(const char *flag, const char *s, int *flags, int count, int (*parse)(const char *, int *)) {
+  memset(flags, 0, (size_t)count * sizeof *flags);
+  char *copy = strdup(s), *save = NULL;
+  if (copy == NULL) return cli_fail("out of memory");
+  int rc = CLI_OK, any = 0;
+  for (char *tok = strtok_r(copy, ",", &save); tok != NULL; tok = strtok_r(NULL, ",", &save)) {
+    int v;
+    if (parse(tok, &v) != 0) {
+      rc = cli_usage("--%s: unknown name '%s'", flag, tok);
+      break;
+    }
+    flags[v] = any = 1;
+  }
+  free(copy);
+  if (rc == CLI_OK && !any) rc = cli_usage("--%s: empty list", flag);
+  return rc;
+}
+
+static int parse_op_index(const char *s, int *out) {
+  tn_op op;
+  if (cli_parse_op(s, &op) != 0) return -1;
+  *out = (int)op;
+  return 0;
+}
+
+static int parse_dtype_index(const char *s, int *out) {
+  tn_dtype d;
+  if (cli_parse_dtype(s, &d) != 0) return -1;
+  *out = (int)d;
+  return 0;
+}
+
+static int parse_bench_options(int argc, char **argv, bench_options *o) {
+  static const struct option long_options[] = {
+      {"device", required_argument, NULL, 'd'}, {"csv", required_argument, NULL, 'c'},
+      {"shapes", required_argument, NULL, 's'}, {"ops", required_argument, NULL, 'o'},
+      {"dtypes", required_argument, NULL, 't'}, {"iters", required_argument, NULL, 'i'},
+      {NULL, 0, NULL, 0}};
+  o->device = CLI_DEVICE_AUTO;
+  o->shape_count = (int)(sizeof default_shapes / sizeof default_shapes[0]);
+  memcpy(o->shapes, default_shapes, sizeof default_shapes);
+  for (int i = 0; i < TN_OP_COUNT; i++) o->ops[i] = 1;
+  for (int i = 0; i < TN_DTYPE_COUNT; i++) o->dtypes[i] = 1;
+  opterr = 0;
+  optind = 1;
+  int c, rc = CLI_OK;
+  while (rc == CLI_OK && (c = getopt_long(argc, argv, ":", long_options, NULL)) != -1) {
+    switch (c) {
+      case 'd':
+        if (cli_parse_device(optarg, &o->device) != 0) rc = cli_usage("--device: unknown device '%s'", optarg);
+        break;
+      case 'c': o->csv = optarg; break;
+      case 's': rc = parse_shapes(optarg, o); break;
+      case 'o': rc = parse_list("ops", optarg, o->ops, TN_OP_COUNT, parse_op_index); break;
+      case 't': rc = parse_list("dtypes", optarg, o->dtypes, TN_DTYPE_COUNT, parse_dtype_index); break;
+      case 'i':
+        if (cli_parse_count(optarg, &o->iters) != 0 || o->iters > 1000000)
+          rc = cli_usage("--iters: '%s' is not a count in 1..1000000", optarg);
+        break;
+      case ':': return cli_usage("bench: %s needs a value", argv[optind - 1]);
+      default: return cli_usage("bench: unknown option '%s'", argv[optind - 1]);
+    }
+  }
+  if (rc == CLI_OK && optind < argc) rc = cli_usage("bench: unexpected argument '%s'", argv[optind]);
+  return rc;
+}
+
+int cli_bench_main(int argc, char **argv) {
+  bench_options o = {0};
+  int rc = parse_bench_options(argc, argv, &o);
+  if (rc != CLI_OK) return rc;
+  tn_context *ctx = NULL;
+  if (tn_context_create(&ctx) != TN_OK) return cli_fail("out of memory");
+  tn_device_kind device;
+  FILE *csv = NULL;
+  if ((rc = cli_resolve_device(ctx, o.device, &device)) != CLI_OK) goto done;
+  if (device != TN_DEVICE_CPU) {
+    rc = cli_fail("bench: device tensors are not supported by this build");
+    goto done;
+  }
+  int threads = tn_context_num_threads(ctx);
+  double ceiling = measure_copy_ceiling(threads);
+  if (ceiling <= 0.0) {
+    rc = cli_fail("bench: could not measure the copy ceiling (out of memory or threads)");
+    goto done;
+  }
+  if (o.csv != NULL && (csv = fopen(o.csv, "w")) == NULL) {
+    rc = cli_fail("--csv: cannot write '%s'", o.csv);
+    goto done;
+  }
+  printf("tnorm bench: device cpu, %d thread(s); ceiling = memcpy of %zu MiB by %d thread(s): %.1f GB/s (read + write)\n\n",
+         threads, COPY_BYTES >> 20, threads, ceiling * 1e-9);
+  printf("%-13s %-5s %15s %12s %10s %9s\n", "op", "dtype", "shape", "time (us)", "GB/s", "% ceiling");
+  if (csv != NULL) fprintf(csv, "device,op,dtype,rows,dim,threads,time_us,gbps,ceiling_gbps,pct_ceiling\n");
+  for (int op = 0; op < TN_OP_COUNT && rc == CLI_OK; op++) {
+    if (!o.ops[op]) continue;
+    for (int d = 0; d < TN_DTYPE_COUNT && rc == CLI_OK; d++) {
+      if (!o.dtypes[d]) continue;
+      for (int si = 0; si < o.shape_count; si++) {
+        measurement m;
+        int64_t rows = o.shapes[si][0], dim = o.shapes[si][1];
+        int mr = measure(ctx, (tn_op)op, (tn_dtype)d, rows, dim, o.iters, &m);
+        if (mr == -1) {
+          rc = cli_fail("bench: out of memory for %s %s %" PRId64 " x %" PRId64, tn_op_name((tn_op)op),
+                        tn_dtype_name((tn_dtype)d), rows, dim);
+          break;
+        }
+        if (mr == -2) {
+          rc = cli_fail("bench: %s", tn_context_last_error(ctx));
+          break;
+        }
+        double gbps = m.bytes / m.seconds * 1e-9, pct = 100.0 * m.bytes / m.seconds / ceiling;
+        char shape[48];
+        snprintf(shape, sizeof shape, "%" PRId64 "x%" PRId64, rows, dim);
+        printf("%-13s %-5s %15s %12.2f %10.1f %8.1f%%\n", tn_op_name((tn_op)op), tn_dtype_name((tn_dtype)d), shape,
+               m.seconds * 1e6, gbps, pct);
+        if (csv != NULL)
+          fprintf(csv, "cpu,%s,%s,%" PRId64 ",%" PRId64 ",%d,%.3f,%.3f,%.3f,%.2f\n", tn_op_name((tn_op)op),
+                  tn_dtype_name((tn_dtype)d), rows, dim, threads, m.seconds * 1e6, gbps, ceiling * 1e-9, pct);
+      }
+    }
+  }
+done:
+  if (csv != NULL && fclose(csv) != 0 && rc == CLI_OK) rc = cli_fail("--csv: error writing '%s'", o.csv);
+  tn_context_destroy(ctx);
+  return rc;
+}

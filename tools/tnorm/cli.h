@@ -1,0 +1,35 @@
+/* The `tnorm` command: shared helpers of its subcommands. Every error is one line on stderr,
+ * "tnorm: error: ...", with exit status 1 (2 for a usage error). */
+#ifndef TN_CLI_H
+#define TN_CLI_H
+
+#include "tnorm.h"
+
+enum { CLI_OK = 0, CLI_FAIL = 1, CLI_USAGE = 2 };
+
+typedef enum cli_device { CLI_DEVICE_AUTO, CLI_DEVICE_CPU, CLI_DEVICE_CUDA } cli_device;
+
+/* Print "tnorm: error: <message>" and return CLI_FAIL / CLI_USAGE. */
+int cli_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int cli_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* A finite-or-not double filling the whole string: 0, or -1 when s is not a number. */
+int cli_parse_double(const char *s, double *out);
+/* A positive integer (up to 2^62) filling the whole string: 0, or -1. */
+int cli_parse_count(const char *s, long long *out);
+/* "cpu", "cuda", "auto": 0, or -1. */
+int cli_parse_device(const char *s, cli_device *out);
+/* "f32", "f16", "bf16": 0, or -1. */
+int cli_parse_dtype(const char *s, tn_dtype *out);
+/* "rms_norm", "l2_norm", "add_rms_norm": 0, or -1. */
+int cli_parse_op(const char *s, tn_op *out);
+
+/* The device kind to run on: cpu, cuda (an error when unavailable, with the reason) or auto (CUDA when
+ * available, else the CPU). Returns CLI_OK or CLI_FAIL (message printed). */
+int cli_resolve_device(tn_context *ctx, cli_device choice, tn_device_kind *out);
+
+int cli_run_main(int argc, char **argv);
+int cli_check_main(int argc, char **argv);
+int cli_bench_main(int argc, char **argv);
+
+#endif

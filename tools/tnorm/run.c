@@ -1,0 +1,199 @@
+/* tnorm run OP: loads the operands from tensor files, runs the op, writes the outputs atomically. */
+#include <getopt.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "tensor_file.h"
+
+typedef struct run_options {
+  tn_op op;
+  const char *x, *weight, *mul, *residual, *out, *residual_out;
+  double eps, scale, weight_offset;
+  int scale_given, weight_offset_given;
+  cli_device device;
+} run_options;
+
+enum { OPT_X = 256, OPT_WEIGHT, OPT_MUL, OPT_RESIDUAL, OPT_EPS, OPT_SCALE, OPT_WEIGHT_OFFSET, OPT_DEVICE, OPT_OUT,
+       OPT_RESIDUAL_OUT };
+
+static const struct option run_long_options[] = {
+    {"x", required_argument, NULL, OPT_X},
+    {"weight", required_argument, NULL, OPT_WEIGHT},
+    {"mul", required_argument, NULL, OPT_MUL},
+    {"residual", required_argument, NULL, OPT_RESIDUAL},
+    {"eps", required_argument, NULL, OPT_EPS},
+    {"scale", required_argument, NULL, OPT_SCALE},
+    {"weight-offset", required_argument, NULL, OPT_WEIGHT_OFFSET},
+    {"device", required_argument, NULL, OPT_DEVICE},
+    {"out", required_argument, NULL, OPT_OUT},
+    {"residual-out", required_argument, NULL, OPT_RESIDUAL_OUT},
+    {NULL, 0, NULL, 0},
+};
+
+static int parse_number(const char *flag, const char *value, double *out) {
+  if (cli_parse_double(value, out) != 0) return cli_usage("--%s: '%s' is not a number", flag, value);
+  return CLI_OK;
+}
+
+/* Which flags each op takes beyond --x, --out, --eps and --device. */
+static int check_flags_for_op(const run_options *o) {
+  const char *op = tn_op_name(o->op);
+  int is_rms = o->op == TN_OP_RMS_NORM, is_l2 = o->op == TN_OP_L2_NORM, is_add = o->op == TN_OP_ADD_RMS_NORM;
+  if (o->x == NULL) return cli_usage("%s: --x is required", op);
+  if (o->out == NULL) return cli_usage("%s: --out is required", op);
+  if (is_add && o->residual == NULL) return cli_usage("%s: --residual is required", op);
+  if (!is_add && o->residual != NULL) return cli_usage("%s: takes no --residual (add_rms_norm does)", op);
+  if (!is_add && o->residual_out != NULL) return cli_usage("%s: takes no --residual-out (add_rms_norm does)", op);
+  if (!is_rms && o->mul != NULL) return cli_usage("%s: takes no --mul (rms_norm does)", op);
+  if (is_l2 && o->weight != NULL) return cli_usage("%s: takes no --weight (use --scale)", op);
+  if (is_l2 && o->weight_offset_given) return cli_usage("%s: takes no --weight-offset", op);
+  if (!is_l2 && o->scale_given) return cli_usage("%s: takes no --scale (l2_norm does)", op);
+  return CLI_OK;
+}
+
+static int parse_run_options(int argc, char **argv, run_options *o) {
+  if (argc < 2 || argv[1][0] == '-') return cli_usage("run: missing OP (rms_norm, l2_norm or add_rms_norm)");
+  if (cli_parse_op(argv[1], &o->op) != 0)
+    return cli_usage("run: unknown op '%s' (rms_norm, l2_norm or add_rms_norm)", argv[1]);
+  o->eps = 1e-6;
+  o->scale = 1.0;
+  o->device = CLI_DEVICE_AUTO;
+  opterr = 0;
+  optind = 2;
+  int c;
+  while ((c = getopt_long(argc, argv, ":", run_long_options, NULL)) != -1) {
+    int rc = CLI_OK;
+    switch (c) {
+      case OPT_X: o->x = optarg; break;
+      case OPT_WEIGHT: o->weight = optarg; break;
+      case OPT_MUL: o->mul = optarg; break;
+      case OPT_RESIDUAL: o->residual = optarg; break;
+      case OPT_OUT: o->out = optarg; break;
+      case OPT_RESIDUAL_OUT: o->residual_out = optarg; break;
+      case OPT_EPS: rc = parse_number("eps", optarg, &o->eps); break;
+      case OPT_SCALE: rc = parse_number("scale", optarg, &o->scale); o->scale_given = 1; break;
+      case OPT_WEIGHT_OFFSET:
+        rc = parse_number("weight-offset", optarg, &o->weight_offset);
+        o->weight_offset_given = 1;
+        break;
+      case OPT_DEVICE:
+        if (cli_parse_device(optarg, &o->device) != 0)
+          rc = cli_usage("--device: unknown device '%s' (cpu, cuda or auto)", optarg);
+        break;
+      case ':': return cli_usage("run: %s needs a value", argv[optind - 1]);
+      default: return cli_usage("run: unknown option '%s'", argv[optind - 1]);
+    }
+    if (rc != CLI_OK) return rc;
+  }
+  if (optind < argc) return cli_usage("run: unexpected argument '%s'", argv[optind]);
+  return check_flags_for_op(o);
+}
+
+/* The output's directory must exist and be writable before anything is computed or written, so a
+ * failure never leaves one output written and the other not. */
+static int check_output_target(const char *flag, const char *spec, tn_dtype dtype) {
+  char err[512];
+  if (tn_file_check_save(spec, dtype, err, sizeof err) != 0) return cli_fail("--%s: %s", flag, err);
+  char *copy = strdup(spec);
+  if (copy == NULL) return cli_fail("out of memory");
+  char *colon = strstr(copy, ".safetensors:");
+  if (colon != NULL) colon[strlen(".safetensors")] = '\0';
+  const char *dir = dirname(copy);
+  int ok = access(dir, W_OK | X_OK) == 0;
+  free(copy);
+  if (!ok) return cli_fail("--%s: cannot write into the directory of '%s'", flag, spec);
+  return CLI_OK;
+}
+
+typedef struct run_files {
+  tn_file_tensor x, weight, mul, residual;
+} run_files;
+
+static int load(const char *flag, const char *spec, tn_file_tensor *t) {
+  char err[512];
+  if (spec == NULL) return CLI_OK;
+  if (tn_file_load(spec, t, err, sizeof err) != 0) return cli_fail("--%s: %s", flag, err);
+  return CLI_OK;
+}
+
+static tn_tensor view_of(const tn_file_tensor *f) { return tn_tensor_2d(f->data, f->dtype, f->rows, f->dim); }
+
+static int execute(const run_options *o, run_files *files) {
+  int rc;
+  if ((rc = load("x", o->x, &files->x)) != CLI_OK) return rc;
+  tn_dtype dtype = files->x.dtype;
+  if ((rc = check_output_target("out", o->out, dtype)) != CLI_OK) return rc;
+  if (o->residual_out != NULL && (rc = check_output_target("residual-out", o->residual_out, dtype)) != CLI_OK)
+    return rc;
+  if ((rc = load("weight", o->weight, &files->weight)) != CLI_OK) return rc;
+  if ((rc = load("mul", o->mul, &files->mul)) != CLI_OK) return rc;
+  if ((rc = load("residual", o->residual, &files->residual)) != CLI_OK) return rc;
+  if (files->x.ndim == 2 && files->x.dim == 0) return cli_fail("--x: %s has dim 0; nothing to normalise over", o->x);
+
+  tn_context *ctx = NULL;
+  if (tn_context_create(&ctx) != TN_OK) return cli_fail("out of memory");
+  tn_device_kind device;
+  if ((rc = cli_resolve_device(ctx, o->device, &device)) != CLI_OK) goto done;
+  if (device != TN_DEVICE_CPU) {
+    rc = cli_fail("--device: this build runs tensor files on the CPU only");
+    goto done;
+  }
+
+  size_t elems = (size_t)files->x.rows * (size_t)files->x.dim;
+  size_t bytes = elems * tn_dtype_size(dtype);
+  tn_file_tensor y = files->x, ro = files->x;
+  y.data = elems ? malloc(bytes) : NULL;
+  ro.data = elems && o->op == TN_OP_ADD_RMS_NORM ? malloc(bytes) : NULL;
+  if (elems && (y.data == NULL || (o->op == TN_OP_ADD_RMS_NORM && ro.data == NULL))) {
+    rc = cli_fail("out of memory for %zu bytes of output", bytes);
+    goto free_outputs;
+  }
+
+  tn_tensor x = view_of(&files->x), w = view_of(&files->weight), m = view_of(&files->mul);
+  tn_tensor r = view_of(&files->residual), yt = view_of(&y), rot = view_of(&ro);
+  tn_op_args args = tn_op_args_init(o->op);
+  args.x = &x;
+  args.weight = o->weight ? &w : NULL;
+  args.mul = o->mul ? &m : NULL;
+  args.residual = o->residual ? &r : NULL;
+  args.y = &yt;
+  args.residual_out = o->op == TN_OP_ADD_RMS_NORM ? &rot : NULL;
+  args.eps = (float)o->eps;
+  args.scale = (float)o->scale;
+  args.weight_offset = (float)o->weight_offset;
+  if (tn_op_run(ctx, &args) != TN_OK) {
+    rc = cli_fail("%s", tn_context_last_error(ctx));
+    goto free_outputs;
+  }
+
+  char err[512];
+  if (tn_file_save(o->out, &y, "y", err, sizeof err) != 0) {
+    rc = cli_fail("--out: %s", err);
+  } else if (o->residual_out != NULL && tn_file_save(o->residual_out, &ro, "residual_out", err, sizeof err) != 0) {
+    rc = cli_fail("--residual-out: %s", err);
+  }
+
+free_outputs:
+  free(y.data);
+  free(ro.data);
+done:
+  tn_context_destroy(ctx);
+  return rc;
+}
+
+int cli_run_main(int argc, char **argv) {
+  run_options o = {0};
+  int rc = parse_run_options(argc, argv, &o);
+  if (rc != CLI_OK) return rc;
+  run_files files = {0};
+  rc = execute(&o, &files);
+  tn_file_tensor_free(&files.x);
+  tn_file_tensor_free(&files.weight);
+  tn_file_tensor_free(&files.mul);
+  tn_file_tensor_free(&files.residual);
+  return rc;
+}
