@@ -463,4 +463,422 @@ const int64_t kDims[] = {1,    2,    3,    7,    31,   33,   96,   127,  128,  1
 const int64_t kRows[] = {0, 1, 17, 63, 64, 65, 255, 256, 257};
 const int64_t kViewRows[] = {1, 17, 64, 257};
 
+// Whether every byte of [p, p + n) is 0xFF.
+bool AllPoison(const unsigned char *p, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (p[i] != 0xFF) return false;
+  return true;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The sweep: every dim x every row count, contiguous.
+// ------------------------------------------------------------------------------------------------
+
+TEST_P(OpsTest, Sweep) {
+  Operands o;
+  int failed_calls = 0;
+  for (int64_t dim : kDims) {
+    for (int64_t rows : kRows) {
+      Prepare(o, rows, dim, dim);
+      if (rows == 0) {
+        // A no-op: TN_OK and not one byte written.
+        tn_status st = Invoke(o.args);
+        EXPECT_EQ(st, TN_OK) << Where(rows, dim) << ": " << tn_context_last_error(ctx_);
+        EXPECT_TRUE(AllPoison(o.y.mem.data(), o.y.mem.size())) << Where(rows, dim) << ": rows == 0 wrote y";
+        if (IsAdd()) {
+          EXPECT_TRUE(AllPoison(o.rout.mem.data(), o.rout.mem.size())) << Where(rows, dim) << ": wrote residual_out";
+        }
+        continue;
+      }
+      if (RunAndCheck(o) > 0 && ++failed_calls >= 10) FAIL() << "stopping after 10 failed calls";
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Strided rows: row_stride = dim + 5 for every row operand. The inputs' gaps hold NaN (which would show
+// if read); the outputs' gaps hold the poison and must keep it; no input changes.
+// ------------------------------------------------------------------------------------------------
+
+TEST_P(OpsTest, StridedRows) {
+  Operands o;
+  int failed_calls = 0;
+  for (int64_t dim : kDims) {
+    for (int64_t rows : kViewRows) {
+      const int64_t stride = dim + 5;
+      Prepare(o, rows, dim, stride);
+      std::vector<unsigned char> x0 = o.x.mem, res0 = o.res.mem, mul0 = o.mul.mem, w0 = o.w.mem;
+      int64_t bad = RunAndCheck(o, "row_stride dim + 5");
+      EXPECT_TRUE(o.x.mem == x0) << Where(rows, dim) << ": x changed";
+      EXPECT_TRUE(o.res.mem == res0) << Where(rows, dim) << ": residual changed";
+      EXPECT_TRUE(o.mul.mem == mul0) << Where(rows, dim) << ": mul changed";
+      EXPECT_TRUE(o.w.mem == w0) << Where(rows, dim) << ": weight changed";
+      for (Buf *b : {&o.y, &o.rout}) {
+        if (b->mem.size() <= 64 && b->rows == 0) continue;
+        if (b == &o.rout && !IsAdd()) continue;
+        for (int64_t r = 0; r < rows; r++) {
+          if (!AllPoison(b->Row(r) + b->RowBytes(), (size_t)(stride - dim) * ESize(dt_))) {
+            ADD_FAILURE() << Where(rows, dim) << ": the gap after row " << r << " of "
+                          << (b == &o.y ? "y" : "residual_out") << " was written";
+            bad++;
+            break;
+          }
+        }
+      }
+      if (bad > 0 && ++failed_calls >= 10) FAIL() << "stopping after 10 failed calls";
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// In place: y is x's view (and residual_out is residual's for add_rms_norm).
+// ------------------------------------------------------------------------------------------------
+
+TEST_P(OpsTest, InPlace) {
+  Operands o;
+  int failed_calls = 0;
+  for (int64_t dim : kDims) {
+    for (int64_t rows : kViewRows) {
+      Prepare(o, rows, dim, dim);
+      o.ty = o.x.View();
+      if (IsAdd()) o.trout = o.res.View();
+      int64_t bad = RunAndCheck(o, IsAdd() ? "in place: y = x, residual_out = residual" : "in place: y = x");
+      if (IsAdd() && rows == 17) {
+        // The crossed form: y = residual, residual_out = x.
+        Prepare(o, rows, dim, dim);
+        o.ty = o.res.View();
+        o.trout = o.x.View();
+        bad += RunAndCheck(o, "in place: y = residual, residual_out = x");
+      }
+      if (v_->mul && rows == 17) {
+        Prepare(o, rows, dim, dim);
+        o.ty = o.mul.View();
+        bad += RunAndCheck(o, "in place: y = mul");
+      }
+      if (bad > 0 && ++failed_calls >= 10) FAIL() << "stopping after 10 failed calls";
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Special rows, in batches of 5 with the special row in the middle.
+// ------------------------------------------------------------------------------------------------
+
+const int64_t kSpecialDims[] = {1, 2, 7, 33, 128, 4096, 70000};
+
+void SetElement(Buf &b, int64_t r, int64_t i, float v) { tn_store(b.dt, b.Row(r), i, v); }
+
+TEST_P(OpsTest, SpecialRows) {
+  const int64_t rows = 5, mid = 2;
+  for (int64_t dim : kSpecialDims) {
+    SCOPED_TRACE(Where(rows, dim));
+    const int64_t col = dim / 2;
+    Operands o;
+    Prepare(o, rows, dim, dim);
+    const std::vector<unsigned char> x0 = o.x.mem, res0 = o.res.mem, mul0 = o.mul.mem;
+    RunAndCheck(o, "clean batch");
+    const std::vector<unsigned char> yc = o.y.mem, rc = o.rout.mem;
+
+    // Restores the clean inputs, applies `change`, runs, checks against the reference and checks that
+    // the rows other than the middle one are byte-identical to the clean run.
+    auto rerun = [&](const char *what, const std::function<void()> &change) {
+      SCOPED_TRACE(what);
+      o.x.mem = x0;
+      o.res.mem = res0;
+      o.mul.mem = mul0;
+      change();
+      o.y.Poison();
+      o.rout.Poison();
+      RunAndCheck(o, what);
+      for (int64_t r = 0; r < rows; r++) {
+        if (r == mid) continue;
+        EXPECT_EQ(memcmp(o.y.Row(r), yc.data() + (o.y.Row(r) - o.y.mem.data()), o.y.RowBytes()), 0)
+            << what << ": y row " << r << " differs from the same row computed without the special row";
+        if (IsAdd()) {
+          EXPECT_EQ(memcmp(o.rout.Row(r), rc.data() + (o.rout.Row(r) - o.rout.mem.data()), o.rout.RowBytes()), 0)
+              << what << ": residual_out row " << r << " differs";
+        }
+      }
+    };
+    std::vector<float> row((size_t)dim);
+
+    // All zeros (eps > 0): exact zeros.
+    rerun("all-zero row", [&] {
+      memset(o.x.Row(mid), 0, o.x.RowBytes());
+      if (IsAdd()) memset(o.res.Row(mid), 0, o.res.RowBytes());
+    });
+    LoadRow(dt_, o.y.Row(mid), row.data(), dim);
+    for (int64_t i = 0; i < dim; i++)
+      if (row[i] != 0.0f) {
+        ADD_FAILURE() << "all-zero row: y column " << i << " is " << row[i] << ", not 0";
+        break;
+      }
+
+    // NaN in x: the whole row is NaN (it enters the sum of squares).
+    for (float bad : {NAN, -NAN}) {
+      rerun("NaN in x", [&] { SetElement(o.x, mid, col, bad); });
+      LoadRow(dt_, o.y.Row(mid), row.data(), dim);
+      for (int64_t i = 0; i < dim; i++)
+        if (!std::isnan(row[i])) {
+          ADD_FAILURE() << "NaN in x: y column " << i << " is " << row[i] << ", not NaN";
+          break;
+        }
+    }
+    // +-Inf in x: the sum is Inf, so the row is x * 0: zeros, and NaN at the Inf (checked by the reference).
+    for (float bad : {INFINITY, -INFINITY}) {
+      rerun(bad > 0 ? "+Inf in x" : "-Inf in x", [&] { SetElement(o.x, mid, col, bad); });
+      LoadRow(dt_, o.y.Row(mid), row.data(), dim);
+      EXPECT_TRUE(std::isnan(row[col])) << "Inf in x: y at the Inf is " << row[col];
+    }
+    if (IsAdd()) {
+      rerun("NaN in residual", [&] { SetElement(o.res, mid, col, NAN); });
+      rerun("Inf in residual", [&] { SetElement(o.res, mid, col, INFINITY); });
+      rerun("Inf in x, -Inf in residual", [&] {
+        SetElement(o.x, mid, col, INFINITY);
+        SetElement(o.res, mid, col, -INFINITY);
+      });
+    }
+    if (v_->mul) {
+      // mul is outside the reduction: only its own element becomes NaN.
+      rerun("NaN in mul", [&] { SetElement(o.mul, mid, col, NAN); });
+      for (int64_t i = 0; i < dim; i++) {
+        const unsigned char *got = o.y.Row(mid) + i * ESize(dt_);
+        const unsigned char *clean = yc.data() + (o.y.Row(mid) - o.y.mem.data()) + i * ESize(dt_);
+        if (i != col) {
+          EXPECT_EQ(memcmp(got, clean, ESize(dt_)), 0) << "NaN in mul changed column " << i;
+        }
+      }
+    }
+
+    // One outlier channel, 1000x the rest, in every row.
+    {
+      SCOPED_TRACE("outlier channel");
+      Prepare(o, rows, dim, dim);
+      for (int64_t r = 0; r < rows; r++) {
+        LoadRow(dt_, o.x.Row(r), row.data(), dim);
+        double m = 0;
+        for (int64_t i = 0; i < dim; i++) m = std::max(m, (double)fabsf(row[i]));
+        SetElement(o.x, r, col, (float)(r % 2 ? -1000.0 : 1000.0) * (float)std::max(m, 1e-3));
+      }
+      RunAndCheck(o, "outlier channel 1000x");
+    }
+
+    // Values near the dtype's largest: x^2 overflows f16 but not f32. For f32 and bf16 (whose range is
+    // f32's), "large" is as large as float32 arithmetic allows: 1e15 (dim * x^2 stays below FLT_MAX).
+    {
+      SCOPED_TRACE("large values");
+      Prepare(o, rows, dim, dim);
+      const double base = dt_ == TN_F16 ? 50000.0 : 1e15, span = dt_ == TN_F16 ? 10000.0 : 1e15;
+      for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < dim; i++) row[i] = (float)((rng_.Below(2) ? -1 : 1) * (base + span * rng_.Uniform()));
+        StoreRow(dt_, o.x.Row(r), row.data(), dim);
+        if (IsAdd()) {
+          // A residual small enough that x + residual stays finite (<= 63000 in f16).
+          const double rs = dt_ == TN_F16 ? 3000.0 : 1e13;
+          for (int64_t i = 0; i < dim; i++) row[i] = (float)(rs * (2 * rng_.Uniform() - 1));
+          StoreRow(dt_, o.res.Row(r), row.data(), dim);
+        }
+      }
+      if (dt_ == TN_F16) {
+        LoadRow(dt_, o.x.Row(0), row.data(), dim);
+        ASSERT_TRUE(std::isinf((float)((_Float16)row[0] * (_Float16)row[0]))) << "x^2 should overflow f16";
+      }
+      RunAndCheck(o, "large values");
+      for (int64_t r = 0; r < rows; r++) {
+        LoadRow(dt_, o.y.Row(r), row.data(), dim);
+        for (int64_t i = 0; i < dim; i++)
+          if (!std::isfinite(row[i])) {
+            ADD_FAILURE() << "large values: y row " << r << " column " << i << " is " << row[i];
+            break;
+          }
+      }
+    }
+  }
+}
+
+// Subnormal inputs: f32 subnormals for f32 and bf16 (bf16 has f32's exponent range), f16 subnormals for f16.
+TEST_P(OpsTest, SubnormalRows) {
+  const int64_t rows = 5;
+  const double scale = dt_ == TN_F16 ? 1e-6 : 1e-40;
+  const double smallest_normal = dt_ == TN_F16 ? 0x1p-14 : 0x1p-126;
+  for (int64_t dim : kSpecialDims) {
+    SCOPED_TRACE(Where(rows, dim));
+    Operands o;
+    Prepare(o, rows, dim, dim);
+    FillRandom(o.x, rng_, scale);
+    if (IsAdd()) FillRandom(o.res, rng_, scale);
+    // The data really is subnormal.
+    std::vector<float> row((size_t)dim);
+    LoadRow(dt_, o.x.Row(0), row.data(), dim);
+    for (int64_t i = 0; i < dim; i++) ASSERT_LT(fabs((double)row[i]), smallest_normal);
+    RunAndCheck(o, "subnormal rows, eps 1e-6");
+    if (dt_ == TN_F16) {
+      // f16 subnormals square to normal float32 values: eps = 0 is exact enough too.
+      o.y.Poison();
+      o.rout.Poison();
+      MakeArgs(o);
+      o.args.eps = 0.0f;
+      RunAndCheck(o, "f16 subnormal rows, eps 0");
+    }
+    // A subnormal row between normal rows.
+    Prepare(o, rows, dim, dim);
+    {
+      std::vector<float> tiny((size_t)dim);
+      const std::vector<float> &pool = NormalPool();
+      for (int64_t i = 0; i < dim; i++) tiny[i] = (float)(pool[(size_t)i] * scale);
+      StoreRow(dt_, o.x.Row(2), tiny.data(), dim);
+      if (IsAdd()) StoreRow(dt_, o.res.Row(2), tiny.data(), dim);
+    }
+    RunAndCheck(o, "one subnormal row in a batch");
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Batch invariance: a row gives the same bytes alone, anywhere in batches of 7, 64 and 300, with any
+// thread count.
+// ------------------------------------------------------------------------------------------------
+
+TEST_P(OpsTest, BatchInvariance) {
+  for (int64_t dim : {128, 4096, 5120, 70000}) {
+    SCOPED_TRACE(Where(1, dim));
+    Operands alone;
+    Prepare(alone, 1, dim, dim);
+    RunAndCheck(alone, "the row alone");
+    const std::vector<unsigned char> ya(alone.y.Row(0), alone.y.Row(0) + alone.y.RowBytes());
+    std::vector<unsigned char> ra;
+    if (IsAdd()) ra.assign(alone.rout.Row(0), alone.rout.Row(0) + alone.rout.RowBytes());
+
+    auto place = [&](Operands &b, int64_t p) {
+      memcpy(b.x.Row(p), alone.x.Row(0), alone.x.RowBytes());
+      if (IsAdd()) memcpy(b.res.Row(p), alone.res.Row(0), alone.res.RowBytes());
+      if (v_->mul) memcpy(b.mul.Row(p), alone.mul.Row(0), alone.mul.RowBytes());
+    };
+    auto expect_same = [&](Operands &b, int64_t p, const std::string &what) {
+      EXPECT_EQ(memcmp(b.y.Row(p), ya.data(), ya.size()), 0) << what << ": y differs from the row computed alone";
+      if (IsAdd()) {
+        EXPECT_EQ(memcmp(b.rout.Row(p), ra.data(), ra.size()), 0)
+            << what << ": residual_out differs from the row computed alone";
+      }
+    };
+
+    for (int64_t batch : {7, 64, 300}) {
+      Operands b;
+      Prepare(b, batch, dim, dim);
+      if (v_->weight != kNoWeight) b.w.mem = alone.w.mem;
+      MakeArgs(b);
+      for (int threads : {1, 2, 3}) {
+        ASSERT_EQ(tn_context_set_num_threads(ctx_, threads), TN_OK);
+        for (int64_t p : {(int64_t)0, batch / 2, batch - 1}) {
+          place(b, p);
+          b.y.Poison();
+          b.rout.Poison();
+          tn_status st = Invoke(b.args);
+          ASSERT_EQ(st, TN_OK) << tn_context_last_error(ctx_);
+          expect_same(b, p,
+                      "batch " + std::to_string(batch) + ", position " + std::to_string(p) + ", " +
+                          std::to_string(threads) + " threads");
+        }
+      }
+      ASSERT_EQ(tn_context_set_num_threads(ctx_, 0), TN_OK);
+    }
+    // Rows at every alignment: a batch of 7 with row_stride dim + 1, the row in the middle.
+    {
+      Operands b;
+      Prepare(b, 7, dim, dim + 1);
+      if (v_->weight != kNoWeight) b.w.mem = alone.w.mem;
+      MakeArgs(b);
+      for (int64_t p : {1, 3, 6}) {
+        place(b, p);
+        b.y.Poison();
+        b.rout.Poison();
+        ASSERT_EQ(Invoke(b.args), TN_OK) << tn_context_last_error(ctx_);
+        expect_same(b, p, "row_stride dim + 1, position " + std::to_string(p));
+      }
+    }
+  }
+}
+
+// Results with 1, 2 and 3 threads are byte-identical.
+TEST_P(OpsTest, ThreadCounts) {
+  Operands o;
+  Prepare(o, 257, 4096, 4096);
+  std::vector<unsigned char> y1, r1;
+  for (int threads : {1, 2, 3}) {
+    ASSERT_EQ(tn_context_set_num_threads(ctx_, threads), TN_OK);
+    ASSERT_EQ(tn_context_num_threads(ctx_), threads);
+    o.y.Poison();
+    o.rout.Poison();
+    if (threads == 1) {
+      RunAndCheck(o, "1 thread");
+      y1 = o.y.mem;
+      r1 = o.rout.mem;
+    } else {
+      ASSERT_EQ(Invoke(o.args), TN_OK) << tn_context_last_error(ctx_);
+      EXPECT_TRUE(o.y.mem == y1) << Where(257, 4096) << ": y with " << threads << " threads differs from 1 thread";
+      EXPECT_TRUE(o.rout.mem == r1) << Where(257, 4096) << ": residual_out with " << threads
+                                    << " threads differs from 1 thread";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Ops, OpsTest, ::testing::ValuesIn(AllParams()), ParamName);
+
+// ------------------------------------------------------------------------------------------------
+// Limits of float32 arithmetic (the spec's "all arithmetic is done in float32"). Disabled: they fail by
+// design and document where the float32 reduction departs from the float64 reference. Run them with
+// --gtest_also_run_disabled_tests.
+// ------------------------------------------------------------------------------------------------
+
+// Checks rms_norm of one f32/bf16 row of x against the reference; returns the worst error.
+double RmsNormRowError(tn_dtype dt, const std::vector<float> &xs, float eps) {
+  const int64_t dim = (int64_t)xs.size();
+  Buf x, y;
+  x.Shape(dt, 1, dim, dim);
+  y.Shape(dt, 1, dim, dim);
+  StoreRow(dt, x.Row(0), xs.data(), dim);
+  y.Poison();
+  tn_tensor tx = x.View(), ty = y.View();
+  tn_context *ctx;
+  EXPECT_EQ(tn_context_create(&ctx), TN_OK);
+  EXPECT_EQ(tn_rms_norm(ctx, &tx, nullptr, 0.0f, eps, &ty), TN_OK) << tn_context_last_error(ctx);
+  tn_context_destroy(ctx);
+  tn_op_args a = tn_op_args_init(TN_OP_RMS_NORM);
+  a.x = &tx;
+  a.y = &ty;
+  a.eps = eps;
+  std::vector<double> ref((size_t)dim);
+  EXPECT_EQ(tn_reference_run(&a, ref.data(), nullptr), 0);
+  std::vector<float> got((size_t)dim);
+  LoadRow(dt, y.Row(0), got.data(), dim);
+  double worst = 0;
+  for (int64_t i = 0; i < dim; i++) {
+    double e = tn_reference_error(dt, got[(size_t)i], ref[(size_t)i]);
+    if (e > worst) worst = e;
+    if (e > 1.0 && worst == e)
+      ADD_FAILURE() << tn_dtype_name(dt) << " dim " << dim << " column " << i << ": got " << got[(size_t)i]
+                    << ", expected " << ref[(size_t)i];
+  }
+  return worst;
+}
+
+TEST(OpsFloat32Limits, DISABLED_NearMaxValuesOverflowTheSumOfSquares) {
+  // |x| ~ 1e30: x^2 overflows float32, the row comes out as x * rsqrt(Inf) = 0 instead of ~ +-1.
+  Rng rng(TestSeed());
+  for (tn_dtype dt : {TN_F32, TN_BF16}) {
+    std::vector<float> xs(4096);
+    for (auto &v : xs) v = (float)((rng.Below(2) ? -1 : 1) * 1e30 * (1 + rng.Uniform()));
+    EXPECT_LE(RmsNormRowError(dt, xs, 1e-6f), 1.0) << tn_dtype_name(dt);
+  }
+}
+
+TEST(OpsFloat32Limits, DISABLED_TinyValuesWithZeroEps) {
+  // eps = 0 and f32 subnormal (or |x| < ~1e-23) rows: x^2 underflows to 0, rsqrt(0) = Inf.
+  Rng rng(TestSeed());
+  for (tn_dtype dt : {TN_F32, TN_BF16}) {
+    std::vector<float> xs(4096);
+    for (auto &v : xs) v = (float)((rng.Below(2) ? -1 : 1) * 1e-40 * (1 + rng.Uniform()));
+    EXPECT_LE(RmsNormRowError(dt, xs, 0.0f), 1.0) << tn_dtype_name(dt);
+  }
+}
+
 }  // namespace

@@ -103,7 +103,8 @@ bool IsZeroed(const tn_file_tensor &t) {
 
 class TensorFileRoundTrip : public TensorFileTest {
  protected:
-  void Check(const std::string &file, const std::string &tail, tn_dtype dtype, int ndim, int64_t rows, int64_t dim) {
+  void Check(const std::string &file, const std::string &tail, tn_dtype dtype, int ndim, int64_t rows,
+             int64_t dim) {
     SCOPED_TRACE(file + tail);
     Bytes data = Pattern(size_t(rows * dim) * tn_dtype_size(dtype));
     tn_file_tensor t;
@@ -118,7 +119,8 @@ class TensorFileRoundTrip : public TensorFileTest {
     ASSERT_EQ(tn_file_save((Path(file) + tail).c_str(), &t, "tensor", err, sizeof err), 0) << err;
     EXPECT_EQ(List(), std::set<std::string>{file});  // no temporary left behind
 
-    const std::string load = Path(file) + (tail.empty() && file.find(".npy") == std::string::npos ? ":tensor" : tail);
+    const std::string load =
+        Path(file) + (tail.empty() && file.find(".npy") == std::string::npos ? ":tensor" : tail);
     tn_file_tensor got;
     ASSERT_EQ(tn_file_load(load.c_str(), &got, err, sizeof err), 0) << err;
     EXPECT_EQ(got.dtype, dtype);
@@ -214,7 +216,8 @@ TEST_F(TensorFileRoundTrip, ReadsFilesAsNumpyWritesThem) {
 
 TEST_F(TensorFileRoundTrip, SafetensorsWithMetadataAndSeveralTensors) {
   Bytes json = "{\"__metadata__\":{\"format\":\"pt\"},\"a\":" + StEntry("F32", "[2]", "[0,8]") +
-               ",\"b\":" + StEntry("BF16", "[2,4]", "[8,24]") + ",\"c\":" + StEntry("I64", "[1]", "[24,32]") + "}  ";
+               ",\"b\":" + StEntry("BF16", "[2,4]", "[8,24]") + ",\"c\":" + StEntry("I64", "[1]", "[24,32]") +
+               "}  ";
   Bytes buffer = Pattern(32);
   Write("m.safetensors", St(json, buffer));
   tn_file_tensor t;
@@ -346,9 +349,13 @@ TEST_F(TensorFileSave, RefusesInvalidTensors) {
     t.data = &data[0];
     return t;
   };
-  tn_file_tensor bad[] = {make(TN_F32, 3, 2, 2), make(TN_F32, 1, 2, 2), make(TN_F32, 2, -1, 2),
-                          make(TN_F32, 2, 2, -5), make(static_cast<tn_dtype>(9), 2, 1, 1),
-                          make(TN_F32, 2, INT64_MAX, 2), make(TN_F32, 2, 2, 2)};
+  tn_file_tensor bad[] = {make(TN_F32, 3, 2, 2),
+                          make(TN_F32, 1, 2, 2),
+                          make(TN_F32, 2, -1, 2),
+                          make(TN_F32, 2, 2, -5),
+                          make(static_cast<tn_dtype>(9), 2, 1, 1),
+                          make(TN_F32, 2, INT64_MAX, 2),
+                          make(TN_F32, 2, 2, 2)};
   bad[6].data = nullptr;
   char err[256];
   for (const auto &t : bad) {
@@ -423,16 +430,18 @@ std::vector<Malformed> NpyCases() {
       {"npy_bad_minor_version", "e.npy", "", kMagic + Bytes("\x01\x01", 2) + U16(2) + "{}", "version 1.1"},
       {"npy_header_past_eof_v1", "e.npy", "", kMagic + Bytes("\x01\x00", 2) + U16(5000) + dict4, "past the end"},
       {"npy_header_past_eof_v2", "e.npy", "", kMagic + Bytes("\x02\x00", 2) + U32(70000) + dict4, "past the end"},
-      {"npy_header_length_absurd", "e.npy", "", kMagic + Bytes("\x03\x00", 2) + U32(0xffffffffu) + dict4, "absurd"},
+      {"npy_header_length_absurd", "e.npy", "", kMagic + Bytes("\x03\x00", 2) + U32(0xffffffffu) + dict4,
+       "absurd"},
       {"npy_garbage_dict", "e.npy", "", NpyV1("hello, world", d16), "malformed"},
       {"npy_binary_header", "e.npy", "", NpyRaw(1, Bytes("{\0\xff\x01}", 5), d16), "malformed"},
       {"npy_unterminated_dict", "e.npy", "", NpyRaw(1, "{'descr': '<f4', ", d16), "malformed"},
       {"npy_unterminated_string", "e.npy", "", NpyRaw(1, "{'descr': '<f4", d16), "unterminated"},
-      {"npy_unknown_key", "e.npy", "", NpyV1("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), 'x': 1}", d16),
-       "unknown key 'x'"},
-      {"npy_missing_key", "e.npy", "", NpyV1("{'descr': '<f4', 'shape': (4,)}", d16), "missing key 'fortran_order'"},
-      {"npy_duplicate_key", "e.npy", "", NpyV1("{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (4,)}", d16),
-       "duplicate key"},
+      {"npy_unknown_key", "e.npy", "",
+       NpyV1("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), 'x': 1}", d16), "unknown key 'x'"},
+      {"npy_missing_key", "e.npy", "", NpyV1("{'descr': '<f4', 'shape': (4,)}", d16),
+       "missing key 'fortran_order'"},
+      {"npy_duplicate_key", "e.npy", "",
+       NpyV1("{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (4,)}", d16), "duplicate key"},
       {"npy_text_after_dict", "e.npy", "", NpyV1(dict4 + " 'x'", d16), "after the dict"},
       {"npy_escape_in_string", "e.npy", "", NpyV1(NpyDict("<f\\x34", "(4,)"), d16), "malformed"},
       {"npy_fortran_not_bool", "e.npy", "", NpyV1(NpyDict("<f4", "(4,)", "0"), d16), "True or False"},
@@ -449,8 +458,10 @@ std::vector<Malformed> NpyCases() {
       {"npy_float_shape", "e.npy", "", NpyV1(NpyDict("<f4", "(4.0,)"), d16), "not a plain integer"},
       {"npy_shape_overflows_int64", "e.npy", "", NpyV1(NpyDict("<f4", "(99999999999999999999,)"), d16),
        "overflows int64"},
-      {"npy_byte_size_overflows", "e.npy", "", NpyV1(NpyDict("<f4", "(4611686018427387904, 4)"), d16), "too large"},
-      {"npy_data_shorter", "e.npy", "", NpyV1(dict4, d16.substr(0, 12)), "header says 16 bytes of data, file has 12"},
+      {"npy_byte_size_overflows", "e.npy", "", NpyV1(NpyDict("<f4", "(4611686018427387904, 4)"), d16),
+       "too large"},
+      {"npy_data_shorter", "e.npy", "", NpyV1(dict4, d16.substr(0, 12)),
+       "header says 16 bytes of data, file has 12"},
       {"npy_data_longer", "e.npy", "", NpyV1(dict4, d16 + "xxxx"), "header says 16 bytes of data, file has 20"},
       {"npy_directory", "d.npy", "", "", "not a regular file", Setup::kDirectory},
       {"npy_missing_file", "none.npy", "", "", "cannot open", Setup::kNothing},
@@ -477,7 +488,8 @@ std::vector<Malformed> SafetensorsCases() {
       {"st_missing_tensor_many", "e.safetensors", ":w",
        [&] {
          Bytes json = "{";
-         for (int i = 0; i < 20; i++) json += "\"t" + std::to_string(i) + "\":" + StEntry("F32", "[0]", "[0,0]") + ",";
+         for (int i = 0; i < 20; i++)
+           json += "\"t" + std::to_string(i) + "\":" + StEntry("F32", "[0]", "[0,0]") + ",";
          json.back() = '}';
          return St(json, "");
        }(),
@@ -497,7 +509,8 @@ std::vector<Malformed> SafetensorsCases() {
       {"st_shape_huge_value", "e.safetensors", ":w", one(StEntry("F32", "[1e300]", "[0,16]")), "not an integer"},
       {"st_shape_string", "e.safetensors", ":w", one(StEntry("F32", "[\"4\"]", "[0,16]")), "not an integer"},
       {"st_offsets_reversed", "e.safetensors", ":w", one(StEntry("F32", "[4]", "[16,0]")), "begin > end"},
-      {"st_offsets_past_end", "e.safetensors", ":w", one(StEntry("F32", "[16]", "[0,64]")), "past the 16-byte buffer"},
+      {"st_offsets_past_end", "e.safetensors", ":w", one(StEntry("F32", "[16]", "[0,64]")),
+       "past the 16-byte buffer"},
       {"st_offsets_non_integer", "e.safetensors", ":w", one(StEntry("F32", "[4]", "[0,15.5]")), "not integers"},
       {"st_offsets_negative", "e.safetensors", ":w", one(StEntry("F32", "[4]", "[-4,12]")), "not integers"},
       {"st_offsets_one_number", "e.safetensors", ":w", one(StEntry("F32", "[4]", "[16]")), "data_offsets"},

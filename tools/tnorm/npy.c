@@ -143,8 +143,7 @@ static int parse_dict(npy_parser *ps, npy_header *h) {
   char key[32];
   if (expect(ps, '{') != 0) return -1;
   while (peek(ps) != '}') {
-    if (parse_string(ps, key, sizeof key) != 0 || expect(ps, ':') != 0 || parse_value(ps, key, h) != 0)
-      return -1;
+    if (parse_string(ps, key, sizeof key) != 0 || expect(ps, ':') != 0 || parse_value(ps, key, h) != 0) return -1;
     if (peek(ps) == ',')
       ps->i++;
     else if (peek(ps) != '}')
@@ -188,7 +187,8 @@ static int npy_shape(const npy_header *h, tn_file_tensor *out, const char *path,
   if (npy_dtype(h->descr, &out->dtype, path, err, errlen) != 0) return -1;
   if (h->fortran)
     return tn_tf_fail(err, errlen, path, "fortran_order True is not supported; save np.ascontiguousarray(a)");
-  if (h->ndim == 0) return tn_tf_fail(err, errlen, path, "0-d array (shape ()) is not supported; expected 1-D or 2-D");
+  if (h->ndim == 0)
+    return tn_tf_fail(err, errlen, path, "0-d array (shape ()) is not supported; expected 1-D or 2-D");
   if (h->ndim > 2)
     return tn_tf_fail(err, errlen, path, "%s%d-D array is not supported; expected 1-D or 2-D",
                       h->ndim >= 1000 ? ">=" : "", h->ndim);
@@ -212,20 +212,23 @@ static int npy_preamble(FILE *f, const char *path, uint64_t size, uint64_t *hlen
   if (tn_tf_read_exact(f, b, have) != 0) return tn_tf_fail(err, errlen, path, "read error");
   if (memcmp(b, NPY_MAGIC, have < 6 ? have : 6) != 0)
     return tn_tf_fail(err, errlen, path, "not a .npy file (no \\x93NUMPY magic)");
-  if (size < 10) return tn_tf_fail(err, errlen, path, "truncated: %" PRIu64 " bytes, shorter than a .npy preamble", size);
+  if (size < 10)
+    return tn_tf_fail(err, errlen, path, "truncated: %" PRIu64 " bytes, shorter than a .npy preamble", size);
   if (b[6] < 1 || b[6] > 3 || b[7] != 0)
     return tn_tf_fail(err, errlen, path, "unsupported .npy version %u.%u (1.0, 2.0 and 3.0 are)", (unsigned)b[6],
                       (unsigned)b[7]);
   lenbytes = b[6] == 1 ? 2 : 4;
-  if (size < 8 + lenbytes) return tn_tf_fail(err, errlen, path, "truncated: %" PRIu64 " bytes, no header length", size);
+  if (size < 8 + lenbytes)
+    return tn_tf_fail(err, errlen, path, "truncated: %" PRIu64 " bytes, no header length", size);
   if (tn_tf_read_exact(f, b + 8, lenbytes) != 0) return tn_tf_fail(err, errlen, path, "read error");
   *hlen = lenbytes == 2 ? le_u32(b + 8) & 0xffffu : le_u32(b + 8);
   if (*hlen > NPY_MAX_HEADER)
-    return tn_tf_fail(err, errlen, path, "header length %" PRIu64 " is absurd (more than %u)", *hlen, NPY_MAX_HEADER);
+    return tn_tf_fail(err, errlen, path, "header length %" PRIu64 " is absurd (more than %u)", *hlen,
+                      NPY_MAX_HEADER);
   *data_off = 8 + lenbytes + *hlen;
   if (*data_off > size)
-    return tn_tf_fail(err, errlen, path, "header length %" PRIu64 " runs past the end of the file (%" PRIu64 " bytes)",
-                      *hlen, size);
+    return tn_tf_fail(err, errlen, path,
+                      "header length %" PRIu64 " runs past the end of the file (%" PRIu64 " bytes)", *hlen, size);
   return 0;
 }
 

@@ -60,15 +60,17 @@ static int st_header(FILE *f, const char *path, uint64_t size, cJSON **root, uin
   int rc;
   if (size == 0) return tn_tf_fail(err, errlen, path, "empty file, not a safetensors file");
   if (size < 8)
-    return tn_tf_fail(err, errlen, path, "truncated: %" PRIu64 " bytes, shorter than a safetensors header length", size);
+    return tn_tf_fail(err, errlen, path, "truncated: %" PRIu64 " bytes, shorter than a safetensors header length",
+                      size);
   if (tn_tf_read_exact(f, b, 8) != 0) return tn_tf_fail(err, errlen, path, "read error");
   *hlen = 0;
   for (int i = 7; i >= 0; i--) *hlen = *hlen << 8 | b[i];
   if (*hlen > ST_MAX_HEADER)
-    return tn_tf_fail(err, errlen, path, "header length %" PRIu64 " is absurd (more than %u)", *hlen, ST_MAX_HEADER);
+    return tn_tf_fail(err, errlen, path, "header length %" PRIu64 " is absurd (more than %u)", *hlen,
+                      ST_MAX_HEADER);
   if (*hlen > size - 8)
-    return tn_tf_fail(err, errlen, path, "header length %" PRIu64 " runs past the end of the file (%" PRIu64 " bytes)",
-                      *hlen, size);
+    return tn_tf_fail(err, errlen, path,
+                      "header length %" PRIu64 " runs past the end of the file (%" PRIu64 " bytes)", *hlen, size);
   text = malloc((size_t)*hlen + 1);
   if (!text) return tn_tf_fail(err, errlen, path, "out of memory");
   if (tn_tf_read_exact(f, text, (size_t)*hlen) != 0) {
@@ -170,23 +172,28 @@ static int st_offsets(const cJSON *t, const char *path, const char *name, st_ent
   if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) != 2)
     return tn_tf_fail(err, errlen, path, "tensor '%.100s' has no data_offsets [begin, end]", name);
   if (st_uint(cJSON_GetArrayItem(v, 0), &e->begin) != 0 || st_uint(cJSON_GetArrayItem(v, 1), &e->end) != 0)
-    return tn_tf_fail(err, errlen, path, "tensor '%.100s' has data_offsets that are not integers in [0, 2^53]", name);
+    return tn_tf_fail(err, errlen, path, "tensor '%.100s' has data_offsets that are not integers in [0, 2^53]",
+                      name);
   if (e->begin > e->end)
-    return tn_tf_fail(err, errlen, path, "tensor '%.100s' has data_offsets [%" PRIu64 ", %" PRIu64 "]: begin > end",
-                      name, e->begin, e->end);
+    return tn_tf_fail(err, errlen, path,
+                      "tensor '%.100s' has data_offsets [%" PRIu64 ", %" PRIu64 "]: begin > end", name, e->begin,
+                      e->end);
   return 0;
 }
 
 /* The entry's size must agree with its shape and lie within the buffer. */
-static int st_check(const st_entry *e, uint64_t buflen, const char *path, const char *name, char *err, size_t errlen) {
+static int st_check(const st_entry *e, uint64_t buflen, const char *path, const char *name, char *err,
+                    size_t errlen) {
   int64_t rows = e->ndim == 1 ? 1 : e->shape[0], dim = e->shape[e->ndim - 1];
   uint64_t nbytes;
   if (tn_tf_nbytes(rows, dim, e->dtype, &nbytes) != 0)
-    return tn_tf_fail(err, errlen, path, "tensor '%.100s' has shape %" PRId64 " x %" PRId64 ", too large (overflow)",
-                      name, rows, dim);
+    return tn_tf_fail(err, errlen, path,
+                      "tensor '%.100s' has shape %" PRId64 " x %" PRId64 ", too large (overflow)", name, rows,
+                      dim);
   if (e->end > buflen)
-    return tn_tf_fail(err, errlen, path, "tensor '%.100s' ends at byte %" PRIu64 ", past the %" PRIu64 "-byte buffer",
-                      name, e->end, buflen);
+    return tn_tf_fail(err, errlen, path,
+                      "tensor '%.100s' ends at byte %" PRIu64 ", past the %" PRIu64 "-byte buffer", name, e->end,
+                      buflen);
   if (e->end - e->begin != nbytes)
     return tn_tf_fail(err, errlen, path, "tensor '%.100s' has %" PRIu64 " bytes of data, its shape needs %" PRIu64,
                       name, e->end - e->begin, nbytes);
@@ -278,7 +285,8 @@ int tn_st_write(FILE *f, const char *path, const tn_file_tensor *t, const char *
   unsigned char len[8];
   uint64_t nbytes = 0;
   size_t hlen = 0;
-  if (tn_tf_nbytes(t->rows, t->dim, t->dtype, &nbytes) == 0) hlen = st_header_text(t, name, nbytes, header, sizeof header);
+  if (tn_tf_nbytes(t->rows, t->dim, t->dtype, &nbytes) == 0)
+    hlen = st_header_text(t, name, nbytes, header, sizeof header);
   if (hlen == 0) return tn_tf_fail(err, errlen, path, "cannot build the safetensors header");
   for (int i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)hlen >> (8 * i));
   if (fwrite(len, 1, 8, f) != 8 || fwrite(header, 1, hlen, f) != hlen ||

@@ -24,8 +24,8 @@ typedef struct tf_spec {
   const char *name; /* points into the spec; NULL when the spec names no tensor */
 } tf_spec;
 
-typedef int (*tf_writer)(FILE *f, const char *path, const tn_file_tensor *t, const char *name,
-                         char *err, size_t errlen);
+typedef int (*tf_writer)(FILE *f, const char *path, const tn_file_tensor *t, const char *name, char *err,
+                         size_t errlen);
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Shared helpers                                                                                   */
@@ -89,8 +89,7 @@ int tn_tf_read_data(FILE *f, const char *path, uint64_t nbytes, void **data, cha
   *data = NULL;
   if (nbytes == 0) return 0;
   buf = malloc((size_t)nbytes);
-  if (!buf)
-    return tn_tf_fail(err, errlen, path, "out of memory reading %" PRIu64 " bytes of data", nbytes);
+  if (!buf) return tn_tf_fail(err, errlen, path, "out of memory reading %" PRIu64 " bytes of data", nbytes);
   if (tn_tf_read_exact(f, buf, (size_t)nbytes) != 0) {
     free(buf);
     return tn_tf_fail(err, errlen, path, "cannot read %" PRIu64 " bytes of data (file changed or unreadable)",
@@ -118,10 +117,9 @@ static int ends_with(const char *s, size_t len, const char *suffix) {
 
 static int check_name(const char *path, const char *name, char *err, size_t errlen) {
   size_t n;
-  if (!name || !*name)
-    return tn_tf_fail(err, errlen, path, "no tensor name (write PATH.safetensors:NAME)");
-  n = strnlen(name, sizeof ((tn_file_tensor *)0)->name);
-  if (n >= sizeof ((tn_file_tensor *)0)->name)
+  if (!name || !*name) return tn_tf_fail(err, errlen, path, "no tensor name (write PATH.safetensors:NAME)");
+  n = strnlen(name, sizeof((tn_file_tensor *)0)->name);
+  if (n >= sizeof((tn_file_tensor *)0)->name)
     return tn_tf_fail(err, errlen, path, "tensor name is longer than 255 bytes");
   /* The header's "__metadata__" key is not a tensor; naming one so would corrupt the file. */
   if (strcmp(name, "__metadata__") == 0)
@@ -145,7 +143,8 @@ static int parse_spec(const char *spec, tf_spec *s, char *err, size_t errlen) {
     s->kind = ends_with(spec, len, ".npy") ? TF_NPY : TF_SAFETENSORS;
     pathlen = len;
   } else {
-    return tn_tf_fail(err, errlen, spec, "unknown tensor file type (expected PATH.npy or PATH.safetensors:TENSOR)");
+    return tn_tf_fail(err, errlen, spec,
+                      "unknown tensor file type (expected PATH.npy or PATH.safetensors:TENSOR)");
   }
   s->path = malloc(pathlen + 1);
   if (!s->path) return tn_tf_fail(err, errlen, spec, "out of memory");
@@ -204,8 +203,8 @@ static char *temp_template(const char *path) {
 }
 
 /* Writes the whole file through fd and closes it; the data is on disk when it returns 0. */
-static int write_temp(int fd, const char *path, tf_writer writer, const tn_file_tensor *t,
-                      const char *name, char *err, size_t errlen) {
+static int write_temp(int fd, const char *path, tf_writer writer, const tn_file_tensor *t, const char *name,
+                      char *err, size_t errlen) {
   FILE *f;
   int rc;
   if (fchmod(fd, 0666 & ~current_umask()) != 0) {
@@ -224,8 +223,8 @@ static int write_temp(int fd, const char *path, tf_writer writer, const tn_file_
   return rc;
 }
 
-static int save_atomic(const char *path, tf_writer writer, const tn_file_tensor *t, const char *name,
-                       char *err, size_t errlen) {
+static int save_atomic(const char *path, tf_writer writer, const tn_file_tensor *t, const char *name, char *err,
+                       size_t errlen) {
   char *tmp = temp_template(path);
   int fd, rc;
   if (!tmp) return tn_tf_fail(err, errlen, path, "out of memory");
@@ -281,8 +280,7 @@ static const char *save_name(const tf_spec *s, const tn_file_tensor *t, const ch
   return t->name[0] && memchr(t->name, '\0', sizeof t->name) ? t->name : NULL;
 }
 
-int tn_file_save(const char *spec, const tn_file_tensor *t, const char *default_name, char *err,
-                 size_t errlen) {
+int tn_file_save(const char *spec, const tn_file_tensor *t, const char *default_name, char *err, size_t errlen) {
   tf_spec s;
   const char *name;
   int rc;

@@ -36,8 +36,7 @@ int tn_file_check_save(const char *spec, tn_dtype dtype, char *err, size_t errle
 /* Writes atomically: a temporary file in the same directory (mkstemp), fully written and flushed, then
  * rename() over the target; on any failure the temporary is removed and an existing target is left
  * untouched. A safetensors tensor is named by the spec, else default_name, else t->name. */
-int tn_file_save(const char *spec, const tn_file_tensor *t, const char *default_name, char *err,
-                 size_t errlen);
+int tn_file_save(const char *spec, const tn_file_tensor *t, const char *default_name, char *err, size_t errlen);
 
 /* Frees data; NULL-safe; leaves the struct zeroed. */
 void tn_file_tensor_free(tn_file_tensor *t);
