@@ -17,7 +17,9 @@
 #define TN_CPU_CHUNKS_PER_THREAD 4
 /* Calls writing at least this many bytes use non-temporal stores: their output cannot stay in cache
  * for the next op anyway, and plain stores would first read every output line. */
+#ifndef TN_CPU_STREAM_MIN_BYTES
 #define TN_CPU_STREAM_MIN_BYTES ((size_t)16 << 20)
+#endif
 
 static const tn_cpu_rows_fn cpu_ops[TN_OP_COUNT] = {
     [TN_OP_RMS_NORM] = tn_cpu_rms_norm_rows,

@@ -88,6 +88,9 @@ def test_help_exits_0(tmp_path):
     text = proc.stdout + proc.stderr
     for word in ["run", "check", "bench"]:
         assert word in text, f"--help does not mention {word}\n" + T.describe(proc)
+    for op in OPS:
+        assert op in text, f"--help does not mention {op}\n" + T.describe(proc)
+    assert "%%" not in text, "--help shows a printf escape ('%%') literally\n" + T.describe(proc)
 
 
 def test_no_arguments_exits_2(tmp_path):
@@ -99,3 +102,20 @@ def test_no_arguments_one_error_line(tmp_path):
     # A usage error like any other: exactly one "tnorm: error: " line on stderr.
     proc = T.run_tnorm([], cwd=tmp_path)
     T.assert_error_output(proc, 2)
+
+
+def test_bench_unknown_device_is_usage_error(tmp_path):
+    proc = T.run_tnorm(["bench", "--device", "tpu", *QUICK], cwd=tmp_path)
+    T.assert_error_output(proc, 2)
+
+
+def test_check_unknown_device_is_usage_error(tmp_path):
+    proc = T.run_tnorm(["check", "--device", "tpu"], cwd=tmp_path)
+    T.assert_error_output(proc, 2)
+
+
+def test_bench_csv_into_missing_directory(tmp_path):
+    proc = T.run_tnorm(["bench", "--device", "cpu", "--csv", tmp_path / "no_such_dir" / "b.csv", *QUICK],
+                       cwd=tmp_path, timeout=120)
+    T.assert_error_output(proc, 1)
+    assert not list(tmp_path.iterdir()), "a failed bench left files behind"

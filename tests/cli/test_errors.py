@@ -145,6 +145,16 @@ def _(c):
     return c.rms(c.raw("x.npy", T.npy_bytes("<f4", (4, 8), F32_4x8 + b"\x00\x00\x80\x3f")))
 
 
+@case("npy_big_endian_f16", ERROR)
+def _(c):
+    return c.rms(c.raw("x.npy", T.npy_bytes(">f2", (4, 8), np.arange(32, dtype=">f2").tobytes())))
+
+
+@case("npy_shape_product_overflows", ERROR)
+def _(c):
+    return c.rms(c.raw("x.npy", T.npy_bytes("<f4", (1 << 62, 1 << 62), F32_4x8)))
+
+
 @case("npy_dim_zero", ERROR)
 def _(c):
     return c.rms(c.raw("x.npy", T.npy_bytes("<f4", (4, 0), b"")))
@@ -197,6 +207,16 @@ def _(c):
 @case("st_header_length_2pow64_minus_1", ERROR)
 def _(c):
     return c.rms(_st(c, T.st_raw(_x_header(), F32_4x8, header_len=(1 << 64) - 1)))
+
+
+@case("st_header_length_zero", ERROR)
+def _(c):
+    return c.rms(_st(c, T.st_raw(b"", F32_4x8, align=0)))
+
+
+@case("st_negative_offsets", ERROR)
+def _(c):
+    return c.rms(_st(c, T.st_raw(_x_header(data_offsets=[-128, 0]), F32_4x8)))
 
 
 @case("st_file_shorter_than_length_field", ERROR)

@@ -316,3 +316,19 @@ def test_overwrites_existing_output(tmp_path, rng):
     outd.mkdir()
     (outd / "y.npy").write_bytes(T.KNOWN_BYTES)
     run_case(tmp_path, rng, "rms_norm", "f32", "npy", (3, 16), {"weight": "same"})
+
+
+@pytest.mark.parametrize("version", [(2, 0), (3, 0)], ids=["v2.0", "v3.0"])
+def test_npy_header_versions(tmp_path, rng, version):
+    """.npy format versions 2.0 and 3.0 (4-byte header length; 3.0 allows utf-8) are valid inputs too."""
+    ind = tmp_path / "in"
+    outd = tmp_path / "out"
+    ind.mkdir()
+    outd.mkdir()
+    x = T.rand_normal(rng, (5, 24), "f16")
+    (ind / "x.npy").write_bytes(T.npy_bytes("<f2", x.shape, x.tobytes(), version=version))
+    proc = T.run_tnorm(["run", "l2_norm", "--x", ind / "x.npy", "--out", outd / "y.npy"], cwd=tmp_path)
+    T.assert_ok(proc)
+    got, _ = T.read_output(str(outd / "y.npy"))
+    assert got.dtype == np.dtype("<f2") and got.shape == x.shape
+    T.assert_close("f16", got, T.reference("l2_norm", x)[0])

@@ -15,7 +15,7 @@ static const char usage_text[] =
     "                                                   every op, dtype and a spread of shapes against a\n"
     "                                                   float64 reference on fresh random data\n"
     "       tnorm bench [--device cpu|cuda|auto] [--csv FILE] [--shapes RxD,...] [--ops LIST]\n"
-    "                   [--dtypes LIST] [--iters N]      time, GB/s and %% of the memory-copy ceiling\n"
+    "                   [--dtypes LIST] [--iters N]      time, GB/s and % of the memory-copy ceiling\n"
     "       tnorm --help | --version\n"
     "\n"
     "OP: rms_norm | l2_norm | add_rms_norm\n"

@@ -39,19 +39,22 @@ static int parse_number(const char *flag, const char *value, double *out) {
   return CLI_OK;
 }
 
-/* Which flags each op takes beyond --x, --out, --eps and --device. */
+/* Which flags each op takes beyond --x, --out, --eps and --device. A missing required flag is a usage
+ * error (2); a flag the op does not take is a well-formed request that cannot be carried out (1). */
 static int check_flags_for_op(const run_options *o) {
   const char *op = tn_op_name(o->op);
   int is_rms = o->op == TN_OP_RMS_NORM, is_l2 = o->op == TN_OP_L2_NORM, is_add = o->op == TN_OP_ADD_RMS_NORM;
   if (o->x == NULL) return cli_usage("%s: --x is required", op);
   if (o->out == NULL) return cli_usage("%s: --out is required", op);
   if (is_add && o->residual == NULL) return cli_usage("%s: --residual is required", op);
-  if (!is_add && o->residual != NULL) return cli_usage("%s: takes no --residual (add_rms_norm does)", op);
-  if (!is_add && o->residual_out != NULL) return cli_usage("%s: takes no --residual-out (add_rms_norm does)", op);
-  if (!is_rms && o->mul != NULL) return cli_usage("%s: takes no --mul (rms_norm does)", op);
-  if (is_l2 && o->weight != NULL) return cli_usage("%s: takes no --weight (use --scale)", op);
-  if (is_l2 && o->weight_offset_given) return cli_usage("%s: takes no --weight-offset", op);
-  if (!is_l2 && o->scale_given) return cli_usage("%s: takes no --scale (l2_norm does)", op);
+  if (!is_add && o->residual != NULL) return cli_fail("%s: takes no --residual (add_rms_norm does)", op);
+  if (!is_add && o->residual_out != NULL) return cli_fail("%s: takes no --residual-out (add_rms_norm does)", op);
+  if (!is_rms && o->mul != NULL) return cli_fail("%s: takes no --mul (rms_norm does)", op);
+  if (is_l2 && o->weight != NULL) return cli_fail("%s: takes no --weight (use --scale)", op);
+  if (is_l2 && o->weight_offset_given) return cli_fail("%s: takes no --weight-offset", op);
+  if (!is_l2 && o->scale_given) return cli_fail("%s: takes no --scale (l2_norm does)", op);
+  if (o->residual_out != NULL && strcmp(o->residual_out, o->out) == 0)
+    return cli_fail("%s: --out and --residual-out are the same file '%s'", op, o->out);
   return CLI_OK;
 }
 
