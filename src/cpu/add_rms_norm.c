@@ -1,27 +1,48 @@
 /* add_rms_norm: s = round(x + residual); residual_out = s; y = rms_norm(s) * (w + offset).
  * The norm is computed from exactly the rounded s (the HF and vLLM semantics): the scratch row holds s
- * rounded to the dtype, and residual_out is written from it. */
+ * rounded to the dtype, and residual_out receives the same rounded values. */
 #include "row_kernels.h"
+
+/* s = round(x + res) for one row, in blocks: each block's rounded values also go to residual_out. */
+TN_INLINE void add_round_store(tn_dtype dtype, const void *x, const void *res, void *out, float *s, int64_t n,
+                               int stream) {
+  float xf[TN_BLOCK], rf[TN_BLOCK];
+  uint16_t u16[TN_BLOCK];
+  const size_t es = tn_elem_size(dtype);
+  for (int64_t b = 0; b < n; b += TN_BLOCK) {
+    int64_t len = n - b < TN_BLOCK ? n - b : TN_BLOCK;
+    const float *xb = tn_row_as_f32(dtype, (const char *)x + (size_t)b * es, len, xf);
+    const float *rb = tn_row_as_f32(dtype, (const char *)res + (size_t)b * es, len, rf);
+    for (int64_t i = 0; i < len; i++) s[b + i] = xb[i] + rb[i];
+    void *dst = (char *)out + (size_t)b * es;
+    if (dtype == TN_F32) {
+      tn_copy_out(dst, s + b, (size_t)len * 4, stream);
+    } else {
+      /* Round once to the dtype, store those bits, and keep their exact float32 value in s. */
+      tn_f32_to_half_block(dtype, s + b, u16, len);
+      tn_half_to_f32_block(dtype, u16, s + b, len);
+      tn_copy_out(dst, u16, (size_t)len * 2, stream);
+    }
+  }
+}
 
 TN_INLINE void add_rms_norm_rows(const tn_cpu_call *c, float *s, int64_t begin, int64_t end, tn_dtype dtype,
                                  int has_w) {
   const tn_op_args *a = c->args;
   const int64_t dim = a->x->dim;
   for (int64_t r = begin; r < end; r++) {
-    const void *x = tn_row_ptr(a->x, r);
-    const void *res = tn_row_ptr(a->residual, r);
-    for (int64_t i = 0; i < dim; i++) s[i] = tn_round_to(dtype, tn_load(dtype, x, i) + tn_load(dtype, res, i));
-    /* s is exact in the dtype, so this emit (factor 1) stores it unchanged. */
-    tn_row_emit(dtype, tn_row_ptr(a->residual_out, r), s, dim, 1.0f, 0, NULL, 0, NULL, 0, 1.0f, c->stream);
+    add_round_store(dtype, tn_row_ptr(a->x, r), tn_row_ptr(a->residual, r), tn_row_ptr(a->residual_out, r), s, dim,
+                    c->stream);
     float inv = tn_inv_sqrt(tn_sum_squares(s, dim) / (float)dim + a->eps);
-    tn_row_emit(dtype, tn_row_ptr(a->y, r), s, dim, inv, has_w, c->weight, 0, NULL, 0, 1.0f, c->stream);
+    tn_row_emit(dtype, tn_row_ptr(a->y, r), s, dim, inv, has_w, c->weight, 0, NULL, 0, 1.0f, c->stream,
+                tn_next_row_of(a->x, a->residual, r, end));
   }
   tn_stream_fence(c->stream);
 }
 
-#define ADD_INSTANCE(name, dt, w)                                                                    \
-  TN_CPU_CLONES static void name(const tn_cpu_call *c, float *s, int64_t begin, int64_t end) {     \
-    add_rms_norm_rows(c, s, begin, end, dt, w);                                                      \
+#define ADD_INSTANCE(name, dt, w)                                                               \
+  static void name(const tn_cpu_call *c, float *s, int64_t begin, int64_t end) {                \
+    add_rms_norm_rows(c, s, begin, end, dt, w);                                                 \
   }
 ADD_INSTANCE(add_f32, TN_F32, 0)
 ADD_INSTANCE(add_f32_w, TN_F32, 1)
@@ -37,6 +58,6 @@ static const tn_cpu_rows_fn add_table[TN_DTYPE_COUNT][2] = {
     [TN_BF16] = {add_bf16, add_bf16_w},
 };
 
-void tn_cpu_add_rms_norm_rows(const tn_cpu_call *c, float *s, int64_t begin, int64_t end) {
+void TN_CPU_ENTRY(tn_cpu_add_rms_norm_rows)(const tn_cpu_call *c, float *s, int64_t begin, int64_t end) {
   add_table[c->args->x->dtype][c->weight != NULL](c, s, begin, end);
 }

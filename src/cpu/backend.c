@@ -4,11 +4,11 @@
 #include "backend.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 #include "../core/dtype.h"
 #include "../core/error.h"
 #include "ops.h"
-#include "row_kernels.h"
 #include "thread_pool.h"
 
 /* Below this many elements a call stays on the calling thread: waking workers costs more. */
@@ -21,13 +21,32 @@
 #define TN_CPU_STREAM_MIN_BYTES ((size_t)16 << 20)
 #endif
 
-static const tn_cpu_rows_fn cpu_ops[TN_OP_COUNT] = {
-    [TN_OP_RMS_NORM] = tn_cpu_rms_norm_rows,
-    [TN_OP_L2_NORM] = tn_cpu_l2_norm_rows,
-    [TN_OP_ADD_RMS_NORM] = tn_cpu_add_rms_norm_rows,
-};
+#define TN_CPU_KERNEL_SET(isa)                                                                  \
+  {#isa,                                                                                        \
+   {[TN_OP_RMS_NORM] = tn_cpu_rms_norm_rows_##isa, [TN_OP_L2_NORM] = tn_cpu_l2_norm_rows_##isa,   \
+    [TN_OP_ADD_RMS_NORM] = tn_cpu_add_rms_norm_rows_##isa},                                      \
+   tn_cpu_prepare_weight_##isa}
+
+static const tn_cpu_kernels generic_kernels = TN_CPU_KERNEL_SET(generic);
+#ifdef TNORM_CPU_V3
+static const tn_cpu_kernels v3_kernels = TN_CPU_KERNEL_SET(v3);
+#endif
+
+/* The best kernel set this CPU runs; TNORM_CPU_ISA=generic forces the baseline (to test it). */
+static const tn_cpu_kernels *select_kernels(void) {
+  const char *forced = getenv("TNORM_CPU_ISA");
+  if (forced != NULL && strcmp(forced, "generic") == 0) return &generic_kernels;
+#ifdef TNORM_CPU_V3
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2"))
+    return &v3_kernels;
+#endif
+  return &generic_kernels;
+}
 
 typedef struct cpu_state {
+  const tn_cpu_kernels *kernels;
   tn_thread_pool *pool;
   float *buffer; /* the weight row, then one scratch row per chunk */
   size_t buffer_floats;
@@ -50,6 +69,7 @@ static void run_chunk(void *p, int64_t chunk) {
 static tn_status cpu_open(tn_context *ctx, void **state) {
   cpu_state *s = calloc(1, sizeof *s);
   TN_RETURN_ERROR_IF(s == NULL, ctx, TN_ERR_NO_MEMORY, "cpu: out of memory creating the backend");
+  s->kernels = select_kernels();
   *state = s;
   return TN_OK;
 }
@@ -84,24 +104,6 @@ static tn_status ensure_buffer(cpu_state *s, tn_context *ctx, size_t n) {
   return TN_OK;
 }
 
-/* weight + offset in float32, once per call; the switch sits outside the loops so they vectorise. */
-TN_CPU_CLONES static void prepare_weight(const tn_tensor *w, float offset, float *restrict out) {
-  const int64_t n = w->dim;
-  const void *restrict src = w->data;
-  switch (w->dtype) {
-    case TN_F16:
-      for (int64_t i = 0; i < n; i++) out[i] = tn_load(TN_F16, src, i) + offset;
-      break;
-    case TN_BF16:
-      for (int64_t i = 0; i < n; i++) out[i] = tn_load(TN_BF16, src, i) + offset;
-      break;
-    case TN_F32:
-    default:
-      for (int64_t i = 0; i < n; i++) out[i] = tn_load(TN_F32, src, i) + offset;
-      break;
-  }
-}
-
 static tn_status cpu_run(void *state, tn_context *ctx, const tn_op_args *args) {
   cpu_state *s = state;
   const int64_t rows = args->x->rows, dim = args->x->dim;
@@ -115,12 +117,12 @@ static tn_status cpu_run(void *state, tn_context *ctx, const tn_op_args *args) {
   float *weight = NULL;
   if (has_weight) {
     weight = s->buffer + (size_t)chunks * (size_t)dim;
-    prepare_weight(args->weight, args->weight_offset, weight);
+    s->kernels->prepare_weight(args->weight, args->weight_offset, weight);
   }
   size_t outputs = args->residual_out != NULL ? 2 : 1;
   size_t out_bytes = outputs * (size_t)rows * (size_t)dim * tn_elem_size(args->x->dtype);
   tn_cpu_call call = {args, weight, out_bytes >= TN_CPU_STREAM_MIN_BYTES};
-  row_job job = {cpu_ops[args->op], &call, s->buffer, rows, dim, chunks};
+  row_job job = {s->kernels->rows[args->op], &call, s->buffer, rows, dim, chunks};
   if (parallel) tn_thread_pool_run(s->pool, chunks, run_chunk, &job);
   else run_chunk(&job, 0);
   return TN_OK;

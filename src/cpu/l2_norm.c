@@ -5,15 +5,16 @@ TN_INLINE void l2_norm_rows(const tn_cpu_call *c, float *scratch, int64_t begin,
   const tn_op_args *a = c->args;
   const int64_t dim = a->x->dim;
   for (int64_t r = begin; r < end; r++) {
-    const float *v = tn_row_as_f32(dtype, tn_row_ptr(a->x, r), dim, scratch);
-    float inv = tn_inv_sqrt(tn_sum_squares(v, dim) + a->eps);
-    tn_row_emit(dtype, tn_row_ptr(a->y, r), v, dim, inv, 0, NULL, 0, NULL, 1, a->scale, c->stream);
+    const float *v;
+    float inv = tn_inv_sqrt(tn_row_load_sum_squares(dtype, tn_row_ptr(a->x, r), dim, scratch, &v) + a->eps);
+    tn_row_emit(dtype, tn_row_ptr(a->y, r), v, dim, inv, 0, NULL, 0, NULL, 1, a->scale, c->stream,
+                tn_next_row_of(a->x, NULL, r, end));
   }
   tn_stream_fence(c->stream);
 }
 
 #define L2_INSTANCE(name, dt)                                                                          \
-  TN_CPU_CLONES static void name(const tn_cpu_call *c, float *scratch, int64_t begin, int64_t end) { \
+  static void name(const tn_cpu_call *c, float *scratch, int64_t begin, int64_t end) { \
     l2_norm_rows(c, scratch, begin, end, dt);                                                          \
   }
 L2_INSTANCE(l2_f32, TN_F32)
@@ -22,6 +23,6 @@ L2_INSTANCE(l2_bf16, TN_BF16)
 
 static const tn_cpu_rows_fn l2_table[TN_DTYPE_COUNT] = {[TN_F32] = l2_f32, [TN_F16] = l2_f16, [TN_BF16] = l2_bf16};
 
-void tn_cpu_l2_norm_rows(const tn_cpu_call *c, float *scratch, int64_t begin, int64_t end) {
+void TN_CPU_ENTRY(tn_cpu_l2_norm_rows)(const tn_cpu_call *c, float *scratch, int64_t begin, int64_t end) {
   l2_table[c->args->x->dtype](c, scratch, begin, end);
 }

@@ -1,4 +1,5 @@
-/* The CPU ops: each runs a validated op over rows [begin, end) on the calling thread. */
+/* The CPU ops: each runs a validated op over rows [begin, end) on the calling thread. Every entry point
+ * exists once per instruction set the kernels are compiled for (see row_kernels.h). */
 #ifndef TN_CPU_OPS_H
 #define TN_CPU_OPS_H
 
@@ -15,9 +16,25 @@ typedef struct tn_cpu_call {
 
 /* scratch: dim floats owned by the caller for this range of rows. */
 typedef void (*tn_cpu_rows_fn)(const tn_cpu_call *call, float *scratch, int64_t begin, int64_t end);
+/* out[i] = weight[i] + offset in float32. */
+typedef void (*tn_cpu_weight_fn)(const tn_tensor *weight, float offset, float *out);
 
-void tn_cpu_rms_norm_rows(const tn_cpu_call *call, float *scratch, int64_t begin, int64_t end);
-void tn_cpu_l2_norm_rows(const tn_cpu_call *call, float *scratch, int64_t begin, int64_t end);
-void tn_cpu_add_rms_norm_rows(const tn_cpu_call *call, float *scratch, int64_t begin, int64_t end);
+/* One instruction set's kernels. */
+typedef struct tn_cpu_kernels {
+  const char *isa;
+  tn_cpu_rows_fn rows[TN_OP_COUNT];
+  tn_cpu_weight_fn prepare_weight;
+} tn_cpu_kernels;
+
+#define TN_CPU_DECLARE_KERNELS(isa)                                                           \
+  void tn_cpu_rms_norm_rows_##isa(const tn_cpu_call *, float *, int64_t, int64_t);           \
+  void tn_cpu_l2_norm_rows_##isa(const tn_cpu_call *, float *, int64_t, int64_t);            \
+  void tn_cpu_add_rms_norm_rows_##isa(const tn_cpu_call *, float *, int64_t, int64_t);       \
+  void tn_cpu_prepare_weight_##isa(const tn_tensor *, float, float *);
+
+TN_CPU_DECLARE_KERNELS(generic)
+#ifdef TNORM_CPU_V3
+TN_CPU_DECLARE_KERNELS(v3)
+#endif
 
 #endif

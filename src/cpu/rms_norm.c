@@ -6,17 +6,18 @@ TN_INLINE void rms_norm_rows(const tn_cpu_call *c, float *scratch, int64_t begin
   const tn_op_args *a = c->args;
   const int64_t dim = a->x->dim;
   for (int64_t r = begin; r < end; r++) {
-    const float *v = tn_row_as_f32(dtype, tn_row_ptr(a->x, r), dim, scratch);
-    float inv = tn_inv_sqrt(tn_sum_squares(v, dim) / (float)dim + a->eps);
+    const float *v;
+    float inv = tn_inv_sqrt(tn_row_load_sum_squares(dtype, tn_row_ptr(a->x, r), dim, scratch, &v) / (float)dim + a->eps);
     tn_row_emit(dtype, tn_row_ptr(a->y, r), v, dim, inv, has_w, c->weight, has_m,
-                has_m ? tn_row_ptr(a->mul, r) : NULL, 0, 1.0f, c->stream);
+                has_m ? tn_row_ptr(a->mul, r) : NULL, 0, 1.0f, c->stream,
+                tn_next_row_of(a->x, has_m ? a->mul : NULL, r, end));
   }
   tn_stream_fence(c->stream);
 }
 
 /* One instance per (dtype, weight or not, mul or not). */
 #define RMS_INSTANCE(name, dt, w, m)                                                                   \
-  TN_CPU_CLONES static void name(const tn_cpu_call *c, float *scratch, int64_t begin, int64_t end) { \
+  static void name(const tn_cpu_call *c, float *scratch, int64_t begin, int64_t end) { \
     rms_norm_rows(c, scratch, begin, end, dt, w, m);                                                   \
   }
 #define RMS_INSTANCES(sfx, dt)            \
@@ -35,6 +36,6 @@ static const tn_cpu_rows_fn rms_table[TN_DTYPE_COUNT][2][2] = {
     [TN_BF16] = {{rms_bf16, rms_bf16_m}, {rms_bf16_w, rms_bf16_w_m}},
 };
 
-void tn_cpu_rms_norm_rows(const tn_cpu_call *c, float *scratch, int64_t begin, int64_t end) {
+void TN_CPU_ENTRY(tn_cpu_rms_norm_rows)(const tn_cpu_call *c, float *scratch, int64_t begin, int64_t end) {
   rms_table[c->args->x->dtype][c->weight != NULL][c->args->mul != NULL](c, scratch, begin, end);
 }

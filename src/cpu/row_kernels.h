@@ -1,14 +1,17 @@
 /* Row building blocks shared by the CPU ops, written once as always-inline "templates": each op file
  * instantiates them with compile-time dtypes and flags, so the dtype switches fold away and every loop
- * vectorises (check with -fopt-info-vec).
+ * vectorises (check with -fopt-info-vec). Each op file is compiled twice, for baseline x86-64 (or the
+ * host architecture) and for x86-64-v3 (AVX2, FMA, F16C); TN_CPU_ISA names the build and suffixes the
+ * entry points, and the backend picks one set at run time.
  *
- * A row is processed in two passes over a per-chunk float32 scratch row: pass 1 converts the row (or
- * add_rms_norm's rounded sum) into the scratch and reduces it; pass 2 scales the scratch into the output.
- * Each input is therefore read from memory once and converted once.
+ * A row is processed in two passes: pass 1 brings the row (or add_rms_norm's rounded sum) to float32,
+ * in a per-chunk scratch row unless it already is f32, and reduces it; pass 2 scales it into the output
+ * block by block, converting each block once. Each input is read from memory once and converted once.
  *
  * Reduction order (the contract for batch invariance): element i of a row is added to lane i % 16; the
  * 16 lanes are then summed as a fixed binary tree. The order depends on dim only, never on the row's
- * position, the number of rows or the thread that runs it. */
+ * position, the number of rows, the thread that runs it or the instruction set (contraction is off, so
+ * no build fuses a multiply into an add). */
 #ifndef TN_CPU_ROW_KERNELS_H
 #define TN_CPU_ROW_KERNELS_H
 
@@ -17,6 +20,7 @@
 #include <string.h>
 
 #include "../core/dtype.h"
+#include "convert_block.h"
 #include "ops.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -26,16 +30,8 @@
 
 #define TN_INLINE static inline __attribute__((always_inline))
 
-/* Runtime dispatch between a generic x86-64 build and one for AVX2/FMA/F16C machines. Contraction is
- * off for the whole library, so both clones give the same bits. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define TN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define TN_CPU_CLONES
-#endif
-
 #define TN_LANES 16
-#define TN_BLOCK 512 /* elements staged per output block: 2 KiB in f32, in L1 */
+#define TN_BLOCK 512 /* elements staged per block: 2 KiB in f32, in L1 */
 
 /* Pointer to row r of a validated tensor. */
 TN_INLINE void *tn_row_ptr(const tn_tensor *t, int64_t r) {
@@ -46,7 +42,7 @@ TN_INLINE void *tn_row_ptr(const tn_tensor *t, int64_t r) {
  * element i after reading it); f16/bf16 rows are converted once into the scratch row. */
 TN_INLINE const float *tn_row_as_f32(tn_dtype dtype, const void *src, int64_t n, float *scratch) {
   if (dtype == TN_F32) return (const float *)src;
-  for (int64_t i = 0; i < n; i++) scratch[i] = tn_load(dtype, src, i);
+  tn_half_to_f32_block(dtype, (const uint16_t *)src, scratch, n);
   return scratch;
 }
 
@@ -65,6 +61,46 @@ TN_INLINE float tn_sum_squares(const float *v, int64_t n) {
   return acc[0];
 }
 
+/* The row as float32 (as tn_row_as_f32) and its sum of squares (as tn_sum_squares, bit for bit: the
+ * same lanes, the same tail and the same tree), in one pass over the row. */
+TN_INLINE float tn_row_load_sum_squares(tn_dtype dtype, const void *src, int64_t n, float *scratch,
+                                        const float **row) {
+#ifdef TN_CONVERT_AVX2
+  if (dtype != TN_F32) {
+    const uint16_t *h = (const uint16_t *)src;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); /* lanes 0-7 and 8-15 */
+    int64_t i = 0;
+    for (; i + TN_LANES <= n; i += TN_LANES) {
+      __m128i h0 = _mm_loadu_si128((const __m128i *)(const void *)(h + i));
+      __m128i h1 = _mm_loadu_si128((const __m128i *)(const void *)(h + i + 8));
+      __m256 f0, f1;
+      if (dtype == TN_F16) {
+        f0 = _mm256_cvtph_ps(h0);
+        f1 = _mm256_cvtph_ps(h1);
+      } else {
+        f0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h0), 16));
+        f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h1), 16));
+      }
+      _mm256_storeu_ps(scratch + i, f0);
+      _mm256_storeu_ps(scratch + i + 8, f1);
+      acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(f0, f0));
+      acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(f1, f1));
+    }
+    float acc[TN_LANES], tail[TN_LANES] = {0};
+    _mm256_storeu_ps(acc, acc0);
+    _mm256_storeu_ps(acc + 8, acc1);
+    for (int k = 0; i + k < n; k++) tail[k] = scratch[i + k] = tn_load(dtype, src, i + k);
+    for (int k = 0; k < TN_LANES; k++) acc[k] += tail[k] * tail[k];
+    for (int width = TN_LANES / 2; width > 0; width /= 2)
+      for (int k = 0; k < width; k++) acc[k] += acc[k + width];
+    *row = scratch;
+    return acc[0];
+  }
+#endif
+  *row = tn_row_as_f32(dtype, src, n, scratch);
+  return tn_sum_squares(*row, n);
+}
+
 /* 1 / sqrt(a), in float32 (two roundings; the same expression on every CPU). */
 TN_INLINE float tn_inv_sqrt(float a) { return 1.0f / sqrtf(a); }
 
@@ -79,7 +115,8 @@ TN_INLINE void tn_copy_out(void *dst, const void *src, size_t bytes, int stream)
     if (head > bytes) head = bytes;
     memcpy(d, s, head);
     size_t i = head;
-    for (; i + 16 <= bytes; i += 16) _mm_stream_si128((__m128i *)(void *)(d + i), _mm_loadu_si128((const __m128i *)(const void *)(s + i)));
+    for (; i + 16 <= bytes; i += 16)
+      _mm_stream_si128((__m128i *)(void *)(d + i), _mm_loadu_si128((const __m128i *)(const void *)(s + i)));
     memcpy(d + i, s + i, bytes - i);
     return;
   }
@@ -96,39 +133,125 @@ TN_INLINE void tn_stream_fence(int stream) {
 #endif
 }
 
-/* One output element: round((((v * inv) * w) * m) * scale), each factor present only when its flag is
- * set (w is the weight plus offset, already in float32). */
-#define TN_EMIT_VALUE(i_v, i_m)                           \
-  float r = v[i_v] * inv;                                 \
-  if (has_w) r *= w[i_v];                                 \
-  if (has_m) r *= tn_load(dtype, m, i_m);                 \
-  if (has_scale) r *= scale;
-
-/* out[i] for i < n from the scratch row v. Large outputs are staged in L1 blocks and copied out with
- * non-temporal stores; others are written directly. */
-TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const float *v, int64_t n, float inv, int has_w, const float *w,
-                           int has_m, const void *m, int has_scale, float scale, int stream) {
-  if (!stream) {
-    for (int64_t i = 0; i < n; i++) {
-      TN_EMIT_VALUE(i, i)
-      tn_store(dtype, out, i, r);
-    }
+/* A block of len finished float32 values (in f32[]) goes to out: converted once to the dtype, written
+ * directly or streamed. With dtype f32 and no streaming the values were computed in place already. */
+TN_INLINE void tn_block_out(tn_dtype dtype, void *out, float *f32, uint16_t *u16, int64_t len, int stream) {
+  if (dtype == TN_F32) {
+    if (stream) tn_copy_out(out, f32, (size_t)len * 4, 1);
     return;
   }
-  union {
-    float f32[TN_BLOCK];
-    uint16_t u16[TN_BLOCK];
-  } stage;
-  const size_t es = tn_elem_size(dtype);
-  for (int64_t b = 0; b < n; b += TN_BLOCK) {
-    int64_t len = n - b < TN_BLOCK ? n - b : TN_BLOCK;
-    for (int64_t i = 0; i < len; i++) {
-      TN_EMIT_VALUE(b + i, b + i)
-      tn_store(dtype, &stage, i, r);
+  tn_f32_to_half_block(dtype, f32, stream ? u16 : (uint16_t *)out, len);
+  if (stream) tn_copy_out(out, u16, (size_t)len * 2, 1);
+}
+
+#ifdef TN_CONVERT_AVX2
+/* Eight results of the emit formula below, in registers. */
+TN_INLINE __m256 tn_emit8(tn_dtype dtype, const float *v, float inv, int has_w, const float *w, int has_m,
+                          const uint16_t *m, int has_scale, float scale) {
+  __m256 t = _mm256_mul_ps(_mm256_loadu_ps(v), _mm256_set1_ps(inv));
+  if (has_w) t = _mm256_mul_ps(t, _mm256_loadu_ps(w));
+  if (has_m) {
+    __m128i h = _mm_loadu_si128((const __m128i *)(const void *)m);
+    __m256 mf = dtype == TN_F16 ? _mm256_cvtph_ps(h)
+                                : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    t = _mm256_mul_ps(t, mf);
+  }
+  if (has_scale) t = _mm256_mul_ps(t, _mm256_set1_ps(scale));
+  return t;
+}
+
+/* The emit formula for f16/bf16 outputs, 16 elements at a time with the results kept in registers
+ * through the conversion; returns how many elements it wrote (a multiple of 16). */
+TN_INLINE int64_t tn_emit_half_avx2(tn_dtype dtype, uint16_t *out, const float *v, int64_t n, float inv, int has_w,
+                                    const float *w, int has_m, const uint16_t *m, int has_scale, float scale) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256 lo = tn_emit8(dtype, v + i, inv, has_w, w + (has_w ? i : 0), has_m, m + (has_m ? i : 0), has_scale, scale);
+    __m256 hi = tn_emit8(dtype, v + i + 8, inv, has_w, w + (has_w ? i + 8 : 0), has_m, m + (has_m ? i + 8 : 0),
+                         has_scale, scale);
+    __m256i packed;
+    if (dtype == TN_F16) {
+      packed = _mm256_set_m128i(_mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT),
+                                _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT));
+    } else {
+      packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(tn_bf16_round8(lo), tn_bf16_round8(hi)), 0xd8);
     }
-    tn_copy_out((char *)out + (size_t)b * es, &stage, (size_t)len * es, stream);
+    _mm256_storeu_si256((__m256i *)(void *)(out + i), packed);
+  }
+  return i;
+}
+#endif
+
+/* The next row's inputs, fetched into cache while this row's output is computed: pass 1 of the next
+ * row then finds its data there instead of waiting on memory. Both pointers may be NULL. */
+typedef struct tn_next_row {
+  const char *a, *b;
+  size_t bytes;
+} tn_next_row;
+
+TN_INLINE tn_next_row tn_next_row_of(const tn_tensor *a, const tn_tensor *b, int64_t r, int64_t end) {
+  tn_next_row next = {NULL, NULL, (size_t)a->dim * tn_elem_size(a->dtype)};
+  if (r + 1 < end) {
+    next.a = (const char *)tn_row_ptr(a, r + 1);
+    next.b = b != NULL ? (const char *)tn_row_ptr(b, r + 1) : NULL;
+  }
+  return next;
+}
+
+/* Prefetches the part of the next row matching elements [from, to) of n. */
+TN_INLINE void tn_prefetch_slice(tn_next_row next, int64_t from, int64_t to, int64_t n) {
+  if (next.a == NULL) return;
+  size_t begin = next.bytes * (size_t)from / (size_t)n, end = next.bytes * (size_t)to / (size_t)n;
+  for (size_t o = begin & ~(size_t)63; o < end; o += 64) {
+    __builtin_prefetch(next.a + o, 0, 3);
+    if (next.b != NULL) __builtin_prefetch(next.b + o, 0, 3);
   }
 }
-#undef TN_EMIT_VALUE_
+
+/* out[i] = round((((v[i] * inv) * w[i]) * m[i]) * scale) for i < n, each factor present only when its
+ * flag is set (w is the weight plus offset, already in float32; m a row of the dtype). Streamed outputs
+ * (large calls) also prefetch the next row. */
+TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const float *v, int64_t n, float inv, int has_w, const float *w,
+                           int has_m, const void *m, int has_scale, float scale, int stream, tn_next_row next) {
+  float f32[TN_BLOCK];
+  float mf[TN_BLOCK];
+  uint16_t u16[TN_BLOCK];
+  const size_t es = tn_elem_size(dtype);
+  int64_t b = 0;
+#ifdef TN_CONVERT_AVX2
+  /* f16/bf16 written directly: everything up to the last multiple of 16, in registers. */
+  if (dtype != TN_F32 && !stream) {
+    b = tn_emit_half_avx2(dtype, (uint16_t *)out, v, n, inv, has_w, w, has_m, (const uint16_t *)m, has_scale, scale);
+  } else if (dtype != TN_F32) {
+    for (; b + TN_BLOCK <= n; b += TN_BLOCK) {
+      tn_prefetch_slice(next, b, b + TN_BLOCK, n);
+      tn_emit_half_avx2(dtype, u16, v + b, TN_BLOCK, inv, has_w, w + (has_w ? b : 0), has_m,
+                        (const uint16_t *)m + (has_m ? b : 0), has_scale, scale);
+      tn_copy_out((uint16_t *)out + b, u16, TN_BLOCK * 2, 1);
+    }
+  }
+#endif
+  for (; b < n; b += TN_BLOCK) {
+    int64_t len = n - b < TN_BLOCK ? n - b : TN_BLOCK;
+    if (stream) tn_prefetch_slice(next, b, b + len, n);
+    void *dst = (char *)out + (size_t)b * es;
+    float *r = dtype == TN_F32 && !stream ? (float *)dst : f32;
+    const float *mb = NULL;
+    if (has_m) mb = tn_row_as_f32(dtype, (const char *)m + (size_t)b * es, len, mf);
+    for (int64_t i = 0; i < len; i++) {
+      float t = v[b + i] * inv;
+      if (has_w) t *= w[b + i];
+      if (has_m) t *= mb[i];
+      if (has_scale) t *= scale;
+      r[i] = t;
+    }
+    tn_block_out(dtype, dst, f32, u16, len, stream);
+  }
+}
+
+/* Suffixes an entry point with the instruction set this file is compiled for. */
+#define TN_CPU_CAT2_(a, b) a##_##b
+#define TN_CPU_CAT_(a, b) TN_CPU_CAT2_(a, b)
+#define TN_CPU_ENTRY(name) TN_CPU_CAT_(name, TN_CPU_ISA)
 
 #endif

@@ -1,0 +1,71 @@
+/* Bulk conversions between float32 and f16/bf16 for the CPU kernels. Bit-identical to the scalar
+ * conversions of core/dtype.h (the tests check both): with AVX2 (the x86-64-v3 build of the kernels)
+ * they are written with intrinsics, f16 through F16C; elsewhere they are the scalar conversions in
+ * loops the compiler vectorises. */
+#ifndef TN_CPU_CONVERT_BLOCK_H
+#define TN_CPU_CONVERT_BLOCK_H
+
+#include <stdint.h>
+
+#include "../core/dtype.h"
+
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define TN_CONVERT_AVX2 1
+#endif
+
+#define TN_CVT_INLINE static inline __attribute__((always_inline))
+
+#ifdef TN_CONVERT_AVX2
+/* Eight floats to bf16 in the low 16 bits of each 32-bit lane: round to nearest even, NaN made quiet. */
+TN_CVT_INLINE __m256i tn_bf16_round8(__m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
+}
+#endif
+
+/* dst[i] = float32 of element i of src (f16 or bf16). */
+TN_CVT_INLINE void tn_half_to_f32_block(tn_dtype dtype, const uint16_t *src, float *dst, int64_t n) {
+  int64_t i = 0;
+#ifdef TN_CONVERT_AVX2
+  if (dtype == TN_F16) {
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(src + i))));
+  } else {
+    for (; i + 8 <= n; i += 8) {
+      __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)(src + i)));
+      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+    }
+  }
+#endif
+  for (; i < n; i++) dst[i] = tn_load(dtype, src, i);
+}
+
+/* dst[i] = src[i] rounded once to f16 or bf16. */
+TN_CVT_INLINE void tn_f32_to_half_block(tn_dtype dtype, const float *src, uint16_t *dst, int64_t n) {
+  int64_t i = 0;
+#ifdef TN_CONVERT_AVX2
+  if (dtype == TN_F16) {
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128((__m128i *)(void *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    for (; i + 16 <= n; i += 16) {
+      __m256i lo = tn_bf16_round8(_mm256_loadu_ps(src + i));
+      __m256i hi = tn_bf16_round8(_mm256_loadu_ps(src + i + 8));
+      /* Every lane is <= 0xffff, so the saturating pack is exact; it interleaves 128-bit halves. */
+      __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8);
+      _mm256_storeu_si256((__m256i *)(void *)(dst + i), packed);
+    }
+  }
+#endif
+  if (dtype == TN_F16)
+    for (; i < n; i++) dst[i] = tn_f32_to_f16(src[i]);
+  else
+    for (; i < n; i++) dst[i] = tn_f32_to_bf16(src[i]);
+}
+
+#endif
