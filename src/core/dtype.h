@@ -42,8 +42,10 @@ static inline float tn_f16_to_f32(uint16_t h) {
   uint32_t em = h & 0x7fffu; /* exponent and mantissa */
   /* Subnormals and zero: the 10-bit mantissa times 2^-24 is exact in float32. */
   uint32_t small = tn_f32_bits((float)(int32_t)em * 0x1p-24f);
-  /* Normals: rebias the exponent by 127 - 15; Inf and NaN: exponent 31 -> 255, payload kept. */
+  /* Normals: rebias the exponent by 127 - 15; Inf and NaN: exponent 31 -> 255, payload kept, NaN made
+   * quiet (as F16C's vcvtph2ps does, so every build gives the same bits). */
   uint32_t normal = (em << 13) + 0x38000000u + (tn_mask(em >= 0x7c00u) & 0x38000000u);
+  normal |= tn_mask(em > 0x7c00u) & 0x00400000u;
   uint32_t is_small = tn_mask(em < 0x0400u);
   return tn_f32_from_bits(sign | (small & is_small) | (normal & ~is_small));
 }
