@@ -78,11 +78,12 @@ tn_status tn_op_validate(tn_context *ctx, const tn_op_args *args) {
 tn_status tn_op_run(tn_context *ctx, const tn_op_args *args) {
   if (ctx == NULL) return TN_ERR_NULL;
   TN_FORWARD_IF_ERROR(tn_validate(ctx, args));
-  tn_error_clear(ctx);
-  if (args->x->rows == 0) return TN_OK;
+  /* The device must be usable even for an empty call: the same call must not fail only when rows > 0. */
   tn_device_kind kind = args->x->device.kind;
   void *state = NULL;
   TN_FORWARD_IF_ERROR(backend_for(ctx, kind, &state));
+  tn_error_clear(ctx);
+  if (args->x->rows == 0) return TN_OK;
   TN_FORWARD_IF_ERROR(backends[kind]->run(state, ctx, args));
   tn_error_clear(ctx);
   return TN_OK;

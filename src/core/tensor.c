@@ -36,6 +36,19 @@ static int same_pitch_overlap(uint64_t d, uint64_t pitch, uint64_t width_a, uint
   return 0;
 }
 
+/* floor(a / b) for b > 0. */
+static int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+/* Does the byte interval [s, e) (relative to b's first row) meet one of b's rows? b's row j covers
+ * [j * pitch, j * pitch + width), width <= pitch, j in [0, rows). */
+static int interval_meets_rows(int64_t s, int64_t e, int64_t pitch, int64_t width, int64_t rows) {
+  int64_t j_min = floor_div(s - width, pitch) + 1; /* rows ending after s */
+  int64_t j_max = floor_div(e - 1, pitch);         /* rows starting before e */
+  if (j_min < 0) j_min = 0;
+  if (j_max > rows - 1) j_max = rows - 1;
+  return j_min <= j_max;
+}
+
 int tn_tensors_overlap(const tn_tensor *a, const tn_tensor *b) {
   if (a->device.kind != b->device.kind || a->device.index != b->device.index) return 0;
   tn_extent ea = tn_tensor_extent(a), eb = tn_tensor_extent(b);
@@ -43,11 +56,23 @@ int tn_tensors_overlap(const tn_tensor *a, const tn_tensor *b) {
   if (ea.end <= eb.begin || eb.end <= ea.begin) return 0;
   uint64_t pitch_a = (uint64_t)a->row_stride * tn_dtype_size(a->dtype);
   uint64_t pitch_b = (uint64_t)b->row_stride * tn_dtype_size(b->dtype);
-  int multi_row = a->rows > 1 && b->rows > 1;
-  if (!multi_row || pitch_a != pitch_b) return 1; /* conservative: the extents intersect */
   uint64_t wa = (uint64_t)a->dim * tn_dtype_size(a->dtype);
   uint64_t wb = (uint64_t)b->dim * tn_dtype_size(b->dtype);
-  if (ea.begin <= eb.begin)
-    return same_pitch_overlap(eb.begin - ea.begin, pitch_a, wa, (uint64_t)a->rows, wb, (uint64_t)b->rows);
-  return same_pitch_overlap(ea.begin - eb.begin, pitch_a, wb, (uint64_t)b->rows, wa, (uint64_t)a->rows);
+  if (a->rows > 1 && b->rows > 1 && pitch_a == pitch_b) {
+    if (ea.begin <= eb.begin)
+      return same_pitch_overlap(eb.begin - ea.begin, pitch_a, wa, (uint64_t)a->rows, wb, (uint64_t)b->rows);
+    return same_pitch_overlap(ea.begin - eb.begin, pitch_a, wb, (uint64_t)b->rows, wa, (uint64_t)a->rows);
+  }
+  /* Different pitches, or a single row: walk the rows of the view with fewer of them, each an interval
+   * tested against the other's rows in O(1). Extents that intersect make this rare. */
+  const tn_tensor *few = a->rows <= b->rows ? a : b, *many = few == a ? b : a;
+  uint64_t pitch_few = few == a ? pitch_a : pitch_b, w_few = few == a ? wa : wb;
+  uint64_t pitch_many = few == a ? pitch_b : pitch_a, w_many = few == a ? wb : wa;
+  if (many->rows == 1) pitch_many = w_many; /* one row: any pitch >= its width describes it */
+  int64_t base = (int64_t)((uintptr_t)few->data - (uintptr_t)many->data); /* extents intersect: small */
+  for (int64_t r = 0; r < few->rows; r++) {
+    int64_t s = base + r * (int64_t)pitch_few;
+    if (interval_meets_rows(s, s + (int64_t)w_few, (int64_t)pitch_many, (int64_t)w_many, many->rows)) return 1;
+  }
+  return 0;
 }

@@ -18,8 +18,9 @@ tn_extent tn_tensor_extent(const tn_tensor *t);
 /* Same data, dtype, rows, dim, row stride and device: an output may be exactly such a view of an input. */
 int tn_tensor_same_view(const tn_tensor *a, const tn_tensor *b);
 
-/* Whether some byte is in both views. Exact for views with the same byte row stride (interleaved views
- * of one packed buffer, such as Q and K in a QKV buffer, do not overlap); conservative otherwise. */
+/* Whether some byte is in both views, exactly: interleaved views of one packed buffer (Q and K in a QKV
+ * buffer, a weight in the gap after a row) do not overlap. O(1) for views with the same row pitch, else
+ * O(rows of the smaller view) when their extents intersect. */
 int tn_tensors_overlap(const tn_tensor *a, const tn_tensor *b);
 
 #endif

@@ -17,6 +17,8 @@ static tn_status check_tensor(tn_context *ctx, const char *op, const char *name,
   TN_RETURN_ERROR_IF((unsigned)t->device.kind >= TN_DEVICE_KIND_COUNT || t->device.index < 0, ctx,
                      TN_ERR_DEVICE, "%s: %s is on unknown device kind %d index %d", op, name,
                      (int)t->device.kind, t->device.index);
+  TN_RETURN_ERROR_IF(t->device.kind == TN_DEVICE_CPU && t->device.index != 0, ctx, TN_ERR_DEVICE,
+                     "%s: %s is on CPU device index %d; the CPU is index 0", op, name, t->device.index);
   TN_RETURN_ERROR_IF(t->rows < 0, ctx, TN_ERR_SHAPE, "%s: %s has %" PRId64 " rows; must be >= 0", op, name,
                      t->rows);
   TN_RETURN_ERROR_IF(t->dim <= 0, ctx, TN_ERR_SHAPE, "%s: %s has dim %" PRId64 "; must be > 0", op, name,

@@ -33,8 +33,9 @@ TN_INLINE void add_rms_norm_rows(const tn_cpu_call *c, float *s, int64_t begin, 
   for (int64_t r = begin; r < end; r++) {
     add_round_store(dtype, tn_row_ptr(a->x, r), tn_row_ptr(a->residual, r), tn_row_ptr(a->residual_out, r), s, dim,
                     c->stream);
-    float inv = tn_inv_sqrt(tn_sum_squares(s, dim) / (float)dim + a->eps);
-    tn_row_emit(dtype, tn_row_ptr(a->y, r), s, dim, inv, has_w, c->weight, 0, NULL, 0, 1.0f, c->stream,
+    const float *v = s;
+    float inv = tn_row_scale(tn_sum_squares(s, dim), &v, s, dim, (float)dim, a->eps);
+    tn_row_emit(dtype, tn_row_ptr(a->y, r), v, dim, inv, has_w, c->weight, 0, NULL, 0, 1.0f, c->stream,
                 tn_next_row_of(a->x, a->residual, r, end));
   }
   tn_stream_fence(c->stream);

@@ -104,6 +104,28 @@ TN_INLINE float tn_row_load_sum_squares(tn_dtype dtype, const void *src, int64_t
 /* 1 / sqrt(a), in float32 (two roundings; the same expression on every CPU). */
 TN_INLINE float tn_inv_sqrt(float a) { return 1.0f / sqrtf(a); }
 
+/* The row's scale 1 / sqrt(sum_sq / count + eps), given its float32 sum of squares. When that sum left
+ * float32's range although the row is finite (|x| beyond about 1e19) or fell to nothing with eps == 0
+ * (|x| below about 1e-19), the row is rewritten into the scratch row times a power of two k (exact) and
+ * *v pointed there; the scale returned is then that of the scaled row with eps * k^2, so v * scale is
+ * right instead of 0 or Inf. Rows with NaN or Inf take the plain path and propagate. */
+TN_INLINE float tn_row_scale(float sum_sq, const float **v, float *scratch, int64_t n, float count, float eps) {
+  if (sum_sq < INFINITY && !(eps == 0.0f && sum_sq < 0x1p-64f)) return tn_inv_sqrt(sum_sq / count + eps);
+  const float k = sum_sq == INFINITY ? 0x1p-80f : 0x1p80f;
+  const float *src = *v;
+  float acc[TN_LANES] = {0};
+  int64_t i = 0;
+  for (; i + TN_LANES <= n; i += TN_LANES)
+    for (int j = 0; j < TN_LANES; j++) acc[j] += (src[i + j] * k) * (src[i + j] * k);
+  for (int j = 0; i + j < n; j++) acc[j] += (src[i + j] * k) * (src[i + j] * k);
+  for (int width = TN_LANES / 2; width > 0; width /= 2)
+    for (int j = 0; j < width; j++) acc[j] += acc[j + width];
+  if (!(acc[0] < INFINITY)) return tn_inv_sqrt(sum_sq / count + eps); /* an Inf in the row: propagate it */
+  for (i = 0; i < n; i++) scratch[i] = src[i] * k; /* src may be scratch itself */
+  *v = scratch;
+  return tn_inv_sqrt(acc[0] / count + eps * k * k);
+}
+
 /* Copies a finished block to the output: plain stores, or non-temporal ones for outputs too large to
  * stay in cache (they skip the read-for-ownership, which otherwise costs a third more traffic). */
 TN_INLINE void tn_copy_out(void *dst, const void *src, size_t bytes, int stream) {

@@ -1050,19 +1050,17 @@ TEST(Context, ThreadsFromEnvironment) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Doubtful behaviours, disabled (the library does otherwise today); run them with
-// --gtest_also_run_disabled_tests. Each states the reading of the spec it checks.
+// Readings of the spec that an earlier version got wrong; each states the reading it checks.
 // ------------------------------------------------------------------------------------------------
 
-// "index: CUDA device ordinal; 0 for the CPU": a CPU tensor with index 5 is accepted today.
-TEST_F(Validation, DISABLED_CpuDeviceIndexMustBeZero) {
+// "index: CUDA device ordinal; 0 for the CPU": a CPU tensor with index 5 is refused.
+TEST_F(Validation, CpuDeviceIndexMustBeZero) {
   tx.device.index = ty.device.index = 5;
   ExpectArgsRefused(Rms(), TN_ERR_DEVICE, {"index 5"});
 }
 
-// A call on CUDA tensors gives TN_ERR_UNAVAILABLE in this build, except with rows == 0, which returns
-// TN_OK before the backend is looked up.
-TEST_F(Validation, DISABLED_CudaWithZeroRowsIsUnavailable) {
+// A call on CUDA tensors gives TN_ERR_UNAVAILABLE in this build, with rows == 0 as well.
+TEST_F(Validation, CudaWithZeroRowsIsUnavailable) {
   for (tn_tensor *t : {&tx, &ty}) {
     t->device.kind = TN_DEVICE_CUDA;
     t->rows = 0;
@@ -1072,8 +1070,8 @@ TEST_F(Validation, DISABLED_CudaWithZeroRowsIsUnavailable) {
 }
 
 // "any other overlap between an output and another operand is refused": views that share no byte are
-// not an overlap, but the check is conservative when one view has a single row or the row pitches differ.
-TEST_F(Validation, DISABLED_DisjointViewsAreAccepted) {
+// not an overlap, also when one view has a single row or the row pitches differ.
+TEST_F(Validation, DisjointViewsAreAccepted) {
   // The weight in the gap after y's first row (y = columns [0, 64) of a 10 x 128 buffer).
   std::vector<float> buf(10 * 128, 1.0f), xb(10 * 64, 0.5f);
   tn_tensor by = tn_tensor_strided(buf.data(), TN_F32, 10, 64, 128);
