@@ -14,6 +14,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 
 #include "cli.h"
 #include "reference.h"
@@ -42,6 +45,31 @@ static double now_seconds(void) {
 
 /* ---- the ceiling: a parallel memcpy with a persistent set of threads ---- */
 
+/* A copy with non-temporal stores: what an out-of-cache copy can reach when it skips the reads for
+ * ownership (the library's kernels stream their large outputs the same way). */
+static void stream_copy(unsigned char *dst, const unsigned char *src, size_t bytes) {
+#if defined(__x86_64__)
+  size_t head = (size_t)(-(uintptr_t)dst & 15u);
+  if (head > bytes) head = bytes;
+  memcpy(dst, src, head);
+  size_t i = head;
+  for (; i + 64 <= bytes; i += 64) {
+    __m128i a = _mm_loadu_si128((const __m128i *)(const void *)(src + i));
+    __m128i b = _mm_loadu_si128((const __m128i *)(const void *)(src + i + 16));
+    __m128i c = _mm_loadu_si128((const __m128i *)(const void *)(src + i + 32));
+    __m128i d = _mm_loadu_si128((const __m128i *)(const void *)(src + i + 48));
+    _mm_stream_si128((__m128i *)(void *)(dst + i), a);
+    _mm_stream_si128((__m128i *)(void *)(dst + i + 16), b);
+    _mm_stream_si128((__m128i *)(void *)(dst + i + 32), c);
+    _mm_stream_si128((__m128i *)(void *)(dst + i + 48), d);
+  }
+  memcpy(dst + i, src + i, bytes - i);
+  _mm_sfence();
+#else
+  memcpy(dst, src, bytes);
+#endif
+}
+
 typedef struct copy_job {
   unsigned char *dst;
   const unsigned char *src;
@@ -49,7 +77,7 @@ typedef struct copy_job {
   int threads;
   int index;
   pthread_barrier_t *start, *done;
-  int rounds;
+  int rounds; /* odd rounds use stream_copy, even ones memcpy */
 } copy_job;
 
 static void *copy_worker(void *p) {
@@ -58,19 +86,21 @@ static void *copy_worker(void *p) {
   size_t end = j->bytes * (size_t)(j->index + 1) / (size_t)j->threads;
   for (int r = 0; r < j->rounds; r++) {
     pthread_barrier_wait(j->start);
-    memcpy(j->dst + begin, j->src + begin, end - begin);
+    if (r % 2) stream_copy(j->dst + begin, j->src + begin, end - begin);
+    else memcpy(j->dst + begin, j->src + begin, end - begin);
     pthread_barrier_wait(j->done);
   }
   return NULL;
 }
 
-/* Best copy bandwidth (read + write bytes per second) over a few rounds, or 0 on failure. */
+/* Best copy bandwidth (read + write bytes per second) over a few rounds of memcpy and of a streaming
+ * copy, or 0 on failure. The best of both is the ceiling, so no kernel is flattered by a weak copy. */
 static double measure_copy_ceiling(int threads) {
   unsigned char *src = malloc(COPY_BYTES), *dst = malloc(COPY_BYTES);
   copy_job *jobs = calloc((size_t)threads, sizeof *jobs);
   pthread_t *tids = calloc((size_t)threads, sizeof *tids);
   double best = 0.0;
-  const int rounds = 6;
+  const int rounds = 8;
   if (src == NULL || dst == NULL || jobs == NULL || tids == NULL) goto out;
   memset(src, 1, COPY_BYTES);
   memset(dst, 0, COPY_BYTES); /* touch every page before timing */
@@ -88,7 +118,7 @@ static double measure_copy_ceiling(int threads) {
       pthread_barrier_wait(&start);
       pthread_barrier_wait(&done);
       double bw = 2.0 * (double)COPY_BYTES / (now_seconds() - t0);
-      if (r > 0 && bw > best) best = bw; /* round 0 warms up */
+      if (r > 1 && bw > best) best = bw; /* rounds 0 and 1 warm up */
     }
     for (int i = 0; i < threads; i++) pthread_join(tids[i], NULL);
   } else {
@@ -320,7 +350,8 @@ int cli_bench_main(int argc, char **argv) {
     rc = cli_fail("--csv: cannot write '%s'", o.csv);
     goto done;
   }
-  printf("tnorm bench: device cpu, %d thread(s); ceiling = memcpy of %zu MiB by %d thread(s): %.1f GB/s (read + write)\n\n",
+  printf("tnorm bench: device cpu, %d thread(s); ceiling = best copy (memcpy or streaming) of %zu MiB by %d "
+         "thread(s): %.1f GB/s (read + write)\n\n",
          threads, COPY_BYTES >> 20, threads, ceiling * 1e-9);
   printf("%-13s %-5s %15s %12s %10s %9s\n", "op", "dtype", "shape", "time (us)", "GB/s", "% ceiling");
   if (csv != NULL) fprintf(csv, "device,op,dtype,rows,dim,threads,time_us,gbps,ceiling_gbps,pct_ceiling\n");
