@@ -26,15 +26,61 @@ TN_INLINE void add_round_store(tn_dtype dtype, const void *x, const void *res, v
   }
 }
 
+#ifdef TN_CONVERT_AVX2
+/* f16/bf16 in one pass with AVX2: s = round(x + res) to out and to the scratch row, 16 elements at a time,
+ * and the sum of squares of s with exactly tn_sum_squares' lanes, tail and tree. */
+TN_INLINE float add_round_store_sum_avx2(tn_dtype dtype, const uint16_t *x, const uint16_t *res, uint16_t *out,
+                                         float *s, int64_t n, int stream) {
+  const int nt = stream && ((uintptr_t)out & 31u) == 0;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + TN_LANES <= n; i += TN_LANES) {
+    __m256 sum0 = _mm256_add_ps(tn_half8_to_f32(dtype, x + i), tn_half8_to_f32(dtype, res + i));
+    __m256 sum1 = _mm256_add_ps(tn_half8_to_f32(dtype, x + i + 8), tn_half8_to_f32(dtype, res + i + 8));
+    __m256i packed = tn_f32x16_to_half(dtype, sum0, sum1);
+    if (nt) _mm256_stream_si256((__m256i *)(void *)(out + i), packed);
+    else _mm256_storeu_si256((__m256i *)(void *)(out + i), packed);
+    __m256 f0 = tn_half8_reg_to_f32(dtype, _mm256_castsi256_si128(packed));
+    __m256 f1 = tn_half8_reg_to_f32(dtype, _mm256_extracti128_si256(packed, 1));
+    _mm256_storeu_ps(s + i, f0);
+    _mm256_storeu_ps(s + i + 8, f1);
+    acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(f0, f0));
+    acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(f1, f1));
+  }
+  float acc[TN_LANES], tail[TN_LANES] = {0};
+  _mm256_storeu_ps(acc, acc0);
+  _mm256_storeu_ps(acc + 8, acc1);
+  for (int k = 0; i + k < n; k++) {
+    float v = tn_round_to(dtype, tn_load(dtype, x, i + k) + tn_load(dtype, res, i + k));
+    tn_store(dtype, out, i + k, v);
+    tail[k] = s[i + k] = v;
+  }
+  for (int k = 0; k < TN_LANES; k++) acc[k] += tail[k] * tail[k];
+  for (int width = TN_LANES / 2; width > 0; width /= 2)
+    for (int k = 0; k < width; k++) acc[k] += acc[k + width];
+  return acc[0];
+}
+#endif
+
 TN_INLINE void add_rms_norm_rows(const tn_cpu_call *c, float *s, int64_t begin, int64_t end, tn_dtype dtype,
                                  int has_w) {
   const tn_op_args *a = c->args;
   const int64_t dim = a->x->dim;
   for (int64_t r = begin; r < end; r++) {
-    add_round_store(dtype, tn_row_ptr(a->x, r), tn_row_ptr(a->residual, r), tn_row_ptr(a->residual_out, r), s, dim,
-                    c->stream);
+    const void *x = tn_row_ptr(a->x, r), *res = tn_row_ptr(a->residual, r);
+    void *out = tn_row_ptr(a->residual_out, r);
+    float sum_sq;
+#ifdef TN_CONVERT_AVX2
+    if (dtype != TN_F32) {
+      sum_sq = add_round_store_sum_avx2(dtype, x, res, out, s, dim, c->stream);
+    } else
+#endif
+    {
+      add_round_store(dtype, x, res, out, s, dim, c->stream);
+      sum_sq = tn_sum_squares(s, dim);
+    }
     const float *v = s;
-    float inv = tn_row_scale(tn_sum_squares(s, dim), &v, s, dim, (float)dim, a->eps);
+    float inv = tn_row_scale(sum_sq, &v, s, dim, (float)dim, a->eps);
     tn_row_emit(dtype, tn_row_ptr(a->y, r), v, dim, inv, has_w, c->weight, 0, NULL, 0, 1.0f, c->stream,
                 tn_next_row_of(a->x, a->residual, r, end));
   }

@@ -26,21 +26,32 @@ TN_CVT_INLINE __m256i tn_bf16_round8(__m256 v) {
   __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   return _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
 }
+
+/* Eight f16/bf16 values in a register, as float32. */
+TN_CVT_INLINE __m256 tn_half8_reg_to_f32(tn_dtype dtype, __m128i h) {
+  if (dtype == TN_F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* Eight f16/bf16 values from memory, as float32. */
+TN_CVT_INLINE __m256 tn_half8_to_f32(tn_dtype dtype, const uint16_t *src) {
+  return tn_half8_reg_to_f32(dtype, _mm_loadu_si128((const __m128i *)(const void *)src));
+}
+
+/* Sixteen floats rounded once to f16/bf16, in order, in one register. */
+TN_CVT_INLINE __m256i tn_f32x16_to_half(tn_dtype dtype, __m256 lo, __m256 hi) {
+  if (dtype == TN_F16)
+    return _mm256_set_m128i(_mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT), _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT));
+  /* Every lane is <= 0xffff, so the saturating pack is exact; it interleaves 128-bit halves. */
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(tn_bf16_round8(lo), tn_bf16_round8(hi)), 0xd8);
+}
 #endif
 
 /* dst[i] = float32 of element i of src (f16 or bf16). */
 TN_CVT_INLINE void tn_half_to_f32_block(tn_dtype dtype, const uint16_t *src, float *dst, int64_t n) {
   int64_t i = 0;
 #ifdef TN_CONVERT_AVX2
-  if (dtype == TN_F16) {
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(src + i))));
-  } else {
-    for (; i + 8 <= n; i += 8) {
-      __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)(src + i)));
-      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-    }
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, tn_half8_to_f32(dtype, src + i));
 #endif
   for (; i < n; i++) dst[i] = tn_load(dtype, src, i);
 }
@@ -49,18 +60,9 @@ TN_CVT_INLINE void tn_half_to_f32_block(tn_dtype dtype, const uint16_t *src, flo
 TN_CVT_INLINE void tn_f32_to_half_block(tn_dtype dtype, const float *src, uint16_t *dst, int64_t n) {
   int64_t i = 0;
 #ifdef TN_CONVERT_AVX2
-  if (dtype == TN_F16) {
-    for (; i + 8 <= n; i += 8)
-      _mm_storeu_si128((__m128i *)(void *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  } else {
-    for (; i + 16 <= n; i += 16) {
-      __m256i lo = tn_bf16_round8(_mm256_loadu_ps(src + i));
-      __m256i hi = tn_bf16_round8(_mm256_loadu_ps(src + i + 8));
-      /* Every lane is <= 0xffff, so the saturating pack is exact; it interleaves 128-bit halves. */
-      __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8);
-      _mm256_storeu_si256((__m256i *)(void *)(dst + i), packed);
-    }
-  }
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256((__m256i *)(void *)(dst + i),
+                        tn_f32x16_to_half(dtype, _mm256_loadu_ps(src + i), _mm256_loadu_ps(src + i + 8)));
 #endif
   if (dtype == TN_F16)
     for (; i < n; i++) dst[i] = tn_f32_to_f16(src[i]);

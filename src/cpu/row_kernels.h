@@ -71,16 +71,7 @@ TN_INLINE float tn_row_load_sum_squares(tn_dtype dtype, const void *src, int64_t
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); /* lanes 0-7 and 8-15 */
     int64_t i = 0;
     for (; i + TN_LANES <= n; i += TN_LANES) {
-      __m128i h0 = _mm_loadu_si128((const __m128i *)(const void *)(h + i));
-      __m128i h1 = _mm_loadu_si128((const __m128i *)(const void *)(h + i + 8));
-      __m256 f0, f1;
-      if (dtype == TN_F16) {
-        f0 = _mm256_cvtph_ps(h0);
-        f1 = _mm256_cvtph_ps(h1);
-      } else {
-        f0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h0), 16));
-        f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h1), 16));
-      }
+      __m256 f0 = tn_half8_to_f32(dtype, h + i), f1 = tn_half8_to_f32(dtype, h + i + 8);
       _mm256_storeu_ps(scratch + i, f0);
       _mm256_storeu_ps(scratch + i + 8, f1);
       acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(f0, f0));
@@ -172,12 +163,7 @@ TN_INLINE __m256 tn_emit8(tn_dtype dtype, const float *v, float inv, int has_w, 
                           const uint16_t *m, int has_scale, float scale) {
   __m256 t = _mm256_mul_ps(_mm256_loadu_ps(v), _mm256_set1_ps(inv));
   if (has_w) t = _mm256_mul_ps(t, _mm256_loadu_ps(w));
-  if (has_m) {
-    __m128i h = _mm_loadu_si128((const __m128i *)(const void *)m);
-    __m256 mf = dtype == TN_F16 ? _mm256_cvtph_ps(h)
-                                : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    t = _mm256_mul_ps(t, mf);
-  }
+  if (has_m) t = _mm256_mul_ps(t, tn_half8_to_f32(dtype, m));
   if (has_scale) t = _mm256_mul_ps(t, _mm256_set1_ps(scale));
   return t;
 }
@@ -185,20 +171,15 @@ TN_INLINE __m256 tn_emit8(tn_dtype dtype, const float *v, float inv, int has_w, 
 /* The emit formula for f16/bf16 outputs, 16 elements at a time with the results kept in registers
  * through the conversion; returns how many elements it wrote (a multiple of 16). */
 TN_INLINE int64_t tn_emit_half_avx2(tn_dtype dtype, uint16_t *out, const float *v, int64_t n, float inv, int has_w,
-                                    const float *w, int has_m, const uint16_t *m, int has_scale, float scale) {
+                                    const float *w, int has_m, const uint16_t *m, int has_scale, float scale, int nt) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m256 lo = tn_emit8(dtype, v + i, inv, has_w, w + (has_w ? i : 0), has_m, m + (has_m ? i : 0), has_scale, scale);
     __m256 hi = tn_emit8(dtype, v + i + 8, inv, has_w, w + (has_w ? i + 8 : 0), has_m, m + (has_m ? i + 8 : 0),
                          has_scale, scale);
-    __m256i packed;
-    if (dtype == TN_F16) {
-      packed = _mm256_set_m128i(_mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT),
-                                _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT));
-    } else {
-      packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(tn_bf16_round8(lo), tn_bf16_round8(hi)), 0xd8);
-    }
-    _mm256_storeu_si256((__m256i *)(void *)(out + i), packed);
+    __m256i packed = tn_f32x16_to_half(dtype, lo, hi);
+    if (nt) _mm256_stream_si256((__m256i *)(void *)(out + i), packed); /* out is 32-byte aligned */
+    else _mm256_storeu_si256((__m256i *)(void *)(out + i), packed);
   }
   return i;
 }
@@ -243,12 +224,20 @@ TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const float *v, int64_t n,
 #ifdef TN_CONVERT_AVX2
   /* f16/bf16 written directly: everything up to the last multiple of 16, in registers. */
   if (dtype != TN_F32 && !stream) {
-    b = tn_emit_half_avx2(dtype, (uint16_t *)out, v, n, inv, has_w, w, has_m, (const uint16_t *)m, has_scale, scale);
+    b = tn_emit_half_avx2(dtype, (uint16_t *)out, v, n, inv, has_w, w, has_m, (const uint16_t *)m, has_scale, scale,
+                          0);
+  } else if (dtype != TN_F32 && ((uintptr_t)out & 31u) == 0) {
+    /* Streamed straight from registers: every 16 elements are one aligned 32-byte store. */
+    for (; b + TN_BLOCK <= n; b += TN_BLOCK) {
+      tn_prefetch_slice(next, b, b + TN_BLOCK, n);
+      tn_emit_half_avx2(dtype, (uint16_t *)out + b, v + b, TN_BLOCK, inv, has_w, w + (has_w ? b : 0), has_m,
+                        (const uint16_t *)m + (has_m ? b : 0), has_scale, scale, 1);
+    }
   } else if (dtype != TN_F32) {
     for (; b + TN_BLOCK <= n; b += TN_BLOCK) {
       tn_prefetch_slice(next, b, b + TN_BLOCK, n);
       tn_emit_half_avx2(dtype, u16, v + b, TN_BLOCK, inv, has_w, w + (has_w ? b : 0), has_m,
-                        (const uint16_t *)m + (has_m ? b : 0), has_scale, scale);
+                        (const uint16_t *)m + (has_m ? b : 0), has_scale, scale, 0);
       tn_copy_out((uint16_t *)out + b, u16, TN_BLOCK * 2, 1);
     }
   }
