@@ -160,12 +160,23 @@ TN_INLINE void tn_block_out(tn_dtype dtype, void *out, float *f32, uint16_t *u16
 #ifdef TN_CONVERT_AVX2
 /* Eight results of the emit formula below, in registers. */
 TN_INLINE __m256 tn_emit8(tn_dtype dtype, const float *v, float inv, int has_w, const float *w, int has_m,
-                          const uint16_t *m, int has_scale, float scale) {
+                          const void *m, int has_scale, float scale) {
   __m256 t = _mm256_mul_ps(_mm256_loadu_ps(v), _mm256_set1_ps(inv));
   if (has_w) t = _mm256_mul_ps(t, _mm256_loadu_ps(w));
-  if (has_m) t = _mm256_mul_ps(t, tn_half8_to_f32(dtype, m));
+  if (has_m) t = _mm256_mul_ps(t, dtype == TN_F32 ? _mm256_loadu_ps(m) : tn_half8_to_f32(dtype, m));
   if (has_scale) t = _mm256_mul_ps(t, _mm256_set1_ps(scale));
   return t;
+}
+
+/* The emit formula for f32 outputs streamed from registers (out 32-byte aligned); returns how many
+ * elements it wrote (a multiple of 8). */
+TN_INLINE int64_t tn_emit_f32_stream_avx2(float *out, const float *v, int64_t n, float inv, int has_w, const float *w,
+                                          int has_m, const float *m, int has_scale, float scale) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_stream_ps(out + i, tn_emit8(TN_F32, v + i, inv, has_w, w + (has_w ? i : 0), has_m, has_m ? m + i : NULL,
+                                       has_scale, scale));
+  return i;
 }
 
 /* The emit formula for f16/bf16 outputs, 16 elements at a time with the results kept in registers
@@ -174,8 +185,8 @@ TN_INLINE int64_t tn_emit_half_avx2(tn_dtype dtype, uint16_t *out, const float *
                                     const float *w, int has_m, const uint16_t *m, int has_scale, float scale, int nt) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    __m256 lo = tn_emit8(dtype, v + i, inv, has_w, w + (has_w ? i : 0), has_m, m + (has_m ? i : 0), has_scale, scale);
-    __m256 hi = tn_emit8(dtype, v + i + 8, inv, has_w, w + (has_w ? i + 8 : 0), has_m, m + (has_m ? i + 8 : 0),
+    __m256 lo = tn_emit8(dtype, v + i, inv, has_w, w + (has_w ? i : 0), has_m, has_m ? m + i : NULL, has_scale, scale);
+    __m256 hi = tn_emit8(dtype, v + i + 8, inv, has_w, w + (has_w ? i + 8 : 0), has_m, has_m ? m + i + 8 : NULL,
                          has_scale, scale);
     __m256i packed = tn_f32x16_to_half(dtype, lo, hi);
     if (nt) _mm256_stream_si256((__m256i *)(void *)(out + i), packed); /* out is 32-byte aligned */
@@ -232,6 +243,12 @@ TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const float *v, int64_t n,
       tn_prefetch_slice(next, b, b + TN_BLOCK, n);
       tn_emit_half_avx2(dtype, (uint16_t *)out + b, v + b, TN_BLOCK, inv, has_w, w + (has_w ? b : 0), has_m,
                         (const uint16_t *)m + (has_m ? b : 0), has_scale, scale, 1);
+    }
+  } else if (dtype == TN_F32 && stream && ((uintptr_t)out & 31u) == 0) {
+    for (; b + TN_BLOCK <= n; b += TN_BLOCK) {
+      tn_prefetch_slice(next, b, b + TN_BLOCK, n);
+      tn_emit_f32_stream_avx2((float *)out + b, v + b, TN_BLOCK, inv, has_w, w + (has_w ? b : 0), has_m,
+                              (const float *)m + (has_m ? b : 0), has_scale, scale);
     }
   } else if (dtype != TN_F32) {
     for (; b + TN_BLOCK <= n; b += TN_BLOCK) {
