@@ -55,10 +55,7 @@ TN_INLINE float add_round_store_sum_avx2(tn_dtype dtype, const uint16_t *x, cons
     tn_store(dtype, out, i + k, v);
     tail[k] = s[i + k] = v;
   }
-  for (int k = 0; k < TN_LANES; k++) acc[k] += tail[k] * tail[k];
-  for (int width = TN_LANES / 2; width > 0; width /= 2)
-    for (int k = 0; k < width; k++) acc[k] += acc[k + width];
-  return acc[0];
+  return tn_lanes_finish(acc, tail);
 }
 #endif
 

@@ -53,7 +53,7 @@ TN_CVT_INLINE void tn_half_to_f32_block(tn_dtype dtype, const uint16_t *src, flo
 #ifdef TN_CONVERT_AVX2
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, tn_half8_to_f32(dtype, src + i));
 #endif
-  for (; i < n; i++) dst[i] = tn_load(dtype, src, i);
+  for (; i < n; i++) dst[i] = dtype == TN_F16 ? tn_f16_to_f32(src[i]) : tn_bf16_to_f32(src[i]);
 }
 
 /* dst[i] = src[i] rounded once to f16 or bf16. */

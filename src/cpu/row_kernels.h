@@ -46,6 +46,15 @@ TN_INLINE const float *tn_row_as_f32(tn_dtype dtype, const void *src, int64_t n,
   return scratch;
 }
 
+/* Adds the squares of the zero-padded tail to the 16 lanes, then sums the lanes as a fixed binary tree:
+ * the end of every reduction of a row, whatever path computed the lanes. */
+TN_INLINE float tn_lanes_finish(float *acc, const float *tail) {
+  for (int k = 0; k < TN_LANES; k++) acc[k] += tail[k] * tail[k];
+  for (int width = TN_LANES / 2; width > 0; width /= 2)
+    for (int k = 0; k < width; k++) acc[k] += acc[k + width];
+  return acc[0];
+}
+
 TN_INLINE float tn_sum_squares(const float *v, int64_t n) {
   float acc[TN_LANES] = {0};
   int64_t i = 0;
@@ -55,10 +64,7 @@ TN_INLINE float tn_sum_squares(const float *v, int64_t n) {
    * in registers (adding +0 changes nothing). */
   float tail[TN_LANES] = {0};
   for (int k = 0; i + k < n; k++) tail[k] = v[i + k];
-  for (int k = 0; k < TN_LANES; k++) acc[k] += tail[k] * tail[k];
-  for (int width = TN_LANES / 2; width > 0; width /= 2)
-    for (int k = 0; k < width; k++) acc[k] += acc[k + width];
-  return acc[0];
+  return tn_lanes_finish(acc, tail);
 }
 
 /* The row as float32 (as tn_row_as_f32) and its sum of squares (as tn_sum_squares, bit for bit: the
@@ -81,11 +87,8 @@ TN_INLINE float tn_row_load_sum_squares(tn_dtype dtype, const void *src, int64_t
     _mm256_storeu_ps(acc, acc0);
     _mm256_storeu_ps(acc + 8, acc1);
     for (int k = 0; i + k < n; k++) tail[k] = scratch[i + k] = tn_load(dtype, src, i + k);
-    for (int k = 0; k < TN_LANES; k++) acc[k] += tail[k] * tail[k];
-    for (int width = TN_LANES / 2; width > 0; width /= 2)
-      for (int k = 0; k < width; k++) acc[k] += acc[k + width];
     *row = scratch;
-    return acc[0];
+    return tn_lanes_finish(acc, tail);
   }
 #endif
   *row = tn_row_as_f32(dtype, src, n, scratch);
@@ -104,17 +107,16 @@ TN_INLINE float tn_row_scale(float sum_sq, const float **v, float *scratch, int6
   if (sum_sq < INFINITY && !(eps == 0.0f && sum_sq < 0x1p-64f)) return tn_inv_sqrt(sum_sq / count + eps);
   const float k = sum_sq == INFINITY ? 0x1p-80f : 0x1p80f;
   const float *src = *v;
-  float acc[TN_LANES] = {0};
+  float acc[TN_LANES] = {0}, tail[TN_LANES] = {0};
   int64_t i = 0;
   for (; i + TN_LANES <= n; i += TN_LANES)
     for (int j = 0; j < TN_LANES; j++) acc[j] += (src[i + j] * k) * (src[i + j] * k);
-  for (int j = 0; i + j < n; j++) acc[j] += (src[i + j] * k) * (src[i + j] * k);
-  for (int width = TN_LANES / 2; width > 0; width /= 2)
-    for (int j = 0; j < width; j++) acc[j] += acc[j + width];
-  if (!(acc[0] < INFINITY)) return tn_inv_sqrt(sum_sq / count + eps); /* an Inf in the row: propagate it */
+  for (int j = 0; i + j < n; j++) tail[j] = src[i + j] * k;
+  float scaled_sum = tn_lanes_finish(acc, tail);
+  if (!(scaled_sum < INFINITY)) return tn_inv_sqrt(sum_sq / count + eps); /* an Inf in the row: propagate it */
   for (i = 0; i < n; i++) scratch[i] = src[i] * k; /* src may be scratch itself */
   *v = scratch;
-  return tn_inv_sqrt(acc[0] / count + eps * k * k);
+  return tn_inv_sqrt(scaled_sum / count + eps * k * k);
 }
 
 /* Copies a finished block to the output: plain stores, or non-temporal ones for outputs too large to
