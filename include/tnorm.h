@@ -22,7 +22,10 @@
  * - A tensor is a view of `rows x dim` elements; rows may be strided (row_stride >= dim, in elements) so a
  *   view into a packed buffer needs no copy. Reductions run over dim.
  * - rows == 0 is a valid no-op; dim == 0 is an error. eps must be finite and >= 0.
- * - A row of zeros gives zeros when eps > 0. NaN or Inf in a row propagates to that row only.
+ * - A row of zeros gives zeros when eps > 0. NaN or Inf in a row propagates to that row only. A finite
+ *   row whose float32 sum of squares would overflow (|x| beyond about 1e19) or vanish with eps == 0 is
+ *   reduced again scaled by an exact power of two, so its result stays right instead of 0 or Inf.
+ * - The library assumes the default floating-point environment (round to nearest, no flush-to-zero).
  * - An output may be exactly the same view as a row-shaped input (in place); any other overlap between an
  *   output and another operand is refused. Outputs never overlap each other.
  * - A row gives the same bytes whatever its position and the number of rows in the call (batch invariance).
