@@ -205,11 +205,16 @@ typedef struct tn_next_row {
   size_t bytes;
 } tn_next_row;
 
+/* How many rows ahead to prefetch (0: none). */
+#ifndef TN_CPU_PREFETCH_ROWS
+#define TN_CPU_PREFETCH_ROWS 1
+#endif
+
 TN_INLINE tn_next_row tn_next_row_of(const tn_tensor *a, const tn_tensor *b, int64_t r, int64_t end) {
   tn_next_row next = {NULL, NULL, (size_t)a->dim * tn_elem_size(a->dtype)};
-  if (r + 1 < end) {
-    next.a = (const char *)tn_row_ptr(a, r + 1);
-    next.b = b != NULL ? (const char *)tn_row_ptr(b, r + 1) : NULL;
+  if (TN_CPU_PREFETCH_ROWS > 0 && r + TN_CPU_PREFETCH_ROWS < end) {
+    next.a = (const char *)tn_row_ptr(a, r + TN_CPU_PREFETCH_ROWS);
+    next.b = b != NULL ? (const char *)tn_row_ptr(b, r + TN_CPU_PREFETCH_ROWS) : NULL;
   }
   return next;
 }
