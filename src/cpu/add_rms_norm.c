@@ -40,12 +40,8 @@ TN_INLINE float add_round_store_sum_avx2(tn_dtype dtype, const uint16_t *x, cons
     __m256i packed = tn_f32x16_to_half(dtype, sum0, sum1);
     if (nt) _mm256_stream_si256((__m256i *)(void *)(out + i), packed);
     else _mm256_storeu_si256((__m256i *)(void *)(out + i), packed);
-    __m256 f0 = tn_half8_reg_to_f32(dtype, _mm256_castsi256_si128(packed));
-    __m256 f1 = tn_half8_reg_to_f32(dtype, _mm256_extracti128_si256(packed, 1));
-    _mm256_storeu_ps(s + i, f0);
-    _mm256_storeu_ps(s + i + 8, f1);
-    acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(f0, f0));
-    acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(f1, f1));
+    tn_store_square16(s + i, tn_half8_reg_to_f32(dtype, _mm256_castsi256_si128(packed)),
+                      tn_half8_reg_to_f32(dtype, _mm256_extracti128_si256(packed, 1)), &acc0, &acc1);
   }
   float acc[TN_LANES], tail[TN_LANES] = {0};
   _mm256_storeu_ps(acc, acc0);

@@ -67,6 +67,16 @@ TN_INLINE float tn_sum_squares(const float *v, int64_t n) {
   return tn_lanes_finish(acc, tail);
 }
 
+#ifdef TN_CONVERT_AVX2
+/* Stores 16 floats (two registers) at dst and adds their squares to lanes 0-7 (acc0) and 8-15 (acc1). */
+TN_INLINE void tn_store_square16(float *dst, __m256 f0, __m256 f1, __m256 *acc0, __m256 *acc1) {
+  _mm256_storeu_ps(dst, f0);
+  _mm256_storeu_ps(dst + 8, f1);
+  *acc0 = _mm256_add_ps(*acc0, _mm256_mul_ps(f0, f0));
+  *acc1 = _mm256_add_ps(*acc1, _mm256_mul_ps(f1, f1));
+}
+#endif
+
 /* The row as float32 (as tn_row_as_f32) and its sum of squares (as tn_sum_squares, bit for bit: the
  * same lanes, the same tail and the same tree), in one pass over the row. */
 TN_INLINE float tn_row_load_sum_squares(tn_dtype dtype, const void *src, int64_t n, float *scratch,
@@ -77,11 +87,7 @@ TN_INLINE float tn_row_load_sum_squares(tn_dtype dtype, const void *src, int64_t
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); /* lanes 0-7 and 8-15 */
     int64_t i = 0;
     for (; i + TN_LANES <= n; i += TN_LANES) {
-      __m256 f0 = tn_half8_to_f32(dtype, h + i), f1 = tn_half8_to_f32(dtype, h + i + 8);
-      _mm256_storeu_ps(scratch + i, f0);
-      _mm256_storeu_ps(scratch + i + 8, f1);
-      acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(f0, f0));
-      acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(f1, f1));
+      tn_store_square16(scratch + i, tn_half8_to_f32(dtype, h + i), tn_half8_to_f32(dtype, h + i + 8), &acc0, &acc1);
     }
     float acc[TN_LANES], tail[TN_LANES] = {0};
     _mm256_storeu_ps(acc, acc0);
