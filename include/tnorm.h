@@ -164,7 +164,8 @@ TN_API void tn_context_destroy(tn_context *ctx);
  * or "" when the last call succeeded. Valid until the next call on the context. ctx may be NULL. */
 TN_API const char *tn_context_last_error(const tn_context *ctx);
 
-/* Number of CPU threads the CPU backend uses (>= 1). Setting n <= 0 restores the automatic count. */
+/* Number of CPU threads the CPU backend uses (>= 1, at most 1024). Setting n <= 0 restores the automatic
+ * count; n > 1024 is refused with TN_ERR_VALUE. */
 TN_API tn_status tn_context_set_num_threads(tn_context *ctx, int n);
 TN_API int tn_context_num_threads(const tn_context *ctx);
 

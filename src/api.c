@@ -33,6 +33,8 @@ void tn_context_destroy(tn_context *ctx) {
 
 tn_status tn_context_set_num_threads(tn_context *ctx, int n) {
   if (ctx == NULL) return TN_ERR_NULL;
+  TN_RETURN_ERROR_IF(n > TN_MAX_THREADS, ctx, TN_ERR_VALUE, "set_num_threads: %d threads; at most %d", n,
+                     TN_MAX_THREADS);
   ctx->num_threads_requested = n > 0 ? n : 0;
   tn_error_clear(ctx);
   return TN_OK;

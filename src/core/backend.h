@@ -16,6 +16,9 @@ typedef struct tn_backend {
   tn_status (*run)(void *state, tn_context *ctx, const tn_op_args *args);
 } tn_backend;
 
+/* The most CPU threads a context uses (the environment variable and tn_context_set_num_threads). */
+#define TN_MAX_THREADS 1024
+
 /* Threads the CPU backend should use for ctx: the context's setting, else TNORM_NUM_THREADS, else the
  * number of online processors. Always >= 1. */
 int tn_threads_wanted(const tn_context *ctx);

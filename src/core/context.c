@@ -10,8 +10,8 @@ int tn_threads_wanted(const tn_context *ctx) {
   if (env != NULL && *env != '\0') {
     char *end;
     long n = strtol(env, &end, 10);
-    if (*end == '\0' && n > 0 && n <= 1024) return (int)n;
+    if (*end == '\0' && n > 0 && n <= TN_MAX_THREADS) return (int)n;
   }
   long online = sysconf(_SC_NPROCESSORS_ONLN);
-  return online > 0 ? (int)(online > 1024 ? 1024 : online) : 1;
+  return online > 0 ? (int)(online > TN_MAX_THREADS ? TN_MAX_THREADS : online) : 1;
 }

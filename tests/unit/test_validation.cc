@@ -1094,3 +1094,19 @@ TEST_F(Validation, DisjointViewsAreAccepted) {
 }
 
 }  // namespace
+
+namespace {
+// The thread count has the same bound through the API as through TNORM_NUM_THREADS.
+TEST(ContextThreads, SetNumThreadsIsBounded) {
+  tn_context *ctx = nullptr;
+  ASSERT_EQ(tn_context_create(&ctx), TN_OK);
+  EXPECT_EQ(tn_context_set_num_threads(ctx, 3), TN_OK);
+  EXPECT_EQ(tn_context_num_threads(ctx), 3);
+  EXPECT_EQ(tn_context_set_num_threads(ctx, 100000), TN_ERR_VALUE);
+  EXPECT_NE(std::string(tn_context_last_error(ctx)).find("100000"), std::string::npos) << tn_context_last_error(ctx);
+  EXPECT_EQ(tn_context_num_threads(ctx), 3);  // unchanged by the refused call
+  EXPECT_EQ(tn_context_set_num_threads(ctx, 0), TN_OK);
+  EXPECT_GE(tn_context_num_threads(ctx), 1);
+  tn_context_destroy(ctx);
+}
+}  // namespace
