@@ -17,14 +17,19 @@
 #define TN_CVT_INLINE static inline __attribute__((always_inline))
 
 #ifdef TN_CONVERT_AVX2
-/* Eight floats to bf16 in the low 16 bits of each 32-bit lane: round to nearest even, NaN made quiet. */
-TN_CVT_INLINE __m256i tn_bf16_round8(__m256 v) {
+/* Eight floats to bf16 in the low 16 bits of each 32-bit lane, rounded to nearest even; correct for
+ * every value but NaN (whose rounding may carry into the exponent). */
+TN_CVT_INLINE __m256i tn_bf16_round8_finite(__m256 v) {
   __m256i u = _mm256_castps_si256(v);
   __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-  __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+}
+
+/* The same for any value: NaN lanes become quiet NaNs (sign and top payload bits kept). */
+TN_CVT_INLINE __m256i tn_bf16_round8(__m256 v) {
+  __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16), _mm256_set1_epi32(0x40));
   __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
+  return _mm256_blendv_epi8(tn_bf16_round8_finite(v), quiet_nan, is_nan);
 }
 
 /* Eight f16/bf16 values in a register, as float32. */
@@ -42,8 +47,18 @@ TN_CVT_INLINE __m256 tn_half8_to_f32(tn_dtype dtype, const uint16_t *src) {
 TN_CVT_INLINE __m256i tn_f32x16_to_half(tn_dtype dtype, __m256 lo, __m256 hi) {
   if (dtype == TN_F16)
     return _mm256_set_m128i(_mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT), _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT));
+  /* NaN is rare: one test for all sixteen lanes, and the blend only when one is there. */
+  __m256 nan = _mm256_or_ps(_mm256_cmp_ps(lo, lo, _CMP_UNORD_Q), _mm256_cmp_ps(hi, hi, _CMP_UNORD_Q));
+  __m256i rl, rh;
+  if (__builtin_expect(_mm256_testz_ps(nan, nan), 1)) {
+    rl = tn_bf16_round8_finite(lo);
+    rh = tn_bf16_round8_finite(hi);
+  } else {
+    rl = tn_bf16_round8(lo);
+    rh = tn_bf16_round8(hi);
+  }
   /* Every lane is <= 0xffff, so the saturating pack is exact; it interleaves 128-bit halves. */
-  return _mm256_permute4x64_epi64(_mm256_packus_epi32(tn_bf16_round8(lo), tn_bf16_round8(hi)), 0xd8);
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(rl, rh), 0xd8);
 }
 #endif
 
