@@ -8,17 +8,15 @@ static const tn_op_info op_table[TN_OP_COUNT] = {
                          [TN_OPERAND_WEIGHT] = TN_OPTIONAL,
                          [TN_OPERAND_MUL] = TN_OPTIONAL,
                          [TN_OPERAND_Y] = TN_REQUIRED},
-                        0,
-                        1},
-    [TN_OP_L2_NORM] = {"l2_norm", {[TN_OPERAND_X] = TN_REQUIRED, [TN_OPERAND_Y] = TN_REQUIRED}, 1, 0},
+                        0},
+    [TN_OP_L2_NORM] = {"l2_norm", {[TN_OPERAND_X] = TN_REQUIRED, [TN_OPERAND_Y] = TN_REQUIRED}, 1},
     [TN_OP_ADD_RMS_NORM] = {"add_rms_norm",
                             {[TN_OPERAND_X] = TN_REQUIRED,
                              [TN_OPERAND_WEIGHT] = TN_OPTIONAL,
                              [TN_OPERAND_RESIDUAL] = TN_REQUIRED,
                              [TN_OPERAND_Y] = TN_REQUIRED,
                              [TN_OPERAND_RESIDUAL_OUT] = TN_REQUIRED},
-                            0,
-                            1},
+                            0},
 };
 
 const tn_op_info *tn_op_info_get(tn_op op) {

@@ -20,8 +20,7 @@ typedef enum tn_presence { TN_ABSENT = 0, TN_OPTIONAL, TN_REQUIRED } tn_presence
 typedef struct tn_op_info {
   const char *name;
   tn_presence operands[TN_OPERAND_COUNT];
-  int uses_scale;         /* l2_norm's scale */
-  int uses_weight_offset; /* weight + offset */
+  int uses_scale; /* l2_norm's scale; weight_offset applies wherever a weight is taken */
 } tn_op_info;
 
 /* NULL for an op outside the enum. */

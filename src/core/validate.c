@@ -78,7 +78,7 @@ static tn_status check_scalars(tn_context *ctx, const tn_op_info *info, const tn
     TN_RETURN_ERROR_IF(args->scale != 1.0f, ctx, TN_ERR_VALUE, "%s: scale is %g; this op takes none (must be 1)",
                        op, (double)args->scale);
   }
-  if (info->uses_weight_offset && args->weight != NULL) {
+  if (args->weight != NULL) { /* validation already refused a weight the op does not take */
     TN_RETURN_ERROR_IF(!isfinite(args->weight_offset), ctx, TN_ERR_VALUE, "%s: weight_offset is %g; must be finite",
                        op, (double)args->weight_offset);
   } else {

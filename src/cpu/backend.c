@@ -83,8 +83,7 @@ static void cpu_close(void *state) {
 }
 
 /* (Re)creates the pool when the wanted thread count changed since the last call. */
-static tn_status ensure_pool(cpu_state *s, tn_context *ctx) {
-  int wanted = tn_threads_wanted(ctx);
+static tn_status ensure_pool(cpu_state *s, tn_context *ctx, int wanted) {
   if (s->pool != NULL && tn_thread_pool_size(s->pool) == wanted) return TN_OK;
   tn_thread_pool_destroy(s->pool);
   s->pool = tn_thread_pool_create(wanted);
@@ -107,8 +106,9 @@ static tn_status ensure_buffer(cpu_state *s, tn_context *ctx, size_t n) {
 static tn_status cpu_run(void *state, tn_context *ctx, const tn_op_args *args) {
   cpu_state *s = state;
   const int64_t rows = args->x->rows, dim = args->x->dim;
-  int parallel = rows >= 2 && rows * dim >= TN_CPU_PARALLEL_MIN_ELEMENTS && tn_threads_wanted(ctx) > 1;
-  if (parallel) TN_FORWARD_IF_ERROR(ensure_pool(s, ctx));
+  const int threads = tn_threads_wanted(ctx);
+  int parallel = rows >= 2 && rows * dim >= TN_CPU_PARALLEL_MIN_ELEMENTS && threads > 1;
+  if (parallel) TN_FORWARD_IF_ERROR(ensure_pool(s, ctx, threads));
   int64_t chunks = parallel ? (int64_t)tn_thread_pool_size(s->pool) * TN_CPU_CHUNKS_PER_THREAD : 1;
   if (chunks > rows) chunks = rows;
   int has_weight = args->weight != NULL;

@@ -341,13 +341,8 @@ int cli_bench_main(int argc, char **argv) {
   if (rc != CLI_OK) return rc;
   tn_context *ctx = NULL;
   if (tn_context_create(&ctx) != TN_OK) return cli_fail("out of memory");
-  tn_device_kind device;
   FILE *csv = NULL;
-  if ((rc = cli_resolve_device(ctx, o.device, &device)) != CLI_OK) goto done;
-  if (device != TN_DEVICE_CPU) {
-    rc = cli_fail("bench: device tensors are not supported by this build");
-    goto done;
-  }
+  if ((rc = cli_resolve_device(ctx, o.device)) != CLI_OK) goto done;
   int threads = tn_context_num_threads(ctx);
   copy_ceiling cc = measure_copy_ceiling(threads);
   double ceiling = cc.best_bw;

@@ -231,20 +231,12 @@ int cli_check_main(int argc, char **argv) {
          "cases", "max error", "result");
   long failures = 0;
   int rc = CLI_OK;
-  for (int k = 0; k < TN_DEVICE_KIND_COUNT && rc == CLI_OK; k++) {
-    tn_device_kind kind = (tn_device_kind)k;
-    int wanted = all_devices || (choice == CLI_DEVICE_CPU) == (kind == TN_DEVICE_CPU);
-    if (!wanted) continue;
-    if (tn_device_available(ctx, kind) != TN_OK) {
-      if (!all_devices) rc = cli_fail("--device: %s", tn_context_last_error(ctx));
-      else printf("%-6s (skipped: %s)\n", kind == TN_DEVICE_CPU ? "cpu" : "cuda", tn_context_last_error(ctx));
-      continue;
-    }
-    if (kind != TN_DEVICE_CPU) {
-      rc = cli_fail("check: device tensors are not supported by this build");
-      break;
-    }
-    rc = check_device(ctx, kind, seed, &failures);
+  if (all_devices || choice == CLI_DEVICE_CPU) rc = check_device(ctx, TN_DEVICE_CPU, seed, &failures);
+  if (rc == CLI_OK && !all_devices && choice == CLI_DEVICE_CUDA) rc = cli_resolve_device(ctx, choice);
+  if (rc == CLI_OK && all_devices) {
+    char reason[512];
+    cli_device_unusable(ctx, TN_DEVICE_CUDA, reason, sizeof reason);
+    printf("%-6s (skipped: %s)\n", "cuda", reason);
   }
   tn_context_destroy(ctx);
   if (rc != CLI_OK) return rc;

@@ -3,6 +3,8 @@
 #ifndef TN_CLI_H
 #define TN_CLI_H
 
+#include <stddef.h>
+
 #include "tnorm.h"
 
 enum { CLI_OK = 0, CLI_FAIL = 1, CLI_USAGE = 2 };
@@ -24,9 +26,13 @@ int cli_parse_dtype(const char *s, tn_dtype *out);
 /* "rms_norm", "l2_norm", "add_rms_norm": 0, or -1. */
 int cli_parse_op(const char *s, tn_op *out);
 
-/* The device kind to run on: cpu, cuda (an error when unavailable, with the reason) or auto (CUDA when
- * available, else the CPU). Returns CLI_OK or CLI_FAIL (message printed). */
-int cli_resolve_device(tn_context *ctx, cli_device choice, tn_device_kind *out);
+/* Why the command cannot run on tensors of this device kind (the library's reason, or that the command
+ * keeps its tensors in host memory), into reason; returns 1. For the CPU returns 0 and leaves reason. */
+int cli_device_unusable(tn_context *ctx, tn_device_kind kind, char *reason, size_t size);
+
+/* Checks the --device choice. The command keeps its tensors in host memory, so it runs on the CPU: auto
+ * means the CPU, and cuda is an error with the reason. Returns CLI_OK or CLI_FAIL (message printed). */
+int cli_resolve_device(tn_context *ctx, cli_device choice);
 
 int cli_run_main(int argc, char **argv);
 int cli_check_main(int argc, char **argv);

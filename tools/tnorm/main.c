@@ -28,7 +28,7 @@ static const char usage_text[] =
     "  --eps E              default 1e-6\n"
     "  --scale S            l2_norm scale, default 1\n"
     "  --weight-offset O    added to the weight (1 for Gemma), default 0\n"
-    "  --device D           cpu | cuda | auto (default auto: the GPU when there is one)\n"
+    "  --device D           cpu | cuda | auto (default auto; this build runs the command on the CPU)\n"
     "  --out PATH           output (required): FILE.npy (f32/f16) or FILE.safetensors[:NAME]\n"
     "  --residual-out PATH  add_rms_norm: where to write x + residual\n"
     "Errors: one line on stderr, exit 1 (2 for a usage error); an existing output is never left\n"
@@ -109,18 +109,17 @@ int cli_parse_op(const char *s, tn_op *out) {
   return -1;
 }
 
-int cli_resolve_device(tn_context *ctx, cli_device choice, tn_device_kind *out) {
-  if (choice == CLI_DEVICE_CPU) {
-    *out = TN_DEVICE_CPU;
-    return CLI_OK;
-  }
-  tn_status st = tn_device_available(ctx, TN_DEVICE_CUDA);
-  if (st == TN_OK) {
-    *out = TN_DEVICE_CUDA;
-    return CLI_OK;
-  }
-  if (choice == CLI_DEVICE_CUDA) return cli_fail("--device cuda: %s", tn_context_last_error(ctx));
-  *out = TN_DEVICE_CPU;
+int cli_device_unusable(tn_context *ctx, tn_device_kind kind, char *reason, size_t size) {
+  if (kind == TN_DEVICE_CPU) return 0;
+  if (tn_device_available(ctx, kind) != TN_OK) snprintf(reason, size, "%s", tn_context_last_error(ctx));
+  else snprintf(reason, size, "the tnorm command keeps tensors in host memory in this build");
+  return 1;
+}
+
+int cli_resolve_device(tn_context *ctx, cli_device choice) {
+  char reason[512];
+  if (choice == CLI_DEVICE_CUDA && cli_device_unusable(ctx, TN_DEVICE_CUDA, reason, sizeof reason))
+    return cli_fail("--device cuda: %s", reason);
   return CLI_OK;
 }
 

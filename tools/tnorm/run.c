@@ -1,6 +1,5 @@
 /* tnorm run OP: loads the operands from tensor files, runs the op, writes the outputs atomically. */
 #include <getopt.h>
-#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,15 +99,8 @@ static int parse_run_options(int argc, char **argv, run_options *o) {
  * failure never leaves one output written and the other not. */
 static int check_output_target(const char *flag, const char *spec, tn_dtype dtype) {
   char err[512];
-  if (tn_file_check_save(spec, dtype, err, sizeof err) != 0) return cli_fail("--%s: %s", flag, err);
-  char *copy = strdup(spec);
-  if (copy == NULL) return cli_fail("out of memory");
-  char *colon = strstr(copy, ".safetensors:");
-  if (colon != NULL) colon[strlen(".safetensors")] = '\0';
-  const char *dir = dirname(copy);
-  int ok = access(dir, W_OK | X_OK) == 0;
-  free(copy);
-  if (!ok) return cli_fail("--%s: cannot write into the directory of '%s'", flag, spec);
+  if (tn_file_check_save(spec, dtype, err, sizeof err) != 0 || tn_file_check_directory(spec, err, sizeof err) != 0)
+    return cli_fail("--%s: %s", flag, err);
   return CLI_OK;
 }
 
@@ -139,12 +131,7 @@ static int execute(const run_options *o, run_files *files) {
 
   tn_context *ctx = NULL;
   if (tn_context_create(&ctx) != TN_OK) return cli_fail("out of memory");
-  tn_device_kind device;
-  if ((rc = cli_resolve_device(ctx, o->device, &device)) != CLI_OK) goto done;
-  if (device != TN_DEVICE_CPU) {
-    rc = cli_fail("--device: this build runs tensor files on the CPU only");
-    goto done;
-  }
+  if ((rc = cli_resolve_device(ctx, o->device)) != CLI_OK) goto done;
 
   size_t elems = (size_t)files->x.rows * (size_t)files->x.dim;
   size_t bytes = elems * tn_dtype_size(dtype);

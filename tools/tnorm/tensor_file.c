@@ -274,6 +274,24 @@ int tn_file_check_save(const char *spec, tn_dtype dtype, char *err, size_t errle
   return rc;
 }
 
+int tn_file_check_directory(const char *spec, char *err, size_t errlen) {
+  tf_spec s;
+  if (err && errlen) err[0] = '\0';
+  if (parse_spec(spec, &s, err, errlen) != 0) return -1;
+  const char *slash = strrchr(s.path, '/');
+  int ok;
+  if (slash == NULL) {
+    ok = access(".", W_OK | X_OK) == 0;
+  } else if (slash == s.path) {
+    ok = access("/", W_OK | X_OK) == 0;
+  } else {
+    s.path[slash - s.path] = '\0'; /* the directory part */
+    ok = access(s.path, W_OK | X_OK) == 0;
+  }
+  free(s.path);
+  return ok ? 0 : tn_tf_fail(err, errlen, spec, "cannot write into its directory");
+}
+
 static const char *save_name(const tf_spec *s, const tn_file_tensor *t, const char *default_name) {
   if (s->name) return s->name;
   if (default_name && *default_name) return default_name;

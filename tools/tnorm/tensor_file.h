@@ -32,6 +32,8 @@ int tn_file_load(const char *spec, tn_file_tensor *out, char *err, size_t errlen
  * default_name). Checks only whether the format can hold the dtype and the spec is well formed;
  * touches no file. */
 int tn_file_check_save(const char *spec, tn_dtype dtype, char *err, size_t errlen);
+/* Whether the directory that spec's file would be written into exists and is writable; touches no file. */
+int tn_file_check_directory(const char *spec, char *err, size_t errlen);
 
 /* Writes atomically: a temporary file in the same directory (mkstemp), fully written and flushed, then
  * rename() over the target; on any failure the temporary is removed and an existing target is left
