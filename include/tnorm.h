@@ -174,6 +174,57 @@ TN_API int tn_context_num_threads(const tn_context *ctx);
 TN_API tn_status tn_device_available(tn_context *ctx, tn_device_kind kind);
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Devices, memory and streams                                                                      */
+/*                                                                                                  */
+/* An op runs on the device its tensors name (all of them on one device). On a CUDA device the op is  */
+/* queued on the context's stream and returns at once; it allocates nothing, synchronises nothing and */
+/* queries nothing from the device, so it may be captured into a CUDA graph (compile its kernel first  */
+/* with tn_op_prepare). CUDA needs compute capability 7.0 or later; the driver and NVRTC are loaded at */
+/* run time, so the library also runs where neither exists (the CUDA device is then unavailable).     */
+/* The tensors' device field is trusted: a host pointer labelled CUDA faults on the device.           */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* The same tensor, labelled as living on a device: tn_tensor_on(tn_tensor_2d(p, TN_BF16, r, d), dev). */
+static inline tn_tensor tn_tensor_on(tn_tensor t, tn_device device) {
+  t.device = device;
+  return t;
+}
+
+static inline tn_device tn_cuda_device(int index) {
+  tn_device d;
+  d.kind = TN_DEVICE_CUDA;
+  d.index = index;
+  return d;
+}
+
+static inline tn_device tn_cpu_device(void) {
+  tn_device d;
+  d.kind = TN_DEVICE_CPU;
+  d.index = 0;
+  return d;
+}
+
+/* Number of devices of a kind (1 for the CPU); 0 with TN_ERR_UNAVAILABLE and the reason when none. */
+TN_API tn_status tn_device_count(tn_context *ctx, tn_device_kind kind, int *count);
+
+/* The stream ops on CUDA devices are queued on (a CUstream or cudaStream_t of the device the tensors
+ * are on); NULL, the default, is the legacy default stream. The CPU takes only NULL. */
+TN_API tn_status tn_context_set_stream(tn_context *ctx, tn_device_kind kind, void *stream);
+
+/* Device memory (host memory for the CPU). bytes == 0 gives NULL; tn_free(NULL) is a no-op. */
+TN_API tn_status tn_malloc(tn_context *ctx, tn_device device, size_t bytes, void **ptr);
+TN_API tn_status tn_free(tn_context *ctx, tn_device device, void *ptr);
+
+/* Copies bytes between any two devices, in the context's stream order. A copy that reads or writes host
+ * memory has finished when the call returns; a copy between CUDA buffers may still run (as an op). */
+TN_API tn_status tn_memcpy(tn_context *ctx, void *dst, tn_device dst_device, const void *src, tn_device src_device,
+                           size_t bytes);
+
+/* Waits until everything queued on the context's stream for this device kind has finished; a CUDA error
+ * raised meanwhile (a fault in a kernel) is returned here with the CUDA message. */
+TN_API tn_status tn_synchronize(tn_context *ctx, tn_device device);
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Ops                                                                                              */
 /*                                                                                                  */
 /* x, y, mul, residual, residual_out: rows x dim, all of x's dtype (f32, f16 or bf16).             */
@@ -236,6 +287,48 @@ TN_API tn_status tn_op_run(tn_context *ctx, const tn_op_args *args);
 
 /* Only validates: the status and message tn_op_run would give before running anything. */
 TN_API tn_status tn_op_validate(tn_context *ctx, const tn_op_args *args);
+
+/* Validates, then gets the op's kernel ready (on CUDA: compiled, or read from the disk cache, and loaded)
+ * without running it, so that a later tn_op_run with the same shapes, dtypes and alignments compiles
+ * nothing (needed before capturing a CUDA graph, and to move the first-use cost out of a timed path). */
+TN_API tn_status tn_op_prepare(tn_context *ctx, const tn_op_args *args);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* CUDA kernels: compiled on first use with NVRTC for the device's architecture, kept in memory for   */
+/* the process and on disk across processes, in TNORM_CACHE_DIR (default $XDG_CACHE_HOME/tnorm, else  */
+/* ~/.cache/tnorm; an empty TNORM_CACHE_DIR turns the disk cache off). Entries are keyed by source,    */
+/* options, architecture and NVRTC version; a damaged entry is detected and rebuilt.                  */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* Compiles every kernel variant for compute capability `arch` (90 for sm_90) into the disk cache; needs
+ * NVRTC but no GPU. *count (may be NULL) receives the number of variants. */
+TN_API tn_status tn_cuda_build_kernels(tn_context *ctx, int arch, int *count);
+
+/* Process-wide counters of the kernel caches since the library was loaded. */
+typedef struct tn_kernel_cache_stats {
+  uint64_t compiled;         /* compiled with NVRTC */
+  uint64_t loaded_from_disk; /* read from a valid disk-cache entry instead */
+  uint64_t disk_writes;      /* entries written to the disk cache */
+  uint64_t disk_rejected;    /* entries found damaged or for another key, rebuilt */
+  uint64_t memory_hits;      /* kernels found already loaded */
+  double compile_seconds;    /* total time spent in NVRTC */
+} tn_kernel_cache_stats;
+
+TN_API void tn_kernel_cache_stats_get(tn_kernel_cache_stats *out);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Timing marks in stream order (CUDA events; the host clock on the CPU), for benchmarks.             */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef struct tn_event tn_event;
+
+TN_API tn_status tn_event_create(tn_context *ctx, tn_device device, tn_event **event);
+/* Records the mark on the context's stream for the event's device. */
+TN_API tn_status tn_event_record(tn_context *ctx, tn_event *event);
+/* Milliseconds between two recorded marks of one device; waits for `end`. */
+TN_API tn_status tn_event_elapsed_ms(tn_context *ctx, const tn_event *start, const tn_event *end, double *ms);
+/* NULL is a no-op. */
+TN_API void tn_event_destroy(tn_event *event);
 
 #ifdef __cplusplus
 }

@@ -9,11 +9,19 @@
 #include "core/error.h"
 #include "core/validate.h"
 #include "cpu/backend.h"
+#ifdef TNORM_CUDA
+#include "cuda/backend.h"
+#include "cuda/registry.h"
+#endif
 
 /* The registry: the backend for each device kind compiled into this build (NULL where none). */
 static const tn_backend *const backends[TN_DEVICE_KIND_COUNT] = {
     [TN_DEVICE_CPU] = &tn_cpu_backend,
+#ifdef TNORM_CUDA
+    [TN_DEVICE_CUDA] = &tn_cuda_backend,
+#else
     [TN_DEVICE_CUDA] = NULL,
+#endif
 };
 
 static const char *const device_names[TN_DEVICE_KIND_COUNT] = {[TN_DEVICE_CPU] = "CPU", [TN_DEVICE_CUDA] = "CUDA"};
@@ -70,9 +78,178 @@ tn_status tn_device_available(tn_context *ctx, tn_device_kind kind) {
   return TN_OK;
 }
 
+/* A device named by a caller: a known kind, an index that exists, its backend open. */
+static tn_status device_backend(tn_context *ctx, tn_device device, const char *what, void **state) {
+  TN_RETURN_ERROR_IF((unsigned)device.kind >= TN_DEVICE_KIND_COUNT, ctx, TN_ERR_DEVICE, "%s: unknown device kind %d",
+                     what, (int)device.kind);
+  TN_FORWARD_IF_ERROR(backend_for(ctx, device.kind, state));
+  const int count = backends[device.kind]->device_count(*state);
+  TN_RETURN_ERROR_IF(device.index < 0 || device.index >= count, ctx, TN_ERR_DEVICE,
+                     "%s: %s device %d does not exist; there %s %d", what, device_names[device.kind], device.index,
+                     count == 1 ? "is" : "are", count);
+  return TN_OK;
+}
+
+tn_status tn_device_count(tn_context *ctx, tn_device_kind kind, int *count) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  TN_RETURN_ERROR_IF(count == NULL, ctx, TN_ERR_NULL, "device_count: count is NULL");
+  *count = 0;
+  TN_RETURN_ERROR_IF((unsigned)kind >= TN_DEVICE_KIND_COUNT, ctx, TN_ERR_DEVICE, "unknown device kind %d", (int)kind);
+  void *state = NULL;
+  TN_FORWARD_IF_ERROR(backend_for(ctx, kind, &state));
+  *count = backends[kind]->device_count(state);
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+tn_status tn_context_set_stream(tn_context *ctx, tn_device_kind kind, void *stream) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  TN_RETURN_ERROR_IF((unsigned)kind >= TN_DEVICE_KIND_COUNT, ctx, TN_ERR_DEVICE, "set_stream: unknown device kind %d",
+                     (int)kind);
+  void *state = NULL;
+  TN_FORWARD_IF_ERROR(backend_for(ctx, kind, &state));
+  TN_FORWARD_IF_ERROR(backends[kind]->set_stream(state, ctx, stream));
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+tn_status tn_malloc(tn_context *ctx, tn_device device, size_t bytes, void **ptr) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  TN_RETURN_ERROR_IF(ptr == NULL, ctx, TN_ERR_NULL, "malloc: ptr is NULL");
+  void *state = NULL;
+  TN_FORWARD_IF_ERROR(device_backend(ctx, device, "malloc", &state));
+  void *p = NULL;
+  TN_FORWARD_IF_ERROR(backends[device.kind]->alloc(state, ctx, device.index, bytes, &p));
+  *ptr = p;
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+tn_status tn_free(tn_context *ctx, tn_device device, void *ptr) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  if (ptr == NULL) return TN_OK;
+  void *state = NULL;
+  TN_FORWARD_IF_ERROR(device_backend(ctx, device, "free", &state));
+  TN_FORWARD_IF_ERROR(backends[device.kind]->release(state, ctx, device.index, ptr));
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+tn_status tn_memcpy(tn_context *ctx, void *dst, tn_device dst_device, const void *src, tn_device src_device,
+                    size_t bytes) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  TN_RETURN_ERROR_IF(bytes > 0 && (dst == NULL || src == NULL), ctx, TN_ERR_NULL, "memcpy: %s is NULL",
+                     dst == NULL ? "dst" : "src");
+  void *dst_state = NULL, *src_state = NULL;
+  TN_FORWARD_IF_ERROR(device_backend(ctx, dst_device, "memcpy", &dst_state));
+  TN_FORWARD_IF_ERROR(device_backend(ctx, src_device, "memcpy", &src_state));
+  /* The backend of the side that is not the CPU does the copy (it knows both). */
+  const int by_dst = dst_device.kind != TN_DEVICE_CPU;
+  const tn_device_kind kind = by_dst ? dst_device.kind : src_device.kind;
+  TN_FORWARD_IF_ERROR(
+      backends[kind]->copy(by_dst ? dst_state : src_state, ctx, dst, dst_device, src, src_device, bytes));
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+tn_status tn_synchronize(tn_context *ctx, tn_device device) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  void *state = NULL;
+  TN_FORWARD_IF_ERROR(device_backend(ctx, device, "synchronize", &state));
+  TN_FORWARD_IF_ERROR(backends[device.kind]->synchronize(state, ctx, device.index));
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+struct tn_event {
+  tn_device device;
+  void *handle;
+};
+
+tn_status tn_event_create(tn_context *ctx, tn_device device, tn_event **event) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  TN_RETURN_ERROR_IF(event == NULL, ctx, TN_ERR_NULL, "event_create: event is NULL");
+  void *state = NULL;
+  TN_FORWARD_IF_ERROR(device_backend(ctx, device, "event_create", &state));
+  tn_event *e = calloc(1, sizeof *e);
+  TN_RETURN_ERROR_IF(e == NULL, ctx, TN_ERR_NO_MEMORY, "event_create: out of memory");
+  e->device = device;
+  tn_status st = backends[device.kind]->event_create(state, ctx, device.index, &e->handle);
+  if (st != TN_OK) {
+    free(e);
+    return st;
+  }
+  *event = e;
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+tn_status tn_event_record(tn_context *ctx, tn_event *event) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  TN_RETURN_ERROR_IF(event == NULL, ctx, TN_ERR_NULL, "event_record: event is NULL");
+  void *state = NULL;
+  TN_FORWARD_IF_ERROR(device_backend(ctx, event->device, "event_record", &state));
+  TN_FORWARD_IF_ERROR(backends[event->device.kind]->event_record(state, ctx, event->handle));
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+tn_status tn_event_elapsed_ms(tn_context *ctx, const tn_event *start, const tn_event *end, double *ms) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  TN_RETURN_ERROR_IF(start == NULL || end == NULL || ms == NULL, ctx, TN_ERR_NULL, "event_elapsed_ms: %s is NULL",
+                     start == NULL ? "start" : end == NULL ? "end" : "ms");
+  TN_RETURN_ERROR_IF(start->device.kind != end->device.kind || start->device.index != end->device.index, ctx,
+                     TN_ERR_DEVICE, "event_elapsed_ms: the events are on different devices");
+  void *state = NULL;
+  TN_FORWARD_IF_ERROR(device_backend(ctx, start->device, "event_elapsed_ms", &state));
+  TN_FORWARD_IF_ERROR(backends[start->device.kind]->event_elapsed_ms(state, ctx, start->handle, end->handle, ms));
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+void tn_event_destroy(tn_event *event) {
+  if (event == NULL) return;
+  const tn_backend *b = (unsigned)event->device.kind < TN_DEVICE_KIND_COUNT ? backends[event->device.kind] : NULL;
+  if (b != NULL) b->event_destroy(event->handle);
+  free(event);
+}
+
+tn_status tn_cuda_build_kernels(tn_context *ctx, int arch, int *count) {
+  if (ctx == NULL) return TN_ERR_NULL;
+#ifdef TNORM_CUDA
+  TN_FORWARD_IF_ERROR(tn_cuda_build_all(ctx, arch, count));
+  tn_error_clear(ctx);
+  return TN_OK;
+#else
+  (void)arch;
+  (void)count;
+  return tn_error(ctx, TN_ERR_UNAVAILABLE, "CUDA backend unavailable: not compiled into this build");
+#endif
+}
+
+void tn_kernel_cache_stats_get(tn_kernel_cache_stats *out) {
+  if (out == NULL) return;
+#ifdef TNORM_CUDA
+  tn_kernel_stats_get(out);
+#else
+  memset(out, 0, sizeof *out);
+#endif
+}
+
 tn_status tn_op_validate(tn_context *ctx, const tn_op_args *args) {
   if (ctx == NULL) return TN_ERR_NULL;
   TN_FORWARD_IF_ERROR(tn_validate(ctx, args));
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+tn_status tn_op_prepare(tn_context *ctx, const tn_op_args *args) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  TN_FORWARD_IF_ERROR(tn_validate(ctx, args));
+  void *state = NULL;
+  TN_FORWARD_IF_ERROR(device_backend(ctx, args->x->device, tn_op_name(args->op), &state));
+  if (backends[args->x->device.kind]->prepare != NULL)
+    TN_FORWARD_IF_ERROR(backends[args->x->device.kind]->prepare(state, ctx, args));
   tn_error_clear(ctx);
   return TN_OK;
 }
@@ -83,7 +260,7 @@ tn_status tn_op_run(tn_context *ctx, const tn_op_args *args) {
   /* The device must be usable even for an empty call: the same call must not fail only when rows > 0. */
   tn_device_kind kind = args->x->device.kind;
   void *state = NULL;
-  TN_FORWARD_IF_ERROR(backend_for(ctx, kind, &state));
+  TN_FORWARD_IF_ERROR(device_backend(ctx, args->x->device, tn_op_name(args->op), &state));
   tn_error_clear(ctx);
   if (args->x->rows == 0) return TN_OK;
   TN_FORWARD_IF_ERROR(backends[kind]->run(state, ctx, args));

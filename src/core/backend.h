@@ -1,7 +1,11 @@
 /* The backend interface: a table of function pointers per device kind (in the manner of ggml-backend).
- * Core defines it; the registry (src/registry.c) lists the backends; backends never see each other. */
+ * Core defines it; the registry in src/api.c lists the backends; backends never see each other.
+ * Every entry gets arguments that core already checked, sets ctx's message on failure, and writes
+ * nothing when it fails. */
 #ifndef TN_CORE_BACKEND_H
 #define TN_CORE_BACKEND_H
+
+#include <stddef.h>
 
 #include "tnorm.h"
 
@@ -12,8 +16,27 @@ typedef struct tn_backend {
    * the reason set on ctx; it is then not retried for that context. */
   tn_status (*open)(tn_context *ctx, void **state);
   void (*close)(void *state);
-  /* Runs an op whose arguments passed validation and that has rows > 0. Writes nothing on failure. */
+  /* Number of devices of this kind (>= 1 once open succeeded). */
+  int (*device_count)(void *state);
+
+  /* Runs an op whose arguments passed validation and that has rows > 0. */
   tn_status (*run)(void *state, tn_context *ctx, const tn_op_args *args);
+  /* Gets everything the op would need ready (kernels compiled and loaded) without running it. */
+  tn_status (*prepare)(void *state, tn_context *ctx, const tn_op_args *args);
+
+  /* Memory on device `index`; copies where at least one side is this backend's device; waiting. */
+  tn_status (*alloc)(void *state, tn_context *ctx, int index, size_t bytes, void **ptr);
+  tn_status (*release)(void *state, tn_context *ctx, int index, void *ptr);
+  tn_status (*copy)(void *state, tn_context *ctx, void *dst, tn_device dst_device, const void *src,
+                    tn_device src_device, size_t bytes);
+  tn_status (*synchronize)(void *state, tn_context *ctx, int index);
+  tn_status (*set_stream)(void *state, tn_context *ctx, void *stream);
+
+  /* Timing marks in the context's stream order. */
+  tn_status (*event_create)(void *state, tn_context *ctx, int index, void **event);
+  tn_status (*event_record)(void *state, tn_context *ctx, void *event);
+  tn_status (*event_elapsed_ms)(void *state, tn_context *ctx, void *start, void *end, double *ms);
+  void (*event_destroy)(void *event);
 } tn_backend;
 
 /* The most CPU threads a context uses (the environment variable and tn_context_set_num_threads). */

@@ -8,6 +8,7 @@
 
 #include "../core/dtype.h"
 #include "../core/error.h"
+#include "device.h"
 #include "ops.h"
 #include "thread_pool.h"
 
@@ -133,5 +134,16 @@ const tn_backend tn_cpu_backend = {
     .kind = TN_DEVICE_CPU,
     .open = cpu_open,
     .close = cpu_close,
+    .device_count = tn_cpu_device_count,
     .run = cpu_run,
+    .prepare = NULL,
+    .alloc = tn_cpu_alloc,
+    .release = tn_cpu_release,
+    .copy = tn_cpu_copy,
+    .synchronize = tn_cpu_synchronize,
+    .set_stream = tn_cpu_set_stream,
+    .event_create = tn_cpu_event_create,
+    .event_record = tn_cpu_event_record,
+    .event_elapsed_ms = tn_cpu_event_elapsed_ms,
+    .event_destroy = tn_cpu_event_destroy,
 };

@@ -26,6 +26,7 @@
 #define COPY_BYTES ((size_t)512 << 20) /* the ceiling's buffer: well past any CPU cache */
 #define ROTATION_BYTES (1024.0 * 1024 * 1024) /* operands rotated per call, at least this much in all */
 #define MAX_SETS 64
+#define BATCHES 9 /* timed batches per measurement; the median is reported */
 
 typedef struct bench_options {
   cli_device device;
@@ -152,22 +153,66 @@ static int cmp_double(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
-/* sets copies of elems random values (the first drawn, the others copied from it). */
-static void *alloc_random(tn_dtype dtype, size_t elems, size_t sets, tn_rng *rng, double mean) {
+/* sets copies of elems random values on the device (drawn once on the host, copied to every set). */
+static void *alloc_random(tn_context *ctx, tn_device dev, tn_dtype dtype, size_t elems, size_t sets, tn_rng *rng,
+                          double mean, int *failed) {
   size_t bytes = elems * tn_dtype_size(dtype);
-  char *p = malloc(bytes * sets);
-  if (p == NULL) return NULL;
-  tn_tensor t = tn_tensor_2d(p, dtype, 1, (int64_t)elems);
+  char *host = malloc(bytes);
+  void *p = NULL;
+  if (host == NULL || tn_malloc(ctx, dev, bytes * sets, &p) != TN_OK) {
+    *failed = 1;
+    free(host);
+    return NULL;
+  }
+  tn_tensor t = tn_tensor_2d(host, dtype, 1, (int64_t)elems);
   for (size_t i = 0; i < elems; i++) tn_reference_store(&t, 0, (int64_t)i, (float)(mean + tn_rng_normal(rng)));
-  for (size_t k = 1; k < sets; k++) memcpy(p + k * bytes, p, bytes);
+  for (size_t k = 0; k < sets && !*failed; k++)
+    if (tn_memcpy(ctx, (char *)p + k * bytes, dev, host, tn_cpu_device(), bytes) != TN_OK) *failed = 1;
+  free(host);
   return p;
 }
 
-/* Times op on rows x dim (weight in x's dtype where the op takes one). Calls rotate over enough copies
- * of the operands to exceed any CPU cache, so every call reads and writes memory, as the ceiling does.
- * Returns 0, -1 when out of memory, -2 on an op error. */
-static int measure(tn_context *ctx, tn_op op, tn_dtype dtype, int64_t rows, int64_t dim, long long iters,
-                   measurement *out) {
+/* Seconds per call over a batch of n calls rotating over the sets, between two timing marks (CUDA events
+ * on a GPU: calls queue back to back, as in an engine). -2 on an op error. */
+typedef struct bench_call {
+  tn_context *ctx;
+  tn_device dev;
+  tn_op_args *a;
+  tn_tensor *xt, *yt, *rt, *rot;
+  char *x, *y, *r, *ro;
+  size_t sets, set_bytes;
+  tn_event *start, *end;
+} bench_call;
+
+static void use_set(bench_call *c, long long k) {
+  size_t off = ((size_t)k % c->sets) * c->set_bytes;
+  c->xt->data = c->x + off;
+  c->yt->data = c->y + off;
+  if (c->r != NULL) {
+    c->rt->data = c->r + off;
+    c->rot->data = c->ro + off;
+  }
+}
+
+static int time_batch(bench_call *c, long long n, long long first, double *seconds) {
+  double ms = 0;
+  if (tn_event_record(c->ctx, c->start) != TN_OK) return -2;
+  for (long long i = 0; i < n; i++) {
+    use_set(c, first + i);
+    if (tn_op_run(c->ctx, c->a) != TN_OK) return -2;
+  }
+  if (tn_event_record(c->ctx, c->end) != TN_OK || tn_event_elapsed_ms(c->ctx, c->start, c->end, &ms) != TN_OK)
+    return -2;
+  *seconds = ms * 1e-3 / (double)n;
+  return 0;
+}
+
+/* Times op on rows x dim (weight in x's dtype where the op takes one) on dev. Calls rotate over enough
+ * copies of the operands (1 GiB in all, at most 64 copies) to exceed the caches, so every call reads and
+ * writes memory, as the ceiling does. The time per call is the median over batches of calls (a batch
+ * runs ~20 ms, or `iters` calls). Returns 0, -1 when out of memory, -2 on an op error. */
+static int measure(tn_context *ctx, tn_device dev, tn_op op, tn_dtype dtype, int64_t rows, int64_t dim,
+                   long long iters, measurement *out) {
   tn_rng rng = {0x5eed ^ (uint64_t)(rows * 31 + dim)};
   size_t elems = (size_t)rows * (size_t)dim, es = tn_dtype_size(dtype);
   int is_add = op == TN_OP_ADD_RMS_NORM, has_weight = op != TN_OP_L2_NORM;
@@ -175,65 +220,72 @@ static int measure(tn_context *ctx, tn_op op, tn_dtype dtype, int64_t rows, int6
   double set_bytes = (double)elems * (double)es * row_operands;
   size_t sets = (size_t)(ROTATION_BYTES / set_bytes) + 1;
   if (sets > MAX_SETS) sets = MAX_SETS;
-  void *x = alloc_random(dtype, elems, sets, &rng, 0.0), *y = alloc_random(dtype, elems, sets, &rng, 0.0);
-  void *w = alloc_random(dtype, (size_t)dim, 1, &rng, 1.0);
-  void *r = is_add ? alloc_random(dtype, elems, sets, &rng, 0.0) : NULL;
-  void *ro = is_add ? alloc_random(dtype, elems, sets, &rng, 0.0) : NULL;
-  double *times = NULL;
+  int failed = 0;
+  char *x = alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
+  char *y = failed ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
+  void *w = failed ? NULL : alloc_random(ctx, dev, dtype, (size_t)dim, 1, &rng, 1.0, &failed);
+  char *r = failed || !is_add ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
+  char *ro = failed || !is_add ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
+  double times[BATCHES];
+  tn_event *start = NULL, *end = NULL;
   int rc = -1;
-  if (x == NULL || y == NULL || w == NULL || (is_add && (r == NULL || ro == NULL))) goto out;
-  tn_tensor xt, yt, rt, rot, wt = tn_tensor_vector(w, dtype, dim);
+  if (failed || tn_event_create(ctx, dev, &start) != TN_OK || tn_event_create(ctx, dev, &end) != TN_OK) goto out;
+  tn_tensor xt = tn_tensor_on(tn_tensor_2d(x, dtype, rows, dim), dev), yt = xt, rt = xt, rot = xt;
+  tn_tensor wt = tn_tensor_on(tn_tensor_vector(w, dtype, dim), dev);
   tn_op_args a = tn_op_args_init(op);
   a.x = &xt;
   a.y = &yt;
   a.weight = has_weight ? &wt : NULL;
   a.residual = is_add ? &rt : NULL;
   a.residual_out = is_add ? &rot : NULL;
-#define BENCH_USE_SET(k)                                                                   \
-  do {                                                                                     \
-    size_t off_ = ((size_t)(k) % sets) * elems * es;                                       \
-    xt = tn_tensor_2d((char *)x + off_, dtype, rows, dim);                                 \
-    yt = tn_tensor_2d((char *)y + off_, dtype, rows, dim);                                 \
-    rt = tn_tensor_2d(is_add ? (char *)r + off_ : NULL, dtype, rows, dim);                 \
-    rot = tn_tensor_2d(is_add ? (char *)ro + off_ : NULL, dtype, rows, dim);               \
-  } while (0)
+  bench_call c = {ctx, dev, &a, &xt, &yt, &rt, &rot, x, y, r, ro, sets, elems * es, start, end};
 
   rc = -2;
-  for (size_t k = 0; k < sets; k++) { /* warm-up: pages, pool; also touches every set once */
-    BENCH_USE_SET(k);
-    if (tn_op_run(ctx, &a) != TN_OK) goto out;
+  double per_call = 0;
+  /* Warm-up: the kernel loaded, pages touched, every set used once. */
+  if (time_batch(&c, (long long)sets, 0, &per_call) != 0) goto out;
+  long long n = iters;
+  if (n == 0) {
+    n = 1;
+    while (time_batch(&c, n, 0, &per_call) == 0 && per_call * (double)n < 0.02 && n < 100000) n *= 2;
   }
-  if (iters == 0) {
-    double t0 = now_seconds();
-    long long n = 0;
-    do {
-      BENCH_USE_SET(n);
-      if (tn_op_run(ctx, &a) != TN_OK) goto out;
-      n++;
-    } while (now_seconds() - t0 < 0.05);
-    double per_call = (now_seconds() - t0) / (double)n;
-    iters = (long long)(0.3 / per_call);
-    if (iters < 5) iters = 5;
-    if (iters > 100000) iters = 100000;
-  }
-  rc = -1;
-  times = malloc((size_t)iters * sizeof *times);
-  if (times == NULL) goto out;
-  rc = -2;
-  for (long long i = 0; i < iters; i++) {
-    BENCH_USE_SET(i);
-    double t0 = now_seconds();
-    if (tn_op_run(ctx, &a) != TN_OK) goto out;
-    times[i] = now_seconds() - t0;
-  }
-#undef BENCH_USE_SET
-  qsort(times, (size_t)iters, sizeof *times, cmp_double);
-  out->seconds = times[iters / 2];
+  for (int b = 0; b < BATCHES; b++)
+    if (time_batch(&c, n, (long long)b * n, &times[b]) != 0) goto out;
+  qsort(times, BATCHES, sizeof *times, cmp_double);
+  out->seconds = times[BATCHES / 2];
   out->bytes = set_bytes + (has_weight ? (double)dim * (double)es : 0.0);
   rc = 0;
 out:
-  free(x), free(y), free(w), free(r), free(ro), free(times);
+  tn_event_destroy(start);
+  tn_event_destroy(end);
+  tn_free(ctx, dev, x), tn_free(ctx, dev, y), tn_free(ctx, dev, w), tn_free(ctx, dev, r), tn_free(ctx, dev, ro);
   return rc;
+}
+
+/* The GPU ceiling: a device-to-device copy of COPY_BYTES, best of several rounds, read + write. */
+static double measure_device_copy(tn_context *ctx, tn_device dev) {
+  void *src = NULL, *dst = NULL;
+  tn_event *start = NULL, *end = NULL;
+  double best = 0.0;
+  if (tn_malloc(ctx, dev, COPY_BYTES, &src) != TN_OK || tn_malloc(ctx, dev, COPY_BYTES, &dst) != TN_OK ||
+      tn_event_create(ctx, dev, &start) != TN_OK || tn_event_create(ctx, dev, &end) != TN_OK)
+    goto out;
+  for (int round = 0; round < 12; round++) {
+    double ms = 0;
+    if (tn_event_record(ctx, start) != TN_OK || tn_memcpy(ctx, dst, dev, src, dev, COPY_BYTES) != TN_OK ||
+        tn_event_record(ctx, end) != TN_OK || tn_event_elapsed_ms(ctx, start, end, &ms) != TN_OK) {
+      best = 0.0;
+      break;
+    }
+    double bw = 2.0 * (double)COPY_BYTES / (ms * 1e-3);
+    if (round >= 2 && bw > best) best = bw; /* rounds 0 and 1 warm up */
+  }
+out:
+  tn_event_destroy(start);
+  tn_event_destroy(end);
+  tn_free(ctx, dev, src);
+  tn_free(ctx, dev, dst);
+  return best;
 }
 
 /* ---- options ---- */
@@ -342,21 +394,34 @@ int cli_bench_main(int argc, char **argv) {
   tn_context *ctx = NULL;
   if (tn_context_create(&ctx) != TN_OK) return cli_fail("out of memory");
   FILE *csv = NULL;
-  if ((rc = cli_resolve_device(ctx, o.device)) != CLI_OK) goto done;
+  tn_device dev;
+  if ((rc = cli_pick_device(ctx, o.device, &dev)) != CLI_OK) goto done;
   int threads = tn_context_num_threads(ctx);
-  copy_ceiling cc = measure_copy_ceiling(threads);
+  copy_ceiling cc = {0.0, 0.0};
+  if (dev.kind == TN_DEVICE_CPU) {
+    cc = measure_copy_ceiling(threads);
+  } else {
+    cc.best_bw = cc.memcpy_bw = measure_device_copy(ctx, dev);
+  }
   double ceiling = cc.best_bw;
   if (ceiling <= 0.0 || cc.memcpy_bw <= 0.0) {
-    rc = cli_fail("bench: could not measure the copy ceiling (out of memory or threads)");
+    rc = cli_fail("bench: could not measure the copy ceiling (%s)",
+                  dev.kind == TN_DEVICE_CPU ? "out of memory or threads" : tn_context_last_error(ctx));
     goto done;
   }
   if (o.csv != NULL && (csv = fopen(o.csv, "w")) == NULL) {
     rc = cli_fail("--csv: cannot write '%s'", o.csv);
     goto done;
   }
-  printf("tnorm bench: device cpu, %d thread(s); copies of %zu MiB by %d thread(s), read + write: memcpy %.1f GB/s, "
-         "best copy (memcpy or streaming) %.1f GB/s = the ceiling\n\n",
-         threads, COPY_BYTES >> 20, threads, cc.memcpy_bw * 1e-9, ceiling * 1e-9);
+  if (dev.kind == TN_DEVICE_CPU)
+    printf("tnorm bench: device cpu, %d thread(s); copies of %zu MiB by %d thread(s), read + write: memcpy %.1f GB/s, "
+           "best copy (memcpy or streaming) %.1f GB/s = the ceiling\n\n",
+           threads, COPY_BYTES >> 20, threads, cc.memcpy_bw * 1e-9, ceiling * 1e-9);
+  else
+    printf("tnorm bench: device cuda:%d; device-to-device copy of %zu MiB, read + write: %.1f GB/s = the ceiling; "
+           "times are CUDA events over batches of back-to-back calls (median of %d batches)\n\n",
+           dev.index, COPY_BYTES >> 20, ceiling * 1e-9, BATCHES);
+  if (dev.kind != TN_DEVICE_CPU) threads = 0;
   printf("%-13s %-5s %15s %12s %10s %9s %9s\n", "op", "dtype", "shape", "time (us)", "GB/s", "% ceiling", "% memcpy");
   if (csv != NULL)
     fprintf(csv, "device,op,dtype,rows,dim,threads,time_us,gbps,ceiling_gbps,pct_ceiling,memcpy_gbps,pct_memcpy\n");
@@ -367,7 +432,7 @@ int cli_bench_main(int argc, char **argv) {
       for (int si = 0; si < o.shape_count; si++) {
         measurement m;
         int64_t rows = o.shapes[si][0], dim = o.shapes[si][1];
-        int mr = measure(ctx, (tn_op)op, (tn_dtype)d, rows, dim, o.iters, &m);
+        int mr = measure(ctx, dev, (tn_op)op, (tn_dtype)d, rows, dim, o.iters, &m);
         if (mr == -1) {
           rc = cli_fail("bench: out of memory for %s %s %" PRId64 " x %" PRId64, tn_op_name((tn_op)op),
                         tn_dtype_name((tn_dtype)d), rows, dim);
@@ -384,11 +449,18 @@ int cli_bench_main(int argc, char **argv) {
         printf("%-13s %-5s %15s %12.2f %10.1f %8.1f%% %8.1f%%\n", tn_op_name((tn_op)op), tn_dtype_name((tn_dtype)d),
                shape, m.seconds * 1e6, gbps, pct, pct_memcpy);
         if (csv != NULL)
-          fprintf(csv, "cpu,%s,%s,%" PRId64 ",%" PRId64 ",%d,%.3f,%.3f,%.3f,%.2f,%.3f,%.2f\n", tn_op_name((tn_op)op),
+          fprintf(csv, "%s,%s,%s,%" PRId64 ",%" PRId64 ",%d,%.3f,%.3f,%.3f,%.2f,%.3f,%.2f\n", cli_device_name(dev), tn_op_name((tn_op)op),
                   tn_dtype_name((tn_dtype)d), rows, dim, threads, m.seconds * 1e6, gbps, ceiling * 1e-9, pct,
                   cc.memcpy_bw * 1e-9, pct_memcpy);
       }
     }
+  }
+  if (rc == CLI_OK && dev.kind != TN_DEVICE_CPU) {
+    tn_kernel_cache_stats ks;
+    tn_kernel_cache_stats_get(&ks);
+    printf("\nkernels: %llu compiled (%.2f s in NVRTC), %llu read from the disk cache, %llu damaged entries rebuilt\n",
+           (unsigned long long)ks.compiled, ks.compile_seconds, (unsigned long long)ks.loaded_from_disk,
+           (unsigned long long)ks.disk_rejected);
   }
 done:
   if (csv != NULL && fclose(csv) != 0 && rc == CLI_OK) rc = cli_fail("--csv: error writing '%s'", o.csv);

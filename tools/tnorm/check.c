@@ -38,8 +38,8 @@ typedef struct shape {
   int64_t rows, dim;
 } shape;
 
-static const shape shapes[] = {{0, 16},  {1, 1},    {3, 7},    {17, 33},   {64, 128}, {65, 257},
-                               {7, 4096}, {3, 5120}, {2, 8193}, {1, 70000}, {300, 96}};
+static const shape shapes[] = {{0, 16},  {1, 1},    {3, 7},    {17, 33},    {64, 128},    {65, 257},  {7, 4096},
+                               {3, 5120}, {2, 8193}, {1, 70000}, {300, 96}, {2, 32768}, {1, 131072}};
 #define SHAPE_COUNT (sizeof shapes / sizeof shapes[0])
 
 enum { LAYOUT_CONTIGUOUS, LAYOUT_STRIDED, LAYOUT_IN_PLACE, LAYOUT_COUNT };
@@ -123,7 +123,7 @@ static void compare(tally *t, const char *what, const tn_tensor *got, const doub
 }
 
 /* Runs one case; returns -1 when out of memory. */
-static int run_case(tn_context *ctx, tally *t, tn_rng *rng, const variant *v, tn_dtype dtype, shape s, int layout) {
+static int run_case(tn_context *ctx, tn_device device, tally *t, tn_rng *rng, const variant *v, tn_dtype dtype, shape s, int layout) {
   int64_t stride = layout == LAYOUT_STRIDED ? s.dim + STRIDE_PAD : s.dim;
   int is_add = v->op == TN_OP_ADD_RMS_NORM;
   tn_dtype wdtype = v->weight == 2 ? TN_F32 : dtype;
@@ -154,7 +154,7 @@ static int run_case(tn_context *ctx, tally *t, tn_rng *rng, const variant *v, tn
   if (tn_reference_run(&a, ref_y, ref_ro) != 0) goto out;
 
   t->cases++;
-  tn_status st = tn_op_run(ctx, &a);
+  tn_status st = cli_op_on_device(ctx, device, &a);
   if (st != TN_OK) {
     record_failure(t, "%" PRId64 " x %" PRId64 " %s: %s", s.rows, s.dim, layout_names[layout],
                    tn_context_last_error(ctx));
@@ -178,15 +178,15 @@ out:
   return rc;
 }
 
-static int check_device(tn_context *ctx, tn_device_kind kind, uint64_t seed, long *failures) {
-  const char *device = kind == TN_DEVICE_CPU ? "cpu" : "cuda";
+static int check_device(tn_context *ctx, tn_device dev, uint64_t seed, long *failures) {
+  const char *device = cli_device_name(dev);
   for (size_t vi = 0; vi < VARIANT_COUNT; vi++) {
     for (int d = 0; d < TN_DTYPE_COUNT; d++) {
       tally t = {0};
       tn_rng rng = {seed ^ (vi * 0x100 + (uint64_t)d)};
       for (size_t si = 0; si < SHAPE_COUNT; si++)
         for (int layout = 0; layout < LAYOUT_COUNT; layout++)
-          if (run_case(ctx, &t, &rng, &variants[vi], (tn_dtype)d, shapes[si], layout) != 0)
+          if (run_case(ctx, dev, &t, &rng, &variants[vi], (tn_dtype)d, shapes[si], layout) != 0)
             return cli_fail("check: out of memory");
       printf("%-6s %-20s %-5s %6ld %10.3f  %s %s\n", device, variants[vi].label, tn_dtype_name((tn_dtype)d),
              t.cases, t.max_error, t.failures ? "FAIL" : "ok", t.first_failure);
@@ -231,12 +231,16 @@ int cli_check_main(int argc, char **argv) {
          "cases", "max error", "result");
   long failures = 0;
   int rc = CLI_OK;
-  if (all_devices || choice == CLI_DEVICE_CPU) rc = check_device(ctx, TN_DEVICE_CPU, seed, &failures);
-  if (rc == CLI_OK && !all_devices && choice == CLI_DEVICE_CUDA) rc = cli_resolve_device(ctx, choice);
-  if (rc == CLI_OK && all_devices) {
-    char reason[512];
-    cli_device_unusable(ctx, TN_DEVICE_CUDA, reason, sizeof reason);
-    printf("%-6s (skipped: %s)\n", "cuda", reason);
+  if (all_devices || choice == CLI_DEVICE_CPU) rc = check_device(ctx, tn_cpu_device(), seed, &failures);
+  if (rc == CLI_OK && (all_devices || choice == CLI_DEVICE_CUDA)) {
+    tn_device gpu;
+    if (tn_device_available(ctx, TN_DEVICE_CUDA) == TN_OK) {
+      rc = check_device(ctx, tn_cuda_device(0), seed, &failures);
+    } else if (all_devices) {
+      printf("%-6s (skipped: %s)\n", "cuda", tn_context_last_error(ctx));
+    } else {
+      rc = cli_pick_device(ctx, choice, &gpu); /* prints why */
+    }
   }
   tn_context_destroy(ctx);
   if (rc != CLI_OK) return rc;

@@ -26,16 +26,21 @@ int cli_parse_dtype(const char *s, tn_dtype *out);
 /* "rms_norm", "l2_norm", "add_rms_norm": 0, or -1. */
 int cli_parse_op(const char *s, tn_op *out);
 
-/* Why the command cannot run on tensors of this device kind (the library's reason, or that the command
- * keeps its tensors in host memory), into reason; returns 1. For the CPU returns 0 and leaves reason. */
-int cli_device_unusable(tn_context *ctx, tn_device_kind kind, char *reason, size_t size);
+/* The device for a --device choice: cpu; cuda (an error with the library's reason when it is
+ * unavailable); auto: the first CUDA device when there is one, else the CPU. Returns CLI_OK or CLI_FAIL
+ * (message printed). */
+int cli_pick_device(tn_context *ctx, cli_device choice, tn_device *out);
 
-/* Checks the --device choice. The command keeps its tensors in host memory, so it runs on the CPU: auto
- * means the CPU, and cuda is an error with the reason. Returns CLI_OK or CLI_FAIL (message printed). */
-int cli_resolve_device(tn_context *ctx, cli_device choice);
+/* Runs an op whose tensors are in host memory on `device`: for a GPU, operands are copied there, the op
+ * runs, and the outputs come back (waiting for it). The library's status; its message is on ctx. */
+tn_status cli_op_on_device(tn_context *ctx, tn_device device, const tn_op_args *host_args);
+
+/* "cpu" or "cuda". */
+const char *cli_device_name(tn_device device);
 
 int cli_run_main(int argc, char **argv);
 int cli_check_main(int argc, char **argv);
 int cli_bench_main(int argc, char **argv);
+int cli_kernels_main(int argc, char **argv);
 
 #endif

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cli.h"
 
@@ -16,6 +17,9 @@ static const char usage_text[] =
     "                                                   float64 reference on fresh random data\n"
     "       tnorm bench [--device cpu|cuda|auto] [--csv FILE] [--shapes RxD,...] [--ops LIST]\n"
     "                   [--dtypes LIST] [--iters N]      time, GB/s and % of the memory-copy ceiling\n"
+    "       tnorm kernels [--arch N]                    compile every CUDA kernel variant for compute\n"
+    "                                                   capability N (default 90) into the disk cache;\n"
+    "                                                   needs NVRTC, not a GPU\n"
     "       tnorm --help | --version\n"
     "\n"
     "OP: rms_norm | l2_norm | add_rms_norm\n"
@@ -28,7 +32,7 @@ static const char usage_text[] =
     "  --eps E              default 1e-6\n"
     "  --scale S            l2_norm scale, default 1\n"
     "  --weight-offset O    added to the weight (1 for Gemma), default 0\n"
-    "  --device D           cpu | cuda | auto (default auto; this build runs the command on the CPU)\n"
+    "  --device D           cpu | cuda | auto (default auto: the GPU when there is one)\n"
     "  --out PATH           output (required): FILE.npy (f32/f16) or FILE.safetensors[:NAME]\n"
     "  --residual-out PATH  add_rms_norm: where to write x + residual\n"
     "Errors: one line on stderr, exit 1 (2 for a usage error); an existing output is never left\n"
@@ -109,18 +113,38 @@ int cli_parse_op(const char *s, tn_op *out) {
   return -1;
 }
 
-int cli_device_unusable(tn_context *ctx, tn_device_kind kind, char *reason, size_t size) {
-  if (kind == TN_DEVICE_CPU) return 0;
-  if (tn_device_available(ctx, kind) != TN_OK) snprintf(reason, size, "%s", tn_context_last_error(ctx));
-  else snprintf(reason, size, "the tnorm command keeps tensors in host memory in this build");
-  return 1;
-}
-
-int cli_resolve_device(tn_context *ctx, cli_device choice) {
-  char reason[512];
-  if (choice == CLI_DEVICE_CUDA && cli_device_unusable(ctx, TN_DEVICE_CUDA, reason, sizeof reason))
-    return cli_fail("--device cuda: %s", reason);
-  return CLI_OK;
+/* tnorm kernels [--arch N]: every kernel variant compiled (or found in the disk cache), timed. */
+int cli_kernels_main(int argc, char **argv) {
+  long long arch = 90;
+  for (int i = 1; i < argc; i++) {
+    if (strcmp(argv[i], "--arch") == 0 && i + 1 < argc) {
+      if (cli_parse_count(argv[++i], &arch) != 0 || arch > 1000)
+        return cli_usage("--arch: '%s' is not a compute capability such as 90", argv[i]);
+    } else {
+      return cli_usage("kernels: unexpected argument '%s'", argv[i]);
+    }
+  }
+  tn_context *ctx = NULL;
+  if (tn_context_create(&ctx) != TN_OK) return cli_fail("out of memory");
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  int count = 0;
+  tn_status st = tn_cuda_build_kernels(ctx, (int)arch, &count);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  int rc = CLI_OK;
+  if (st != TN_OK) {
+    rc = cli_fail("%s", tn_context_last_error(ctx));
+  } else {
+    tn_kernel_cache_stats s;
+    tn_kernel_cache_stats_get(&s);
+    printf("%d kernel variants for sm_%lld in %.2f s: %llu compiled (%.2f s in NVRTC), %llu from the disk cache, "
+           "%llu damaged entries rebuilt\n",
+           count, arch, (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9,
+           (unsigned long long)s.compiled, s.compile_seconds, (unsigned long long)s.loaded_from_disk,
+           (unsigned long long)s.disk_rejected);
+  }
+  tn_context_destroy(ctx);
+  return rc;
 }
 
 int main(int argc, char **argv) {
@@ -137,5 +161,6 @@ int main(int argc, char **argv) {
   if (strcmp(cmd, "run") == 0) return cli_run_main(argc - 1, argv + 1);
   if (strcmp(cmd, "check") == 0) return cli_check_main(argc - 1, argv + 1);
   if (strcmp(cmd, "bench") == 0) return cli_bench_main(argc - 1, argv + 1);
-  return cli_usage("unknown command '%s' (run, check, bench; see tnorm --help)", cmd);
+  if (strcmp(cmd, "kernels") == 0) return cli_kernels_main(argc - 1, argv + 1);
+  return cli_usage("unknown command '%s' (run, check, bench, kernels; see tnorm --help)", cmd);
 }

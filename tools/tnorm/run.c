@@ -131,7 +131,8 @@ static int execute(const run_options *o, run_files *files) {
 
   tn_context *ctx = NULL;
   if (tn_context_create(&ctx) != TN_OK) return cli_fail("out of memory");
-  if ((rc = cli_resolve_device(ctx, o->device)) != CLI_OK) goto done;
+  tn_device device;
+  if ((rc = cli_pick_device(ctx, o->device, &device)) != CLI_OK) goto done;
 
   size_t elems = (size_t)files->x.rows * (size_t)files->x.dim;
   size_t bytes = elems * tn_dtype_size(dtype);
@@ -155,7 +156,7 @@ static int execute(const run_options *o, run_files *files) {
   args.eps = (float)o->eps;
   args.scale = (float)o->scale;
   args.weight_offset = (float)o->weight_offset;
-  if (tn_op_run(ctx, &args) != TN_OK) {
+  if (cli_op_on_device(ctx, device, &args) != TN_OK) {
     rc = cli_fail("%s", tn_context_last_error(ctx));
     goto free_outputs;
   }

@@ -1,0 +1,509 @@
+/* The CUDA backend: devices (primary contexts, attributes read once), kernels loaded from the registry
+ * onto each device and kept for the process, and the launch of an op on the context's stream.
+ *
+ * An op does no allocation, no synchronisation and no device query: everything it needs about the
+ * device was read when the device was first used, and its kernel was loaded on first use (or by
+ * tn_op_prepare). Kernels are launched with programmatic stream serialisation on sm_90 and later, so
+ * a kernel's launch overlaps the tail of the one before it (the kernels wait on griddepcontrol.wait
+ * before touching memory); TNORM_CUDA_PDL=0 turns that off. */
+#include "backend.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/context.h"
+#include "../core/error.h"
+#include "../core/ops.h"
+#include "driver.h"
+#include "registry.h"
+
+#define TN_CUDA_MAX_DEVICES 64
+
+typedef struct loaded_kernel {
+  _Atomic int ready;
+  CUfunction fn;
+  int blocks_per_sm; /* occupancy without dynamic shared memory */
+  int static_smem;
+} loaded_kernel;
+
+typedef struct device_info {
+  CUdevice dev;
+  CUcontext primary;
+  int arch; /* 10 * major + minor */
+  int sms;
+  int smem_per_sm;
+  int max_block_smem; /* opt-in maximum per block */
+  int pdl;
+  loaded_kernel kernels[TN_KERNEL_VARIANTS];
+} device_info;
+
+/* Process-wide: devices are opened once and their kernels shared by every context. */
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static device_info *_Atomic devices[TN_CUDA_MAX_DEVICES];
+
+typedef struct cuda_state {
+  const tn_cuda_driver *cu;
+  int device_count;
+  CUstream stream;
+} cuda_state;
+
+static tn_status cuda_open(tn_context *ctx, void **state) {
+  const char *reason = NULL;
+  const tn_cuda_driver *cu = tn_cuda_driver_get(&reason);
+  TN_RETURN_ERROR_IF(cu == NULL, ctx, TN_ERR_UNAVAILABLE, "CUDA unavailable: %s", reason);
+  int count = 0;
+  CUresult r = cu->DeviceGetCount(&count);
+  if (r != CUDA_SUCCESS) {
+    tn_cuda_error(ctx, r, "cuDeviceGetCount");
+    return tn_error(ctx, TN_ERR_UNAVAILABLE, "CUDA unavailable: %s", tn_context_last_error(ctx));
+  }
+  TN_RETURN_ERROR_IF(count <= 0, ctx, TN_ERR_UNAVAILABLE, "CUDA unavailable: the driver sees no CUDA device");
+  TN_RETURN_ERROR_IF(tn_nvrtc_get(&reason) == NULL, ctx, TN_ERR_UNAVAILABLE, "CUDA unavailable: %s", reason);
+  cuda_state *s = calloc(1, sizeof *s);
+  TN_RETURN_ERROR_IF(s == NULL, ctx, TN_ERR_NO_MEMORY, "cuda: out of memory creating the backend");
+  s->cu = cu;
+  s->device_count = count < TN_CUDA_MAX_DEVICES ? count : TN_CUDA_MAX_DEVICES;
+  *state = s;
+  return TN_OK;
+}
+
+static void cuda_close(void *state) { free(state); }
+
+static int cuda_device_count(void *state) { return ((cuda_state *)state)->device_count; }
+
+static tn_status device_open(cuda_state *s, tn_context *ctx, int index, device_info *d) {
+  const tn_cuda_driver *cu = s->cu;
+  int major = 0, minor = 0;
+  TN_CUDA_CALL(ctx, cu->DeviceGet(&d->dev, index), "cuDeviceGet");
+  TN_CUDA_CALL(ctx, cu->DeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, d->dev), "attribute");
+  TN_CUDA_CALL(ctx, cu->DeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, d->dev), "attribute");
+  TN_CUDA_CALL(ctx, cu->DeviceGetAttribute(&d->sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, d->dev), "attribute");
+  TN_CUDA_CALL(ctx,
+               cu->DeviceGetAttribute(&d->smem_per_sm, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR, d->dev),
+               "attribute");
+  TN_CUDA_CALL(ctx,
+               cu->DeviceGetAttribute(&d->max_block_smem, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, d->dev),
+               "attribute");
+  TN_RETURN_ERROR_IF(major < 7, ctx, TN_ERR_UNAVAILABLE, "cuda: device %d has compute capability %d.%d; tnorm needs 7.0",
+                     index, major, minor);
+  TN_CUDA_CALL(ctx, cu->DevicePrimaryCtxRetain(&d->primary, d->dev), "cuDevicePrimaryCtxRetain");
+  d->arch = major * 10 + minor;
+  const char *pdl = getenv("TNORM_CUDA_PDL");
+  d->pdl = major >= 9 && !(pdl != NULL && strcmp(pdl, "0") == 0);
+  return TN_OK;
+}
+
+/* The device's info, opened on first use (the primary context is retained for the process). */
+static tn_status device_get(cuda_state *s, tn_context *ctx, int index, device_info **out) {
+  TN_RETURN_ERROR_IF(index < 0 || index >= s->device_count, ctx, TN_ERR_DEVICE,
+                     "cuda: device %d does not exist; this machine has %d", index, s->device_count);
+  device_info *d = atomic_load_explicit(&devices[index], memory_order_acquire);
+  if (d != NULL) {
+    *out = d;
+    return TN_OK;
+  }
+  pthread_mutex_lock(&registry_lock);
+  tn_status st = TN_OK;
+  d = atomic_load_explicit(&devices[index], memory_order_relaxed);
+  if (d == NULL) {
+    d = calloc(1, sizeof *d);
+    if (d == NULL) {
+      st = tn_error(ctx, TN_ERR_NO_MEMORY, "cuda: out of memory opening device %d", index);
+    } else if ((st = device_open(s, ctx, index, d)) != TN_OK) {
+      free(d);
+      d = NULL;
+    } else {
+      atomic_store_explicit(&devices[index], d, memory_order_release);
+    }
+  }
+  pthread_mutex_unlock(&registry_lock);
+  *out = d;
+  return st;
+}
+
+/* Stage bytes a staged block may use: the opt-in maximum less the kernel's own shared memory. */
+static size_t max_stage_bytes(const device_info *d) {
+  return d->max_block_smem > 1024 ? (size_t)d->max_block_smem - 1024 : 0;
+}
+
+static tn_status load_kernel(cuda_state *s, tn_context *ctx, device_info *d, tn_kernel_key key, loaded_kernel *k) {
+  const tn_cuda_driver *cu = s->cu;
+  tn_kernel_binary bin;
+  TN_FORWARD_IF_ERROR(tn_kernel_build(ctx, key, d->arch, &bin));
+  tn_status st = TN_OK;
+  CUmodule module;
+  CUfunction fn;
+  CUresult r = cu->CtxPushCurrent(d->primary);
+  if (r != CUDA_SUCCESS) {
+    tn_kernel_binary_free(&bin);
+    return tn_cuda_error(ctx, r, "cuCtxPushCurrent");
+  }
+  const int block = tn_kernel_block_threads(key.shape);
+  int blocks = 0, static_smem = 0;
+  if ((r = cu->ModuleLoadData(&module, bin.cubin)) != CUDA_SUCCESS) {
+    st = tn_cuda_error(ctx, r, "cuModuleLoadData");
+  } else if ((r = cu->ModuleGetFunction(&fn, module, bin.lowered_name)) != CUDA_SUCCESS) {
+    st = tn_cuda_error(ctx, r, "cuModuleGetFunction");
+  } else if ((r = cu->FuncGetAttribute(&static_smem, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn)) != CUDA_SUCCESS) {
+    st = tn_cuda_error(ctx, r, "cuFuncGetAttribute");
+  } else if (key.shape == TN_SHAPE_SHARED &&
+             (r = cu->FuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                       d->max_block_smem - static_smem)) != CUDA_SUCCESS) {
+    st = tn_cuda_error(ctx, r, "cuFuncSetAttribute");
+  } else if ((r = cu->OccupancyMaxActiveBlocksPerMultiprocessor(&blocks, fn, block, 0)) != CUDA_SUCCESS) {
+    st = tn_cuda_error(ctx, r, "cuOccupancyMaxActiveBlocksPerMultiprocessor");
+  }
+  CUcontext popped;
+  cu->CtxPopCurrent(&popped);
+  tn_kernel_binary_free(&bin);
+  if (st != TN_OK) return st; /* a module that loaded stays loaded: harmless, and rare */
+  k->fn = fn;
+  k->blocks_per_sm = blocks > 0 ? blocks : 1;
+  k->static_smem = static_smem;
+  return TN_OK;
+}
+
+/* The kernel on device d, loaded on first use; thread-safe (one lock for the registry). */
+static tn_status kernel_get(cuda_state *s, tn_context *ctx, device_info *d, tn_kernel_key key, loaded_kernel **out) {
+  loaded_kernel *k = &d->kernels[tn_kernel_key_index(key)];
+  if (atomic_load_explicit(&k->ready, memory_order_acquire)) {
+    tn_kernel_stats_add_memory_hit();
+    *out = k;
+    return TN_OK;
+  }
+  pthread_mutex_lock(&registry_lock);
+  tn_status st = TN_OK;
+  if (!atomic_load_explicit(&k->ready, memory_order_relaxed)) {
+    st = load_kernel(s, ctx, d, key, k);
+    if (st == TN_OK) atomic_store_explicit(&k->ready, 1, memory_order_release);
+  } else {
+    tn_kernel_stats_add_memory_hit();
+  }
+  pthread_mutex_unlock(&registry_lock);
+  *out = k;
+  return st;
+}
+
+/* ---- choosing and launching a kernel ---- */
+
+static int aligned(const void *p, size_t a) { return ((uintptr_t)p & (a - 1)) == 0; }
+
+/* The access mode every operand allows: 16-byte vectors when each pointer is 16-byte aligned and each row
+ * pitch a multiple of 16 bytes; element accesses when each pointer is aligned to its element; else bytes. */
+static int access_mode(const tn_op_args *a) {
+  int vectors = 1, elements = 1;
+  for (int o = 0; o < TN_OPERAND_COUNT; o++) {
+    const tn_tensor *t = tn_op_operand(a, (tn_operand)o);
+    if (t == NULL) continue;
+    const size_t es = tn_dtype_size(t->dtype);
+    if (!aligned(t->data, 16) || ((size_t)t->row_stride * es) % 16 != 0) vectors = 0;
+    if (!aligned(t->data, es)) elements = 0;
+  }
+  return vectors && elements ? TN_KERNEL_MODE_VECTORS : elements ? TN_KERNEL_MODE_ELEMENTS : TN_KERNEL_MODE_BYTES;
+}
+
+static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
+  tn_kernel_key key;
+  key.family = a->op == TN_OP_ADD_RMS_NORM ? TN_FAMILY_ADD_NORM : TN_FAMILY_NORM;
+  key.dtype = a->x->dtype;
+  key.shape = tn_kernel_row_shape(a->x->dtype, a->x->dim, max_stage_bytes(d));
+  key.mode = access_mode(a);
+  return key;
+}
+
+static tn_kernel_params params_for(const tn_op_args *a) {
+  tn_kernel_params p;
+  memset(&p, 0, sizeof p);
+  p.x = a->x->data;
+  p.x_stride = a->x->row_stride;
+  p.y = a->y->data;
+  p.y_stride = a->y->row_stride;
+  p.rows = a->x->rows;
+  p.dim = a->x->dim;
+  p.eps = a->eps;
+  p.scale = a->scale;
+  p.weight_offset = a->weight_offset;
+  p.count = a->op == TN_OP_L2_NORM ? 1.0f : (float)a->x->dim;
+  p.has_scale = a->op == TN_OP_L2_NORM;
+  if (a->weight != NULL) {
+    p.weight = a->weight->data;
+    p.has_weight = 1;
+    p.weight_f32 = a->weight->dtype == TN_F32;
+  }
+  if (a->mul != NULL) {
+    p.mul = a->mul->data;
+    p.mul_stride = a->mul->row_stride;
+    p.has_mul = 1;
+  }
+  if (a->residual != NULL) {
+    p.residual = a->residual->data;
+    p.residual_stride = a->residual->row_stride;
+    p.residual_out = a->residual_out->data;
+    p.residual_out_stride = a->residual_out->row_stride;
+  }
+  return p;
+}
+
+static tn_status cuda_prepare_on(cuda_state *s, tn_context *ctx, const tn_op_args *a, device_info **d,
+                                 loaded_kernel **k, tn_kernel_key *key) {
+  TN_FORWARD_IF_ERROR(device_get(s, ctx, a->x->device.index, d));
+  *key = key_for(*d, a);
+  return kernel_get(s, ctx, *d, *key, k);
+}
+
+static tn_status cuda_prepare(void *state, tn_context *ctx, const tn_op_args *a) {
+  device_info *d;
+  loaded_kernel *k;
+  tn_kernel_key key;
+  return cuda_prepare_on(state, ctx, a, &d, &k, &key);
+}
+
+static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a) {
+  cuda_state *s = state;
+  const tn_cuda_driver *cu = s->cu;
+  device_info *d;
+  loaded_kernel *k;
+  tn_kernel_key key;
+  TN_FORWARD_IF_ERROR(cuda_prepare_on(s, ctx, a, &d, &k, &key));
+
+  tn_kernel_params p = params_for(a);
+  const int block = tn_kernel_block_threads(key.shape);
+  const int64_t rows_per_block = block / tn_kernel_group_threads(key.shape);
+  int64_t blocks = (a->x->rows + rows_per_block - 1) / rows_per_block;
+  unsigned dynamic_smem = 0;
+  int64_t resident = (int64_t)k->blocks_per_sm * d->sms;
+  if (key.shape == TN_SHAPE_SHARED) {
+    const int64_t per_chunk = a->x->dtype == TN_F32 ? 4 : 8;
+    dynamic_smem = (unsigned)(((a->x->dim + per_chunk - 1) / per_chunk) * 16);
+    int64_t by_smem = d->smem_per_sm / ((int64_t)dynamic_smem + k->static_smem + 1024);
+    if (by_smem < 1) by_smem = 1;
+    if (by_smem < k->blocks_per_sm) resident = by_smem * d->sms;
+  }
+  /* A grid that strides over rows: at most what is resident at once. */
+  if (blocks > resident) blocks = resident;
+
+  CUlaunchAttribute attr;
+  memset(&attr, 0, sizeof attr);
+  attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+  attr.value.programmaticStreamSerializationAllowed = 1;
+  CUlaunchConfig config;
+  memset(&config, 0, sizeof config);
+  config.gridDimX = (unsigned)blocks;
+  config.gridDimY = 1;
+  config.gridDimZ = 1;
+  config.blockDimX = (unsigned)block;
+  config.blockDimY = 1;
+  config.blockDimZ = 1;
+  config.sharedMemBytes = dynamic_smem;
+  config.hStream = s->stream;
+  config.attrs = d->pdl ? &attr : NULL;
+  config.numAttrs = d->pdl ? 1 : 0;
+  void *kernel_args[] = {&p};
+
+  TN_CUDA_CALL(ctx, cu->CtxPushCurrent(d->primary), "cuCtxPushCurrent");
+  CUresult r = cu->LaunchKernelEx(&config, k->fn, kernel_args, NULL);
+  CUcontext popped;
+  cu->CtxPopCurrent(&popped);
+  if (r != CUDA_SUCCESS) return tn_cuda_error(ctx, r, "kernel launch");
+  return TN_OK;
+}
+
+/* ---- memory, streams, events ---- */
+
+/* Runs with device index's primary context current. */
+#define WITH_DEVICE(s, ctx, index, d, body)                                            \
+  do {                                                                                 \
+    device_info *d;                                                                    \
+    TN_FORWARD_IF_ERROR(device_get((s), (ctx), (index), &d));                          \
+    TN_CUDA_CALL((ctx), (s)->cu->CtxPushCurrent(d->primary), "cuCtxPushCurrent");      \
+    CUresult with_r_ = (body);                                                         \
+    CUcontext with_popped_;                                                            \
+    (s)->cu->CtxPopCurrent(&with_popped_);                                             \
+    if (with_r_ != CUDA_SUCCESS) return tn_cuda_error((ctx), with_r_, with_what_);     \
+  } while (0)
+
+static tn_status cuda_alloc(void *state, tn_context *ctx, int index, size_t bytes, void **ptr) {
+  cuda_state *s = state;
+  if (bytes == 0) {
+    *ptr = NULL;
+    return TN_OK;
+  }
+  CUdeviceptr p = 0;
+  const char *with_what_ = "cuMemAlloc";
+  WITH_DEVICE(s, ctx, index, d, s->cu->MemAlloc(&p, bytes));
+  *ptr = (void *)(uintptr_t)p;
+  return TN_OK;
+}
+
+static tn_status cuda_release(void *state, tn_context *ctx, int index, void *ptr) {
+  cuda_state *s = state;
+  if (ptr == NULL) return TN_OK;
+  const char *with_what_ = "cuMemFree";
+  WITH_DEVICE(s, ctx, index, d, s->cu->MemFree((CUdeviceptr)(uintptr_t)ptr));
+  return TN_OK;
+}
+
+static CUresult copy_and_wait(const tn_cuda_driver *cu, CUstream stream, void *dst, const void *src, size_t bytes,
+                              int wait) {
+  CUresult r = cu->MemcpyAsync((CUdeviceptr)(uintptr_t)dst, (CUdeviceptr)(uintptr_t)src, bytes, stream);
+  if (r == CUDA_SUCCESS && wait) r = cu->StreamSynchronize(stream);
+  return r;
+}
+
+static tn_status cuda_copy(void *state, tn_context *ctx, void *dst, tn_device dst_device, const void *src,
+                           tn_device src_device, size_t bytes) {
+  cuda_state *s = state;
+  if (bytes == 0) return TN_OK;
+  const int index = dst_device.kind == TN_DEVICE_CUDA ? dst_device.index : src_device.index;
+  const int host_side = dst_device.kind != TN_DEVICE_CUDA || src_device.kind != TN_DEVICE_CUDA;
+  const char *with_what_ = "memcpy";
+  WITH_DEVICE(s, ctx, index, d, copy_and_wait(s->cu, s->stream, dst, src, bytes, host_side));
+  return TN_OK;
+}
+
+static tn_status cuda_synchronize(void *state, tn_context *ctx, int index) {
+  cuda_state *s = state;
+  const char *with_what_ = "synchronize";
+  WITH_DEVICE(s, ctx, index, d, s->cu->StreamSynchronize(s->stream));
+  return TN_OK;
+}
+
+static tn_status cuda_set_stream(void *state, tn_context *ctx, void *stream) {
+  (void)ctx;
+  ((cuda_state *)state)->stream = (CUstream)stream;
+  return TN_OK;
+}
+
+typedef struct cuda_event {
+  CUevent event;
+  int index;
+} cuda_event;
+
+static tn_status cuda_event_create(void *state, tn_context *ctx, int index, void **event) {
+  cuda_state *s = state;
+  cuda_event *e = calloc(1, sizeof *e);
+  TN_RETURN_ERROR_IF(e == NULL, ctx, TN_ERR_NO_MEMORY, "event_create: out of memory");
+  e->index = index;
+  device_info *d;
+  tn_status st = device_get(s, ctx, index, &d);
+  if (st == TN_OK) {
+    CUresult r = s->cu->CtxPushCurrent(d->primary);
+    if (r == CUDA_SUCCESS) {
+      r = s->cu->EventCreate(&e->event, CU_EVENT_DEFAULT);
+      CUcontext popped;
+      s->cu->CtxPopCurrent(&popped);
+    }
+    if (r != CUDA_SUCCESS) st = tn_cuda_error(ctx, r, "cuEventCreate");
+  }
+  if (st != TN_OK) {
+    free(e);
+    return st;
+  }
+  *event = e;
+  return TN_OK;
+}
+
+static tn_status cuda_event_record(void *state, tn_context *ctx, void *event) {
+  cuda_state *s = state;
+  cuda_event *e = event;
+  const char *with_what_ = "cuEventRecord";
+  WITH_DEVICE(s, ctx, e->index, d, s->cu->EventRecord(e->event, s->stream));
+  return TN_OK;
+}
+
+static tn_status cuda_event_elapsed(void *state, tn_context *ctx, void *start, void *end, double *ms) {
+  cuda_state *s = state;
+  cuda_event *a = start, *b = end;
+  float f = 0;
+  TN_CUDA_CALL(ctx, s->cu->EventSynchronize(b->event), "cuEventSynchronize");
+  TN_CUDA_CALL(ctx, s->cu->EventElapsedTime(&f, a->event, b->event), "cuEventElapsedTime");
+  *ms = f;
+  return TN_OK;
+}
+
+static void cuda_event_destroy(void *event) {
+  cuda_event *e = event;
+  const tn_cuda_driver *cu = tn_cuda_driver_get(NULL);
+  if (cu != NULL && e->event != NULL) cu->EventDestroy(e->event);
+  free(e);
+}
+
+/* tn_cuda_build_all's workers: each takes the next variant until none is left or one failed. */
+typedef struct build_job {
+  pthread_mutex_t lock;
+  int next, arch;
+  tn_status status;
+  char message[TN_ERROR_CAPACITY];
+} build_job;
+
+static void *build_worker(void *p) {
+  build_job *job = p;
+  tn_context *own = NULL;
+  if (tn_context_create(&own) != TN_OK) return NULL; /* the other workers (or the caller) do the work */
+  for (;;) {
+    pthread_mutex_lock(&job->lock);
+    const int i = job->status == TN_OK && job->next < TN_KERNEL_VARIANTS ? job->next++ : -1;
+    pthread_mutex_unlock(&job->lock);
+    if (i < 0) break;
+    tn_kernel_binary bin;
+    tn_status st = tn_kernel_build(own, tn_kernel_key_at(i), job->arch, &bin);
+    if (st == TN_OK) {
+      tn_kernel_binary_free(&bin);
+      continue;
+    }
+    pthread_mutex_lock(&job->lock);
+    if (job->status == TN_OK) {
+      job->status = st;
+      snprintf(job->message, sizeof job->message, "%s", tn_context_last_error(own));
+    }
+    pthread_mutex_unlock(&job->lock);
+  }
+  tn_context_destroy(own);
+  return NULL;
+}
+
+tn_status tn_cuda_build_all(tn_context *ctx, int arch, int *count) {
+  TN_RETURN_ERROR_IF(arch < 70 || arch > 1000, ctx, TN_ERR_VALUE,
+                     "build_kernels: architecture %d is not a compute capability such as 90", arch);
+  build_job job;
+  memset(&job, 0, sizeof job);
+  pthread_mutex_init(&job.lock, NULL);
+  job.arch = arch;
+  /* NVRTC compiles one program per thread: use every processor. */
+  enum { MAX_WORKERS = 64 };
+  pthread_t workers[MAX_WORKERS];
+  int wanted = tn_threads_wanted(NULL), started = 0;
+  if (wanted > MAX_WORKERS) wanted = MAX_WORKERS;
+  for (; started < wanted; started++)
+    if (pthread_create(&workers[started], NULL, build_worker, &job) != 0) break;
+  if (started == 0) build_worker(&job);
+  for (int i = 0; i < started; i++) pthread_join(workers[i], NULL);
+  pthread_mutex_destroy(&job.lock);
+  TN_RETURN_ERROR_IF(job.status != TN_OK, ctx, job.status, "%s", job.message);
+  TN_RETURN_ERROR_IF(job.next < TN_KERNEL_VARIANTS, ctx, TN_ERR_NO_MEMORY, "build_kernels: could not start a worker");
+  if (count != NULL) *count = TN_KERNEL_VARIANTS;
+  return TN_OK;
+}
+
+const tn_backend tn_cuda_backend = {
+    .name = "cuda",
+    .kind = TN_DEVICE_CUDA,
+    .open = cuda_open,
+    .close = cuda_close,
+    .device_count = cuda_device_count,
+    .run = cuda_run,
+    .prepare = cuda_prepare,
+    .alloc = cuda_alloc,
+    .release = cuda_release,
+    .copy = cuda_copy,
+    .synchronize = cuda_synchronize,
+    .set_stream = cuda_set_stream,
+    .event_create = cuda_event_create,
+    .event_record = cuda_event_record,
+    .event_elapsed_ms = cuda_event_elapsed,
+    .event_destroy = cuda_event_destroy,
+};

@@ -1,0 +1,49 @@
+/* add_rms_norm: s = round(x + r); residual_out = s; y = round(((s * inv) * (w + offset))),
+ * inv = 1 / sqrt(sum(s^2) / dim + eps), from exactly the rounded s. */
+#include "row.cuh"
+
+struct tn_add_norm_op {
+  /* s for chunk c, rounded to the dtype, also written to residual_out. */
+  template <int DT, int MODE>
+  static __device__ __forceinline__ tn_chunk produce(const tn_kernel_params &p, tn_i64 row, tn_i64 c) {
+    constexpr int V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
+    const tn_chunk xq = tn_load_chunk<DT, MODE>(tn_row(p.x, row, p.x_stride, S), c, p.dim);
+    const tn_chunk rq = tn_load_chunk<DT, MODE>(tn_row(p.residual, row, p.residual_stride, S), c, p.dim);
+    float xf[V], rf[V];
+    tn_chunk_to_f32<DT>(xq, xf);
+    tn_chunk_to_f32<DT>(rq, rf);
+#pragma unroll
+    for (int j = 0; j < V; j++) xf[j] = xf[j] + rf[j];
+    const tn_chunk s = tn_chunk_from_f32<DT>(xf);
+    tn_store_chunk<DT, MODE>((char *)tn_row(p.residual_out, row, p.residual_out_stride, S), c, p.dim, s);
+    return s;
+  }
+
+  /* s again, from residual_out, which this thread wrote (staged rows read again). */
+  template <int DT, int MODE>
+  static __device__ __forceinline__ tn_chunk reread(const tn_kernel_params &p, tn_i64 row, tn_i64 c) {
+    return tn_load_chunk<DT, MODE>(tn_row(p.residual_out, row, p.residual_out_stride, tn_dt<DT>::size), c, p.dim);
+  }
+
+  template <int DT, int MODE>
+  static __device__ __forceinline__ void emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &q,
+                                              float pre, float inv) {
+    constexpr int V = tn_dt<DT>::per_chunk;
+    float f[V], w[V];
+    tn_chunk_to_f32<DT>(q, f);
+    if (p.has_weight) {
+      if (p.weight_f32) tn_load_f32<DT, TN_KERNEL_F32, MODE>((const char *)p.weight, c, p.dim, w);
+      else tn_load_f32<DT, DT, MODE>((const char *)p.weight, c, p.dim, w);
+    }
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+      float v = (f[j] * pre) * inv;
+      if (p.has_weight) v *= w[j] + p.weight_offset;
+      f[j] = v;
+    }
+    tn_store_chunk<DT, MODE>((char *)tn_row(p.y, row, p.y_stride, tn_dt<DT>::size), c, p.dim,
+                             tn_chunk_from_f32<DT>(f));
+  }
+};
+
+TN_DEFINE_ROW_KERNELS(tn_add_norm, tn_add_norm_op)

@@ -1,0 +1,53 @@
+/* The argument block of every tnorm kernel: included by the host (C) and by the kernels (NVRTC), so the
+ * layout is written once. Fixed-width fields only; pointers are device addresses. Strides in elements. */
+#ifndef TN_CUDA_KERNEL_PARAMS_H
+#define TN_CUDA_KERNEL_PARAMS_H
+
+typedef struct tn_kernel_params {
+  const void *x;
+  const void *residual;
+  const void *mul;
+  const void *weight;
+  void *y;
+  void *residual_out;
+  long long rows;
+  long long dim;
+  long long x_stride;
+  long long residual_stride;
+  long long mul_stride;
+  long long y_stride;
+  long long residual_out_stride;
+  float eps;
+  float scale;         /* l2_norm's scale (1 elsewhere) */
+  float weight_offset; /* added to every weight element in float32 */
+  float count;         /* the divisor of the sum of squares: dim for rms_norm, 1 for l2_norm */
+  int has_weight;
+  int weight_f32; /* the weight is float32 (else x's dtype) */
+  int has_mul;
+  int has_scale;
+} tn_kernel_params;
+
+/* dtype codes, as tn_dtype */
+#define TN_KERNEL_F32 0
+#define TN_KERNEL_F16 1
+#define TN_KERNEL_BF16 2
+
+/* op codes, as tn_op */
+#define TN_KERNEL_RMS_NORM 0
+#define TN_KERNEL_L2_NORM 1
+#define TN_KERNEL_ADD_RMS_NORM 2
+
+/* Row-kernel shapes. A row is cut into 16-byte chunks; thread t of a row's group of G threads owns chunks
+ * t, t + G, t + 2G, ... and sums their squares in that order, element by element; the group then adds its
+ * G partial sums as a fixed butterfly (and, above one warp, the warps' sums in warp order). Every kernel
+ * of one (op, dtype, dim) uses the same G, so every path reduces a row in the same order. */
+#define TN_KERNEL_REG_CHUNKS 4      /* chunks per thread kept in registers */
+#define TN_KERNEL_MAX_GROUP 1024    /* threads per row, at most */
+#define TN_KERNEL_MIN_BLOCK 128     /* threads per block for short rows (several rows per block) */
+
+/* Where a long row waits between its reduction and its output. */
+#define TN_KERNEL_STAGE_REGISTERS 0 /* rows of at most G * TN_KERNEL_REG_CHUNKS chunks */
+#define TN_KERNEL_STAGE_SHARED 1    /* one row per block, in dynamic shared memory */
+#define TN_KERNEL_STAGE_REREAD 2    /* one row per block, read again (from L2) for the output */
+
+#endif

@@ -1,0 +1,365 @@
+/* The row machinery every tnorm kernel is built from, compiled by NVRTC (no system headers).
+ *
+ * A kernel is (op family, dtype, row shape, access mode):
+ * - the op family (an "Op" policy: tn_norm_op in norm.cu, tn_add_norm_op in add_rms_norm.cu) says how a
+ *   row's 16-byte chunk is produced from the inputs and how a finished chunk is written;
+ * - the row shape is either G threads per row with the row in registers (G = 1 .. 1024, several rows per
+ *   block below TN_KERNEL_MIN_BLOCK), or 1024 threads per row with the row staged in shared memory or
+ *   read again for the output (rows too long for registers);
+ * - the access mode is how memory is touched: 16-byte vectors where every pointer and row pitch allows
+ *   it, else element by element, else byte by byte (pointers not even aligned to their elements).
+ * The order in which a row is reduced depends on G alone (params.h), and G on (dtype, dim) alone, so
+ * every kernel of one (op, dtype, dim) gives the same bits for a row, whatever the batch.
+ *
+ * Arithmetic is float32 with one rounding to the output dtype, in the same expression order as the CPU
+ * backend; the host compiles with --fmad=false so no multiply is fused into an add. */
+#ifndef TN_CUDA_KERNEL_ROW_CUH
+#define TN_CUDA_KERNEL_ROW_CUH
+
+#include "params.h"
+
+typedef unsigned char tn_u8;
+typedef unsigned short tn_u16;
+typedef unsigned int tn_u32;
+typedef long long tn_i64;
+
+#define TN_DEV static __device__ __forceinline__
+#define TN_INF __int_as_float(0x7f800000)
+
+#define TN_MODE_BYTES 0    /* pointers not aligned to their elements */
+#define TN_MODE_ELEMENTS 1 /* one element per access */
+#define TN_MODE_VECTORS 2  /* 16-byte accesses (a partial last chunk goes element by element) */
+
+/* Sixteen bytes of a row: 4 f32 or 8 f16/bf16 elements, element 0 in the low bits of w[0]. */
+struct __align__(16) tn_chunk {
+  tn_u32 w[4];
+};
+
+template <int DT>
+struct tn_dt {
+  enum { size = DT == TN_KERNEL_F32 ? 4 : 2, per_chunk = DT == TN_KERNEL_F32 ? 4 : 8 };
+};
+
+/* ---- conversions: the same bits as the CPU backend for every pattern, NaN payloads included ---- */
+
+template <int DT>
+TN_DEV float tn_to_f32(tn_u32 bits) {
+  if (DT == TN_KERNEL_F32) return __uint_as_float(bits);
+  if (DT == TN_KERNEL_BF16) return __uint_as_float(bits << 16);
+  tn_u16 h = (tn_u16)bits;
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  tn_u32 em = bits & 0x7fffu;
+  /* NaN: quiet, sign and payload kept (the hardware may give a canonical NaN instead). */
+  if (em > 0x7c00u) f = __uint_as_float(((bits & 0x8000u) << 16) | 0x7fc00000u | ((em & 0x3ffu) << 13));
+  return f;
+}
+
+template <int DT>
+TN_DEV tn_u32 tn_from_f32(float f) {
+  tn_u32 u = __float_as_uint(f);
+  if (DT == TN_KERNEL_F32) return u;
+  if (DT == TN_KERNEL_BF16) {
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u; /* NaN stays NaN, made quiet */
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;                  /* round to nearest even */
+  }
+  tn_u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  tn_u32 a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) h = (tn_u16)(((u >> 16) & 0x8000u) | 0x7e00u | ((a >> 13) & 0x3ffu));
+  return h;
+}
+
+template <int DT>
+TN_DEV tn_u32 tn_chunk_bits(const tn_chunk &q, int j) {
+  if (DT == TN_KERNEL_F32) return q.w[j];
+  return (q.w[j >> 1] >> (16 * (j & 1))) & 0xffffu;
+}
+
+template <int DT>
+TN_DEV void tn_chunk_set(tn_chunk &q, int j, tn_u32 bits) {
+  if (DT == TN_KERNEL_F32) {
+    q.w[j] = bits;
+  } else {
+    const int sh = 16 * (j & 1);
+    q.w[j >> 1] = (q.w[j >> 1] & ~(0xffffu << sh)) | (bits << sh);
+  }
+}
+
+template <int DT>
+TN_DEV void tn_chunk_to_f32(const tn_chunk &q, float *f) {
+#pragma unroll
+  for (int j = 0; j < tn_dt<DT>::per_chunk; j++) f[j] = tn_to_f32<DT>(tn_chunk_bits<DT>(q, j));
+}
+
+template <int DT>
+TN_DEV tn_chunk tn_chunk_from_f32(const float *f) {
+  tn_chunk q;
+  if (DT == TN_KERNEL_F32) {
+#pragma unroll
+    for (int j = 0; j < 4; j++) q.w[j] = __float_as_uint(f[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; j++) q.w[j] = tn_from_f32<DT>(f[2 * j]) | (tn_from_f32<DT>(f[2 * j + 1]) << 16);
+  }
+  return q;
+}
+
+TN_DEV tn_chunk tn_chunk_zero() {
+  tn_chunk q;
+#pragma unroll
+  for (int j = 0; j < 4; j++) q.w[j] = 0u;
+  return q;
+}
+
+/* ---- memory: one chunk of a row, in the access mode; elements at or past dim read as +0 ---- */
+
+TN_DEV const char *tn_row(const void *base, tn_i64 row, tn_i64 stride, int size) {
+  return (const char *)base + row * stride * size;
+}
+
+template <int SIZE, int MODE>
+TN_DEV tn_u32 tn_load_element(const char *p) {
+  if (MODE == TN_MODE_BYTES) {
+    tn_u32 v = 0;
+#pragma unroll
+    for (int b = 0; b < SIZE; b++) v |= (tn_u32)((const volatile tn_u8 *)p)[b] << (8 * b);
+    return v;
+  }
+  if (SIZE == 4) return *(const tn_u32 *)p;
+  return *(const tn_u16 *)p;
+}
+
+template <int SIZE, int MODE>
+TN_DEV void tn_store_element(char *p, tn_u32 v) {
+  if (MODE == TN_MODE_BYTES) {
+#pragma unroll
+    for (int b = 0; b < SIZE; b++) p[b] = (char)(v >> (8 * b));
+  } else if (SIZE == 4) {
+    *(tn_u32 *)p = v;
+  } else {
+    *(tn_u16 *)p = (tn_u16)v;
+  }
+}
+
+/* Chunk c of a row of dim elements of dtype DT. */
+template <int DT, int MODE>
+TN_DEV tn_chunk tn_load_chunk(const char *row, tn_i64 c, tn_i64 dim) {
+  constexpr int V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
+  const tn_i64 first = c * V;
+  if (MODE == TN_MODE_VECTORS && first + V <= dim) return *(const tn_chunk *)(row + first * S);
+  tn_chunk q = tn_chunk_zero();
+#pragma unroll
+  for (int j = 0; j < V; j++)
+    if (first + j < dim) tn_chunk_set<DT>(q, j, tn_load_element<S, MODE>(row + (first + j) * S));
+  return q;
+}
+
+template <int DT, int MODE>
+TN_DEV void tn_store_chunk(char *row, tn_i64 c, tn_i64 dim, const tn_chunk &q) {
+  constexpr int V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
+  const tn_i64 first = c * V;
+  if (MODE == TN_MODE_VECTORS && first + V <= dim) {
+    *(tn_chunk *)(row + first * S) = q;
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; j++)
+    if (first + j < dim) tn_store_element<S, MODE>(row + (first + j) * S, tn_chunk_bits<DT>(q, j));
+}
+
+/* The n = per_chunk(DT) elements of chunk c of a row of dtype WDT (f32 or DT: a weight or a
+ * multiplicand), as float32; elements past dim read as 0. */
+template <int DT, int WDT, int MODE>
+TN_DEV void tn_load_f32(const char *row, tn_i64 c, tn_i64 dim, float *f) {
+  constexpr int V = tn_dt<DT>::per_chunk, WV = tn_dt<WDT>::per_chunk;
+#pragma unroll
+  for (int h = 0; h < V / WV; h++) {
+    tn_chunk q = tn_load_chunk<WDT, MODE>(row, c * (V / WV) + h, dim);
+    tn_chunk_to_f32<WDT>(q, f + h * WV);
+  }
+}
+
+/* ---- reductions over a row's group of G threads (the order is the contract: see params.h) ---- */
+
+template <int G>
+TN_DEV unsigned tn_group_mask() {
+  if (G >= 32) return 0xffffffffu;
+  constexpr unsigned width = G < 32 ? G : 1; /* keeps the shift below in range when G >= 32 */
+  const unsigned lane = threadIdx.x & 31u;
+  return ((1u << width) - 1u) << (lane & ~(width - 1u));
+}
+
+/* The sum of v over the group, identical in every thread of it. partials: G / 32 floats of shared
+ * memory when G > 32. */
+template <int G>
+TN_DEV float tn_group_sum(float v, float *partials) {
+  const unsigned mask = tn_group_mask<G>();
+  constexpr int width = G < 32 ? G : 32;
+#pragma unroll
+  for (int o = width / 2; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o);
+  if (G <= 32) return v;
+  if ((threadIdx.x & 31u) == 0) partials[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float s = partials[0];
+#pragma unroll
+  for (int w = 1; w < (G > 32 ? G / 32 : 1); w++) s += partials[w];
+  __syncthreads();
+  return s;
+}
+
+template <int DT>
+TN_DEV float tn_chunk_sum_squares(const tn_chunk &q, float acc, float k) {
+  float f[tn_dt<DT>::per_chunk];
+  tn_chunk_to_f32<DT>(q, f);
+#pragma unroll
+  for (int j = 0; j < tn_dt<DT>::per_chunk; j++) acc += (f[j] * k) * (f[j] * k);
+  return acc;
+}
+
+/* 1 / sqrt(a): two correctly rounded operations, as on the CPU. */
+TN_DEV float tn_inv_sqrt(float a) { return 1.0f / sqrtf(a); }
+
+/* Whether a row's float32 sum of squares left float32's range although the row may be finite, or
+ * vanished with eps == 0: such a row is reduced again scaled by an exact power of two (as on the CPU). */
+TN_DEV bool tn_needs_rescale(float sum, float eps) { return !(sum < TN_INF) || (eps == 0.0f && sum < 0x1p-64f); }
+TN_DEV float tn_rescale_factor(float sum) { return sum == TN_INF ? 0x1p-80f : 0x1p80f; }
+
+/* The scale of a rescaled row: *pre becomes k when the scaled sum is finite (the row then counts as
+ * x * k with eps * k^2); otherwise the plain scale, which propagates the row's Inf or NaN. */
+TN_DEV float tn_rescaled_inv(float sum, float scaled, float k, const tn_kernel_params &p, float *pre) {
+  if (scaled < TN_INF) {
+    *pre = k;
+    return tn_inv_sqrt(scaled / p.count + p.eps * k * k);
+  }
+  return tn_inv_sqrt(sum / p.count + p.eps);
+}
+
+/* ---- programmatic dependent launch (sm_90+): wait for the previous kernel's writes; let the next
+ * kernel start launching while this one drains ---- */
+
+TN_DEV void tn_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+TN_DEV void tn_pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+/* ---- the two row shapes ---- */
+
+/* G threads per row, each keeping TN_KERNEL_REG_CHUNKS chunks in registers; several rows per block
+ * when G < TN_KERNEL_MIN_BLOCK; rows spread over a grid that strides (rows are never a grid dimension
+ * with a 65535 cap; every offset is 64-bit). */
+template <int DT, int G, int MODE, class Op>
+TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
+  constexpr int K = TN_KERNEL_REG_CHUNKS, V = tn_dt<DT>::per_chunk;
+  constexpr int BLOCK = G < TN_KERNEL_MIN_BLOCK ? TN_KERNEL_MIN_BLOCK : G, RPB = BLOCK / G;
+  __shared__ float partials[G > 32 ? G / 32 : 1];
+  const int t = threadIdx.x % G;
+  const tn_i64 chunks = (p.dim + V - 1) / V;
+  for (tn_i64 row = (tn_i64)blockIdx.x * RPB + threadIdx.x / G; row < p.rows; row += (tn_i64)gridDim.x * RPB) {
+    tn_chunk q[K];
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const tn_i64 c = (tn_i64)k * G + t;
+      q[k] = c < chunks ? Op::template produce<DT, MODE>(p, row, c) : tn_chunk_zero();
+    }
+    float acc = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; k++) acc = tn_chunk_sum_squares<DT>(q[k], acc, 1.0f);
+    const float sum = tn_group_sum<G>(acc, partials);
+    float pre = 1.0f, inv;
+    if (tn_needs_rescale(sum, p.eps)) {
+      const float kf = tn_rescale_factor(sum);
+      float acc2 = 0.0f;
+#pragma unroll
+      for (int k = 0; k < K; k++) acc2 = tn_chunk_sum_squares<DT>(q[k], acc2, kf);
+      inv = tn_rescaled_inv(sum, tn_group_sum<G>(acc2, partials), kf, p, &pre);
+    } else {
+      inv = tn_inv_sqrt(sum / p.count + p.eps);
+    }
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const tn_i64 c = (tn_i64)k * G + t;
+      if (c < chunks) Op::template emit<DT, MODE>(p, row, c, q[k], pre, inv);
+    }
+  }
+}
+
+/* TN_KERNEL_MAX_GROUP threads per row, one row per block at a time, for rows longer than registers
+ * hold: the chunks wait in shared memory (STAGE_SHARED, chunks * 16 bytes of dynamic shared memory)
+ * or are produced again for the output (STAGE_REREAD; from L2 in practice). Chunks go to threads as in
+ * tn_rows_in_registers with G = TN_KERNEL_MAX_GROUP, so the reduction order is the same. */
+template <int DT, int STAGE, int MODE, class Op>
+TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
+  constexpr int G = TN_KERNEL_MAX_GROUP, V = tn_dt<DT>::per_chunk, BATCH = 4;
+  extern __shared__ tn_chunk staged[];
+  __shared__ float partials[G / 32];
+  const int t = threadIdx.x;
+  const tn_i64 chunks = (p.dim + V - 1) / V;
+  for (tn_i64 row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    float acc = 0.0f;
+    /* BATCH chunks in flight per thread, then summed in chunk order. */
+    for (tn_i64 c0 = t; c0 < chunks; c0 += (tn_i64)BATCH * G) {
+      tn_chunk q[BATCH];
+#pragma unroll
+      for (int b = 0; b < BATCH; b++) {
+        const tn_i64 c = c0 + (tn_i64)b * G;
+        q[b] = c < chunks ? Op::template produce<DT, MODE>(p, row, c) : tn_chunk_zero();
+        if (STAGE == TN_KERNEL_STAGE_SHARED && c < chunks) staged[c] = q[b];
+      }
+#pragma unroll
+      for (int b = 0; b < BATCH; b++) acc = tn_chunk_sum_squares<DT>(q[b], acc, 1.0f);
+    }
+    const float sum = tn_group_sum<G>(acc, partials);
+    float pre = 1.0f, inv;
+    if (tn_needs_rescale(sum, p.eps)) {
+      const float kf = tn_rescale_factor(sum);
+      float acc2 = 0.0f;
+      for (tn_i64 c = t; c < chunks; c += G) {
+        const tn_chunk q = STAGE == TN_KERNEL_STAGE_SHARED ? staged[c] : Op::template reread<DT, MODE>(p, row, c);
+        acc2 = tn_chunk_sum_squares<DT>(q, acc2, kf);
+      }
+      inv = tn_rescaled_inv(sum, tn_group_sum<G>(acc2, partials), kf, p, &pre);
+    } else {
+      inv = tn_inv_sqrt(sum / p.count + p.eps);
+    }
+    for (tn_i64 c0 = t; c0 < chunks; c0 += (tn_i64)BATCH * G) {
+      tn_chunk q[BATCH];
+#pragma unroll
+      for (int b = 0; b < BATCH; b++) {
+        const tn_i64 c = c0 + (tn_i64)b * G;
+        if (c < chunks)
+          q[b] = STAGE == TN_KERNEL_STAGE_SHARED ? staged[c] : Op::template reread<DT, MODE>(p, row, c);
+      }
+#pragma unroll
+      for (int b = 0; b < BATCH; b++) {
+        const tn_i64 c = c0 + (tn_i64)b * G;
+        if (c < chunks) Op::template emit<DT, MODE>(p, row, c, q[b], pre, inv);
+      }
+    }
+  }
+}
+
+/* The kernels of one op family: Op's rows in registers (G threads per row) or staged. */
+#define TN_DEFINE_ROW_KERNELS(prefix, Op)                                                                 \
+  template <int DT, int G, int MODE>                                                                      \
+  __global__ void __launch_bounds__(G < TN_KERNEL_MIN_BLOCK ? TN_KERNEL_MIN_BLOCK : G)                     \
+      prefix##_registers(const tn_kernel_params p) {                                                      \
+    tn_pdl_wait();                                                                                        \
+    tn_rows_in_registers<DT, G, MODE, Op>(p);                                                             \
+    tn_pdl_launch_dependents();                                                                           \
+  }                                                                                                       \
+  template <int DT, int STAGE, int MODE>                                                                  \
+  __global__ void __launch_bounds__(TN_KERNEL_MAX_GROUP) prefix##_staged(const tn_kernel_params p) {       \
+    tn_pdl_wait();                                                                                        \
+    tn_rows_staged<DT, STAGE, MODE, Op>(p);                                                               \
+    tn_pdl_launch_dependents();                                                                           \
+  }
+
+#endif

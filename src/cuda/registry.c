@@ -1,0 +1,249 @@
+#include "registry.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../core/error.h"
+#include "disk_cache.h"
+#include "driver.h"
+
+/* The kernel sources, embedded at build time (cmake/embed_sources.cmake). */
+extern const char tn_cuda_source_params_h[];
+extern const char tn_cuda_source_row_cuh[];
+extern const char tn_cuda_source_norm_cu[];
+extern const char tn_cuda_source_add_rms_norm_cu[];
+
+static const char *const header_names[] = {"params.h", "row.cuh"};
+#define HEADER_COUNT 2
+
+static const char *family_source(tn_kernel_family f) {
+  return f == TN_FAMILY_NORM ? tn_cuda_source_norm_cu : tn_cuda_source_add_rms_norm_cu;
+}
+
+static const char *const family_prefix[TN_FAMILY_COUNT] = {"tn_norm", "tn_add_norm"};
+
+int tn_kernel_key_index(tn_kernel_key k) {
+  return ((k.family * TN_DTYPE_COUNT + (int)k.dtype) * TN_SHAPE_COUNT + k.shape) * TN_MODE_COUNT + k.mode;
+}
+
+tn_kernel_key tn_kernel_key_at(int index) {
+  tn_kernel_key k;
+  k.mode = index % TN_MODE_COUNT;
+  index /= TN_MODE_COUNT;
+  k.shape = index % TN_SHAPE_COUNT;
+  index /= TN_SHAPE_COUNT;
+  k.dtype = (tn_dtype)(index % TN_DTYPE_COUNT);
+  k.family = (tn_kernel_family)(index / TN_DTYPE_COUNT);
+  return k;
+}
+
+void tn_kernel_name(tn_kernel_key k, char *out, size_t capacity) {
+  if (k.shape < TN_SHAPE_REGISTER_COUNT)
+    snprintf(out, capacity, "%s_registers<%d,%d,%d>", family_prefix[k.family], (int)k.dtype, 1 << k.shape, k.mode);
+  else
+    snprintf(out, capacity, "%s_staged<%d,%d,%d>", family_prefix[k.family], (int)k.dtype,
+             k.shape == TN_SHAPE_SHARED ? TN_KERNEL_STAGE_SHARED : TN_KERNEL_STAGE_REREAD, k.mode);
+}
+
+int tn_kernel_row_shape(tn_dtype dtype, int64_t dim, size_t max_stage_bytes) {
+  const int64_t per_chunk = dtype == TN_F32 ? 4 : 8;
+  const int64_t chunks = (dim + per_chunk - 1) / per_chunk;
+  if (chunks <= (int64_t)TN_KERNEL_REG_CHUNKS * TN_KERNEL_MAX_GROUP) {
+    /* The fewest threads that hold the row in TN_KERNEL_REG_CHUNKS chunks each, a power of two. */
+    const int64_t per_thread = (chunks + TN_KERNEL_REG_CHUNKS - 1) / TN_KERNEL_REG_CHUNKS;
+    int shape = 0;
+    while (((int64_t)1 << shape) < per_thread) shape++;
+    return shape;
+  }
+  return (uint64_t)chunks * 16u <= max_stage_bytes ? TN_SHAPE_SHARED : TN_SHAPE_REREAD;
+}
+
+int tn_kernel_group_threads(int shape) {
+  return shape < TN_SHAPE_REGISTER_COUNT ? 1 << shape : TN_KERNEL_MAX_GROUP;
+}
+
+int tn_kernel_block_threads(int shape) {
+  int g = tn_kernel_group_threads(shape);
+  return g < TN_KERNEL_MIN_BLOCK ? TN_KERNEL_MIN_BLOCK : g;
+}
+
+/* ---- statistics ---- */
+
+static pthread_mutex_t stats_lock = PTHREAD_MUTEX_INITIALIZER;
+static tn_kernel_cache_stats stats;
+
+void tn_kernel_stats_add_memory_hit(void) {
+  __atomic_fetch_add(&stats.memory_hits, 1, __ATOMIC_RELAXED); /* on every op: no lock */
+}
+
+void tn_kernel_stats_get(tn_kernel_cache_stats *out) {
+  pthread_mutex_lock(&stats_lock);
+  *out = stats;
+  out->memory_hits = __atomic_load_n(&stats.memory_hits, __ATOMIC_RELAXED);
+  pthread_mutex_unlock(&stats_lock);
+}
+
+static void stats_add(uint64_t *counter, double seconds, double *total) {
+  pthread_mutex_lock(&stats_lock);
+  (*counter)++;
+  if (total != NULL) *total += seconds;
+  pthread_mutex_unlock(&stats_lock);
+}
+
+/* ---- NVRTC ---- */
+
+static void options_for(int arch, char *arch_option, size_t capacity, const char **options, int *count) {
+  snprintf(arch_option, capacity, "--gpu-architecture=sm_%d", arch);
+  options[0] = arch_option;
+  options[1] = "--std=c++17";
+  options[2] = "--fmad=false"; /* no fused multiply-add: the CPU backend's expression, bit for bit */
+  options[3] = "--prec-div=true";
+  options[4] = "--prec-sqrt=true";
+  options[5] = "--ftz=false";
+  *count = 6;
+}
+
+static tn_status nvrtc_fail(tn_context *ctx, const tn_nvrtc *nv, nvrtcProgram prog, nvrtcResult r, const char *what,
+                            const char *name) {
+  char log[400] = "";
+  size_t log_size = 0;
+  if (prog != NULL && nv->GetProgramLogSize(prog, &log_size) == NVRTC_SUCCESS && log_size > 1) {
+    char *full = malloc(log_size);
+    if (full != NULL && nv->GetProgramLog(prog, full) == NVRTC_SUCCESS) {
+      /* One line: the log's newlines become " | ". */
+      size_t o = 0;
+      for (size_t i = 0; full[i] != '\0' && o + 4 < sizeof log; i++) {
+        if (full[i] == '\n') {
+          if (full[i + 1] != '\0') {
+            memcpy(log + o, " | ", 3);
+            o += 3;
+          }
+        } else {
+          log[o++] = full[i];
+        }
+      }
+      log[o] = '\0';
+    }
+    free(full);
+  }
+  if (prog != NULL) nv->DestroyProgram(&prog);
+  return tn_error(ctx, TN_ERR_BACKEND, "cuda: NVRTC %s of %s failed: %s%s%s", what, name, nv->GetErrorString(r),
+                  log[0] != '\0' ? ": " : "", log);
+}
+
+tn_status tn_kernel_compile_source(tn_context *ctx, const char *source, const char *name, int arch,
+                                   tn_kernel_binary *out) {
+  const char *reason = NULL;
+  const tn_nvrtc *nv = tn_nvrtc_get(&reason);
+  TN_RETURN_ERROR_IF(nv == NULL, ctx, TN_ERR_UNAVAILABLE, "cuda: %s", reason);
+  const char *headers[HEADER_COUNT] = {tn_cuda_source_params_h, tn_cuda_source_row_cuh};
+  nvrtcProgram prog = NULL;
+  nvrtcResult r = nv->CreateProgram(&prog, source, "tnorm_kernel.cu", HEADER_COUNT, headers, header_names);
+  if (r != NVRTC_SUCCESS) return nvrtc_fail(ctx, nv, NULL, r, "program creation", name);
+  if ((r = nv->AddNameExpression(prog, name)) != NVRTC_SUCCESS) return nvrtc_fail(ctx, nv, prog, r, "naming", name);
+  char arch_option[64];
+  const char *options[8];
+  int count;
+  options_for(arch, arch_option, sizeof arch_option, options, &count);
+  if ((r = nv->CompileProgram(prog, count, options)) != NVRTC_SUCCESS)
+    return nvrtc_fail(ctx, nv, prog, r, "compilation", name);
+  const char *lowered = NULL;
+  size_t cubin_size = 0;
+  if ((r = nv->GetLoweredName(prog, name, &lowered)) != NVRTC_SUCCESS)
+    return nvrtc_fail(ctx, nv, prog, r, "name lookup", name);
+  if ((r = nv->GetCUBINSize(prog, &cubin_size)) != NVRTC_SUCCESS || cubin_size == 0)
+    return nvrtc_fail(ctx, nv, prog, r, "cubin output", name);
+  const size_t name_len = strlen(lowered);
+  char *blob = malloc(name_len + 1 + cubin_size);
+  if (blob == NULL) {
+    nv->DestroyProgram(&prog);
+    return tn_error(ctx, TN_ERR_NO_MEMORY, "cuda: out of memory for a %zu-byte kernel binary", cubin_size);
+  }
+  memcpy(blob, lowered, name_len + 1);
+  r = nv->GetCUBIN(prog, blob + name_len + 1);
+  if (r != NVRTC_SUCCESS) {
+    free(blob);
+    return nvrtc_fail(ctx, nv, prog, r, "cubin output", name);
+  }
+  nv->DestroyProgram(&prog);
+  out->blob = blob;
+  out->size = name_len + 1 + cubin_size;
+  out->lowered_name = blob;
+  out->cubin = blob + name_len + 1;
+  out->cubin_size = cubin_size;
+  return TN_OK;
+}
+
+void tn_kernel_binary_free(tn_kernel_binary *b) {
+  if (b == NULL) return;
+  free(b->blob);
+  memset(b, 0, sizeof *b);
+}
+
+/* A cache payload is a blob: a NUL-terminated name followed by a cubin. */
+static int blob_split(char *blob, size_t size, tn_kernel_binary *out) {
+  const char *nul = memchr(blob, '\0', size);
+  if (nul == NULL || nul == blob || (size_t)(nul - blob) + 1 >= size) return 0;
+  out->blob = blob;
+  out->size = size;
+  out->lowered_name = blob;
+  out->cubin = nul + 1;
+  out->cubin_size = size - (size_t)(nul - blob) - 1;
+  return 1;
+}
+
+/* The key text of a kernel: everything its binary depends on. */
+static void cache_key(tn_kernel_key key, int arch, const tn_nvrtc *nv, char *out, size_t capacity) {
+  uint64_t h = TN_HASH_SEED;
+  const char *parts[] = {tn_cuda_source_params_h, tn_cuda_source_row_cuh, family_source(key.family)};
+  for (size_t i = 0; i < 3; i++) h = tn_hash64(h, parts[i], strlen(parts[i]) + 1);
+  uint64_t h2 = 0x84222325cbf29ce4ull;
+  for (size_t i = 0; i < 3; i++) h2 = tn_hash64(h2, parts[i], strlen(parts[i]) + 1);
+  char name[128], arch_option[64];
+  const char *options[8];
+  int count;
+  tn_kernel_name(key, name, sizeof name);
+  options_for(arch, arch_option, sizeof arch_option, options, &count);
+  int n = snprintf(out, capacity, "tnorm kernel cache 1\nnvrtc %d.%d\nsource %016llx%016llx\nkernel %s\noptions",
+                   nv->major, nv->minor, (unsigned long long)h, (unsigned long long)h2, name);
+  for (int i = 0; i < count && n > 0 && (size_t)n < capacity; i++) n += snprintf(out + n, capacity - (size_t)n, " %s", options[i]);
+}
+
+static double now_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+tn_status tn_kernel_build(tn_context *ctx, tn_kernel_key key, int arch, tn_kernel_binary *out) {
+  const char *reason = NULL;
+  const tn_nvrtc *nv = tn_nvrtc_get(&reason);
+  TN_RETURN_ERROR_IF(nv == NULL, ctx, TN_ERR_UNAVAILABLE, "cuda: %s", reason);
+  char dir[2048], key_text[1024];
+  const int cached = tn_disk_cache_dir(dir, sizeof dir);
+  cache_key(key, arch, nv, key_text, sizeof key_text);
+  if (cached) {
+    void *payload = NULL;
+    size_t size = 0;
+    tn_disk_lookup found = tn_disk_cache_load(dir, key_text, &payload, &size);
+    if (found == TN_DISK_HIT) {
+      if (blob_split(payload, size, out)) {
+        stats_add(&stats.loaded_from_disk, 0, NULL);
+        return TN_OK;
+      }
+      free(payload);
+      found = TN_DISK_REJECTED;
+    }
+    if (found == TN_DISK_REJECTED) stats_add(&stats.disk_rejected, 0, NULL);
+  }
+  char name[128];
+  tn_kernel_name(key, name, sizeof name);
+  const double start = now_seconds();
+  TN_FORWARD_IF_ERROR(tn_kernel_compile_source(ctx, family_source(key.family), name, arch, out));
+  stats_add(&stats.compiled, now_seconds() - start, &stats.compile_seconds);
+  if (cached && tn_disk_cache_store(dir, key_text, out->blob, out->size) == 0) stats_add(&stats.disk_writes, 0, NULL);
+  return TN_OK;
+}
