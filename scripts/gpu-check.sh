@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU: builds tnorm for the chip, runs the GPU test suite (GPU results against
+# the CPU backend and the float64 reference), compute-sanitizer memcheck and racecheck over the GPU tests,
+# the command's check on the GPU, the first-use compile and warm-cache timings, and `tnorm bench --device
+# cuda`; prints a short table last. Fits one 10-minute call. Logs go to $OUT (or ./gpu-check-out).
+#   bash scripts/gpu-check.sh [quick]     quick: build, check and bench only
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+MODE=${1:-full}
+JOBS=$(nproc)
+declare -a rows=()
+row() { rows+=("$(printf '%-34s %s' "$1" "$2")"); }
+
+# cJSON for the command: the system's, else the Debian packages carried in .debs/ (unpacked, not installed).
+cmake_extra=()
+if [ ! -f /usr/include/cjson/cJSON.h ] && ls .debs/libcjson*.deb >/dev/null 2>&1; then
+  mkdir -p /tmp/tnorm-cjson
+  for f in .debs/libcjson*.deb; do dpkg -x "$f" /tmp/tnorm-cjson; done
+  lib=/tmp/tnorm-cjson/usr/lib/x86_64-linux-gnu
+  cmake_extra=(-DCJSON_LIBRARY=$lib/libcjson.so.1 -DCJSON_INCLUDE_DIR=/tmp/tnorm-cjson/usr/include)
+  export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+
+nvidia-smi --query-gpu=name,driver_version,clocks.max.memory --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+echo "GPU: $(cat "$OUT/gpu.txt")"
+
+BUILD=build-gpu
+t0=$(date +%s)
+if cmake -S . -B $BUILD -DCMAKE_BUILD_TYPE=Release -DTNORM_CUDA=ON -DTNORM_GPU_TESTS=ON "${cmake_extra[@]}" \
+     > "$OUT/configure.log" 2>&1 && cmake --build $BUILD -j"$JOBS" > "$OUT/build.log" 2>&1; then
+  row "build" "ok ($(( $(date +%s) - t0 )) s)"
+else
+  tail -30 "$OUT/build.log" "$OUT/configure.log"
+  row "build" "FAILED"
+  printf '%s\n' "${rows[@]}"
+  exit 1
+fi
+TNORM=$BUILD/tnorm
+
+# First use: an empty disk cache, so every kernel the calls need is compiled; then a second process
+# with the cache warm must compile nothing.
+export TNORM_CACHE_DIR=$(mktemp -d /tmp/tnorm-cache.XXXXXX)
+first="--ops rms_norm --dtypes bf16 --shapes 1x4096 --iters 100"
+$TNORM bench --device cuda $first > "$OUT/first_use_cold.txt" 2>&1
+$TNORM bench --device cuda $first > "$OUT/first_use_warm.txt" 2>&1
+row "first use, cold cache" "$(grep -o 'kernels: .*' "$OUT/first_use_cold.txt")"
+row "second process, warm cache" "$(grep -o 'kernels: .*' "$OUT/first_use_warm.txt")"
+
+if $TNORM check --device cuda > "$OUT/check.txt" 2>&1; then row "tnorm check --device cuda" "all passed ($(grep -c '^cuda' "$OUT/check.txt") op x dtype rows)"
+else row "tnorm check --device cuda" "FAILED: $(grep -m1 FAIL "$OUT/check.txt")"; fi
+
+if [ "$MODE" = full ]; then
+  if [ -x $BUILD/tests/tnorm_cuda_tests ]; then
+    $BUILD/tests/tnorm_cuda_tests --gtest_brief=1 > "$OUT/gpu_tests.txt" 2>&1
+    row "GPU tests" "$(grep -E '^\[  (PASSED|FAILED)' "$OUT/gpu_tests.txt" | tr '\n' ' ')"
+    san="$BUILD/tests/tnorm_cuda_tests --gtest_brief=1 --gtest_filter=Sanitized*"
+    compute-sanitizer --tool memcheck --error-exitcode 3 $san > "$OUT/memcheck.txt" 2>&1
+    row "memcheck" "exit $? $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.txt" | tail -1)"
+    compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 $san > "$OUT/racecheck.txt" 2>&1
+    row "racecheck" "exit $? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/racecheck.txt" | tail -1)"
+  else
+    row "GPU tests" "NOT BUILT"
+  fi
+fi
+
+shapes=32768x4096,16384x8192,65536x2048,8192x16384,131072x128,4096x4096,1x4096,64x4096,16x65536,4x131072
+$TNORM bench --device cuda --shapes $shapes --csv "$OUT/bench_cuda.csv" > "$OUT/bench_cuda.txt" 2>&1
+cat "$OUT/bench_cuda.txt"
+echo
+echo "== gpu-check summary =="
+printf '%s\n' "${rows[@]}"
+awk -F, 'NR > 1 && ($2 == "rms_norm" || $3 == "bf16") { printf "%-13s %-5s %13s %9.2f us %7.1f%% of copy\n", $2, $3, $4 "x" $5, $7, $10 }' \
+  "$OUT/bench_cuda.csv" | grep -E "bf16|f32 +(32768x4096|16384x8192|65536x2048|8192x16384) "
