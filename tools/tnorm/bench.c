@@ -164,8 +164,14 @@ static void *alloc_random(tn_context *ctx, tn_device dev, tn_dtype dtype, size_t
     free(host);
     return NULL;
   }
+  /* At most 2^20 values are drawn, then repeated: the speed of an op does not depend on them. */
+  const size_t drawn = elems < ((size_t)1 << 20) ? elems : (size_t)1 << 20;
   tn_tensor t = tn_tensor_2d(host, dtype, 1, (int64_t)elems);
-  for (size_t i = 0; i < elems; i++) tn_reference_store(&t, 0, (int64_t)i, (float)(mean + tn_rng_normal(rng)));
+  for (size_t i = 0; i < drawn; i++) tn_reference_store(&t, 0, (int64_t)i, (float)(mean + tn_rng_normal(rng)));
+  for (size_t i = drawn; i < elems; i += drawn) {
+    const size_t n = elems - i < drawn ? elems - i : drawn;
+    memcpy(host + i * tn_dtype_size(dtype), host, n * tn_dtype_size(dtype));
+  }
   for (size_t k = 0; k < sets && !*failed; k++)
     if (tn_memcpy(ctx, (char *)p + k * bytes, dev, host, tn_cpu_device(), bytes) != TN_OK) *failed = 1;
   free(host);

@@ -46,28 +46,36 @@ template <int DT>
 TN_DEV float tn_to_f32(tn_u32 bits) {
   if (DT == TN_KERNEL_F32) return __uint_as_float(bits);
   if (DT == TN_KERNEL_BF16) return __uint_as_float(bits << 16);
-  tn_u16 h = (tn_u16)bits;
+  const tn_u16 h = (tn_u16)bits;
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  tn_u32 em = bits & 0x7fffu;
-  /* NaN: quiet, sign and payload kept (the hardware may give a canonical NaN instead). */
-  if (em > 0x7c00u) f = __uint_as_float(((bits & 0x8000u) << 16) | 0x7fc00000u | ((em & 0x3ffu) << 13));
   return f;
 }
 
+/* Round to nearest even. bf16 is done on the bits, exactly as the CPU backend does (NaN made quiet,
+ * payload kept); f16 uses the hardware conversion (a NaN may come out as the canonical NaN). */
 template <int DT>
 TN_DEV tn_u32 tn_from_f32(float f) {
-  tn_u32 u = __float_as_uint(f);
+  const tn_u32 u = __float_as_uint(f);
   if (DT == TN_KERNEL_F32) return u;
   if (DT == TN_KERNEL_BF16) {
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u; /* NaN stays NaN, made quiet */
-    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;                  /* round to nearest even */
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   }
   tn_u16 h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  tn_u32 a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) h = (tn_u16)(((u >> 16) & 0x8000u) | 0x7e00u | ((a >> 13) & 0x3ffu));
   return h;
+}
+
+/* Two values rounded into one 32-bit word, lo in the low half. */
+template <int DT>
+TN_DEV tn_u32 tn_pack2(float lo, float hi) {
+  if (DT == TN_KERNEL_F16) {
+    tn_u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  return tn_from_f32<DT>(lo) | (tn_from_f32<DT>(hi) << 16);
 }
 
 template <int DT>
@@ -100,7 +108,7 @@ TN_DEV tn_chunk tn_chunk_from_f32(const float *f) {
     for (int j = 0; j < 4; j++) q.w[j] = __float_as_uint(f[j]);
   } else {
 #pragma unroll
-    for (int j = 0; j < 4; j++) q.w[j] = tn_from_f32<DT>(f[2 * j]) | (tn_from_f32<DT>(f[2 * j + 1]) << 16);
+    for (int j = 0; j < 4; j++) q.w[j] = tn_pack2<DT>(f[2 * j], f[2 * j + 1]);
   }
   return q;
 }
@@ -190,21 +198,25 @@ TN_DEV unsigned tn_group_mask() {
   return ((1u << width) - 1u) << (lane & ~(width - 1u));
 }
 
-/* The sum of v over the group, identical in every thread of it. partials: G / 32 floats of shared
- * memory when G > 32. */
+/* The sum of v over the group, identical in every thread of it. Above one warp the warps' sums meet in
+ * shared memory: partials holds two sets of G / 32 floats used in turn (*turn flips on every call, the
+ * same in every thread), so one barrier per reduction suffices: a set is written again only after the
+ * next reduction's barrier, which every thread reaches after reading it. */
 template <int G>
-TN_DEV float tn_group_sum(float v, float *partials) {
+TN_DEV float tn_group_sum(float v, float *partials, int *turn) {
   const unsigned mask = tn_group_mask<G>();
   constexpr int width = G < 32 ? G : 32;
 #pragma unroll
   for (int o = width / 2; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o);
   if (G <= 32) return v;
-  if ((threadIdx.x & 31u) == 0) partials[threadIdx.x >> 5] = v;
+  constexpr int warps = G > 32 ? G / 32 : 1;
+  float *set = partials + (*turn) * warps;
+  *turn ^= 1;
+  if ((threadIdx.x & 31u) == 0) set[threadIdx.x >> 5] = v;
   __syncthreads();
-  float s = partials[0];
+  float s = set[0];
 #pragma unroll
-  for (int w = 1; w < (G > 32 ? G / 32 : 1); w++) s += partials[w];
-  __syncthreads();
+  for (int w = 1; w < warps; w++) s += set[w];
   return s;
 }
 
@@ -259,7 +271,8 @@ template <int DT, int G, int MODE, class Op>
 TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
   constexpr int K = TN_KERNEL_REG_CHUNKS, V = tn_dt<DT>::per_chunk;
   constexpr int BLOCK = G < TN_KERNEL_MIN_BLOCK ? TN_KERNEL_MIN_BLOCK : G, RPB = BLOCK / G;
-  __shared__ float partials[G > 32 ? G / 32 : 1];
+  __shared__ float partials[2 * (G > 32 ? G / 32 : 1)];
+  int turn = 0;
   const int t = threadIdx.x % G;
   const tn_i64 chunks = (p.dim + V - 1) / V;
   for (tn_i64 row = (tn_i64)blockIdx.x * RPB + threadIdx.x / G; row < p.rows; row += (tn_i64)gridDim.x * RPB) {
@@ -272,14 +285,14 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
     float acc = 0.0f;
 #pragma unroll
     for (int k = 0; k < K; k++) acc = tn_chunk_sum_squares<DT>(q[k], acc, 1.0f);
-    const float sum = tn_group_sum<G>(acc, partials);
+    const float sum = tn_group_sum<G>(acc, partials, &turn);
     float pre = 1.0f, inv;
     if (tn_needs_rescale(sum, p.eps)) {
       const float kf = tn_rescale_factor(sum);
       float acc2 = 0.0f;
 #pragma unroll
       for (int k = 0; k < K; k++) acc2 = tn_chunk_sum_squares<DT>(q[k], acc2, kf);
-      inv = tn_rescaled_inv(sum, tn_group_sum<G>(acc2, partials), kf, p, &pre);
+      inv = tn_rescaled_inv(sum, tn_group_sum<G>(acc2, partials, &turn), kf, p, &pre);
     } else {
       inv = tn_inv_sqrt(sum / p.count + p.eps);
     }
@@ -299,7 +312,8 @@ template <int DT, int STAGE, int MODE, class Op>
 TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
   constexpr int G = TN_KERNEL_MAX_GROUP, V = tn_dt<DT>::per_chunk, BATCH = 4;
   extern __shared__ tn_chunk staged[];
-  __shared__ float partials[G / 32];
+  __shared__ float partials[2 * (G / 32)];
+  int turn = 0;
   const int t = threadIdx.x;
   const tn_i64 chunks = (p.dim + V - 1) / V;
   for (tn_i64 row = blockIdx.x; row < p.rows; row += gridDim.x) {
@@ -316,7 +330,7 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
 #pragma unroll
       for (int b = 0; b < BATCH; b++) acc = tn_chunk_sum_squares<DT>(q[b], acc, 1.0f);
     }
-    const float sum = tn_group_sum<G>(acc, partials);
+    const float sum = tn_group_sum<G>(acc, partials, &turn);
     float pre = 1.0f, inv;
     if (tn_needs_rescale(sum, p.eps)) {
       const float kf = tn_rescale_factor(sum);
@@ -325,7 +339,7 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
         const tn_chunk q = STAGE == TN_KERNEL_STAGE_SHARED ? staged[c] : Op::template reread<DT, MODE>(p, row, c);
         acc2 = tn_chunk_sum_squares<DT>(q, acc2, kf);
       }
-      inv = tn_rescaled_inv(sum, tn_group_sum<G>(acc2, partials), kf, p, &pre);
+      inv = tn_rescaled_inv(sum, tn_group_sum<G>(acc2, partials, &turn), kf, p, &pre);
     } else {
       inv = tn_inv_sqrt(sum / p.count + p.eps);
     }
@@ -346,17 +360,28 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
   }
 }
 
+/* Threads per block for G threads per row, and the blocks per SM the register allocation must allow.
+ * Measured on the H100: spilling costs more than occupancy gains, so the cap stays near 80 registers
+ * (6 blocks of 128, 3 of 256), except that a 512-thread block gets 2 per SM (64 registers) since one alone
+ * leaves the SM idle through each row's barrier. */
+#define TN_BLOCK_OF(G) ((G) < TN_KERNEL_MIN_BLOCK ? TN_KERNEL_MIN_BLOCK : (G))
+#ifndef TN_KERNEL_SMALL_BLOCKS
+#define TN_KERNEL_SMALL_BLOCKS 6
+#endif
+#define TN_MIN_BLOCKS_OF(G)                                                                                \
+  (TN_BLOCK_OF(G) == 128 ? TN_KERNEL_SMALL_BLOCKS : TN_BLOCK_OF(G) == 256 ? 3 : TN_BLOCK_OF(G) == 512 ? 2 : 1)
+
 /* The kernels of one op family: Op's rows in registers (G threads per row) or staged. */
 #define TN_DEFINE_ROW_KERNELS(prefix, Op)                                                                 \
   template <int DT, int G, int MODE>                                                                      \
-  __global__ void __launch_bounds__(G < TN_KERNEL_MIN_BLOCK ? TN_KERNEL_MIN_BLOCK : G)                     \
+  __global__ void __launch_bounds__(TN_BLOCK_OF(G), TN_MIN_BLOCKS_OF(G))                \
       prefix##_registers(const tn_kernel_params p) {                                                      \
     tn_pdl_wait();                                                                                        \
     tn_rows_in_registers<DT, G, MODE, Op>(p);                                                             \
     tn_pdl_launch_dependents();                                                                           \
   }                                                                                                       \
   template <int DT, int STAGE, int MODE>                                                                  \
-  __global__ void __launch_bounds__(TN_KERNEL_MAX_GROUP) prefix##_staged(const tn_kernel_params p) {       \
+  __global__ void __launch_bounds__(TN_KERNEL_MAX_GROUP, 1) prefix##_staged(const tn_kernel_params p) {       \
     tn_pdl_wait();                                                                                        \
     tn_rows_staged<DT, STAGE, MODE, Op>(p);                                                               \
     tn_pdl_launch_dependents();                                                                           \
