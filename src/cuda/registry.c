@@ -48,25 +48,12 @@ void tn_kernel_name(tn_kernel_key k, char *out, size_t capacity) {
              k.shape == TN_SHAPE_SHARED ? TN_KERNEL_STAGE_SHARED : TN_KERNEL_STAGE_REREAD, k.mode);
 }
 
-/* Chunks each thread aims to hold (TN_KERNEL_REG_CHUNKS at most). TNORM_CUDA_CHUNKS_PER_THREAD overrides
- * it for tuning experiments only: it changes the reduction order of the process's rows. */
-static int64_t chunks_per_thread_target(void) {
-  static int cached;
-  if (cached == 0) {
-    const char *env = getenv("TNORM_CUDA_CHUNKS_PER_THREAD");
-    int v = env != NULL ? atoi(env) : 0;
-    cached = v >= 1 && v <= TN_KERNEL_REG_CHUNKS ? v : TN_KERNEL_REG_CHUNKS;
-  }
-  return cached;
-}
-
 int tn_kernel_row_shape(tn_dtype dtype, int64_t dim, size_t max_stage_bytes) {
   const int64_t per_chunk = dtype == TN_F32 ? 4 : 8;
   const int64_t chunks = (dim + per_chunk - 1) / per_chunk;
   if (chunks <= (int64_t)TN_KERNEL_REG_CHUNKS * TN_KERNEL_MAX_GROUP) {
     /* The fewest threads that hold the row in TN_KERNEL_REG_CHUNKS chunks each, a power of two. */
-    const int64_t target = chunks_per_thread_target();
-    const int64_t per_thread = (chunks + target - 1) / target;
+    const int64_t per_thread = (chunks + TN_KERNEL_REG_CHUNKS - 1) / TN_KERNEL_REG_CHUNKS;
     int shape = 0;
     while (((int64_t)1 << shape) < per_thread) shape++;
     return shape;
@@ -117,14 +104,6 @@ static void options_for(int arch, char *arch_option, size_t capacity, const char
   options[4] = "--prec-sqrt=true";
   options[5] = "--ftz=false";
   *count = 6;
-  /* TNORM_NVRTC_DEFINE=NAME=VALUE adds one -D for tuning experiments on the kernels' own constants
-   * (TN_KERNEL_SMALL_BLOCKS); it is part of the cache key like every option. */
-  static char define[128];
-  const char *env = getenv("TNORM_NVRTC_DEFINE");
-  if (env != NULL && env[0] != '\0' && strlen(env) < sizeof define - 3) {
-    snprintf(define, sizeof define, "-D%s", env);
-    options[(*count)++] = define;
-  }
 }
 
 static tn_status nvrtc_fail(tn_context *ctx, const tn_nvrtc *nv, nvrtcProgram prog, nvrtcResult r, const char *what,
