@@ -150,7 +150,7 @@ static inline tn_tensor tn_tensor_vector(const void *data, tn_dtype dtype, int64
 /* Context                                                                                          */
 /* ------------------------------------------------------------------------------------------------ */
 
-/* A context owns the backends' state (the CPU thread pool; later device streams) and the last error.
+/* A context owns the backends' state (the CPU thread pool, the CUDA stream) and the last error.
  * One context serves one caller thread at a time; use one context per thread for concurrent calls. */
 typedef struct tn_context tn_context;
 

@@ -52,6 +52,9 @@ if $TNORM check --device cuda > "$OUT/check.txt" 2>&1; then row "tnorm check --d
 else row "tnorm check --device cuda" "FAILED: $(grep -m1 FAIL "$OUT/check.txt")"; fi
 
 if [ "$MODE" = full ]; then
+  # The rest of the suite on this machine (unit, command, install, kernel compile); the GPU tests next.
+  (cd $BUILD && ctest -j"$JOBS" -LE gpu --timeout 600) > "$OUT/ctest.txt" 2>&1
+  row "ctest (all but the GPU binary)" "$(grep -E 'tests passed|tests failed' "$OUT/ctest.txt" | tail -1)"
   if [ -x $BUILD/tests/tnorm_cuda_tests ]; then
     $BUILD/tests/tnorm_cuda_tests --gtest_brief=1 > "$OUT/gpu_tests.txt" 2>&1
     row "GPU tests" "$(grep -E '^\[  (PASSED|FAILED)' "$OUT/gpu_tests.txt" | tr '\n' ' ')"
