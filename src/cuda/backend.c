@@ -208,7 +208,7 @@ static int access_mode(const tn_op_args *a) {
 
 static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
   tn_kernel_key key;
-  key.family = a->op == TN_OP_ADD_RMS_NORM ? TN_FAMILY_ADD_NORM : TN_FAMILY_NORM;
+  key.family = a->op == TN_OP_ADD_RMS_NORM ? TN_FAMILY_ADD_NORM : a->mul != NULL ? TN_FAMILY_NORM_MUL : TN_FAMILY_NORM;
   key.dtype = a->x->dtype;
   key.shape = tn_kernel_row_shape(a->x->dtype, a->x->dim, max_stage_bytes(d));
   key.mode = access_mode(a);
@@ -237,7 +237,6 @@ static tn_kernel_params params_for(const tn_op_args *a) {
   if (a->mul != NULL) {
     p.mul = a->mul->data;
     p.mul_stride = a->mul->row_stride;
-    p.has_mul = 1;
   }
   if (a->residual != NULL) {
     p.residual = a->residual->data;

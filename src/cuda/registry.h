@@ -11,7 +11,13 @@
 #include "kernels/params.h"
 #include "tnorm.h"
 
-typedef enum tn_kernel_family { TN_FAMILY_NORM = 0, TN_FAMILY_ADD_NORM = 1, TN_FAMILY_COUNT = 2 } tn_kernel_family;
+/* norm.cu: rms_norm and l2_norm, and rms_norm with a multiplicand; add_rms_norm.cu: add_rms_norm. */
+typedef enum tn_kernel_family {
+  TN_FAMILY_NORM = 0,
+  TN_FAMILY_NORM_MUL = 1,
+  TN_FAMILY_ADD_NORM = 2,
+  TN_FAMILY_COUNT = 3
+} tn_kernel_family;
 
 /* Row shapes: 0 .. 10 keep rows in registers with G = 1 << shape threads per row; then the staged ones. */
 #define TN_SHAPE_REGISTER_COUNT 11

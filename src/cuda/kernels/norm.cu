@@ -1,9 +1,11 @@
 /* rms_norm (optionally with a weight and a fused multiplicand) and l2_norm: one family, since l2_norm
- * is the same row with count = 1 and a scale.
+ * is the same row with count = 1 and a scale. The multiplicand is a compile-time choice (its own kernels):
+ * carried as a run-time flag, its registers made every other kernel spill.
  *   y = round((((x * inv) * (w + offset)) * m) * scale),  inv = 1 / sqrt(sum(x^2) / count + eps)
  * each factor present only when the call has it. */
 #include "row.cuh"
 
+template <bool MUL>
 struct tn_norm_op {
   template <int DT, int MODE>
   static __device__ __forceinline__ tn_chunk produce(const tn_kernel_params &p, tn_i64 row, tn_i64 c) {
@@ -26,12 +28,12 @@ struct tn_norm_op {
       if (p.weight_f32) tn_load_f32<DT, TN_KERNEL_F32, MODE>((const char *)p.weight, c, p.dim, w);
       else tn_load_f32<DT, DT, MODE>((const char *)p.weight, c, p.dim, w);
     }
-    if (p.has_mul) tn_load_f32<DT, DT, MODE>(tn_row(p.mul, row, p.mul_stride, tn_dt<DT>::size), c, p.dim, m);
+    if (MUL) tn_load_f32<DT, DT, MODE>(tn_row(p.mul, row, p.mul_stride, tn_dt<DT>::size), c, p.dim, m);
 #pragma unroll
     for (int j = 0; j < V; j++) {
       float v = (f[j] * pre) * inv;
       if (p.has_weight) v *= w[j] + p.weight_offset;
-      if (p.has_mul) v *= m[j];
+      if (MUL) v *= m[j];
       if (p.has_scale) v *= p.scale;
       f[j] = v;
     }
@@ -40,4 +42,5 @@ struct tn_norm_op {
   }
 };
 
-TN_DEFINE_ROW_KERNELS(tn_norm, tn_norm_op)
+TN_DEFINE_ROW_KERNELS(tn_norm, tn_norm_op<false>)
+TN_DEFINE_ROW_KERNELS(tn_norm_mul, tn_norm_op<true>)

@@ -23,7 +23,6 @@ typedef struct tn_kernel_params {
   float count;         /* the divisor of the sum of squares: dim for rms_norm, 1 for l2_norm */
   int has_weight;
   int weight_f32; /* the weight is float32 (else x's dtype) */
-  int has_mul;
   int has_scale;
 } tn_kernel_params;
 
