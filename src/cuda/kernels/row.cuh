@@ -368,16 +368,15 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
   }
 }
 
-/* Threads per block for G threads per row, and the blocks per SM the register allocation must allow.
- * Measured on the H100: spilling costs more than occupancy gains, so the cap stays near 80 registers
- * (6 blocks of 128, 3 of 256), except that a 512-thread block gets 2 per SM (64 registers) since one alone
- * leaves the SM idle through each row's barrier. */
+/* Threads per block for G threads per row, and the blocks per SM the register allocation must allow:
+ * 1024 threads per SM, so at most 64 registers a thread. Measured on the H100: fewer resident rows lose
+ * more to the last partial wave of rows (4096 rows on 792 slots take 6 waves for 5.2 waves of work) than
+ * extra registers gain; with the multiplicand in its own kernels no kernel spills at this cap. */
 #define TN_BLOCK_OF(G) ((G) < TN_KERNEL_MIN_BLOCK ? TN_KERNEL_MIN_BLOCK : (G))
-#ifndef TN_KERNEL_SMALL_BLOCKS
-#define TN_KERNEL_SMALL_BLOCKS 6
+#ifndef TN_KERNEL_MIN_RESIDENT
+#define TN_KERNEL_MIN_RESIDENT 1024
 #endif
-#define TN_MIN_BLOCKS_OF(G)                                                                                \
-  (TN_BLOCK_OF(G) == 128 ? TN_KERNEL_SMALL_BLOCKS : TN_BLOCK_OF(G) == 256 ? 3 : TN_BLOCK_OF(G) == 512 ? 2 : 1)
+#define TN_MIN_BLOCKS_OF(G) (TN_BLOCK_OF(G) >= TN_KERNEL_MIN_RESIDENT ? 1 : TN_KERNEL_MIN_RESIDENT / TN_BLOCK_OF(G))
 
 /* The kernels of one op family: Op's rows in registers (G threads per row) or staged. */
 #define TN_DEFINE_ROW_KERNELS(prefix, Op)                                                                 \
