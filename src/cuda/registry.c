@@ -23,7 +23,7 @@ static const char *family_source(tn_kernel_family f) {
   return f == TN_FAMILY_NORM ? tn_cuda_source_norm_cu : tn_cuda_source_add_rms_norm_cu;
 }
 
-static const char *const family_prefix[TN_FAMILY_COUNT] = {"tn_norm", "tn_add_norm"};
+static const char *const family_prefix[TN_FAMILY_COUNT] = {"tn_norm", "tn_norm_mul", "tn_add_norm"};
 
 int tn_kernel_key_index(tn_kernel_key k) {
   return ((k.family * TN_DTYPE_COUNT + (int)k.dtype) * TN_SHAPE_COUNT + k.shape) * TN_MODE_COUNT + k.mode;

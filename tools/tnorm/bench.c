@@ -261,10 +261,16 @@ static int measure(tn_context *ctx, tn_device dev, tn_op op, tn_dtype dtype, int
   out->seconds = times[BATCHES / 2];
   out->bytes = set_bytes + (has_weight ? (double)dim * (double)es : 0.0);
   rc = 0;
-out:
+out:;
+  /* Freed through a second context, so the first error's message stays on ctx for the caller. */
+  tn_context *quiet = NULL;
   tn_event_destroy(start);
   tn_event_destroy(end);
-  tn_free(ctx, dev, x), tn_free(ctx, dev, y), tn_free(ctx, dev, w), tn_free(ctx, dev, r), tn_free(ctx, dev, ro);
+  if (tn_context_create(&quiet) == TN_OK) {
+    tn_free(quiet, dev, x), tn_free(quiet, dev, y), tn_free(quiet, dev, w), tn_free(quiet, dev, r);
+    tn_free(quiet, dev, ro);
+    tn_context_destroy(quiet);
+  }
   return rc;
 }
 
