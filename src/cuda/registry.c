@@ -20,7 +20,7 @@ static const char *const header_names[] = {"params.h", "row.cuh"};
 #define HEADER_COUNT 2
 
 static const char *family_source(tn_kernel_family f) {
-  return f == TN_FAMILY_NORM ? tn_cuda_source_norm_cu : tn_cuda_source_add_rms_norm_cu;
+  return f == TN_FAMILY_ADD_NORM ? tn_cuda_source_add_rms_norm_cu : tn_cuda_source_norm_cu;
 }
 
 static const char *const family_prefix[TN_FAMILY_COUNT] = {"tn_norm", "tn_norm_mul", "tn_add_norm"};
