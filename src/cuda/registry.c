@@ -67,7 +67,7 @@ int tn_kernel_group_threads(int shape) {
 
 int tn_kernel_block_threads(int shape) {
   int g = tn_kernel_group_threads(shape);
-  return g < TN_KERNEL_MIN_BLOCK ? TN_KERNEL_MIN_BLOCK : g;
+  return g > 32 ? g : TN_KERNEL_MIN_BLOCK; /* as TN_BLOCK_OF in row.cuh */
 }
 
 /* ---- statistics ---- */

@@ -42,7 +42,7 @@ typedef struct tn_kernel_params {
  * of one (op, dtype, dim) uses the same G, so every path reduces a row in the same order. */
 #define TN_KERNEL_REG_CHUNKS 4      /* chunks per thread kept in registers */
 #define TN_KERNEL_MAX_GROUP 1024    /* threads per row, at most */
-#define TN_KERNEL_MIN_BLOCK 128     /* threads per block for short rows (several rows per block) */
+#define TN_KERNEL_MIN_BLOCK 128     /* threads per block when G <= 32 (several rows per block); else G */
 
 /* Where a long row waits between its reduction and its output. */
 #define TN_KERNEL_STAGE_REGISTERS 0 /* rows of at most G * TN_KERNEL_REG_CHUNKS chunks */

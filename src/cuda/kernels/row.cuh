@@ -4,7 +4,7 @@
  * - the op family (an "Op" policy: tn_norm_op in norm.cu, tn_add_norm_op in add_rms_norm.cu) says how a
  *   row's 16-byte chunk is produced from the inputs and how a finished chunk is written;
  * - the row shape is either G threads per row with the row in registers (G = 1 .. 1024, several rows per
- *   block below TN_KERNEL_MIN_BLOCK), or 1024 threads per row with the row staged in shared memory or
+ *   block when G <= 32), or 1024 threads per row with the row staged in shared memory or
  *   read again for the output (rows too long for registers);
  * - the access mode is how memory is touched: 16-byte vectors where every pointer and row pitch allows
  *   it, else element by element, else byte by byte (pointers not even aligned to their elements).
@@ -272,13 +272,25 @@ TN_DEV void tn_pdl_launch_dependents() {
 
 /* ---- the two row shapes ---- */
 
+/* Threads per block for G threads per row, and the blocks per SM the register allocation must allow:
+ * 1024 threads per SM, so at most 64 registers a thread. Measured on the H100: fewer resident rows lose
+ * more to the last partial wave of rows (4096 rows on 792 slots take 6 waves for 5.2 waves of work) than
+ * extra registers gain; with the multiplicand in its own kernels no kernel spills at this cap. */
+#define TN_BLOCK_OF(G) ((G) > 32 ? (G) : TN_KERNEL_MIN_BLOCK)
+#ifndef TN_KERNEL_MIN_RESIDENT
+#define TN_KERNEL_MIN_RESIDENT 1024
+#endif
+#define TN_MIN_BLOCKS_OF(G) (TN_BLOCK_OF(G) >= TN_KERNEL_MIN_RESIDENT ? 1 : TN_KERNEL_MIN_RESIDENT / TN_BLOCK_OF(G))
+
+
 /* G threads per row, each keeping TN_KERNEL_REG_CHUNKS chunks in registers; several rows per block
- * when G < TN_KERNEL_MIN_BLOCK; rows spread over a grid that strides (rows are never a grid dimension
+ * when G <= 32 (a row's group is then within a warp; above a warp a block is one row, since the group's
+ * barrier and shared partial sums belong to the block); rows spread over a grid that strides (rows are never a grid dimension
  * with a 65535 cap; every offset is 64-bit). */
 template <int DT, int G, int MODE, class Op>
 TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
   constexpr int K = TN_KERNEL_REG_CHUNKS, V = tn_dt<DT>::per_chunk;
-  constexpr int BLOCK = G < TN_KERNEL_MIN_BLOCK ? TN_KERNEL_MIN_BLOCK : G, RPB = BLOCK / G;
+  constexpr int BLOCK = TN_BLOCK_OF(G), RPB = BLOCK / G; /* one row per block above one warp */
   __shared__ float partials[2 * (G > 32 ? G / 32 : 1)];
   int turn = 0;
   const int t = threadIdx.x % G;
@@ -367,16 +379,6 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
     }
   }
 }
-
-/* Threads per block for G threads per row, and the blocks per SM the register allocation must allow:
- * 1024 threads per SM, so at most 64 registers a thread. Measured on the H100: fewer resident rows lose
- * more to the last partial wave of rows (4096 rows on 792 slots take 6 waves for 5.2 waves of work) than
- * extra registers gain; with the multiplicand in its own kernels no kernel spills at this cap. */
-#define TN_BLOCK_OF(G) ((G) < TN_KERNEL_MIN_BLOCK ? TN_KERNEL_MIN_BLOCK : (G))
-#ifndef TN_KERNEL_MIN_RESIDENT
-#define TN_KERNEL_MIN_RESIDENT 1024
-#endif
-#define TN_MIN_BLOCKS_OF(G) (TN_BLOCK_OF(G) >= TN_KERNEL_MIN_RESIDENT ? 1 : TN_KERNEL_MIN_RESIDENT / TN_BLOCK_OF(G))
 
 /* The kernels of one op family: Op's rows in registers (G threads per row) or staged. */
 #define TN_DEFINE_ROW_KERNELS(prefix, Op)                                                                 \
