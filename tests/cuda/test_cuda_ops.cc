@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "cuda_test_util.h"
+#include "op_variant.h"
 #include "reference.h"
 #include "tnorm.h"
 
@@ -58,17 +59,6 @@ class SeedPrinter : public ::testing::Environment {
 // ------------------------------------------------------------------------------------------------
 // Op variants
 // ------------------------------------------------------------------------------------------------
-
-enum WeightKind { kNoWeight, kWeightXDtype, kWeightF32 };
-
-struct Variant {
-  const char *name;
-  tn_op op;
-  WeightKind weight;
-  float weight_offset;
-  bool mul;
-  float scale;
-};
 
 const Variant kVariants[] = {
     {"rms_norm", TN_OP_RMS_NORM, kNoWeight, 0.0f, false, 1.0f},

@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "core/dtype.h"
+#include "op_variant.h"
 #include "reference.h"
 #include "tnorm.h"
 
@@ -212,17 +213,6 @@ void FillRandom(Buf &b, Rng &rng, double fixed_scale = 0.0, double offset = 0.0)
 // ------------------------------------------------------------------------------------------------
 // Op variants
 // ------------------------------------------------------------------------------------------------
-
-enum WeightKind { kNoWeight, kWeightXDtype, kWeightF32 };
-
-struct Variant {
-  const char *name;
-  tn_op op;
-  WeightKind weight;
-  float weight_offset;
-  bool mul;
-  float scale;
-};
 
 const Variant kVariants[] = {
     {"rms_norm", TN_OP_RMS_NORM, kNoWeight, 0.0f, false, 1.0f},
