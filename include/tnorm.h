@@ -253,6 +253,19 @@ TN_API tn_status tn_add_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_t
                                  const tn_tensor *y, const tn_tensor *residual_out);
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Elementwise ops: what real graphs put around the norms (and what a graph fuses into them).       */
+/* b is rows x dim like x, or one row of dim elements applied to every row (a broadcast). One        */
+/* rounding to x's dtype; y may be x itself.                                                         */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* y = x + b */
+TN_API tn_status tn_add(tn_context *ctx, const tn_tensor *x, const tn_tensor *b, const tn_tensor *y);
+/* y = x * b */
+TN_API tn_status tn_mul(tn_context *ctx, const tn_tensor *x, const tn_tensor *b, const tn_tensor *y);
+/* y = x * scale; scale must be finite. */
+TN_API tn_status tn_scale(tn_context *ctx, const tn_tensor *x, float scale, const tn_tensor *y);
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Generic entry point: one descriptor for every op. The functions above fill it and call tn_op_run. */
 /* ------------------------------------------------------------------------------------------------ */
 
@@ -260,22 +273,25 @@ typedef enum tn_op {
   TN_OP_RMS_NORM = 0,     /* x, weight?, mul?           -> y                */
   TN_OP_L2_NORM = 1,      /* x                          -> y                */
   TN_OP_ADD_RMS_NORM = 2, /* x, residual, weight?       -> y, residual_out  */
+  TN_OP_ADD = 3,          /* x, residual (b)            -> y                */
+  TN_OP_MUL = 4,          /* x, mul (b)                 -> y                */
+  TN_OP_SCALE = 5,        /* x, scale                   -> y                */
 } tn_op;
-#define TN_OP_COUNT 3
+#define TN_OP_COUNT 6
 
-/* "rms_norm", "l2_norm", "add_rms_norm"; "?" outside the enum. */
+/* "rms_norm", "l2_norm", "add_rms_norm", "add", "mul", "scale"; "?" outside the enum. */
 TN_API const char *tn_op_name(tn_op op);
 
 typedef struct tn_op_args {
   tn_op op;
   const tn_tensor *x;
-  const tn_tensor *weight;       /* optional (rms_norm, add_rms_norm) */
-  const tn_tensor *mul;          /* optional (rms_norm)               */
-  const tn_tensor *residual;     /* required (add_rms_norm)           */
-  const tn_tensor *y;            /* required                          */
-  const tn_tensor *residual_out; /* required (add_rms_norm)           */
-  float eps;
-  float scale;         /* l2_norm; must be 1 for the other ops */
+  const tn_tensor *weight;       /* optional (rms_norm, add_rms_norm)                    */
+  const tn_tensor *mul;          /* optional (rms_norm); required (mul: b, may broadcast) */
+  const tn_tensor *residual;     /* required (add_rms_norm; add: b, may broadcast)      */
+  const tn_tensor *y;            /* required                                             */
+  const tn_tensor *residual_out; /* required (add_rms_norm)                              */
+  float eps;           /* the norms'; not used by add, mul and scale */
+  float scale;         /* l2_norm, scale; must be 1 for the other ops */
   float weight_offset; /* rms_norm, add_rms_norm; must be 0 when there is no weight */
 } tn_op_args;
 

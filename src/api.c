@@ -313,3 +313,29 @@ tn_status tn_add_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *
   a.residual_out = residual_out;
   return tn_op_run(ctx, &a);
 }
+
+/* add and mul: b goes in the operand slot of the op table (residual for add, mul for mul). */
+static tn_status binary_op(tn_context *ctx, tn_op op, const tn_tensor *x, const tn_tensor *b, const tn_tensor *y) {
+  tn_op_args a = tn_op_args_init(op);
+  a.x = x;
+  if (op == TN_OP_ADD) a.residual = b;
+  else a.mul = b;
+  a.y = y;
+  return tn_op_run(ctx, &a);
+}
+
+tn_status tn_add(tn_context *ctx, const tn_tensor *x, const tn_tensor *b, const tn_tensor *y) {
+  return binary_op(ctx, TN_OP_ADD, x, b, y);
+}
+
+tn_status tn_mul(tn_context *ctx, const tn_tensor *x, const tn_tensor *b, const tn_tensor *y) {
+  return binary_op(ctx, TN_OP_MUL, x, b, y);
+}
+
+tn_status tn_scale(tn_context *ctx, const tn_tensor *x, float scale, const tn_tensor *y) {
+  tn_op_args a = tn_op_args_init(TN_OP_SCALE);
+  a.x = x;
+  a.scale = scale;
+  a.y = y;
+  return tn_op_run(ctx, &a);
+}

@@ -8,16 +8,26 @@ static const tn_op_info op_table[TN_OP_COUNT] = {
                          [TN_OPERAND_WEIGHT] = TN_OPTIONAL,
                          [TN_OPERAND_MUL] = TN_OPTIONAL,
                          [TN_OPERAND_Y] = TN_REQUIRED},
-                        0},
-    [TN_OP_L2_NORM] = {"l2_norm", {[TN_OPERAND_X] = TN_REQUIRED, [TN_OPERAND_Y] = TN_REQUIRED}, 1},
+                        .uses_eps = 1},
+    [TN_OP_L2_NORM] = {"l2_norm", {[TN_OPERAND_X] = TN_REQUIRED, [TN_OPERAND_Y] = TN_REQUIRED}, .uses_scale = 1,
+                       .uses_eps = 1},
     [TN_OP_ADD_RMS_NORM] = {"add_rms_norm",
                             {[TN_OPERAND_X] = TN_REQUIRED,
                              [TN_OPERAND_WEIGHT] = TN_OPTIONAL,
                              [TN_OPERAND_RESIDUAL] = TN_REQUIRED,
                              [TN_OPERAND_Y] = TN_REQUIRED,
                              [TN_OPERAND_RESIDUAL_OUT] = TN_REQUIRED},
-                            0},
+                            .uses_eps = 1},
+    [TN_OP_ADD] = {"add",
+                   {[TN_OPERAND_X] = TN_REQUIRED, [TN_OPERAND_RESIDUAL] = TN_REQUIRED, [TN_OPERAND_Y] = TN_REQUIRED},
+                   .broadcast = 1},
+    [TN_OP_MUL] = {"mul",
+                   {[TN_OPERAND_X] = TN_REQUIRED, [TN_OPERAND_MUL] = TN_REQUIRED, [TN_OPERAND_Y] = TN_REQUIRED},
+                   .broadcast = 1},
+    [TN_OP_SCALE] = {"scale", {[TN_OPERAND_X] = TN_REQUIRED, [TN_OPERAND_Y] = TN_REQUIRED}, .uses_scale = 1},
 };
+
+int tn_op_is_norm(tn_op op) { return op == TN_OP_RMS_NORM || op == TN_OP_L2_NORM || op == TN_OP_ADD_RMS_NORM; }
 
 const tn_op_info *tn_op_info_get(tn_op op) {
   return (unsigned)op < TN_OP_COUNT ? &op_table[op] : NULL;

@@ -20,8 +20,13 @@ typedef enum tn_presence { TN_ABSENT = 0, TN_OPTIONAL, TN_REQUIRED } tn_presence
 typedef struct tn_op_info {
   const char *name;
   tn_presence operands[TN_OPERAND_COUNT];
-  int uses_scale; /* l2_norm's scale; weight_offset applies wherever a weight is taken */
+  int uses_scale; /* l2_norm's and scale's scale; weight_offset applies wherever a weight is taken */
+  int uses_eps;   /* the norms */
+  int broadcast;  /* the second row operand (residual or mul) may be one row applied to every row */
 } tn_op_info;
+
+/* rms_norm, l2_norm and add_rms_norm (the ops that reduce a row). */
+int tn_op_is_norm(tn_op op);
 
 /* NULL for an op outside the enum. */
 const tn_op_info *tn_op_info_get(tn_op op);

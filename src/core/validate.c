@@ -42,9 +42,10 @@ static tn_status check_tensor(tn_context *ctx, const char *op, const char *name,
 }
 
 /* Checks an operand against x: shape, dtype and device agreement. */
-static tn_status check_against_x(tn_context *ctx, const char *op, tn_operand operand, const tn_tensor *t,
+static tn_status check_against_x(tn_context *ctx, const tn_op_info *info, tn_operand operand, const tn_tensor *t,
                                  const tn_tensor *x) {
-  const char *name = tn_operand_name(operand);
+  const char *op = info->name, *name = tn_operand_name(operand);
+  const int broadcast = info->broadcast && !tn_operand_is_output(operand) && t->rows == 1 && x->rows != 1;
   if (operand == TN_OPERAND_WEIGHT) {
     TN_RETURN_ERROR_IF(t->rows != 1, ctx, TN_ERR_SHAPE,
                        "%s: weight is %" PRId64 " x %" PRId64 "; must be one row of dim %" PRId64 " elements", op,
@@ -55,9 +56,9 @@ static tn_status check_against_x(tn_context *ctx, const char *op, tn_operand ope
                        "%s: weight is %s; must be f32 or x's dtype %s", op, tn_dtype_name(t->dtype),
                        tn_dtype_name(x->dtype));
   } else {
-    TN_RETURN_ERROR_IF(t->rows != x->rows || t->dim != x->dim, ctx, TN_ERR_SHAPE,
-                       "%s: %s is %" PRId64 " x %" PRId64 ", x is %" PRId64 " x %" PRId64, op, name, t->rows,
-                       t->dim, x->rows, x->dim);
+    TN_RETURN_ERROR_IF((t->rows != x->rows && !broadcast) || t->dim != x->dim, ctx, TN_ERR_SHAPE,
+                       "%s: %s is %" PRId64 " x %" PRId64 ", x is %" PRId64 " x %" PRId64 "%s", op, name, t->rows,
+                       t->dim, x->rows, x->dim, info->broadcast ? " (or 1 x dim, applied to every row)" : "");
     TN_RETURN_ERROR_IF(t->dtype != x->dtype, ctx, TN_ERR_DTYPE, "%s: %s is %s, x is %s", op, name,
                        tn_dtype_name(t->dtype), tn_dtype_name(x->dtype));
   }
@@ -69,7 +70,7 @@ static tn_status check_against_x(tn_context *ctx, const char *op, tn_operand ope
 
 static tn_status check_scalars(tn_context *ctx, const tn_op_info *info, const tn_op_args *args) {
   const char *op = info->name;
-  TN_RETURN_ERROR_IF(!isfinite(args->eps) || args->eps < 0.0f, ctx, TN_ERR_VALUE,
+  TN_RETURN_ERROR_IF(info->uses_eps && (!isfinite(args->eps) || args->eps < 0.0f), ctx, TN_ERR_VALUE,
                      "%s: eps is %g; must be finite and >= 0", op, (double)args->eps);
   if (info->uses_scale) {
     TN_RETURN_ERROR_IF(!isfinite(args->scale), ctx, TN_ERR_VALUE, "%s: scale is %g; must be finite", op,
@@ -126,7 +127,7 @@ tn_status tn_validate(tn_context *ctx, const tn_op_args *args) {
   }
   for (int i = 0; i < TN_OPERAND_COUNT; i++) {
     const tn_tensor *t = tn_op_operand(args, (tn_operand)i);
-    if (t != NULL && i != TN_OPERAND_X) TN_FORWARD_IF_ERROR(check_against_x(ctx, op, (tn_operand)i, t, args->x));
+    if (t != NULL && i != TN_OPERAND_X) TN_FORWARD_IF_ERROR(check_against_x(ctx, info, (tn_operand)i, t, args->x));
   }
   TN_FORWARD_IF_ERROR(check_scalars(ctx, info, args));
   TN_FORWARD_IF_ERROR(check_overlaps(ctx, op, args));

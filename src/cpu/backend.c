@@ -25,7 +25,8 @@
 #define TN_CPU_KERNEL_SET(isa)                                                                  \
   {#isa,                                                                                        \
    {[TN_OP_RMS_NORM] = tn_cpu_rms_norm_rows_##isa, [TN_OP_L2_NORM] = tn_cpu_l2_norm_rows_##isa,   \
-    [TN_OP_ADD_RMS_NORM] = tn_cpu_add_rms_norm_rows_##isa},                                      \
+    [TN_OP_ADD_RMS_NORM] = tn_cpu_add_rms_norm_rows_##isa, [TN_OP_ADD] = tn_cpu_elementwise_rows_##isa, \
+    [TN_OP_MUL] = tn_cpu_elementwise_rows_##isa, [TN_OP_SCALE] = tn_cpu_elementwise_rows_##isa},          \
    tn_cpu_prepare_weight_##isa}
 
 static const tn_cpu_kernels generic_kernels = TN_CPU_KERNEL_SET(generic);

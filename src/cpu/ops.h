@@ -30,6 +30,7 @@ typedef struct tn_cpu_kernels {
   void tn_cpu_rms_norm_rows_##isa(const tn_cpu_call *, float *, int64_t, int64_t);           \
   void tn_cpu_l2_norm_rows_##isa(const tn_cpu_call *, float *, int64_t, int64_t);            \
   void tn_cpu_add_rms_norm_rows_##isa(const tn_cpu_call *, float *, int64_t, int64_t);       \
+  void tn_cpu_elementwise_rows_##isa(const tn_cpu_call *, float *, int64_t, int64_t);        \
   void tn_cpu_prepare_weight_##isa(const tn_tensor *, float, float *);
 
 TN_CPU_DECLARE_KERNELS(generic)

@@ -142,7 +142,7 @@ static tn_status load_kernel(cuda_state *s, tn_context *ctx, device_info *d, tn_
     tn_kernel_binary_free(&bin);
     return tn_cuda_error(ctx, r, "cuCtxPushCurrent");
   }
-  const int block = tn_kernel_block_threads(key.shape);
+  const int block = tn_kernel_key_block_threads(key);
   int blocks = 0, static_smem = 0;
   if ((r = cu->ModuleLoadData(&module, bin.cubin)) != CUDA_SUCCESS) {
     st = tn_cuda_error(ctx, r, "cuModuleLoadData");
@@ -208,11 +208,21 @@ static int access_mode(const tn_op_args *a) {
 
 static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
   tn_kernel_key key;
-  key.family = a->op == TN_OP_ADD_RMS_NORM ? TN_FAMILY_ADD_NORM : a->mul != NULL ? TN_FAMILY_NORM_MUL : TN_FAMILY_NORM;
   key.dtype = a->x->dtype;
-  key.shape = tn_kernel_row_shape(a->x->dtype, a->x->dim, max_stage_bytes(d));
   key.mode = access_mode(a);
+  if (!tn_op_is_norm(a->op)) {
+    key.family = TN_FAMILY_ELEMENTWISE;
+    key.shape = a->op == TN_OP_ADD ? TN_ELEMENTWISE_ADD : a->op == TN_OP_MUL ? TN_ELEMENTWISE_MUL : TN_ELEMENTWISE_SCALE;
+    return key;
+  }
+  key.family = a->op == TN_OP_ADD_RMS_NORM ? TN_FAMILY_ADD_NORM : a->mul != NULL ? TN_FAMILY_NORM_MUL : TN_FAMILY_NORM;
+  key.shape = tn_kernel_row_shape(a->x->dtype, a->x->dim, max_stage_bytes(d));
   return key;
+}
+
+/* A row operand's stride for the kernels: 0 for one row applied to every row of x (a broadcast). */
+static long long row_stride_of(const tn_tensor *t, const tn_tensor *x) {
+  return t->rows == 1 && x->rows != 1 ? 0 : t->row_stride;
 }
 
 static tn_kernel_params params_for(const tn_op_args *a) {
@@ -228,11 +238,17 @@ static tn_kernel_params params_for(const tn_op_args *a) {
   p.scale = a->scale;
   p.weight_offset = a->weight_offset;
   p.count = a->op == TN_OP_L2_NORM ? 1.0f : (float)a->x->dim;
-  p.has_scale = a->op == TN_OP_L2_NORM;
+  p.has_scale = a->op == TN_OP_L2_NORM || a->op == TN_OP_SCALE;
   if (a->weight != NULL) {
     p.weight = a->weight->data;
     p.has_weight = 1;
     p.weight_f32 = a->weight->dtype == TN_F32;
+  }
+  if (a->op == TN_OP_ADD || a->op == TN_OP_MUL) { /* the elementwise kernel reads b as the residual */
+    const tn_tensor *b = a->op == TN_OP_ADD ? a->residual : a->mul;
+    p.residual = b->data;
+    p.residual_stride = row_stride_of(b, a->x);
+    return p;
   }
   if (a->mul != NULL) {
     p.mul = a->mul->data;
@@ -241,6 +257,8 @@ static tn_kernel_params params_for(const tn_op_args *a) {
   if (a->residual != NULL) {
     p.residual = a->residual->data;
     p.residual_stride = a->residual->row_stride;
+  }
+  if (a->residual_out != NULL) {
     p.residual_out = a->residual_out->data;
     p.residual_out_stride = a->residual_out->row_stride;
   }
@@ -270,9 +288,15 @@ static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a) {
   TN_FORWARD_IF_ERROR(cuda_prepare_on(s, ctx, a, &d, &k, &key));
 
   tn_kernel_params p = params_for(a);
-  const int block = tn_kernel_block_threads(key.shape);
-  const int64_t rows_per_block = block / tn_kernel_group_threads(key.shape);
-  int64_t blocks = (a->x->rows + rows_per_block - 1) / rows_per_block;
+  const int block = tn_kernel_key_block_threads(key);
+  int64_t blocks;
+  if (key.family == TN_FAMILY_ELEMENTWISE) { /* one thread per 16-byte chunk of every row */
+    const int64_t per_chunk = a->x->dtype == TN_F32 ? 4 : 8;
+    blocks = (a->x->rows * ((a->x->dim + per_chunk - 1) / per_chunk) + block - 1) / block;
+  } else {
+    const int64_t rows_per_block = block / tn_kernel_group_threads(key.shape);
+    blocks = (a->x->rows + rows_per_block - 1) / rows_per_block;
+  }
   unsigned dynamic_smem = 0;
   int64_t resident = (int64_t)k->blocks_per_sm * d->sms;
   if (key.shape == TN_SHAPE_SHARED) {

@@ -15,33 +15,49 @@ extern const char tn_cuda_source_params_h[];
 extern const char tn_cuda_source_row_cuh[];
 extern const char tn_cuda_source_norm_cu[];
 extern const char tn_cuda_source_add_rms_norm_cu[];
+extern const char tn_cuda_source_elementwise_cu[];
 
 static const char *const header_names[] = {"params.h", "row.cuh"};
 #define HEADER_COUNT 2
 
 static const char *family_source(tn_kernel_family f) {
-  return f == TN_FAMILY_ADD_NORM ? tn_cuda_source_add_rms_norm_cu : tn_cuda_source_norm_cu;
+  return f == TN_FAMILY_ADD_NORM     ? tn_cuda_source_add_rms_norm_cu
+         : f == TN_FAMILY_ELEMENTWISE ? tn_cuda_source_elementwise_cu
+                                      : tn_cuda_source_norm_cu;
 }
 
-static const char *const family_prefix[TN_FAMILY_COUNT] = {"tn_norm", "tn_norm_mul", "tn_add_norm"};
+static const char *const family_prefix[TN_FAMILY_COUNT] = {"tn_norm", "tn_norm_mul", "tn_add_norm",
+                                                           "tn_elementwise"};
+
+/* Keys are numbered family by family; a family has (dtypes x shapes x modes) of them. */
+static int family_shapes(int f) { return f == TN_FAMILY_ELEMENTWISE ? TN_ELEMENTWISE_OP_COUNT : TN_SHAPE_COUNT; }
+static int family_first(int f) {
+  int first = 0;
+  for (int g = 0; g < f; g++) first += TN_DTYPE_COUNT * family_shapes(g) * TN_MODE_COUNT;
+  return first;
+}
 
 int tn_kernel_key_index(tn_kernel_key k) {
-  return ((k.family * TN_DTYPE_COUNT + (int)k.dtype) * TN_SHAPE_COUNT + k.shape) * TN_MODE_COUNT + k.mode;
+  return family_first(k.family) + ((int)k.dtype * family_shapes(k.family) + k.shape) * TN_MODE_COUNT + k.mode;
 }
 
 tn_kernel_key tn_kernel_key_at(int index) {
   tn_kernel_key k;
+  int f = 0;
+  while (f + 1 < TN_FAMILY_COUNT && index >= family_first(f + 1)) f++;
+  index -= family_first(f);
+  k.family = (tn_kernel_family)f;
   k.mode = index % TN_MODE_COUNT;
   index /= TN_MODE_COUNT;
-  k.shape = index % TN_SHAPE_COUNT;
-  index /= TN_SHAPE_COUNT;
-  k.dtype = (tn_dtype)(index % TN_DTYPE_COUNT);
-  k.family = (tn_kernel_family)(index / TN_DTYPE_COUNT);
+  k.shape = index % family_shapes(f);
+  k.dtype = (tn_dtype)(index / family_shapes(f));
   return k;
 }
 
 void tn_kernel_name(tn_kernel_key k, char *out, size_t capacity) {
-  if (k.shape < TN_SHAPE_REGISTER_COUNT)
+  if (k.family == TN_FAMILY_ELEMENTWISE)
+    snprintf(out, capacity, "%s<%d,%d,%d>", family_prefix[k.family], (int)k.dtype, k.shape, k.mode);
+  else if (k.shape < TN_SHAPE_REGISTER_COUNT)
     snprintf(out, capacity, "%s_registers<%d,%d,%d>", family_prefix[k.family], (int)k.dtype, 1 << k.shape, k.mode);
   else
     snprintf(out, capacity, "%s_staged<%d,%d,%d>", family_prefix[k.family], (int)k.dtype,
@@ -63,6 +79,10 @@ int tn_kernel_row_shape(tn_dtype dtype, int64_t dim, size_t max_stage_bytes) {
 
 int tn_kernel_group_threads(int shape) {
   return shape < TN_SHAPE_REGISTER_COUNT ? 1 << shape : TN_KERNEL_MAX_GROUP;
+}
+
+int tn_kernel_key_block_threads(tn_kernel_key key) {
+  return key.family == TN_FAMILY_ELEMENTWISE ? TN_ELEMENTWISE_BLOCK : tn_kernel_block_threads(key.shape);
 }
 
 int tn_kernel_block_threads(int shape) {

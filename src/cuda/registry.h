@@ -11,13 +11,21 @@
 #include "kernels/params.h"
 #include "tnorm.h"
 
-/* norm.cu: rms_norm and l2_norm, and rms_norm with a multiplicand; add_rms_norm.cu: add_rms_norm. */
+/* norm.cu: rms_norm and l2_norm, and rms_norm with a multiplicand; add_rms_norm.cu: add_rms_norm;
+ * elementwise.cu: add, mul and scale (whose key's shape is the op: TN_ELEMENTWISE_*). */
 typedef enum tn_kernel_family {
   TN_FAMILY_NORM = 0,
   TN_FAMILY_NORM_MUL = 1,
   TN_FAMILY_ADD_NORM = 2,
-  TN_FAMILY_COUNT = 3
+  TN_FAMILY_ELEMENTWISE = 3,
+  TN_FAMILY_COUNT = 4
 } tn_kernel_family;
+
+#define TN_ELEMENTWISE_ADD 0
+#define TN_ELEMENTWISE_MUL 1
+#define TN_ELEMENTWISE_SCALE 2
+#define TN_ELEMENTWISE_OP_COUNT 3
+#define TN_ELEMENTWISE_BLOCK 256
 
 /* Row shapes: 0 .. 10 keep rows in registers with G = 1 << shape threads per row; then the staged ones. */
 #define TN_SHAPE_REGISTER_COUNT 11
@@ -36,7 +44,10 @@ typedef struct tn_kernel_key {
   int mode;
 } tn_kernel_key;
 
-#define TN_KERNEL_VARIANTS (TN_FAMILY_COUNT * TN_DTYPE_COUNT * TN_SHAPE_COUNT * TN_MODE_COUNT)
+/* The row families have TN_SHAPE_COUNT shapes, the elementwise family TN_ELEMENTWISE_OP_COUNT ops. */
+#define TN_KERNEL_VARIANTS                                                                          \
+  ((TN_FAMILY_COUNT - 1) * TN_DTYPE_COUNT * TN_SHAPE_COUNT * TN_MODE_COUNT +                        \
+   TN_DTYPE_COUNT * TN_ELEMENTWISE_OP_COUNT * TN_MODE_COUNT)
 
 int tn_kernel_key_index(tn_kernel_key key);
 tn_kernel_key tn_kernel_key_at(int index);
@@ -46,9 +57,11 @@ void tn_kernel_name(tn_kernel_key key, char *out, size_t capacity);
 /* The row shape for rows of dim elements of dtype: the threads per row (and so the reduction order)
  * follow from (dtype, dim) alone. max_stage_bytes: the most dynamic shared memory a block may have. */
 int tn_kernel_row_shape(tn_dtype dtype, int64_t dim, size_t max_stage_bytes);
-/* Threads per row of a shape, and threads per block. */
+/* Threads per row of a row shape, and threads per block of a row shape. */
 int tn_kernel_group_threads(int shape);
 int tn_kernel_block_threads(int shape);
+/* Threads per block of any kernel. */
+int tn_kernel_key_block_threads(tn_kernel_key key);
 
 /* A compiled kernel: the mangled name to look up in the module, then the cubin. */
 typedef struct tn_kernel_binary {

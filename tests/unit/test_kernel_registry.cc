@@ -365,6 +365,7 @@ TEST(KernelRegistry, KeysRoundTripAndNamesAreUnique) {
   std::set<std::tuple<int, int, int, int>> keys;
   std::map<int, std::string> family_prefix;
   const std::regex name_form("(tn_[a-z_]+)_(registers|staged)<[0-9]+,[0-9]+,[0-9]+>");
+  const std::regex elementwise_form("(tn_elementwise)<[0-9]+,([0-9]+),[0-9]+>");
   for (int i = 0; i < TN_KERNEL_VARIANTS; i++) {
     SCOPED_TRACE(i);
     tn_kernel_key k = tn_kernel_key_at(i);
@@ -372,17 +373,24 @@ TEST(KernelRegistry, KeysRoundTripAndNamesAreUnique) {
     EXPECT_LT((int)k.family, TN_FAMILY_COUNT);
     EXPECT_GE((int)k.dtype, 0);
     EXPECT_LT((int)k.dtype, TN_DTYPE_COUNT);
+    const bool elementwise = k.family == TN_FAMILY_ELEMENTWISE;
     EXPECT_GE(k.shape, 0);
-    EXPECT_LT(k.shape, TN_SHAPE_COUNT);
+    EXPECT_LT(k.shape, elementwise ? TN_ELEMENTWISE_OP_COUNT : TN_SHAPE_COUNT);
     EXPECT_GE(k.mode, 0);
     EXPECT_LT(k.mode, TN_MODE_COUNT);
     EXPECT_EQ(tn_kernel_key_index(k), i);
     keys.insert({(int)k.family, (int)k.dtype, k.shape, k.mode});
     std::string name = KernelName(k);
-    // A name expression NVRTC can look up: prefix_registers<dtype,threads,mode> or prefix_staged<...>.
+    // A name expression NVRTC can look up: prefix_registers<dtype,threads,mode> or prefix_staged<...>;
+    // tn_elementwise<dtype,op,mode> for the elementwise family.
     std::smatch m;
-    ASSERT_TRUE(std::regex_match(name, m, name_form)) << name;
-    EXPECT_EQ(m[2] == "registers", k.shape < TN_SHAPE_REGISTER_COUNT) << name;
+    if (elementwise) {
+      ASSERT_TRUE(std::regex_match(name, m, elementwise_form)) << name;
+      EXPECT_EQ(std::stoi(m[2].str()), k.shape) << name;
+    } else {
+      ASSERT_TRUE(std::regex_match(name, m, name_form)) << name;
+      EXPECT_EQ(m[2] == "registers", k.shape < TN_SHAPE_REGISTER_COUNT) << name;
+    }
     // One prefix per family, whatever the dtype, shape and mode.
     auto seen = family_prefix.emplace((int)k.family, m[1].str());
     EXPECT_EQ(seen.first->second, m[1].str()) << "family " << (int)k.family;

@@ -15,9 +15,24 @@ void tn_reference_store(const tn_tensor *t, int64_t r, int64_t i, float v) {
   tn_store(t->dtype, row, i, v);
 }
 
+/* add, mul, scale: exact in float64 (the library rounds once, to the dtype). */
+static void reference_elementwise(const tn_op_args *a, double *y) {
+  const tn_tensor *x = a->x, *b = a->op == TN_OP_ADD ? a->residual : a->op == TN_OP_MUL ? a->mul : NULL;
+  for (int64_t r = 0; r < x->rows; r++)
+    for (int64_t i = 0; i < x->dim; i++) {
+      double v = tn_reference_load(x, r, i);
+      double w = b != NULL ? (double)tn_reference_load(b, b->rows == 1 ? 0 : r, i) : (double)a->scale;
+      y[r * x->dim + i] = a->op == TN_OP_ADD ? v + w : v * w;
+    }
+}
+
 int tn_reference_run(const tn_op_args *a, double *y, double *residual_out) {
   const tn_tensor *x = a->x;
   const int64_t rows = x->rows, dim = x->dim;
+  if (a->op == TN_OP_ADD || a->op == TN_OP_MUL || a->op == TN_OP_SCALE) {
+    reference_elementwise(a, y);
+    return 0;
+  }
   double *s = malloc((size_t)dim * sizeof *s);
   if (s == NULL) return -1;
   for (int64_t r = 0; r < rows; r++) {

@@ -194,10 +194,8 @@ static void use_set(bench_call *c, long long k) {
   size_t off = ((size_t)k % c->sets) * c->set_bytes;
   c->xt->data = c->x + off;
   c->yt->data = c->y + off;
-  if (c->r != NULL) {
-    c->rt->data = c->r + off;
-    c->rot->data = c->ro + off;
-  }
+  if (c->r != NULL) c->rt->data = c->r + off;
+  if (c->ro != NULL) c->rot->data = c->ro + off;
 }
 
 static int time_batch(bench_call *c, long long n, long long first, double *seconds) {
@@ -221,8 +219,10 @@ static int measure(tn_context *ctx, tn_device dev, tn_op op, tn_dtype dtype, int
                    long long iters, measurement *out) {
   tn_rng rng = {0x5eed ^ (uint64_t)(rows * 31 + dim)};
   size_t elems = (size_t)rows * (size_t)dim, es = tn_dtype_size(dtype);
-  int is_add = op == TN_OP_ADD_RMS_NORM, has_weight = op != TN_OP_L2_NORM;
-  double row_operands = is_add ? 4 : 2;
+  /* add_rms_norm: x, residual, y, residual_out; add and mul: x, b, y; the others: x, y. */
+  int is_add = op == TN_OP_ADD_RMS_NORM, has_b = op == TN_OP_ADD || op == TN_OP_MUL;
+  int has_weight = op == TN_OP_RMS_NORM || op == TN_OP_ADD_RMS_NORM;
+  double row_operands = is_add ? 4 : has_b ? 3 : 2;
   double set_bytes = (double)elems * (double)es * row_operands;
   size_t sets = (size_t)(ROTATION_BYTES / set_bytes) + 1;
   if (sets > MAX_SETS) sets = MAX_SETS;
@@ -230,7 +230,7 @@ static int measure(tn_context *ctx, tn_device dev, tn_op op, tn_dtype dtype, int
   char *x = alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
   char *y = failed ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
   void *w = failed ? NULL : alloc_random(ctx, dev, dtype, (size_t)dim, 1, &rng, 1.0, &failed);
-  char *r = failed || !is_add ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
+  char *r = failed || !(is_add || has_b) ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
   char *ro = failed || !is_add ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
   double times[BATCHES];
   tn_event *start = NULL, *end = NULL;
@@ -242,7 +242,8 @@ static int measure(tn_context *ctx, tn_device dev, tn_op op, tn_dtype dtype, int
   a.x = &xt;
   a.y = &yt;
   a.weight = has_weight ? &wt : NULL;
-  a.residual = is_add ? &rt : NULL;
+  a.residual = is_add || op == TN_OP_ADD ? &rt : NULL;
+  a.mul = op == TN_OP_MUL ? &rt : NULL;
   a.residual_out = is_add ? &rot : NULL;
   bench_call c = {ctx, dev, &a, &xt, &yt, &rt, &rot, x, y, r, ro, sets, elems * es, start, end};
 

@@ -20,17 +20,23 @@ typedef struct variant {
   int mul;
   float weight_offset;
   float scale;
+  int broadcast; /* add/mul: b is one row applied to every row */
 } variant;
 
 static const variant variants[] = {
-    {"rms_norm", TN_OP_RMS_NORM, 0, 0, 0.0f, 1.0f},
-    {"rms_norm +w", TN_OP_RMS_NORM, 1, 0, 0.0f, 1.0f},
-    {"rms_norm +w(f32) +1", TN_OP_RMS_NORM, 2, 0, 1.0f, 1.0f},
-    {"rms_norm +w +mul", TN_OP_RMS_NORM, 1, 1, 0.0f, 1.0f},
-    {"l2_norm", TN_OP_L2_NORM, 0, 0, 0.0f, 1.0f},
-    {"l2_norm scale", TN_OP_L2_NORM, 0, 0, 0.0f, 0.37f},
-    {"add_rms_norm", TN_OP_ADD_RMS_NORM, 0, 0, 0.0f, 1.0f},
-    {"add_rms_norm +w", TN_OP_ADD_RMS_NORM, 1, 0, 0.0f, 1.0f},
+    {"rms_norm", TN_OP_RMS_NORM, 0, 0, 0.0f, 1.0f, 0},
+    {"rms_norm +w", TN_OP_RMS_NORM, 1, 0, 0.0f, 1.0f, 0},
+    {"rms_norm +w(f32) +1", TN_OP_RMS_NORM, 2, 0, 1.0f, 1.0f, 0},
+    {"rms_norm +w +mul", TN_OP_RMS_NORM, 1, 1, 0.0f, 1.0f, 0},
+    {"l2_norm", TN_OP_L2_NORM, 0, 0, 0.0f, 1.0f, 0},
+    {"l2_norm scale", TN_OP_L2_NORM, 0, 0, 0.0f, 0.37f, 0},
+    {"add_rms_norm", TN_OP_ADD_RMS_NORM, 0, 0, 0.0f, 1.0f, 0},
+    {"add_rms_norm +w", TN_OP_ADD_RMS_NORM, 1, 0, 0.0f, 1.0f, 0},
+    {"add", TN_OP_ADD, 0, 0, 0.0f, 1.0f, 0},
+    {"add (b one row)", TN_OP_ADD, 0, 0, 0.0f, 1.0f, 1},
+    {"mul", TN_OP_MUL, 0, 1, 0.0f, 1.0f, 0},
+    {"mul (b one row)", TN_OP_MUL, 0, 1, 0.0f, 1.0f, 1},
+    {"scale", TN_OP_SCALE, 0, 0, 0.0f, -0.37f, 0},
 };
 #define VARIANT_COUNT (sizeof variants / sizeof variants[0])
 
@@ -127,25 +133,26 @@ static int run_case(tn_context *ctx, tn_device device, tally *t, tn_rng *rng, co
   int64_t stride = layout == LAYOUT_STRIDED ? s.dim + STRIDE_PAD : s.dim;
   int is_add = v->op == TN_OP_ADD_RMS_NORM;
   tn_dtype wdtype = v->weight == 2 ? TN_F32 : dtype;
-  buffer x = {0}, w = {0}, m = {0}, res = {0}, y = {0}, ro = {0};
+  buffer x = {0}, w = {0}, m = {0}, res = {0}, y = {0}, ro = {0}, row = {0};
   double *ref_y = malloc((size_t)(s.rows * s.dim + 1) * sizeof *ref_y);
   double *ref_ro = malloc((size_t)(s.rows * s.dim + 1) * sizeof *ref_ro);
   int rc = -1;
   if (ref_y == NULL || ref_ro == NULL || buffer_make(&x, dtype, s.rows, s.dim, stride) ||
       buffer_make(&w, wdtype, 1, s.dim, s.dim) || buffer_make(&m, dtype, s.rows, s.dim, stride) ||
       buffer_make(&res, dtype, s.rows, s.dim, stride) || buffer_make(&y, dtype, s.rows, s.dim, stride) ||
-      buffer_make(&ro, dtype, s.rows, s.dim, stride))
+      buffer_make(&ro, dtype, s.rows, s.dim, stride) || buffer_make(&row, dtype, 1, s.dim, s.dim))
     goto out;
   fill_random(&x, rng, 0.0, 1.0);
   fill_random(&w, rng, 1.0, 0.1);
   fill_random(&m, rng, 0.0, 1.0);
   fill_random(&res, rng, 0.0, 1.0);
+  fill_random(&row, rng, 0.5, 1.0);
 
   tn_op_args a = tn_op_args_init(v->op);
   a.x = &x.view;
   a.weight = v->weight ? &w.view : NULL;
-  a.mul = v->mul ? &m.view : NULL;
-  a.residual = is_add ? &res.view : NULL;
+  a.mul = v->mul ? (v->broadcast ? &row.view : &m.view) : NULL;
+  a.residual = is_add || v->op == TN_OP_ADD ? (v->broadcast ? &row.view : &res.view) : NULL;
   a.y = layout == LAYOUT_IN_PLACE ? &x.view : &y.view;
   a.residual_out = is_add ? (layout == LAYOUT_IN_PLACE ? &res.view : &ro.view) : NULL;
   a.eps = 1e-6f;
@@ -173,6 +180,7 @@ static int run_case(tn_context *ctx, tn_device device, tally *t, tn_rng *rng, co
   rc = 0;
 out:
   buffer_free(&x), buffer_free(&w), buffer_free(&m), buffer_free(&res), buffer_free(&y), buffer_free(&ro);
+  buffer_free(&row);
   free(ref_y);
   free(ref_ro);
   return rc;

@@ -23,7 +23,7 @@ int cli_parse_count(const char *s, long long *out);
 int cli_parse_device(const char *s, cli_device *out);
 /* "f32", "f16", "bf16": 0, or -1. */
 int cli_parse_dtype(const char *s, tn_dtype *out);
-/* "rms_norm", "l2_norm", "add_rms_norm": 0, or -1. */
+/* An op name (tn_op_name: "rms_norm", ..., "scale"): 0, or -1. */
 int cli_parse_op(const char *s, tn_op *out);
 
 /* The device for a --device choice: cpu; cuda (an error with the library's reason when it is

@@ -59,7 +59,8 @@ static int check_flags_for_op(const run_options *o) {
 
 static int parse_run_options(int argc, char **argv, run_options *o) {
   if (argc < 2 || argv[1][0] == '-') return cli_usage("run: missing OP (rms_norm, l2_norm or add_rms_norm)");
-  if (cli_parse_op(argv[1], &o->op) != 0)
+  /* run's contract covers the norms; the elementwise ops are reached through the library. */
+  if (cli_parse_op(argv[1], &o->op) != 0 || o->op > TN_OP_ADD_RMS_NORM)
     return cli_usage("run: unknown op '%s' (rms_norm, l2_norm or add_rms_norm)", argv[1]);
   o->eps = 1e-6;
   o->scale = 1.0;
