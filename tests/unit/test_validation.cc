@@ -992,7 +992,10 @@ TEST(Names, Ops) {
   EXPECT_STREQ(tn_op_name(TN_OP_RMS_NORM), "rms_norm");
   EXPECT_STREQ(tn_op_name(TN_OP_L2_NORM), "l2_norm");
   EXPECT_STREQ(tn_op_name(TN_OP_ADD_RMS_NORM), "add_rms_norm");
-  for (int v : {3, -1, 77}) EXPECT_STREQ(tn_op_name((tn_op)v), "?");
+  EXPECT_STREQ(tn_op_name(TN_OP_ADD), "add");
+  EXPECT_STREQ(tn_op_name(TN_OP_MUL), "mul");
+  EXPECT_STREQ(tn_op_name(TN_OP_SCALE), "scale");
+  for (int v : {TN_OP_COUNT, -1, 77}) EXPECT_STREQ(tn_op_name((tn_op)v), "?");
   tn_op_args a = tn_op_args_init(TN_OP_L2_NORM);
   EXPECT_EQ(a.op, TN_OP_L2_NORM);
   EXPECT_EQ(a.x, nullptr);
