@@ -310,6 +310,43 @@ TN_API tn_status tn_op_validate(tn_context *ctx, const tn_op_args *args);
 TN_API tn_status tn_op_prepare(tn_context *ctx, const tn_op_args *args);
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Graphs: record a sequence of ops, fuse neighbours, replay the result many times.                 */
+/*                                                                                                  */
+/* Between tn_graph_begin and tn_graph_end, ops called on the context are validated and recorded,   */
+/* not run (each keeps its kind, operands and the bytes it reads and writes). tn_graph_end fuses:     */
+/*   add -> rms_norm   => add_rms_norm (the sum is still written);                                  */
+/*   rms_norm -> mul   => rms_norm with the multiplicand;                                           */
+/*   l2_norm -> scale  => l2_norm with the scale (when l2_norm's own scale is 1);                   */
+/* each only where the second op is the first to touch the first's output, nothing in between writes */
+/* the first's inputs, and (for the last two, whose fused op no longer writes the intermediate) no    */
+/* later recorded op reads it. A fused op gives the same bytes as the pair did. TNORM_GRAPH_FUSION=0  */
+/* turns fusion off, to bisect a wrong result. tn_graph_launch replays the ops in order; on a CUDA    */
+/* device each is queued on the context's stream.                                                     */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef struct tn_graph tn_graph;
+
+typedef struct tn_graph_info {
+  int recorded_ops;        /* ops recorded */
+  int ops;                 /* ops after fusion */
+  int fused_add_rms_norm;  /* add + rms_norm pairs fused */
+  int fused_rms_norm_mul;  /* rms_norm + mul pairs fused */
+  int fused_l2_norm_scale; /* l2_norm + scale pairs fused */
+} tn_graph_info;
+
+/* Starts recording on ctx; TN_ERR_VALUE when already recording. */
+TN_API tn_status tn_graph_begin(tn_context *ctx);
+/* Stops recording and gives the fused graph (an empty one when nothing was recorded). */
+TN_API tn_status tn_graph_end(tn_context *ctx, tn_graph **graph);
+/* Runs the graph's ops; refused while ctx is recording. */
+TN_API tn_status tn_graph_launch(tn_context *ctx, const tn_graph *graph);
+TN_API tn_status tn_graph_get_info(const tn_graph *graph, tn_graph_info *info);
+/* The fusions applied, in order ("add + rms_norm -> add_rms_norm; ..."), or "". Never NULL. */
+TN_API const char *tn_graph_fusions(const tn_graph *graph);
+/* NULL is a no-op. */
+TN_API void tn_graph_destroy(tn_graph *graph);
+
+/* ------------------------------------------------------------------------------------------------ */
 /* CUDA kernels: compiled on first use with NVRTC for the device's architecture, kept in memory for   */
 /* the process and on disk across processes, in TNORM_CACHE_DIR (default $XDG_CACHE_HOME/tnorm, else  */
 /* ~/.cache/tnorm; an empty TNORM_CACHE_DIR turns the disk cache off). Entries are keyed by source,    */

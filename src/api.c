@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "core/validate.h"
 #include "cpu/backend.h"
+#include "graph/graph.h"
 #ifdef TNORM_CUDA
 #include "cuda/backend.h"
 #include "cuda/registry.h"
@@ -36,6 +37,7 @@ void tn_context_destroy(tn_context *ctx) {
   if (ctx == NULL) return;
   for (int k = 0; k < TN_DEVICE_KIND_COUNT; k++)
     if (ctx->backend_state[k] != NULL) backends[k]->close(ctx->backend_state[k]);
+  tn_graph_destroy(ctx->recording);
   free(ctx);
 }
 
@@ -261,9 +263,15 @@ tn_status tn_op_run(tn_context *ctx, const tn_op_args *args) {
   tn_device_kind kind = args->x->device.kind;
   void *state = NULL;
   TN_FORWARD_IF_ERROR(device_backend(ctx, args->x->device, tn_op_name(args->op), &state));
+  if (ctx->recording != NULL) {
+    if (args->x->rows > 0) TN_FORWARD_IF_ERROR(tn_graph_append(ctx, ctx->recording, args));
+    tn_error_clear(ctx);
+    return TN_OK;
+  }
   tn_error_clear(ctx);
   if (args->x->rows == 0) return TN_OK;
-  TN_FORWARD_IF_ERROR(backends[kind]->run(state, ctx, args));
+  const tn_run_options plain = {0};
+  TN_FORWARD_IF_ERROR(backends[kind]->run(state, ctx, args, &plain));
   tn_error_clear(ctx);
   return TN_OK;
 }
@@ -338,4 +346,54 @@ tn_status tn_scale(tn_context *ctx, const tn_tensor *x, float scale, const tn_te
   a.scale = scale;
   a.y = y;
   return tn_op_run(ctx, &a);
+}
+
+/* ---- graphs ---- */
+
+tn_status tn_graph_begin(tn_context *ctx) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  TN_RETURN_ERROR_IF(ctx->recording != NULL, ctx, TN_ERR_VALUE, "graph_begin: the context is already recording");
+  TN_FORWARD_IF_ERROR(tn_graph_new(ctx, &ctx->recording));
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+tn_status tn_graph_end(tn_context *ctx, tn_graph **graph) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  TN_RETURN_ERROR_IF(graph == NULL, ctx, TN_ERR_NULL, "graph_end: graph is NULL");
+  TN_RETURN_ERROR_IF(ctx->recording == NULL, ctx, TN_ERR_VALUE, "graph_end: the context is not recording");
+  tn_graph *g = ctx->recording;
+  ctx->recording = NULL;
+  tn_graph_fuse(g);
+  *graph = g;
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+tn_status tn_graph_launch(tn_context *ctx, const tn_graph *graph) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  TN_RETURN_ERROR_IF(graph == NULL, ctx, TN_ERR_NULL, "graph_launch: graph is NULL");
+  TN_RETURN_ERROR_IF(ctx->recording != NULL, ctx, TN_ERR_VALUE, "graph_launch: the context is recording");
+  for (int i = 0; i < graph->count; i++) {
+    const tn_graph_node *n = &graph->nodes[i];
+    void *state = NULL;
+    TN_FORWARD_IF_ERROR(device_backend(ctx, n->args.x->device, tn_op_name(n->args.op), &state));
+    TN_FORWARD_IF_ERROR(backends[n->args.x->device.kind]->run(state, ctx, &n->args, &n->options));
+  }
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+tn_status tn_graph_get_info(const tn_graph *graph, tn_graph_info *info) {
+  if (graph == NULL || info == NULL) return TN_ERR_NULL;
+  *info = graph->info;
+  return TN_OK;
+}
+
+const char *tn_graph_fusions(const tn_graph *graph) { return graph != NULL ? graph->fusions : ""; }
+
+void tn_graph_destroy(tn_graph *graph) {
+  if (graph == NULL) return;
+  free(graph->nodes);
+  free(graph);
 }

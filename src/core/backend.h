@@ -9,6 +9,13 @@
 
 #include "tnorm.h"
 
+/* What a fused op (src/graph) asks beyond tn_op_args. round_before_last: the norm's result times the
+ * weight is rounded to the dtype before the multiplicand or the scale multiplies it, as when the two ops
+ * ran one after the other; the fused op then gives the same bytes as the pair. */
+typedef struct tn_run_options {
+  int round_before_last;
+} tn_run_options;
+
 typedef struct tn_backend {
   const char *name;
   tn_device_kind kind;
@@ -20,7 +27,7 @@ typedef struct tn_backend {
   int (*device_count)(void *state);
 
   /* Runs an op whose arguments passed validation and that has rows > 0. */
-  tn_status (*run)(void *state, tn_context *ctx, const tn_op_args *args);
+  tn_status (*run)(void *state, tn_context *ctx, const tn_op_args *args, const tn_run_options *options);
   /* Gets everything the op would need ready (kernels compiled and loaded) without running it. */
   tn_status (*prepare)(void *state, tn_context *ctx, const tn_op_args *args);
 

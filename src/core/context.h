@@ -14,6 +14,7 @@ struct tn_context {
   int backend_tried[TN_DEVICE_KIND_COUNT];
   tn_status backend_status[TN_DEVICE_KIND_COUNT];
   char backend_reason[TN_DEVICE_KIND_COUNT][TN_ERROR_CAPACITY];
+  struct tn_graph *recording; /* ops go here instead of running, between tn_graph_begin and _end */
 };
 
 #endif

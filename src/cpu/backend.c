@@ -105,7 +105,7 @@ static tn_status ensure_buffer(cpu_state *s, tn_context *ctx, size_t n) {
   return TN_OK;
 }
 
-static tn_status cpu_run(void *state, tn_context *ctx, const tn_op_args *args) {
+static tn_status cpu_run(void *state, tn_context *ctx, const tn_op_args *args, const tn_run_options *options) {
   cpu_state *s = state;
   const int64_t rows = args->x->rows, dim = args->x->dim;
   const int threads = tn_threads_wanted(ctx);
@@ -123,7 +123,7 @@ static tn_status cpu_run(void *state, tn_context *ctx, const tn_op_args *args) {
   }
   size_t outputs = args->residual_out != NULL ? 2 : 1;
   size_t out_bytes = outputs * (size_t)rows * (size_t)dim * tn_elem_size(args->x->dtype);
-  tn_cpu_call call = {args, weight, out_bytes >= TN_CPU_STREAM_MIN_BYTES};
+  tn_cpu_call call = {args, weight, out_bytes >= TN_CPU_STREAM_MIN_BYTES, options->round_before_last};
   row_job job = {s->kernels->rows[args->op], &call, s->buffer, rows, dim, chunks};
   if (parallel) tn_thread_pool_run(s->pool, chunks, run_chunk, &job);
   else run_chunk(&job, 0);

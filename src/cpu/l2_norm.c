@@ -8,7 +8,7 @@ TN_INLINE void l2_norm_rows(const tn_cpu_call *c, float *scratch, int64_t begin,
     const float *v;
     float sum_sq = tn_row_load_sum_squares(dtype, tn_row_ptr(a->x, r), dim, scratch, &v);
     float inv = tn_row_scale(sum_sq, &v, scratch, dim, 1.0f, a->eps);
-    tn_row_emit(dtype, tn_row_ptr(a->y, r), v, dim, inv, 0, NULL, 0, NULL, 1, a->scale, c->stream,
+    tn_row_emit(dtype, tn_row_ptr(a->y, r), v, dim, inv, 0, NULL, 0, NULL, 1, a->scale, c->round_before_last, c->stream,
                 tn_next_row_of(a->x, NULL, r, end));
   }
   tn_stream_fence(c->stream);

@@ -12,6 +12,7 @@ typedef struct tn_cpu_call {
   const tn_op_args *args;
   const float *weight; /* weight + weight_offset in float32 (dim elements), or NULL without a weight */
   int stream;          /* write outputs with non-temporal stores */
+  int round_before_last; /* tn_run_options */
 } tn_cpu_call;
 
 /* scratch: dim floats owned by the caller for this range of rows. */

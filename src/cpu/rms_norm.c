@@ -10,7 +10,7 @@ TN_INLINE void rms_norm_rows(const tn_cpu_call *c, float *scratch, int64_t begin
     float sum_sq = tn_row_load_sum_squares(dtype, tn_row_ptr(a->x, r), dim, scratch, &v);
     float inv = tn_row_scale(sum_sq, &v, scratch, dim, (float)dim, a->eps);
     tn_row_emit(dtype, tn_row_ptr(a->y, r), v, dim, inv, has_w, c->weight, has_m,
-                has_m ? tn_row_ptr(a->mul, r) : NULL, 0, 1.0f, c->stream,
+                has_m ? tn_row_ptr(a->mul, r) : NULL, 0, 1.0f, c->round_before_last, c->stream,
                 tn_next_row_of(a->x, has_m ? a->mul : NULL, r, end));
   }
   tn_stream_fence(c->stream);

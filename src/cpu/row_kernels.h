@@ -236,10 +236,12 @@ TN_INLINE void tn_prefetch_slice(tn_next_row next, int64_t from, int64_t to, int
 }
 
 /* out[i] = round((((v[i] * inv) * w[i]) * m[i]) * scale) for i < n, each factor present only when its
- * flag is set (w is the weight plus offset, already in float32; m a row of the dtype). Streamed outputs
- * (large calls) also prefetch the next row. */
+ * flag is set (w is the weight plus offset, already in float32; m a row of the dtype). With round_mid,
+ * (v[i] * inv) * w[i] is rounded to the dtype before m or scale multiplies it (a fused pair of ops; the
+ * plain loop below does it). Streamed outputs (large calls) also prefetch the next row. */
 TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const float *v, int64_t n, float inv, int has_w, const float *w,
-                           int has_m, const void *m, int has_scale, float scale, int stream, tn_next_row next) {
+                           int has_m, const void *m, int has_scale, float scale, int round_mid, int stream,
+                           tn_next_row next) {
   float f32[TN_BLOCK];
   float mf[TN_BLOCK];
   uint16_t u16[TN_BLOCK];
@@ -247,7 +249,9 @@ TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const float *v, int64_t n,
   int64_t b = 0;
 #ifdef TN_CONVERT_AVX2
   /* f16/bf16 written directly: everything up to the last multiple of 16, in registers. */
-  if (dtype != TN_F32 && !stream) {
+  if (round_mid) {
+    /* the plain loop only */
+  } else if (dtype != TN_F32 && !stream) {
     b = tn_emit_half_avx2(dtype, (uint16_t *)out, v, n, inv, has_w, w, has_m, (const uint16_t *)m, has_scale, scale,
                           0);
   } else if (dtype != TN_F32 && ((uintptr_t)out & 31u) == 0) {
@@ -282,6 +286,7 @@ TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const float *v, int64_t n,
     for (int64_t i = 0; i < len; i++) {
       float t = v[b + i] * inv;
       if (has_w) t *= w[b + i];
+      if (round_mid) t = tn_round_to(dtype, t);
       if (has_m) t *= mb[i];
       if (has_scale) t *= scale;
       r[i] = t;

@@ -279,7 +279,7 @@ static tn_status cuda_prepare(void *state, tn_context *ctx, const tn_op_args *a)
   return cuda_prepare_on(state, ctx, a, &d, &k, &key);
 }
 
-static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a) {
+static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a, const tn_run_options *options) {
   cuda_state *s = state;
   const tn_cuda_driver *cu = s->cu;
   device_info *d;
@@ -288,6 +288,7 @@ static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a) {
   TN_FORWARD_IF_ERROR(cuda_prepare_on(s, ctx, a, &d, &k, &key));
 
   tn_kernel_params p = params_for(a);
+  p.round_before_last = options->round_before_last;
   const int block = tn_kernel_key_block_threads(key);
   int64_t blocks;
   if (key.family == TN_FAMILY_ELEMENTWISE) { /* one thread per 16-byte chunk of every row */

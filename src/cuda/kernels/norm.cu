@@ -33,6 +33,7 @@ struct tn_norm_op {
     for (int j = 0; j < V; j++) {
       float v = (f[j] * pre) * inv;
       if (p.has_weight) v *= w[j] + p.weight_offset;
+      if (p.round_before_last) v = tn_to_f32<DT>(tn_from_f32<DT>(v));
       if (MUL) v *= m[j];
       if (p.has_scale) v *= p.scale;
       f[j] = v;

@@ -24,6 +24,7 @@ typedef struct tn_kernel_params {
   int has_weight;
   int weight_f32; /* the weight is float32 (else x's dtype) */
   int has_scale;
+  int round_before_last; /* round (x * inv) * w to the dtype before the multiplicand or scale (fused pairs) */
 } tn_kernel_params;
 
 /* dtype codes, as tn_dtype */

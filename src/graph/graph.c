@@ -1,0 +1,207 @@
+/* Recording and the fusion passes. A pass fuses a producer (node i) with the first later node that
+ * touches the producer's output (node j), and only where the bytes come out exactly as the two ops in
+ * turn would give them:
+ * - add -> rms_norm  => add_rms_norm (the sum is still written, as residual_out);
+ * - rms_norm -> mul  => rms_norm with the multiplicand, rounding before it (the intermediate must not be
+ *                       read by any later node, since the fused op no longer writes it);
+ * - l2_norm -> scale => l2_norm with the scale, rounding before it (same condition; l2_norm's own scale
+ *                       must be 1).
+ * The fused node runs at j's place, so no node between i and j may write what the producer read; the
+ * fused arguments must pass validation like any call. */
+#include "graph.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/error.h"
+#include "../core/ops.h"
+#include "../core/tensor.h"
+#include "../core/validate.h"
+
+tn_status tn_graph_new(tn_context *ctx, tn_graph **out) {
+  tn_graph *g = calloc(1, sizeof *g);
+  TN_RETURN_ERROR_IF(g == NULL, ctx, TN_ERR_NO_MEMORY, "graph_begin: out of memory");
+  *out = g;
+  return TN_OK;
+}
+
+/* Rebinds a node's operand pointers to its own tensor copies. */
+static void bind(tn_graph_node *n) {
+  const tn_tensor **slots[] = {&n->args.x, &n->args.weight, &n->args.mul, &n->args.residual, &n->args.y,
+                               &n->args.residual_out};
+  for (int k = 0; k < 6; k++)
+    if (*slots[k] != NULL) *slots[k] = &n->tensors[k];
+}
+
+/* A node holding copies of args' tensors, its pointers bound to them (re-bind after moving a node). */
+static void node_init(tn_graph_node *n, const tn_op_args *args) {
+  tn_graph_node tmp;
+  memset(&tmp, 0, sizeof tmp);
+  tmp.args = *args;
+  for (int k = 0; k < TN_OPERAND_COUNT; k++) {
+    const tn_tensor *t = tn_op_operand(args, (tn_operand)k);
+    if (t != NULL) tmp.tensors[k] = *t;
+  }
+  *n = tmp; /* args may point into n itself: copy the tensors first */
+  bind(n);
+}
+
+tn_status tn_graph_append(tn_context *ctx, tn_graph *g, const tn_op_args *args) {
+  if (g->count == g->capacity) {
+    int cap = g->capacity ? 2 * g->capacity : 16;
+    tn_graph_node *p = realloc(g->nodes, (size_t)cap * sizeof *p);
+    TN_RETURN_ERROR_IF(p == NULL, ctx, TN_ERR_NO_MEMORY, "graph: out of memory recording op %d", g->count);
+    g->nodes = p;
+    g->capacity = cap;
+    for (int i = 0; i < g->count; i++) bind(&g->nodes[i]); /* the copies moved */
+  }
+  node_init(&g->nodes[g->count++], args);
+  g->info.recorded_ops = g->count;
+  g->info.ops = g->count;
+  return TN_OK;
+}
+
+/* ---- data flow ---- */
+
+static int reads(const tn_graph_node *n, const tn_tensor *t) {
+  for (int k = 0; k < TN_OPERAND_COUNT; k++) {
+    const tn_tensor *o = tn_op_operand(&n->args, (tn_operand)k);
+    if (o != NULL && !tn_operand_is_output((tn_operand)k) && tn_tensors_overlap(o, t)) return 1;
+  }
+  return 0;
+}
+
+static int writes(const tn_graph_node *n, const tn_tensor *t) {
+  for (int k = 0; k < TN_OPERAND_COUNT; k++) {
+    const tn_tensor *o = tn_op_operand(&n->args, (tn_operand)k);
+    if (o != NULL && tn_operand_is_output((tn_operand)k) && tn_tensors_overlap(o, t)) return 1;
+  }
+  return 0;
+}
+
+/* The first node after i that reads or writes a byte of t; -1 when none. */
+static int first_toucher(const tn_graph *g, int i, const tn_tensor *t) {
+  for (int j = i + 1; j < g->count; j++)
+    if (reads(&g->nodes[j], t) || writes(&g->nodes[j], t)) return j;
+  return -1;
+}
+
+/* Whether a node in (i, j) writes a byte of t. */
+static int written_between(const tn_graph *g, int i, int j, const tn_tensor *t) {
+  if (t == NULL) return 0;
+  for (int k = i + 1; k < j; k++)
+    if (writes(&g->nodes[k], t)) return 1;
+  return 0;
+}
+
+/* Whether some node after j reads t before a node writes all of it again. */
+static int read_after(const tn_graph *g, int j, const tn_tensor *t) {
+  for (int k = j + 1; k < g->count; k++) {
+    const tn_graph_node *n = &g->nodes[k];
+    if (reads(n, t)) return 1;
+    if (writes(n, t)) {
+      int whole = 0;
+      for (int o = 0; o < TN_OPERAND_COUNT; o++) {
+        const tn_tensor *out = tn_op_operand(&n->args, (tn_operand)o);
+        if (out != NULL && tn_operand_is_output((tn_operand)o) && tn_tensor_same_view(out, t)) whole = 1;
+      }
+      return !whole; /* a partial rewrite leaves bytes a later node might read: stay safe */
+    }
+  }
+  return 0;
+}
+
+static int is_broadcast(const tn_tensor *b, const tn_tensor *x) { return b->rows == 1 && x->rows != 1; }
+
+/* Replaces nodes i and j (i < j) by `fused` at j's place, if it validates; returns whether it did. */
+static int replace(tn_graph *g, int i, int j, const tn_graph_node *fused, const char *what) {
+  tn_context *quiet = NULL;
+  if (tn_context_create(&quiet) != TN_OK) return 0;
+  tn_status st = tn_validate(quiet, &fused->args);
+  tn_context_destroy(quiet);
+  if (st != TN_OK) return 0;
+  g->nodes[j] = *fused;
+  bind(&g->nodes[j]);
+  memmove(&g->nodes[i], &g->nodes[i + 1], (size_t)(g->count - i - 1) * sizeof *g->nodes);
+  g->count--;
+  for (int k = i; k < g->count; k++) bind(&g->nodes[k]);
+  size_t used = strlen(g->fusions);
+  if (used + strlen(what) + 3 < sizeof g->fusions)
+    snprintf(g->fusions + used, sizeof g->fusions - used, "%s%s", used ? "; " : "", what);
+  return 1;
+}
+
+static int fuse_add_rms_norm(tn_graph *g, int i) {
+  const tn_graph_node *a = &g->nodes[i];
+  if (a->args.op != TN_OP_ADD || is_broadcast(a->args.residual, a->args.x)) return 0;
+  const tn_tensor *sum = a->args.y;
+  int j = first_toucher(g, i, sum);
+  if (j < 0) return 0;
+  const tn_graph_node *r = &g->nodes[j];
+  if (r->args.op != TN_OP_RMS_NORM || r->args.mul != NULL || r->options.round_before_last ||
+      !tn_tensor_same_view(r->args.x, sum) || writes(r, sum))
+    return 0;
+  if (written_between(g, i, j, a->args.x) || written_between(g, i, j, a->args.residual)) return 0;
+  tn_op_args f = tn_op_args_init(TN_OP_ADD_RMS_NORM);
+  f.x = a->args.x;
+  f.residual = a->args.residual;
+  f.weight = r->args.weight;
+  f.weight_offset = r->args.weight_offset;
+  f.eps = r->args.eps;
+  f.y = r->args.y;
+  f.residual_out = sum;
+  tn_graph_node fused;
+  node_init(&fused, &f);
+  if (!replace(g, i, j, &fused, "add + rms_norm -> add_rms_norm")) return 0;
+  g->info.fused_add_rms_norm++;
+  return 1;
+}
+
+static int fuse_norm_then_factor(tn_graph *g, int i) {
+  const tn_graph_node *a = &g->nodes[i];
+  const int rms = a->args.op == TN_OP_RMS_NORM, l2 = a->args.op == TN_OP_L2_NORM;
+  if ((!rms && !l2) || a->options.round_before_last || (rms && a->args.mul != NULL) || (l2 && a->args.scale != 1.0f))
+    return 0;
+  const tn_tensor *t = a->args.y;
+  int j = first_toucher(g, i, t);
+  if (j < 0) return 0;
+  const tn_graph_node *b = &g->nodes[j];
+  const tn_tensor *m = NULL;
+  if (rms) {
+    if (b->args.op != TN_OP_MUL) return 0;
+    if (tn_tensor_same_view(b->args.x, t)) m = b->args.mul;
+    else if (tn_tensor_same_view(b->args.mul, t)) m = b->args.x;
+    if (m == NULL || is_broadcast(m, t) || tn_tensors_overlap(m, t)) return 0;
+  } else if (b->args.op != TN_OP_SCALE || !tn_tensor_same_view(b->args.x, t)) {
+    return 0;
+  }
+  if (writes(b, t) && !tn_tensor_same_view(b->args.y, t)) return 0;
+  /* The fused op no longer writes t: nothing after may read it (t rewritten in place by j is fine). */
+  if (!tn_tensor_same_view(b->args.y, t) && read_after(g, j, t)) return 0;
+  if (written_between(g, i, j, a->args.x) || written_between(g, i, j, a->args.weight)) return 0;
+  tn_op_args f = a->args;
+  f.y = b->args.y;
+  if (rms) f.mul = m;
+  else f.scale = b->args.scale;
+  tn_graph_node fused;
+  node_init(&fused, &f);
+  fused.options.round_before_last = 1;
+  if (!replace(g, i, j, &fused, rms ? "rms_norm + mul -> rms_norm with mul" : "l2_norm + scale -> l2_norm with scale"))
+    return 0;
+  if (rms) g->info.fused_rms_norm_mul++;
+  else g->info.fused_l2_norm_scale++;
+  return 1;
+}
+
+void tn_graph_fuse(tn_graph *g) {
+  const char *off = getenv("TNORM_GRAPH_FUSION");
+  if (off == NULL || strcmp(off, "0") != 0) {
+    /* add + rms_norm first: in add -> rms_norm -> mul it saves the most launches and traffic. */
+    for (int i = 0; i < g->count; i++)
+      if (fuse_add_rms_norm(g, i)) i--;
+    for (int i = 0; i < g->count; i++)
+      if (fuse_norm_then_factor(g, i)) i--;
+  }
+  g->info.ops = g->count;
+}

@@ -1,0 +1,29 @@
+/* Graphs: ops recorded on a context instead of run, fused where the data flow allows it, then replayed.
+ * A node keeps its op, copies of its tensors (so the caller's views may go away) and the byte ranges it
+ * reads and writes follow from those tensors. */
+#ifndef TN_GRAPH_GRAPH_H
+#define TN_GRAPH_GRAPH_H
+
+#include "../core/backend.h"
+#include "tnorm.h"
+
+typedef struct tn_graph_node {
+  tn_op_args args;                     /* operand pointers point into tensors[] */
+  tn_tensor tensors[6];                /* one per operand slot (tn_operand order) */
+  tn_run_options options;
+} tn_graph_node;
+
+struct tn_graph {
+  tn_graph_node *nodes;
+  int count, capacity;
+  tn_graph_info info;
+  char fusions[512]; /* the fusions applied, in order, "; "-separated */
+};
+
+tn_status tn_graph_new(tn_context *ctx, tn_graph **out);
+/* Appends a validated op (copied). */
+tn_status tn_graph_append(tn_context *ctx, tn_graph *g, const tn_op_args *args);
+/* Applies the fusion passes (see graph.c); fills g->info. */
+void tn_graph_fuse(tn_graph *g);
+
+#endif
