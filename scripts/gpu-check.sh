@@ -78,6 +78,8 @@ shapes=32768x4096,16384x8192,65536x2048,8192x16384,131072x128,4096x4096,1x4096,4
 timeout 150 $TNORM bench --device cuda --dtypes bf16,f32 --shapes $shapes --csv "$OUT/bench_cuda.csv" \
   > "$OUT/bench_cuda.txt" 2>&1
 cat "$OUT/bench_cuda.txt"
+timeout 60 $TNORM bench-graph --device cuda > "$OUT/bench_graph.txt" 2>&1
+cat "$OUT/bench_graph.txt"
 echo
 echo "== gpu-check summary =="
 printf '%s\n' "${rows[@]}"

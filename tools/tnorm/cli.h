@@ -42,5 +42,6 @@ int cli_run_main(int argc, char **argv);
 int cli_check_main(int argc, char **argv);
 int cli_bench_main(int argc, char **argv);
 int cli_kernels_main(int argc, char **argv);
+int cli_bench_graph_main(int argc, char **argv);
 
 #endif

@@ -17,6 +17,9 @@ static const char usage_text[] =
     "                                                   float64 reference on fresh random data\n"
     "       tnorm bench [--device cpu|cuda|auto] [--csv FILE] [--shapes RxD,...] [--ops LIST]\n"
     "                   [--dtypes LIST] [--iters N]      time, GB/s and % of the memory-copy ceiling\n"
+    "       tnorm bench-graph [--device D] [--layers 32] [--dim 4096] [--dtype bf16] [--steps 200]\n"
+    "                                                   a decode step (add -> rms_norm -> mul per layer,\n"
+    "                                                   rows 1, 8, 64): op by op, as a graph, fused\n"
     "       tnorm kernels [--arch N]                    compile every CUDA kernel variant for compute\n"
     "                                                   capability N (default 90) into the disk cache;\n"
     "                                                   needs NVRTC, not a GPU\n"
@@ -162,5 +165,6 @@ int main(int argc, char **argv) {
   if (strcmp(cmd, "check") == 0) return cli_check_main(argc - 1, argv + 1);
   if (strcmp(cmd, "bench") == 0) return cli_bench_main(argc - 1, argv + 1);
   if (strcmp(cmd, "kernels") == 0) return cli_kernels_main(argc - 1, argv + 1);
-  return cli_usage("unknown command '%s' (run, check, bench, kernels; see tnorm --help)", cmd);
+  if (strcmp(cmd, "bench-graph") == 0) return cli_bench_graph_main(argc - 1, argv + 1);
+  return cli_usage("unknown command '%s' (run, check, bench, bench-graph, kernels; see tnorm --help)", cmd);
 }
