@@ -74,7 +74,7 @@ TN_INLINE void add_rms_norm_rows(const tn_cpu_call *c, float *s, int64_t begin, 
     }
     const float *v = s;
     float inv = tn_row_scale(sum_sq, &v, s, dim, (float)dim, a->eps);
-    tn_row_emit(dtype, tn_row_ptr(a->y, r), v, dim, inv, has_w, c->weight, 0, NULL, 0, 1.0f, 0, c->stream,
+    tn_row_emit(dtype, tn_row_ptr(a->y, r), v, 0, dim, inv, has_w, c->weight, 0, NULL, 0, 1.0f, 0, c->stream,
                 tn_next_row_of(a->x, a->residual, r, end));
   }
   tn_stream_fence(c->stream);

@@ -31,6 +31,8 @@
 #define TN_INLINE static inline __attribute__((always_inline))
 
 #define TN_LANES 16
+/* Element i of a row source: f16/bf16 elements (src_half) or float32 ones. */
+#define TN_SRC(v, src_half, i) ((const char *)(v) + (size_t)(i) * ((src_half) ? 2u : 4u))
 #define TN_BLOCK 512 /* elements staged per block: 2 KiB in f32, in L1 */
 
 /* Pointer to row r of a validated tensor. */
@@ -101,6 +103,32 @@ TN_INLINE float tn_row_load_sum_squares(tn_dtype dtype, const void *src, int64_t
   return tn_sum_squares(*row, n);
 }
 
+#ifdef TN_CONVERT_AVX2
+/* The sum of squares of an f16/bf16 row, as tn_row_load_sum_squares gives it (the same lanes, tail and
+ * tree), without writing the row out in float32: the common case then reads the row again in pass 2,
+ * converting as it goes, instead of storing and reloading four bytes per element. */
+TN_INLINE float tn_half_sum_squares(tn_dtype dtype, const void *src, int64_t n) {
+  const uint16_t *h = (const uint16_t *)src;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + TN_LANES <= n; i += TN_LANES) {
+    const __m256 f0 = tn_half8_to_f32(dtype, h + i), f1 = tn_half8_to_f32(dtype, h + i + 8);
+    acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(f0, f0));
+    acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(f1, f1));
+  }
+  float acc[TN_LANES], tail[TN_LANES] = {0};
+  _mm256_storeu_ps(acc, acc0);
+  _mm256_storeu_ps(acc + 8, acc1);
+  for (int k = 0; i + k < n; k++) tail[k] = tn_load(dtype, src, i + k);
+  return tn_lanes_finish(acc, tail);
+}
+#endif
+
+/* Whether a row's scale is the plain 1 / sqrt(sum_sq / count + eps) (tn_row_scale's common case). */
+TN_INLINE int tn_row_scale_is_plain(float sum_sq, float eps) {
+  return sum_sq < INFINITY && !(eps == 0.0f && sum_sq < 0x1p-64f);
+}
+
 /* 1 / sqrt(a), in float32 (two roundings; the same expression on every CPU). */
 TN_INLINE float tn_inv_sqrt(float a) { return 1.0f / sqrtf(a); }
 
@@ -110,7 +138,7 @@ TN_INLINE float tn_inv_sqrt(float a) { return 1.0f / sqrtf(a); }
  * *v pointed there; the scale returned is then that of the scaled row with eps * k^2, so v * scale is
  * right instead of 0 or Inf. Rows with NaN or Inf take the plain path and propagate. */
 TN_INLINE float tn_row_scale(float sum_sq, const float **v, float *scratch, int64_t n, float count, float eps) {
-  if (sum_sq < INFINITY && !(eps == 0.0f && sum_sq < 0x1p-64f)) return tn_inv_sqrt(sum_sq / count + eps);
+  if (tn_row_scale_is_plain(sum_sq, eps)) return tn_inv_sqrt(sum_sq / count + eps);
   const float k = sum_sq == INFINITY ? 0x1p-80f : 0x1p80f;
   const float *src = *v;
   float acc[TN_LANES] = {0}, tail[TN_LANES] = {0};
@@ -167,9 +195,10 @@ TN_INLINE void tn_block_out(tn_dtype dtype, void *out, float *f32, uint16_t *u16
 
 #ifdef TN_CONVERT_AVX2
 /* Eight results of the emit formula below, in registers. */
-TN_INLINE __m256 tn_emit8(tn_dtype dtype, const float *v, float inv, int has_w, const float *w, int has_m,
+TN_INLINE __m256 tn_emit8(tn_dtype dtype, int src_half, const void *v, float inv, int has_w, const float *w, int has_m,
                           const void *m, int has_scale, float scale) {
-  __m256 t = _mm256_mul_ps(_mm256_loadu_ps(v), _mm256_set1_ps(inv));
+  const __m256 x = src_half ? tn_half8_to_f32(dtype, (const uint16_t *)v) : _mm256_loadu_ps((const float *)v);
+  __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(inv));
   if (has_w) t = _mm256_mul_ps(t, _mm256_loadu_ps(w));
   if (has_m) t = _mm256_mul_ps(t, dtype == TN_F32 ? _mm256_loadu_ps(m) : tn_half8_to_f32(dtype, m));
   if (has_scale) t = _mm256_mul_ps(t, _mm256_set1_ps(scale));
@@ -182,19 +211,20 @@ TN_INLINE int64_t tn_emit_f32_stream_avx2(float *out, const float *v, int64_t n,
                                           int has_m, const float *m, int has_scale, float scale) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    _mm256_stream_ps(out + i, tn_emit8(TN_F32, v + i, inv, has_w, w + (has_w ? i : 0), has_m, has_m ? m + i : NULL,
+    _mm256_stream_ps(out + i, tn_emit8(TN_F32, 0, v + i, inv, has_w, w + (has_w ? i : 0), has_m, has_m ? m + i : NULL,
                                        has_scale, scale));
   return i;
 }
 
 /* The emit formula for f16/bf16 outputs, 16 elements at a time with the results kept in registers
  * through the conversion; returns how many elements it wrote (a multiple of 16). */
-TN_INLINE int64_t tn_emit_half_avx2(tn_dtype dtype, uint16_t *out, const float *v, int64_t n, float inv, int has_w,
+TN_INLINE int64_t tn_emit_half_avx2(tn_dtype dtype, int src_half, uint16_t *out, const void *v, int64_t n, float inv,
+                                    int has_w,
                                     const float *w, int has_m, const uint16_t *m, int has_scale, float scale, int nt) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    __m256 lo = tn_emit8(dtype, v + i, inv, has_w, w + (has_w ? i : 0), has_m, has_m ? m + i : NULL, has_scale, scale);
-    __m256 hi = tn_emit8(dtype, v + i + 8, inv, has_w, w + (has_w ? i + 8 : 0), has_m, has_m ? m + i + 8 : NULL,
+    __m256 lo = tn_emit8(dtype, src_half, TN_SRC(v, src_half, i), inv, has_w, w + (has_w ? i : 0), has_m, has_m ? m + i : NULL, has_scale, scale);
+    __m256 hi = tn_emit8(dtype, src_half, TN_SRC(v, src_half, i + 8), inv, has_w, w + (has_w ? i + 8 : 0), has_m, has_m ? m + i + 8 : NULL,
                          has_scale, scale);
     __m256i packed = tn_f32x16_to_half(dtype, lo, hi);
     if (nt) _mm256_stream_si256((__m256i *)(void *)(out + i), packed); /* out is 32-byte aligned */
@@ -239,7 +269,8 @@ TN_INLINE void tn_prefetch_slice(tn_next_row next, int64_t from, int64_t to, int
  * flag is set (w is the weight plus offset, already in float32; m a row of the dtype). With round_mid,
  * (v[i] * inv) * w[i] is rounded to the dtype before m or scale multiplies it (a fused pair of ops; the
  * plain loop below does it). Streamed outputs (large calls) also prefetch the next row. */
-TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const float *v, int64_t n, float inv, int has_w, const float *w,
+TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const void *v, int src_half, int64_t n, float inv, int has_w,
+                           const float *w,
                            int has_m, const void *m, int has_scale, float scale, int round_mid, int stream,
                            tn_next_row next) {
   float f32[TN_BLOCK];
@@ -252,25 +283,25 @@ TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const float *v, int64_t n,
   if (round_mid) {
     /* the plain loop only */
   } else if (dtype != TN_F32 && !stream) {
-    b = tn_emit_half_avx2(dtype, (uint16_t *)out, v, n, inv, has_w, w, has_m, (const uint16_t *)m, has_scale, scale,
+    b = tn_emit_half_avx2(dtype, src_half, (uint16_t *)out, v, n, inv, has_w, w, has_m, (const uint16_t *)m, has_scale, scale,
                           0);
   } else if (dtype != TN_F32 && ((uintptr_t)out & 31u) == 0) {
     /* Streamed straight from registers: every 16 elements are one aligned 32-byte store. */
     for (; b + TN_BLOCK <= n; b += TN_BLOCK) {
       tn_prefetch_slice(next, b, b + TN_BLOCK, n);
-      tn_emit_half_avx2(dtype, (uint16_t *)out + b, v + b, TN_BLOCK, inv, has_w, w + (has_w ? b : 0), has_m,
+      tn_emit_half_avx2(dtype, src_half, (uint16_t *)out + b, TN_SRC(v, src_half, b), TN_BLOCK, inv, has_w, w + (has_w ? b : 0), has_m,
                         (const uint16_t *)m + (has_m ? b : 0), has_scale, scale, 1);
     }
   } else if (dtype == TN_F32 && stream && ((uintptr_t)out & 31u) == 0) {
     for (; b + TN_BLOCK <= n; b += TN_BLOCK) {
       tn_prefetch_slice(next, b, b + TN_BLOCK, n);
-      tn_emit_f32_stream_avx2((float *)out + b, v + b, TN_BLOCK, inv, has_w, w + (has_w ? b : 0), has_m,
+      tn_emit_f32_stream_avx2((float *)out + b, (const float *)v + b, TN_BLOCK, inv, has_w, w + (has_w ? b : 0), has_m,
                               (const float *)m + (has_m ? b : 0), has_scale, scale);
     }
   } else if (dtype != TN_F32) {
     for (; b + TN_BLOCK <= n; b += TN_BLOCK) {
       tn_prefetch_slice(next, b, b + TN_BLOCK, n);
-      tn_emit_half_avx2(dtype, u16, v + b, TN_BLOCK, inv, has_w, w + (has_w ? b : 0), has_m,
+      tn_emit_half_avx2(dtype, src_half, u16, TN_SRC(v, src_half, b), TN_BLOCK, inv, has_w, w + (has_w ? b : 0), has_m,
                         (const uint16_t *)m + (has_m ? b : 0), has_scale, scale, 0);
       tn_copy_out((uint16_t *)out + b, u16, TN_BLOCK * 2, 1);
     }
@@ -284,7 +315,7 @@ TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const float *v, int64_t n,
     const float *mb = NULL;
     if (has_m) mb = tn_row_as_f32(dtype, (const char *)m + (size_t)b * es, len, mf);
     for (int64_t i = 0; i < len; i++) {
-      float t = v[b + i] * inv;
+      float t = (src_half ? tn_load(dtype, v, b + i) : ((const float *)v)[b + i]) * inv;
       if (has_w) t *= w[b + i];
       if (round_mid) t = tn_round_to(dtype, t);
       if (has_m) t *= mb[i];
