@@ -179,7 +179,9 @@ struct Buf {
   unsigned char *Row(int64_t r) { return mem.data() + (size_t)(r * stride) * ESize(dt); }
   const unsigned char *Row(int64_t r) const { return mem.data() + (size_t)(r * stride) * ESize(dt); }
   tn_tensor View() { return tn_tensor_strided(mem.data(), dt, rows, dim, stride); }
-  void Poison() { memset(mem.data(), 0xFF, mem.size()); }
+  void Poison() {
+    if (!mem.empty()) memset(mem.data(), 0xFF, mem.size());  // an unused operand has no memory
+  }
   size_t RowBytes() const { return (size_t)dim * ESize(dt); }
 };
 
