@@ -47,24 +47,29 @@ int tn_operand_is_output(tn_operand operand) {
   return operand == TN_OPERAND_Y || operand == TN_OPERAND_RESIDUAL_OUT;
 }
 
-const tn_tensor *tn_op_operand(const tn_op_args *args, tn_operand operand) {
+const tn_tensor **tn_op_operand_slot(tn_op_args *args, tn_operand operand) {
   switch (operand) {
     case TN_OPERAND_X:
-      return args->x;
+      return &args->x;
     case TN_OPERAND_WEIGHT:
-      return args->weight;
+      return &args->weight;
     case TN_OPERAND_MUL:
-      return args->mul;
+      return &args->mul;
     case TN_OPERAND_RESIDUAL:
-      return args->residual;
+      return &args->residual;
     case TN_OPERAND_Y:
-      return args->y;
+      return &args->y;
     case TN_OPERAND_RESIDUAL_OUT:
-      return args->residual_out;
+      return &args->residual_out;
     case TN_OPERAND_COUNT:
       break;
   }
   return NULL;
+}
+
+const tn_tensor *tn_op_operand(const tn_op_args *args, tn_operand operand) {
+  const tn_tensor **slot = tn_op_operand_slot((tn_op_args *)args, operand);
+  return slot != NULL ? *slot : NULL;
 }
 
 tn_op_args tn_op_args_init(tn_op op) {

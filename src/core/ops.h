@@ -34,7 +34,8 @@ const tn_op_info *tn_op_info_get(tn_op op);
 const char *tn_operand_name(tn_operand operand);
 int tn_operand_is_output(tn_operand operand);
 
-/* The operand's tensor in args (NULL when not given). */
+/* The operand's tensor in args (NULL when not given), and the field that holds it (NULL outside the enum). */
 const tn_tensor *tn_op_operand(const tn_op_args *args, tn_operand operand);
+const tn_tensor **tn_op_operand_slot(tn_op_args *args, tn_operand operand);
 
 #endif

@@ -5,22 +5,9 @@ TN_INLINE void l2_norm_rows(const tn_cpu_call *c, float *scratch, int64_t begin,
   const tn_op_args *a = c->args;
   const int64_t dim = a->x->dim;
   for (int64_t r = begin; r < end; r++) {
-#ifdef TN_CONVERT_AVX2
-    if (dtype != TN_F32 && !c->round_before_last) { /* the common case: no float32 copy of the row */
-      const void *x = tn_row_ptr(a->x, r);
-      const float s = tn_half_sum_squares(dtype, x, dim);
-      if (tn_row_scale_is_plain(s, a->eps)) {
-        tn_row_emit(dtype, tn_row_ptr(a->y, r), x, 1, dim, tn_inv_sqrt(s / 1.0f + a->eps), 0, NULL, 0, NULL, 1,
-                    a->scale, 0, c->stream, tn_next_row_of(a->x, NULL, r, end));
-        continue;
-      }
-    }
-#endif
-    const float *v;
-    float sum_sq = tn_row_load_sum_squares(dtype, tn_row_ptr(a->x, r), dim, scratch, &v);
-    float inv = tn_row_scale(sum_sq, &v, scratch, dim, 1.0f, a->eps);
-    tn_row_emit(dtype, tn_row_ptr(a->y, r), v, 0, dim, inv, 0, NULL, 0, NULL, 1, a->scale, c->round_before_last, c->stream,
-                tn_next_row_of(a->x, NULL, r, end));
+    const tn_row_source src = tn_row_pass1(dtype, tn_row_ptr(a->x, r), dim, 1.0f, a->eps, scratch);
+    tn_row_emit(dtype, tn_row_ptr(a->y, r), src.v, src.half, dim, src.inv, 0, NULL, 0, NULL, 1, a->scale,
+                c->round_before_last, c->stream, tn_next_row_of(a->x, NULL, r, end));
   }
   tn_stream_fence(c->stream);
 }

@@ -79,50 +79,46 @@ TN_INLINE void tn_store_square16(float *dst, __m256 f0, __m256 f1, __m256 *acc0,
 }
 #endif
 
-/* The row as float32 (as tn_row_as_f32) and its sum of squares (as tn_sum_squares, bit for bit: the
- * same lanes, the same tail and the same tree), in one pass over the row. */
-TN_INLINE float tn_row_load_sum_squares(tn_dtype dtype, const void *src, int64_t n, float *scratch,
-                                        const float **row) {
 #ifdef TN_CONVERT_AVX2
-  if (dtype != TN_F32) {
-    const uint16_t *h = (const uint16_t *)src;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); /* lanes 0-7 and 8-15 */
-    int64_t i = 0;
-    for (; i + TN_LANES <= n; i += TN_LANES) {
-      tn_store_square16(scratch + i, tn_half8_to_f32(dtype, h + i), tn_half8_to_f32(dtype, h + i + 8), &acc0, &acc1);
-    }
-    float acc[TN_LANES], tail[TN_LANES] = {0};
-    _mm256_storeu_ps(acc, acc0);
-    _mm256_storeu_ps(acc + 8, acc1);
-    for (int k = 0; i + k < n; k++) tail[k] = scratch[i + k] = tn_load(dtype, src, i + k);
-    *row = scratch;
-    return tn_lanes_finish(acc, tail);
-  }
-#endif
-  *row = tn_row_as_f32(dtype, src, n, scratch);
-  return tn_sum_squares(*row, n);
-}
-
-#ifdef TN_CONVERT_AVX2
-/* The sum of squares of an f16/bf16 row, as tn_row_load_sum_squares gives it (the same lanes, tail and
- * tree), without writing the row out in float32: the common case then reads the row again in pass 2,
- * converting as it goes, instead of storing and reloading four bytes per element. */
-TN_INLINE float tn_half_sum_squares(tn_dtype dtype, const void *src, int64_t n) {
+/* The sum of squares of an f16/bf16 row (as tn_sum_squares of its float32 values, bit for bit: the same
+ * lanes, tail and tree); when f32 is not NULL the float32 row is also stored there. */
+TN_INLINE float tn_half_sum_squares(tn_dtype dtype, const void *src, int64_t n, float *f32) {
   const uint16_t *h = (const uint16_t *)src;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); /* lanes 0-7 and 8-15 */
   int64_t i = 0;
   for (; i + TN_LANES <= n; i += TN_LANES) {
     const __m256 f0 = tn_half8_to_f32(dtype, h + i), f1 = tn_half8_to_f32(dtype, h + i + 8);
+    if (f32 != NULL) {
+      _mm256_storeu_ps(f32 + i, f0);
+      _mm256_storeu_ps(f32 + i + 8, f1);
+    }
     acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(f0, f0));
     acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(f1, f1));
   }
   float acc[TN_LANES], tail[TN_LANES] = {0};
   _mm256_storeu_ps(acc, acc0);
   _mm256_storeu_ps(acc + 8, acc1);
-  for (int k = 0; i + k < n; k++) tail[k] = tn_load(dtype, src, i + k);
+  for (int k = 0; i + k < n; k++) {
+    tail[k] = tn_load(dtype, src, i + k);
+    if (f32 != NULL) f32[i + k] = tail[k];
+  }
   return tn_lanes_finish(acc, tail);
 }
 #endif
+
+/* The row as float32 (as tn_row_as_f32) and its sum of squares (as tn_sum_squares, bit for bit), in one
+ * pass over the row. */
+TN_INLINE float tn_row_load_sum_squares(tn_dtype dtype, const void *src, int64_t n, float *scratch,
+                                        const float **row) {
+#ifdef TN_CONVERT_AVX2
+  if (dtype != TN_F32) {
+    *row = scratch;
+    return tn_half_sum_squares(dtype, src, n, scratch);
+  }
+#endif
+  *row = tn_row_as_f32(dtype, src, n, scratch);
+  return tn_sum_squares(*row, n);
+}
 
 /* Whether a row's scale is the plain 1 / sqrt(sum_sq / count + eps) (tn_row_scale's common case). */
 TN_INLINE int tn_row_scale_is_plain(float sum_sq, float eps) {
@@ -151,6 +147,39 @@ TN_INLINE float tn_row_scale(float sum_sq, const float **v, float *scratch, int6
   for (i = 0; i < n; i++) scratch[i] = src[i] * k; /* src may be scratch itself */
   *v = scratch;
   return tn_inv_sqrt(scaled_sum / count + eps * k * k);
+}
+
+/* What pass 1 of a normalised row (rms_norm, l2_norm) hands to pass 2: where to read the row (f16/bf16
+ * elements where they lie, or float32 ones) and its scale. */
+typedef struct tn_row_source {
+  const void *v;
+  int half;
+  float inv;
+} tn_row_source;
+
+/* Pass 1: with AVX2 an f16/bf16 row is only summed, and pass 2 reads it again from cache, converting as it
+ * goes (no float32 copy stored and reloaded); a row needing the rescale, and every row without AVX2, is
+ * brought to float32 in scratch first (tn_row_load_sum_squares, tn_row_scale). Same bits either way. */
+TN_INLINE tn_row_source tn_row_pass1(tn_dtype dtype, const void *x, int64_t n, float count, float eps,
+                                     float *scratch) {
+  tn_row_source s;
+#ifdef TN_CONVERT_AVX2
+  if (dtype != TN_F32) {
+    const float sum = tn_half_sum_squares(dtype, x, n, NULL);
+    if (tn_row_scale_is_plain(sum, eps)) {
+      s.v = x;
+      s.half = 1;
+      s.inv = tn_inv_sqrt(sum / count + eps);
+      return s;
+    }
+  }
+#endif
+  const float *v;
+  const float sum = tn_row_load_sum_squares(dtype, x, n, scratch, &v);
+  s.inv = tn_row_scale(sum, &v, scratch, n, count, eps);
+  s.v = v;
+  s.half = 0;
+  return s;
 }
 
 /* Copies a finished block to the output: plain stores, or non-temporal ones for outputs too large to
@@ -269,7 +298,7 @@ TN_INLINE void tn_prefetch_slice(tn_next_row next, int64_t from, int64_t to, int
  * flag is set (w is the weight plus offset, already in float32; m a row of the dtype). With round_mid,
  * (v[i] * inv) * w[i] is rounded to the dtype before m or scale multiplies it (a fused pair of ops; the
  * plain loop below does it). Streamed outputs (large calls) also prefetch the next row. */
-TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const void *v, int src_half, int64_t n, float inv, int has_w,
+TN_INLINE void tn_row_emit_from(tn_dtype dtype, void *out, const void *v, const int src_half, int64_t n, float inv, int has_w,
                            const float *w,
                            int has_m, const void *m, int has_scale, float scale, int round_mid, int stream,
                            tn_next_row next) {
@@ -324,6 +353,16 @@ TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const void *v, int src_hal
     }
     tn_block_out(dtype, dst, f32, u16, len, stream);
   }
+}
+
+/* tn_row_emit_from with src_half a constant in each copy, so its per-block source test folds away. */
+TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const void *v, int src_half, int64_t n, float inv, int has_w,
+                           const float *w, int has_m, const void *m, int has_scale, float scale, int round_mid,
+                           int stream, tn_next_row next) {
+  if (src_half)
+    tn_row_emit_from(dtype, out, v, 1, n, inv, has_w, w, has_m, m, has_scale, scale, round_mid, stream, next);
+  else
+    tn_row_emit_from(dtype, out, v, 0, n, inv, has_w, w, has_m, m, has_scale, scale, round_mid, stream, next);
 }
 
 /* Suffixes an entry point with the instruction set this file is compiled for. */

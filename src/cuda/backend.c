@@ -130,6 +130,24 @@ static size_t max_stage_bytes(const device_info *d) {
   return d->max_block_smem > 1024 ? (size_t)d->max_block_smem - 1024 : 0;
 }
 
+/* Every driver call that needs a context runs between enter_device (the device opened, its primary context
+ * pushed) and leave_device (popped; the call's result, named `what`, made a status). */
+static tn_status push_device(const cuda_state *s, tn_context *ctx, const device_info *d) {
+  TN_CUDA_CALL(ctx, s->cu->CtxPushCurrent(d->primary), "cuCtxPushCurrent");
+  return TN_OK;
+}
+
+static tn_status enter_device(cuda_state *s, tn_context *ctx, int index, device_info **d) {
+  TN_FORWARD_IF_ERROR(device_get(s, ctx, index, d));
+  return push_device(s, ctx, *d);
+}
+
+static tn_status leave_device(const cuda_state *s, tn_context *ctx, CUresult r, const char *what) {
+  CUcontext popped;
+  s->cu->CtxPopCurrent(&popped);
+  return r == CUDA_SUCCESS ? TN_OK : tn_cuda_error(ctx, r, what);
+}
+
 static tn_status load_kernel(cuda_state *s, tn_context *ctx, device_info *d, tn_kernel_key key, loaded_kernel *k) {
   const tn_cuda_driver *cu = s->cu;
   tn_kernel_binary bin;
@@ -137,10 +155,10 @@ static tn_status load_kernel(cuda_state *s, tn_context *ctx, device_info *d, tn_
   tn_status st = TN_OK;
   CUmodule module;
   CUfunction fn;
-  CUresult r = cu->CtxPushCurrent(d->primary);
-  if (r != CUDA_SUCCESS) {
+  CUresult r;
+  if ((st = push_device(s, ctx, d)) != TN_OK) {
     tn_kernel_binary_free(&bin);
-    return tn_cuda_error(ctx, r, "cuCtxPushCurrent");
+    return st;
   }
   const int block = tn_kernel_key_block_threads(key);
   int blocks = 0, static_smem = 0;
@@ -157,8 +175,7 @@ static tn_status load_kernel(cuda_state *s, tn_context *ctx, device_info *d, tn_
   } else if ((r = cu->OccupancyMaxActiveBlocksPerMultiprocessor(&blocks, fn, block, 0)) != CUDA_SUCCESS) {
     st = tn_cuda_error(ctx, r, "cuOccupancyMaxActiveBlocksPerMultiprocessor");
   }
-  CUcontext popped;
-  cu->CtxPopCurrent(&popped);
+  leave_device(s, ctx, CUDA_SUCCESS, NULL);
   tn_kernel_binary_free(&bin);
   if (st != TN_OK) return st; /* a module that loaded stays loaded: harmless, and rare */
   k->fn = fn;
@@ -212,7 +229,7 @@ static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
   key.mode = access_mode(a);
   if (!tn_op_is_norm(a->op)) {
     key.family = TN_FAMILY_ELEMENTWISE;
-    key.shape = a->op == TN_OP_ADD ? TN_ELEMENTWISE_ADD : a->op == TN_OP_MUL ? TN_ELEMENTWISE_MUL : TN_ELEMENTWISE_SCALE;
+    key.shape = a->op == TN_OP_ADD ? TN_KERNEL_ELEMENTWISE_ADD : a->op == TN_OP_MUL ? TN_KERNEL_ELEMENTWISE_MUL : TN_KERNEL_ELEMENTWISE_SCALE;
     return key;
   }
   key.family = a->op == TN_OP_ADD_RMS_NORM ? TN_FAMILY_ADD_NORM : a->mul != NULL ? TN_FAMILY_NORM_MUL : TN_FAMILY_NORM;
@@ -328,27 +345,11 @@ static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a, con
   config.numAttrs = d->pdl ? 1 : 0;
   void *kernel_args[] = {&p};
 
-  TN_CUDA_CALL(ctx, cu->CtxPushCurrent(d->primary), "cuCtxPushCurrent");
-  CUresult r = cu->LaunchKernelEx(&config, k->fn, kernel_args, NULL);
-  CUcontext popped;
-  cu->CtxPopCurrent(&popped);
-  if (r != CUDA_SUCCESS) return tn_cuda_error(ctx, r, "kernel launch");
-  return TN_OK;
+  TN_FORWARD_IF_ERROR(push_device(s, ctx, d));
+  return leave_device(s, ctx, cu->LaunchKernelEx(&config, k->fn, kernel_args, NULL), "kernel launch");
 }
 
 /* ---- memory, streams, events ---- */
-
-/* Runs with device index's primary context current. */
-#define WITH_DEVICE(s, ctx, index, d, body)                                            \
-  do {                                                                                 \
-    device_info *d;                                                                    \
-    TN_FORWARD_IF_ERROR(device_get((s), (ctx), (index), &d));                          \
-    TN_CUDA_CALL((ctx), (s)->cu->CtxPushCurrent(d->primary), "cuCtxPushCurrent");      \
-    CUresult with_r_ = (body);                                                         \
-    CUcontext with_popped_;                                                            \
-    (s)->cu->CtxPopCurrent(&with_popped_);                                             \
-    if (with_r_ != CUDA_SUCCESS) return tn_cuda_error((ctx), with_r_, with_what_);     \
-  } while (0)
 
 static tn_status cuda_alloc(void *state, tn_context *ctx, int index, size_t bytes, void **ptr) {
   cuda_state *s = state;
@@ -357,8 +358,9 @@ static tn_status cuda_alloc(void *state, tn_context *ctx, int index, size_t byte
     return TN_OK;
   }
   CUdeviceptr p = 0;
-  const char *with_what_ = "cuMemAlloc";
-  WITH_DEVICE(s, ctx, index, d, s->cu->MemAlloc(&p, bytes));
+  device_info *d;
+  TN_FORWARD_IF_ERROR(enter_device(s, ctx, index, &d));
+  TN_FORWARD_IF_ERROR(leave_device(s, ctx, s->cu->MemAlloc(&p, bytes), "cuMemAlloc"));
   *ptr = (void *)(uintptr_t)p;
   return TN_OK;
 }
@@ -366,9 +368,9 @@ static tn_status cuda_alloc(void *state, tn_context *ctx, int index, size_t byte
 static tn_status cuda_release(void *state, tn_context *ctx, int index, void *ptr) {
   cuda_state *s = state;
   if (ptr == NULL) return TN_OK;
-  const char *with_what_ = "cuMemFree";
-  WITH_DEVICE(s, ctx, index, d, s->cu->MemFree((CUdeviceptr)(uintptr_t)ptr));
-  return TN_OK;
+  device_info *d;
+  TN_FORWARD_IF_ERROR(enter_device(s, ctx, index, &d));
+  return leave_device(s, ctx, s->cu->MemFree((CUdeviceptr)(uintptr_t)ptr), "cuMemFree");
 }
 
 static CUresult copy_and_wait(const tn_cuda_driver *cu, CUstream stream, void *dst, const void *src, size_t bytes,
@@ -384,16 +386,16 @@ static tn_status cuda_copy(void *state, tn_context *ctx, void *dst, tn_device ds
   if (bytes == 0) return TN_OK;
   const int index = dst_device.kind == TN_DEVICE_CUDA ? dst_device.index : src_device.index;
   const int host_side = dst_device.kind != TN_DEVICE_CUDA || src_device.kind != TN_DEVICE_CUDA;
-  const char *with_what_ = "memcpy";
-  WITH_DEVICE(s, ctx, index, d, copy_and_wait(s->cu, s->stream, dst, src, bytes, host_side));
-  return TN_OK;
+  device_info *d;
+  TN_FORWARD_IF_ERROR(enter_device(s, ctx, index, &d));
+  return leave_device(s, ctx, copy_and_wait(s->cu, s->stream, dst, src, bytes, host_side), "memcpy");
 }
 
 static tn_status cuda_synchronize(void *state, tn_context *ctx, int index) {
   cuda_state *s = state;
-  const char *with_what_ = "synchronize";
-  WITH_DEVICE(s, ctx, index, d, s->cu->StreamSynchronize(s->stream));
-  return TN_OK;
+  device_info *d;
+  TN_FORWARD_IF_ERROR(enter_device(s, ctx, index, &d));
+  return leave_device(s, ctx, s->cu->StreamSynchronize(s->stream), "synchronize");
 }
 
 static tn_status cuda_set_stream(void *state, tn_context *ctx, void *stream) {
@@ -413,16 +415,8 @@ static tn_status cuda_event_create(void *state, tn_context *ctx, int index, void
   TN_RETURN_ERROR_IF(e == NULL, ctx, TN_ERR_NO_MEMORY, "event_create: out of memory");
   e->index = index;
   device_info *d;
-  tn_status st = device_get(s, ctx, index, &d);
-  if (st == TN_OK) {
-    CUresult r = s->cu->CtxPushCurrent(d->primary);
-    if (r == CUDA_SUCCESS) {
-      r = s->cu->EventCreate(&e->event, CU_EVENT_DEFAULT);
-      CUcontext popped;
-      s->cu->CtxPopCurrent(&popped);
-    }
-    if (r != CUDA_SUCCESS) st = tn_cuda_error(ctx, r, "cuEventCreate");
-  }
+  tn_status st = enter_device(s, ctx, index, &d);
+  if (st == TN_OK) st = leave_device(s, ctx, s->cu->EventCreate(&e->event, CU_EVENT_DEFAULT), "cuEventCreate");
   if (st != TN_OK) {
     free(e);
     return st;
@@ -434,9 +428,9 @@ static tn_status cuda_event_create(void *state, tn_context *ctx, int index, void
 static tn_status cuda_event_record(void *state, tn_context *ctx, void *event) {
   cuda_state *s = state;
   cuda_event *e = event;
-  const char *with_what_ = "cuEventRecord";
-  WITH_DEVICE(s, ctx, e->index, d, s->cu->EventRecord(e->event, s->stream));
-  return TN_OK;
+  device_info *d;
+  TN_FORWARD_IF_ERROR(enter_device(s, ctx, e->index, &d));
+  return leave_device(s, ctx, s->cu->EventRecord(e->event, s->stream), "cuEventRecord");
 }
 
 static tn_status cuda_event_elapsed(void *state, tn_context *ctx, void *start, void *end, double *ms) {

@@ -30,15 +30,15 @@ static const char *const family_prefix[TN_FAMILY_COUNT] = {"tn_norm", "tn_norm_m
                                                            "tn_elementwise"};
 
 /* Keys are numbered family by family; a family has (dtypes x shapes x modes) of them. */
-static int family_shapes(int f) { return f == TN_FAMILY_ELEMENTWISE ? TN_ELEMENTWISE_OP_COUNT : TN_SHAPE_COUNT; }
+static int family_shapes(int f) { return f == TN_FAMILY_ELEMENTWISE ? TN_KERNEL_ELEMENTWISE_COUNT : TN_SHAPE_COUNT; }
 static int family_first(int f) {
   int first = 0;
-  for (int g = 0; g < f; g++) first += TN_DTYPE_COUNT * family_shapes(g) * TN_MODE_COUNT;
+  for (int g = 0; g < f; g++) first += TN_DTYPE_COUNT * family_shapes(g) * TN_KERNEL_MODE_COUNT;
   return first;
 }
 
 int tn_kernel_key_index(tn_kernel_key k) {
-  return family_first(k.family) + ((int)k.dtype * family_shapes(k.family) + k.shape) * TN_MODE_COUNT + k.mode;
+  return family_first(k.family) + ((int)k.dtype * family_shapes(k.family) + k.shape) * TN_KERNEL_MODE_COUNT + k.mode;
 }
 
 tn_kernel_key tn_kernel_key_at(int index) {
@@ -47,8 +47,8 @@ tn_kernel_key tn_kernel_key_at(int index) {
   while (f + 1 < TN_FAMILY_COUNT && index >= family_first(f + 1)) f++;
   index -= family_first(f);
   k.family = (tn_kernel_family)f;
-  k.mode = index % TN_MODE_COUNT;
-  index /= TN_MODE_COUNT;
+  k.mode = index % TN_KERNEL_MODE_COUNT;
+  index /= TN_KERNEL_MODE_COUNT;
   k.shape = index % family_shapes(f);
   k.dtype = (tn_dtype)(index / family_shapes(f));
   return k;
@@ -82,12 +82,11 @@ int tn_kernel_group_threads(int shape) {
 }
 
 int tn_kernel_key_block_threads(tn_kernel_key key) {
-  return key.family == TN_FAMILY_ELEMENTWISE ? TN_ELEMENTWISE_BLOCK : tn_kernel_block_threads(key.shape);
+  return key.family == TN_FAMILY_ELEMENTWISE ? TN_KERNEL_ELEMENTWISE_BLOCK : tn_kernel_block_threads(key.shape);
 }
 
 int tn_kernel_block_threads(int shape) {
-  int g = tn_kernel_group_threads(shape);
-  return g > 32 ? g : TN_KERNEL_MIN_BLOCK; /* as TN_BLOCK_OF in row.cuh */
+  return TN_KERNEL_BLOCK_OF(tn_kernel_group_threads(shape));
 }
 
 /* ---- statistics ---- */

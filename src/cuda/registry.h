@@ -12,7 +12,7 @@
 #include "tnorm.h"
 
 /* norm.cu: rms_norm and l2_norm, and rms_norm with a multiplicand; add_rms_norm.cu: add_rms_norm;
- * elementwise.cu: add, mul and scale (whose key's shape is the op: TN_ELEMENTWISE_*). */
+ * elementwise.cu: add, mul and scale (whose key's shape is the op: TN_KERNEL_ELEMENTWISE_*). */
 typedef enum tn_kernel_family {
   TN_FAMILY_NORM = 0,
   TN_FAMILY_NORM_MUL = 1,
@@ -21,21 +21,13 @@ typedef enum tn_kernel_family {
   TN_FAMILY_COUNT = 4
 } tn_kernel_family;
 
-#define TN_ELEMENTWISE_ADD 0
-#define TN_ELEMENTWISE_MUL 1
-#define TN_ELEMENTWISE_SCALE 2
-#define TN_ELEMENTWISE_OP_COUNT 3
-#define TN_ELEMENTWISE_BLOCK 256
 
 /* Row shapes: 0 .. 10 keep rows in registers with G = 1 << shape threads per row; then the staged ones. */
 #define TN_SHAPE_REGISTER_COUNT 11
 #define TN_SHAPE_SHARED 11
 #define TN_SHAPE_REREAD 12
 #define TN_SHAPE_COUNT 13
-#define TN_MODE_COUNT 3 /* TN_MODE_BYTES, TN_MODE_ELEMENTS, TN_MODE_VECTORS (row.cuh) */
-#define TN_KERNEL_MODE_BYTES 0
-#define TN_KERNEL_MODE_ELEMENTS 1
-#define TN_KERNEL_MODE_VECTORS 2
+/* Access modes and elementwise ops: TN_KERNEL_MODE_* and TN_KERNEL_ELEMENTWISE_* (kernels/params.h). */
 
 typedef struct tn_kernel_key {
   tn_kernel_family family;
@@ -44,10 +36,10 @@ typedef struct tn_kernel_key {
   int mode;
 } tn_kernel_key;
 
-/* The row families have TN_SHAPE_COUNT shapes, the elementwise family TN_ELEMENTWISE_OP_COUNT ops. */
+/* The row families have TN_SHAPE_COUNT shapes, the elementwise family TN_KERNEL_ELEMENTWISE_COUNT ops. */
 #define TN_KERNEL_VARIANTS                                                                          \
-  ((TN_FAMILY_COUNT - 1) * TN_DTYPE_COUNT * TN_SHAPE_COUNT * TN_MODE_COUNT +                        \
-   TN_DTYPE_COUNT * TN_ELEMENTWISE_OP_COUNT * TN_MODE_COUNT)
+  ((TN_FAMILY_COUNT - 1) * TN_DTYPE_COUNT * TN_SHAPE_COUNT * TN_KERNEL_MODE_COUNT +                        \
+   TN_DTYPE_COUNT * TN_KERNEL_ELEMENTWISE_COUNT * TN_KERNEL_MODE_COUNT)
 
 int tn_kernel_key_index(tn_kernel_key key);
 tn_kernel_key tn_kernel_key_at(int index);

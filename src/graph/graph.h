@@ -5,11 +5,12 @@
 #define TN_GRAPH_GRAPH_H
 
 #include "../core/backend.h"
+#include "../core/ops.h"
 #include "tnorm.h"
 
 typedef struct tn_graph_node {
   tn_op_args args;                     /* operand pointers point into tensors[] */
-  tn_tensor tensors[6];                /* one per operand slot (tn_operand order) */
+  tn_tensor tensors[TN_OPERAND_COUNT]; /* one per operand (tn_operand order) */
   tn_run_options options;
 } tn_graph_node;
 

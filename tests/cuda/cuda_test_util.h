@@ -5,6 +5,7 @@
 #define TNORM_TESTS_CUDA_TEST_UTIL_H
 
 #include <cuda.h>
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -239,6 +240,17 @@ class PrimaryContextScope {
   CUcontext ctx_ = nullptr;
   bool retained_ = false, pushed_ = false;
   CUresult status_ = CUDA_SUCCESS;
+};
+
+// A test with a context on which CUDA must be usable (this binary runs only where a GPU is).
+class CudaContextTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_EQ(tn_context_create(&ctx), TN_OK);
+    ASSERT_EQ(tn_device_available(ctx, TN_DEVICE_CUDA), TN_OK) << tn_context_last_error(ctx);
+  }
+  void TearDown() override { tn_context_destroy(ctx); }
+  tn_context *ctx = nullptr;
 };
 
 }  // namespace tn_cuda_test

@@ -42,13 +42,8 @@ bool SameBits(tn_dtype dt, const uint8_t *a, const uint8_t *b, size_t n) {
   return true;
 }
 
-class GpuElementwise : public ::testing::Test {
+class GpuElementwise : public CudaContextTest {
  protected:
-  void SetUp() override {
-    ASSERT_EQ(tn_context_create(&ctx), TN_OK);
-    ASSERT_EQ(tn_device_available(ctx, TN_DEVICE_CUDA), TN_OK) << tn_context_last_error(ctx);
-  }
-  void TearDown() override { tn_context_destroy(ctx); }
 
   // Copies a host view's whole buffer to the device (same offset), returning the device view.
   tn_tensor Upload(const HostView &h, void **block) {
@@ -109,7 +104,6 @@ class GpuElementwise : public ::testing::Test {
               0);
   }
 
-  tn_context *ctx = nullptr;
 };
 
 TEST_F(GpuElementwise, MatchesTheCpuBitForBit) {

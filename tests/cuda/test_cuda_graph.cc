@@ -25,15 +25,11 @@ struct Op {
   float scale;
 };
 
-class GpuGraph : public ::testing::Test {
+class GpuGraph : public CudaContextTest {
  protected:
-  void SetUp() override {
-    ASSERT_EQ(tn_context_create(&ctx), TN_OK);
-    ASSERT_EQ(tn_device_available(ctx, TN_DEVICE_CUDA), TN_OK) << tn_context_last_error(ctx);
-  }
   void TearDown() override {
     for (void *p : dev) tn_free(ctx, tn_cuda_device(0), p);
-    tn_context_destroy(ctx);
+    CudaContextTest::TearDown();
   }
   size_t Bytes() const { return (size_t)(kRows * kStride) * tn_dtype_size(dt); }
   tn_tensor View(int b) {
@@ -66,7 +62,6 @@ class GpuGraph : public ::testing::Test {
     if (o.op == TN_OP_ADD_RMS_NORM) a.residual = &b, a.residual_out = &ro;
     return tn_op_run(ctx, &a);
   }
-  tn_context *ctx = nullptr;
   tn_dtype dt = TN_BF16;
   std::vector<void *> dev;
 };

@@ -375,9 +375,9 @@ TEST(KernelRegistry, KeysRoundTripAndNamesAreUnique) {
     EXPECT_LT((int)k.dtype, TN_DTYPE_COUNT);
     const bool elementwise = k.family == TN_FAMILY_ELEMENTWISE;
     EXPECT_GE(k.shape, 0);
-    EXPECT_LT(k.shape, elementwise ? TN_ELEMENTWISE_OP_COUNT : TN_SHAPE_COUNT);
+    EXPECT_LT(k.shape, elementwise ? TN_KERNEL_ELEMENTWISE_COUNT : TN_SHAPE_COUNT);
     EXPECT_GE(k.mode, 0);
-    EXPECT_LT(k.mode, TN_MODE_COUNT);
+    EXPECT_LT(k.mode, TN_KERNEL_MODE_COUNT);
     EXPECT_EQ(tn_kernel_key_index(k), i);
     keys.insert({(int)k.family, (int)k.dtype, k.shape, k.mode});
     std::string name = KernelName(k);

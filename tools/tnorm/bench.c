@@ -262,16 +262,12 @@ static int measure(tn_context *ctx, tn_device dev, tn_op op, tn_dtype dtype, int
   out->seconds = times[BATCHES / 2];
   out->bytes = set_bytes + (has_weight ? (double)dim * (double)es : 0.0);
   rc = 0;
-out:;
-  /* Freed through a second context, so the first error's message stays on ctx for the caller. */
-  tn_context *quiet = NULL;
+out:
   tn_event_destroy(start);
   tn_event_destroy(end);
-  if (tn_context_create(&quiet) == TN_OK) {
-    tn_free(quiet, dev, x), tn_free(quiet, dev, y), tn_free(quiet, dev, w), tn_free(quiet, dev, r);
-    tn_free(quiet, dev, ro);
-    tn_context_destroy(quiet);
-  }
+  /* The first error's message stays on ctx for the caller. */
+  cli_free_quietly(dev, x), cli_free_quietly(dev, y), cli_free_quietly(dev, w), cli_free_quietly(dev, r);
+  cli_free_quietly(dev, ro);
   return rc;
 }
 

@@ -35,6 +35,9 @@ int cli_pick_device(tn_context *ctx, cli_device choice, tn_device *out);
  * runs, and the outputs come back (waiting for it). The library's status; its message is on ctx. */
 tn_status cli_op_on_device(tn_context *ctx, tn_device device, const tn_op_args *host_args);
 
+/* Frees device memory through a context of its own, so that ctx keeps the message of an earlier error. */
+void cli_free_quietly(tn_device device, void *ptr);
+
 /* "cpu" or "cuda". */
 const char *cli_device_name(tn_device device);
 

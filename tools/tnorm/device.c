@@ -73,19 +73,19 @@ tn_status cli_op_on_device(tn_context *ctx, tn_device device, const tn_op_args *
       if (m[k].host != NULL)
         st = tn_memcpy(ctx, m[k].host->data, tn_cpu_device(), m[k].view.data, device, extent_bytes(m[k].host));
   }
-  /* Free without losing the first error's message. */
   for (int k = 0; k < OPERAND_SLOTS; k++)
     if (m[k].owner) {
       if (st == TN_OK) st = tn_free(ctx, device, m[k].block);
-      else {
-        tn_context *quiet = NULL;
-        if (tn_context_create(&quiet) == TN_OK) {
-          tn_free(quiet, device, m[k].block);
-          tn_context_destroy(quiet);
-        }
-      }
+      else cli_free_quietly(device, m[k].block);
     }
   return st;
+}
+
+void cli_free_quietly(tn_device device, void *ptr) {
+  tn_context *quiet = NULL;
+  if (ptr == NULL || tn_context_create(&quiet) != TN_OK) return;
+  tn_free(quiet, device, ptr);
+  tn_context_destroy(quiet);
 }
 
 const char *cli_device_name(tn_device device) { return device.kind == TN_DEVICE_CPU ? "cpu" : "cuda"; }

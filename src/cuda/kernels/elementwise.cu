@@ -3,12 +3,8 @@
  * rows x chunks grid in turn; the index is 64-bit and strides over the whole grid. */
 #include "row.cuh"
 
-#define TN_ELEMENTWISE_ADD 0
-#define TN_ELEMENTWISE_MUL 1
-#define TN_ELEMENTWISE_SCALE 2
-
 template <int DT, int OP, int MODE>
-__global__ void __launch_bounds__(256) tn_elementwise(const tn_kernel_params p) {
+__global__ void __launch_bounds__(TN_KERNEL_ELEMENTWISE_BLOCK) tn_elementwise(const tn_kernel_params p) {
   constexpr int V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
   tn_pdl_wait();
   const tn_i64 chunks = (p.dim + V - 1) / V, total = chunks * p.rows;
@@ -16,11 +12,11 @@ __global__ void __launch_bounds__(256) tn_elementwise(const tn_kernel_params p) 
     const tn_i64 row = i / chunks, c = i - row * chunks;
     float f[V], b[V];
     tn_chunk_to_f32<DT>(tn_load_chunk<DT, MODE>(tn_row(p.x, row, p.x_stride, S), c, p.dim), f);
-    if (OP != TN_ELEMENTWISE_SCALE)
+    if (OP != TN_KERNEL_ELEMENTWISE_SCALE)
       tn_chunk_to_f32<DT>(tn_load_chunk<DT, MODE>(tn_row(p.residual, row, p.residual_stride, S), c, p.dim), b);
 #pragma unroll
     for (int j = 0; j < V; j++)
-      f[j] = OP == TN_ELEMENTWISE_ADD ? f[j] + b[j] : OP == TN_ELEMENTWISE_MUL ? f[j] * b[j] : f[j] * p.scale;
+      f[j] = OP == TN_KERNEL_ELEMENTWISE_ADD ? f[j] + b[j] : OP == TN_KERNEL_ELEMENTWISE_MUL ? f[j] * b[j] : f[j] * p.scale;
     tn_store_chunk<DT, MODE>((char *)tn_row(p.y, row, p.y_stride, S), c, p.dim, tn_chunk_from_f32<DT>(f));
   }
   tn_pdl_launch_dependents();

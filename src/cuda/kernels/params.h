@@ -44,6 +44,22 @@ typedef struct tn_kernel_params {
 #define TN_KERNEL_REG_CHUNKS 4      /* chunks per thread kept in registers */
 #define TN_KERNEL_MAX_GROUP 1024    /* threads per row, at most */
 #define TN_KERNEL_MIN_BLOCK 128     /* threads per block when G <= 32 (several rows per block); else G */
+/* Threads per block of a row kernel with G threads per row: one row per block above one warp (the group's
+ * barrier and shared partial sums belong to the block). */
+#define TN_KERNEL_BLOCK_OF(G) ((G) > 32 ? (G) : TN_KERNEL_MIN_BLOCK)
+
+/* Access modes: how a kernel touches memory. */
+#define TN_KERNEL_MODE_BYTES 0    /* pointers not aligned to their elements */
+#define TN_KERNEL_MODE_ELEMENTS 1 /* one element per access */
+#define TN_KERNEL_MODE_VECTORS 2  /* 16-byte accesses (a partial last chunk goes element by element) */
+#define TN_KERNEL_MODE_COUNT 3
+
+/* The elementwise kernels: their op, and their block size. */
+#define TN_KERNEL_ELEMENTWISE_ADD 0
+#define TN_KERNEL_ELEMENTWISE_MUL 1
+#define TN_KERNEL_ELEMENTWISE_SCALE 2
+#define TN_KERNEL_ELEMENTWISE_COUNT 3
+#define TN_KERNEL_ELEMENTWISE_BLOCK 256
 
 /* Where a long row waits between its reduction and its output. */
 #define TN_KERNEL_STAGE_REGISTERS 0 /* rows of at most G * TN_KERNEL_REG_CHUNKS chunks */

@@ -26,9 +26,6 @@ typedef long long tn_i64;
 #define TN_DEV static __device__ __forceinline__
 #define TN_INF __int_as_float(0x7f800000)
 
-#define TN_MODE_BYTES 0    /* pointers not aligned to their elements */
-#define TN_MODE_ELEMENTS 1 /* one element per access */
-#define TN_MODE_VECTORS 2  /* 16-byte accesses (a partial last chunk goes element by element) */
 
 /* Sixteen bytes of a row: 4 f32 or 8 f16/bf16 elements, element 0 in the low bits of w[0]. */
 struct __align__(16) tn_chunk {
@@ -136,7 +133,7 @@ TN_DEV const char *tn_row(const void *base, tn_i64 row, tn_i64 stride, int size)
 
 template <int SIZE, int MODE>
 TN_DEV tn_u32 tn_load_element(const char *p) {
-  if (MODE == TN_MODE_BYTES) {
+  if (MODE == TN_KERNEL_MODE_BYTES) {
     tn_u32 v = 0;
 #pragma unroll
     for (int b = 0; b < SIZE; b++) v |= (tn_u32)((const volatile tn_u8 *)p)[b] << (8 * b);
@@ -148,7 +145,7 @@ TN_DEV tn_u32 tn_load_element(const char *p) {
 
 template <int SIZE, int MODE>
 TN_DEV void tn_store_element(char *p, tn_u32 v) {
-  if (MODE == TN_MODE_BYTES) {
+  if (MODE == TN_KERNEL_MODE_BYTES) {
 #pragma unroll
     for (int b = 0; b < SIZE; b++) p[b] = (char)(v >> (8 * b));
   } else if (SIZE == 4) {
@@ -163,7 +160,7 @@ template <int DT, int MODE>
 TN_DEV tn_chunk tn_load_chunk(const char *row, tn_i64 c, tn_i64 dim) {
   constexpr int V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
   const tn_i64 first = c * V;
-  if (MODE == TN_MODE_VECTORS && first + V <= dim) return *(const tn_chunk *)(row + first * S);
+  if (MODE == TN_KERNEL_MODE_VECTORS && first + V <= dim) return *(const tn_chunk *)(row + first * S);
   tn_chunk q = tn_chunk_zero();
 #pragma unroll
   for (int j = 0; j < V; j++)
@@ -175,7 +172,7 @@ template <int DT, int MODE>
 TN_DEV void tn_store_chunk(char *row, tn_i64 c, tn_i64 dim, const tn_chunk &q) {
   constexpr int V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
   const tn_i64 first = c * V;
-  if (MODE == TN_MODE_VECTORS && first + V <= dim) {
+  if (MODE == TN_KERNEL_MODE_VECTORS && first + V <= dim) {
     *(tn_chunk *)(row + first * S) = q;
     return;
   }
@@ -245,9 +242,18 @@ TN_DEV float tn_inv_sqrt(float a) { return 1.0f / sqrtf(a); }
 TN_DEV bool tn_needs_rescale(float sum, float eps) { return !(sum < TN_INF) || (eps == 0.0f && sum < 0x1p-64f); }
 TN_DEV float tn_rescale_factor(float sum) { return sum == TN_INF ? 0x1p-80f : 0x1p80f; }
 
-/* The scale of a rescaled row: *pre becomes k when the scaled sum is finite (the row then counts as
- * x * k with eps * k^2); otherwise the plain scale, which propagates the row's Inf or NaN. */
-TN_DEV float tn_rescaled_inv(float sum, float scaled, float k, const tn_kernel_params &p, float *pre) {
+/* A row's scale 1 / sqrt(sum / count + eps) from its group's sum of squares. A row whose sum left float32's
+ * range (or vanished with eps == 0) is reduced again scaled by an exact power of two k:
+ * scaled_squares(k) gives this thread's sum of (x * k)^2 over its chunks, in its usual order. When that
+ * sum is finite the row counts as x * k with eps * k^2 and *pre becomes k; otherwise the plain scale
+ * propagates the row's Inf or NaN. Every thread of the group takes the same branch. */
+template <int G, class ScaledSquares>
+TN_DEV float tn_row_inv(float sum, const tn_kernel_params &p, float *partials, int *turn, float *pre,
+                        ScaledSquares scaled_squares) {
+  *pre = 1.0f;
+  if (!tn_needs_rescale(sum, p.eps)) return tn_inv_sqrt(sum / p.count + p.eps);
+  const float k = tn_rescale_factor(sum);
+  const float scaled = tn_group_sum<G>(scaled_squares(k), partials, turn);
   if (scaled < TN_INF) {
     *pre = k;
     return tn_inv_sqrt(scaled / p.count + p.eps * k * k);
@@ -276,11 +282,10 @@ TN_DEV void tn_pdl_launch_dependents() {
  * 1024 threads per SM, so at most 64 registers a thread. Measured on the H100: fewer resident rows lose
  * more to the last partial wave of rows (4096 rows on 792 slots take 6 waves for 5.2 waves of work) than
  * extra registers gain; with the multiplicand in its own kernels no kernel spills at this cap. */
-#define TN_BLOCK_OF(G) ((G) > 32 ? (G) : TN_KERNEL_MIN_BLOCK)
 #ifndef TN_KERNEL_MIN_RESIDENT
 #define TN_KERNEL_MIN_RESIDENT 1024
 #endif
-#define TN_MIN_BLOCKS_OF(G) (TN_BLOCK_OF(G) >= TN_KERNEL_MIN_RESIDENT ? 1 : TN_KERNEL_MIN_RESIDENT / TN_BLOCK_OF(G))
+#define TN_MIN_BLOCKS_OF(G) (TN_KERNEL_BLOCK_OF(G) >= TN_KERNEL_MIN_RESIDENT ? 1 : TN_KERNEL_MIN_RESIDENT / TN_KERNEL_BLOCK_OF(G))
 
 
 /* G threads per row, each keeping TN_KERNEL_REG_CHUNKS chunks in registers; several rows per block
@@ -290,7 +295,7 @@ TN_DEV void tn_pdl_launch_dependents() {
 template <int DT, int G, int MODE, class Op>
 TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
   constexpr int K = TN_KERNEL_REG_CHUNKS, V = tn_dt<DT>::per_chunk;
-  constexpr int BLOCK = TN_BLOCK_OF(G), RPB = BLOCK / G; /* one row per block above one warp */
+  constexpr int BLOCK = TN_KERNEL_BLOCK_OF(G), RPB = BLOCK / G; /* one row per block above one warp */
   __shared__ float partials[2 * (G > 32 ? G / 32 : 1)];
   int turn = 0;
   const int t = threadIdx.x % G;
@@ -306,16 +311,13 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
 #pragma unroll
     for (int k = 0; k < K; k++) acc = tn_chunk_sum_squares<DT>(q[k], acc, 1.0f);
     const float sum = tn_group_sum<G>(acc, partials, &turn);
-    float pre = 1.0f, inv;
-    if (tn_needs_rescale(sum, p.eps)) {
-      const float kf = tn_rescale_factor(sum);
+    float pre;
+    const float inv = tn_row_inv<G>(sum, p, partials, &turn, &pre, [&](float kf) {
       float acc2 = 0.0f;
 #pragma unroll
       for (int k = 0; k < K; k++) acc2 = tn_chunk_sum_squares<DT>(q[k], acc2, kf);
-      inv = tn_rescaled_inv(sum, tn_group_sum<G>(acc2, partials, &turn), kf, p, &pre);
-    } else {
-      inv = tn_inv_sqrt(sum / p.count + p.eps);
-    }
+      return acc2;
+    });
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const tn_i64 c = (tn_i64)k * G + t;
@@ -351,18 +353,15 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
       for (int b = 0; b < BATCH; b++) acc = tn_chunk_sum_squares<DT>(q[b], acc, 1.0f);
     }
     const float sum = tn_group_sum<G>(acc, partials, &turn);
-    float pre = 1.0f, inv;
-    if (tn_needs_rescale(sum, p.eps)) {
-      const float kf = tn_rescale_factor(sum);
+    float pre;
+    const float inv = tn_row_inv<G>(sum, p, partials, &turn, &pre, [&](float kf) {
       float acc2 = 0.0f;
       for (tn_i64 c = t; c < chunks; c += G) {
         const tn_chunk q = STAGE == TN_KERNEL_STAGE_SHARED ? staged[c] : Op::template reread<DT, MODE>(p, row, c);
         acc2 = tn_chunk_sum_squares<DT>(q, acc2, kf);
       }
-      inv = tn_rescaled_inv(sum, tn_group_sum<G>(acc2, partials, &turn), kf, p, &pre);
-    } else {
-      inv = tn_inv_sqrt(sum / p.count + p.eps);
-    }
+      return acc2;
+    });
     for (tn_i64 c0 = t; c0 < chunks; c0 += (tn_i64)BATCH * G) {
       tn_chunk q[BATCH];
 #pragma unroll
@@ -383,7 +382,7 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
 /* The kernels of one op family: Op's rows in registers (G threads per row) or staged. */
 #define TN_DEFINE_ROW_KERNELS(prefix, Op)                                                                 \
   template <int DT, int G, int MODE>                                                                      \
-  __global__ void __launch_bounds__(TN_BLOCK_OF(G), TN_MIN_BLOCKS_OF(G))                \
+  __global__ void __launch_bounds__(TN_KERNEL_BLOCK_OF(G), TN_MIN_BLOCKS_OF(G))                \
       prefix##_registers(const tn_kernel_params p) {                                                      \
     tn_pdl_wait();                                                                                        \
     tn_rows_in_registers<DT, G, MODE, Op>(p);                                                             \
