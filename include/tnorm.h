@@ -320,8 +320,14 @@ TN_API tn_status tn_op_prepare(tn_context *ctx, const tn_op_args *args);
 /* each only where the second op is the first to touch the first's output, nothing in between writes */
 /* the first's inputs, and (for the last two, whose fused op no longer writes the intermediate) no    */
 /* later recorded op reads it. A fused op gives the same bytes as the pair did. TNORM_GRAPH_FUSION=0  */
-/* turns fusion off, to bisect a wrong result. tn_graph_launch replays the ops in order; on a CUDA    */
-/* device each is queued on the context's stream.                                                     */
+/* turns fusion off, to bisect a wrong result.                                                        */
+/*                                                                                                  */
+/* tn_graph_launch replays the ops in order. When every op is on one CUDA device, the first launch    */
+/* captures them into a CUDA graph and instantiates it; every launch then queues that one graph on   */
+/* the context's stream (kernels compiled beforehand, nothing allocated per launch). Otherwise (CPU,  */
+/* or ops on several devices) the ops run one by one. tn_graph_update gives a graph the ops of a new  */
+/* recording, typically the same sequence over other buffers: when the two have as many ops, the     */
+/* instantiated CUDA graph is updated in place (new pointers, shapes, scalars), else rebuilt.        */
 /* ------------------------------------------------------------------------------------------------ */
 
 typedef struct tn_graph tn_graph;
@@ -332,14 +338,21 @@ typedef struct tn_graph_info {
   int fused_add_rms_norm;  /* add + rms_norm pairs fused */
   int fused_rms_norm_mul;  /* rms_norm + mul pairs fused */
   int fused_l2_norm_scale; /* l2_norm + scale pairs fused */
+  int device_graph;        /* 1 once launches go as one CUDA graph */
+  int instantiations;      /* CUDA graphs instantiated for this graph */
+  int updates_in_place;    /* tn_graph_update calls that patched the instantiated graph */
 } tn_graph_info;
 
 /* Starts recording on ctx; TN_ERR_VALUE when already recording. */
 TN_API tn_status tn_graph_begin(tn_context *ctx);
 /* Stops recording and gives the fused graph (an empty one when nothing was recorded). */
 TN_API tn_status tn_graph_end(tn_context *ctx, tn_graph **graph);
-/* Runs the graph's ops; refused while ctx is recording. */
-TN_API tn_status tn_graph_launch(tn_context *ctx, const tn_graph *graph);
+/* Runs the graph's ops (the first launch on a CUDA device also builds its CUDA graph); refused while ctx
+ * is recording. A graph is launched from one thread at a time. */
+TN_API tn_status tn_graph_launch(tn_context *ctx, tn_graph *graph);
+/* Replaces graph's ops by those of `recorded` (which is left as it was, and may then be destroyed); see
+ * above for what happens to graph's CUDA graph. On error graph is unchanged. */
+TN_API tn_status tn_graph_update(tn_context *ctx, tn_graph *graph, const tn_graph *recorded);
 TN_API tn_status tn_graph_get_info(const tn_graph *graph, tn_graph_info *info);
 /* The fusions applied, in order ("add + rms_norm -> add_rms_norm; ..."), or "". Never NULL. */
 TN_API const char *tn_graph_fusions(const tn_graph *graph);

@@ -370,16 +370,93 @@ tn_status tn_graph_end(tn_context *ctx, tn_graph **graph) {
   return TN_OK;
 }
 
-tn_status tn_graph_launch(tn_context *ctx, const tn_graph *graph) {
+/* The one device every node of g runs on, when its backend can replay a graph as one submission. */
+static int single_capturable_device(const tn_graph *g, tn_device *device) {
+  if (g->count == 0) return 0;
+  *device = g->nodes[0].args.x->device;
+  for (int i = 1; i < g->count; i++) {
+    const tn_device d = g->nodes[i].args.x->device;
+    if (d.kind != device->kind || d.index != device->index) return 0;
+  }
+  return (unsigned)device->kind < TN_DEVICE_KIND_COUNT && backends[device->kind] != NULL &&
+         backends[device->kind]->capture_begin != NULL;
+}
+
+/* Captures g's nodes on `device` into g->exec: instantiated, or updated in place when g already has one.
+ * Every kernel is made ready first, so nothing is compiled or loaded while capturing. */
+static tn_status build_device_graph(tn_context *ctx, tn_graph *g, tn_device device) {
+  void *state = NULL;
+  TN_FORWARD_IF_ERROR(device_backend(ctx, device, "graph", &state));
+  const tn_backend *b = backends[device.kind];
+  for (int i = 0; i < g->count; i++) TN_FORWARD_IF_ERROR(b->prepare(state, ctx, &g->nodes[i].args));
+  TN_FORWARD_IF_ERROR(b->capture_begin(state, ctx, device.index));
+  tn_status st = TN_OK;
+  for (int i = 0; i < g->count && st == TN_OK; i++) st = b->run(state, ctx, &g->nodes[i].args, &g->nodes[i].options);
+  int updated = 0;
+  if (st != TN_OK) {
+    char message[TN_ERROR_CAPACITY];
+    memcpy(message, ctx->last_error, sizeof message);
+    b->capture_end(state, ctx, 1, &g->exec, &updated);
+    return tn_error(ctx, st, "%s", message);
+  }
+  TN_FORWARD_IF_ERROR(b->capture_end(state, ctx, 0, &g->exec, &updated));
+  g->exec_destroy = b->exec_destroy;
+  g->info.device_graph = 1;
+  if (updated) g->info.updates_in_place++;
+  else g->info.instantiations++;
+  return TN_OK;
+}
+
+tn_status tn_graph_launch(tn_context *ctx, tn_graph *graph) {
   if (ctx == NULL) return TN_ERR_NULL;
   TN_RETURN_ERROR_IF(graph == NULL, ctx, TN_ERR_NULL, "graph_launch: graph is NULL");
   TN_RETURN_ERROR_IF(ctx->recording != NULL, ctx, TN_ERR_VALUE, "graph_launch: the context is recording");
-  for (int i = 0; i < graph->count; i++) {
-    const tn_graph_node *n = &graph->nodes[i];
+  tn_device device;
+  if (single_capturable_device(graph, &device)) {
     void *state = NULL;
-    TN_FORWARD_IF_ERROR(device_backend(ctx, n->args.x->device, tn_op_name(n->args.op), &state));
-    TN_FORWARD_IF_ERROR(backends[n->args.x->device.kind]->run(state, ctx, &n->args, &n->options));
+    TN_FORWARD_IF_ERROR(device_backend(ctx, device, "graph_launch", &state));
+    if (graph->exec == NULL) TN_FORWARD_IF_ERROR(build_device_graph(ctx, graph, device));
+    TN_FORWARD_IF_ERROR(backends[device.kind]->exec_launch(state, ctx, graph->exec));
+  } else {
+    for (int i = 0; i < graph->count; i++) {
+      const tn_graph_node *n = &graph->nodes[i];
+      void *state = NULL;
+      TN_FORWARD_IF_ERROR(device_backend(ctx, n->args.x->device, tn_op_name(n->args.op), &state));
+      TN_FORWARD_IF_ERROR(backends[n->args.x->device.kind]->run(state, ctx, &n->args, &n->options));
+    }
   }
+  tn_error_clear(ctx);
+  return TN_OK;
+}
+
+tn_status tn_graph_update(tn_context *ctx, tn_graph *graph, const tn_graph *recorded) {
+  if (ctx == NULL) return TN_ERR_NULL;
+  TN_RETURN_ERROR_IF(graph == NULL || recorded == NULL, ctx, TN_ERR_NULL, "graph_update: %s is NULL",
+                     graph == NULL ? "graph" : "recorded");
+  TN_RETURN_ERROR_IF(ctx->recording != NULL, ctx, TN_ERR_VALUE, "graph_update: the context is recording");
+  /* Built aside, so that graph is unchanged when the capture fails. */
+  tn_graph next;
+  memset(&next, 0, sizeof next);
+  next.info = graph->info;
+  TN_FORWARD_IF_ERROR(tn_graph_copy_nodes(ctx, &next, recorded));
+  next.exec = graph->exec;
+  next.exec_destroy = graph->exec_destroy;
+  tn_device device;
+  if (next.exec != NULL) {
+    if (single_capturable_device(&next, &device)) {
+      const tn_status st = build_device_graph(ctx, &next, device);
+      if (st != TN_OK) {
+        free(next.nodes);
+        return st;
+      }
+    } else { /* now on the CPU, or on several devices: replayed op by op */
+      next.exec_destroy(next.exec);
+      next.exec = NULL;
+      next.info.device_graph = 0;
+    }
+  }
+  free(graph->nodes);
+  *graph = next;
   tn_error_clear(ctx);
   return TN_OK;
 }
@@ -394,6 +471,7 @@ const char *tn_graph_fusions(const tn_graph *graph) { return graph != NULL ? gra
 
 void tn_graph_destroy(tn_graph *graph) {
   if (graph == NULL) return;
+  if (graph->exec != NULL) graph->exec_destroy(graph->exec);
   free(graph->nodes);
   free(graph);
 }

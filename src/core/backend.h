@@ -39,6 +39,17 @@ typedef struct tn_backend {
   tn_status (*synchronize)(void *state, tn_context *ctx, int index);
   tn_status (*set_stream)(void *state, tn_context *ctx, void *stream);
 
+  /* Replaying a recorded graph as one submission; NULL entries where the backend replays op by op.
+   * Between capture_begin and capture_end, every run on device `index` is captured (on a stream private to
+   * the context) instead of launched. capture_end turns the capture into an executable graph: into *exec
+   * in place when *exec is not NULL and the update succeeds (*updated = 1), else a new one that replaces
+   * *exec (*updated = 0); with `discard` it only ends the capture. exec_launch queues an executable graph
+   * on the context's stream; exec_destroy needs no context (a graph may outlive the one that built it). */
+  tn_status (*capture_begin)(void *state, tn_context *ctx, int index);
+  tn_status (*capture_end)(void *state, tn_context *ctx, int discard, void **exec, int *updated);
+  tn_status (*exec_launch)(void *state, tn_context *ctx, void *exec);
+  void (*exec_destroy)(void *exec);
+
   /* Timing marks in the context's stream order. */
   tn_status (*event_create)(void *state, tn_context *ctx, int index, void **event);
   tn_status (*event_record)(void *state, tn_context *ctx, void *event);

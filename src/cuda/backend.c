@@ -49,6 +49,10 @@ typedef struct cuda_state {
   const tn_cuda_driver *cu;
   int device_count;
   CUstream stream;
+  /* While capturing a graph, runs go to capture_streams[capture_index] (created on first use, per device)
+   * rather than the caller's stream, which may itself be capturing or busy. */
+  int capturing, capture_index;
+  CUstream capture_streams[TN_CUDA_MAX_DEVICES];
 } cuda_state;
 
 static tn_status cuda_open(tn_context *ctx, void **state) {
@@ -71,7 +75,18 @@ static tn_status cuda_open(tn_context *ctx, void **state) {
   return TN_OK;
 }
 
-static void cuda_close(void *state) { free(state); }
+static void cuda_close(void *state) {
+  cuda_state *s = state;
+  for (int i = 0; i < s->device_count; i++) {
+    device_info *d = atomic_load_explicit(&devices[i], memory_order_acquire);
+    if (s->capture_streams[i] == NULL || d == NULL) continue;
+    CUcontext popped;
+    if (s->cu->CtxPushCurrent(d->primary) != CUDA_SUCCESS) continue;
+    s->cu->StreamDestroy(s->capture_streams[i]);
+    s->cu->CtxPopCurrent(&popped);
+  }
+  free(s);
+}
 
 static int cuda_device_count(void *state) { return ((cuda_state *)state)->device_count; }
 
@@ -340,7 +355,7 @@ static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a, con
   config.blockDimY = 1;
   config.blockDimZ = 1;
   config.sharedMemBytes = dynamic_smem;
-  config.hStream = s->stream;
+  config.hStream = s->capturing ? s->capture_streams[s->capture_index] : s->stream;
   config.attrs = d->pdl ? &attr : NULL;
   config.numAttrs = d->pdl ? 1 : 0;
   void *kernel_args[] = {&p};
@@ -450,6 +465,82 @@ static void cuda_event_destroy(void *event) {
   free(e);
 }
 
+/* ---- graphs: a recorded graph captured once, instantiated, then launched as one submission ---- */
+
+typedef struct cuda_exec {
+  CUgraphExec exec;
+  int index;
+} cuda_exec;
+
+static tn_status cuda_capture_begin(void *state, tn_context *ctx, int index) {
+  cuda_state *s = state;
+  device_info *d;
+  TN_FORWARD_IF_ERROR(enter_device(s, ctx, index, &d));
+  CUresult r = CUDA_SUCCESS;
+  if (s->capture_streams[index] == NULL) r = s->cu->StreamCreate(&s->capture_streams[index], CU_STREAM_NON_BLOCKING);
+  /* Thread-local mode: another thread's unsafe calls do not invalidate this capture. */
+  if (r == CUDA_SUCCESS) r = s->cu->StreamBeginCapture(s->capture_streams[index], CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+  if (r == CUDA_SUCCESS) {
+    s->capturing = 1;
+    s->capture_index = index;
+  }
+  return leave_device(s, ctx, r, "graph capture");
+}
+
+static void cuda_exec_destroy(void *exec) {
+  cuda_exec *e = exec;
+  if (e == NULL) return;
+  const tn_cuda_driver *cu = tn_cuda_driver_get(NULL);
+  if (cu != NULL && e->exec != NULL) cu->GraphExecDestroy(e->exec);
+  free(e);
+}
+
+static tn_status cuda_capture_end(void *state, tn_context *ctx, int discard, void **exec, int *updated) {
+  cuda_state *s = state;
+  const tn_cuda_driver *cu = s->cu;
+  const int index = s->capture_index;
+  s->capturing = 0;
+  *updated = 0;
+  device_info *d;
+  TN_FORWARD_IF_ERROR(enter_device(s, ctx, index, &d));
+  CUgraph graph = NULL;
+  CUresult r = cu->StreamEndCapture(s->capture_streams[index], &graph);
+  const char *what = "graph capture";
+  cuda_exec *old = *exec, *fresh = NULL;
+  if (r == CUDA_SUCCESS && !discard) {
+    CUgraphExecUpdateResultInfo info;
+    memset(&info, 0, sizeof info);
+    /* Same topology (a chain of as many kernels): new pointers, shapes or kernels are patched into the
+     * instantiated graph; otherwise it is instantiated anew. */
+    if (old != NULL && old->index == index && cu->GraphExecUpdate(old->exec, graph, &info) == CUDA_SUCCESS) {
+      *updated = 1;
+    } else if ((fresh = calloc(1, sizeof *fresh)) == NULL) {
+      r = CUDA_ERROR_OUT_OF_MEMORY;
+    } else if ((r = cu->GraphInstantiate(&fresh->exec, graph, 0)) != CUDA_SUCCESS) {
+      what = "graph instantiate";
+      free(fresh);
+      fresh = NULL;
+    } else {
+      fresh->index = index;
+    }
+  }
+  if (graph != NULL) cu->GraphDestroy(graph);
+  tn_status st = leave_device(s, ctx, r, what);
+  if (fresh != NULL) {
+    cuda_exec_destroy(old);
+    *exec = fresh;
+  }
+  return st;
+}
+
+static tn_status cuda_exec_launch(void *state, tn_context *ctx, void *exec) {
+  cuda_state *s = state;
+  cuda_exec *e = exec;
+  device_info *d;
+  TN_FORWARD_IF_ERROR(enter_device(s, ctx, e->index, &d));
+  return leave_device(s, ctx, s->cu->GraphLaunch(e->exec, s->stream), "graph launch");
+}
+
 /* tn_cuda_build_all's workers: each takes the next variant until none is left or one failed. */
 typedef struct build_job {
   pthread_mutex_t lock;
@@ -520,6 +611,10 @@ const tn_backend tn_cuda_backend = {
     .copy = cuda_copy,
     .synchronize = cuda_synchronize,
     .set_stream = cuda_set_stream,
+    .capture_begin = cuda_capture_begin,
+    .capture_end = cuda_capture_end,
+    .exec_launch = cuda_exec_launch,
+    .exec_destroy = cuda_exec_destroy,
     .event_create = cuda_event_create,
     .event_record = cuda_event_record,
     .event_elapsed_ms = cuda_event_elapsed,

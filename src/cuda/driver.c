@@ -77,6 +77,15 @@ static void load_driver(void) {
   TN_RESOLVE(EventSynchronize, "cuEventSynchronize")
   TN_RESOLVE(EventElapsedTime, "cuEventElapsedTime")
   TN_RESOLVE(EventDestroy, "cuEventDestroy")
+  TN_RESOLVE(StreamCreate, "cuStreamCreate")
+  TN_RESOLVE(StreamDestroy, "cuStreamDestroy")
+  TN_RESOLVE(StreamBeginCapture, "cuStreamBeginCapture")
+  TN_RESOLVE(StreamEndCapture, "cuStreamEndCapture")
+  TN_RESOLVE(GraphInstantiate, "cuGraphInstantiateWithFlags") /* "cuGraphInstantiate" resolves to the 5-argument form */
+  TN_RESOLVE(GraphExecUpdate, "cuGraphExecUpdate")
+  TN_RESOLVE(GraphLaunch, "cuGraphLaunch")
+  TN_RESOLVE(GraphExecDestroy, "cuGraphExecDestroy")
+  TN_RESOLVE(GraphDestroy, "cuGraphDestroy")
   TN_RESOLVE(GetErrorName, "cuGetErrorName")
   TN_RESOLVE(GetErrorString, "cuGetErrorString")
 #undef TN_RESOLVE

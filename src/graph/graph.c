@@ -62,6 +62,27 @@ tn_status tn_graph_append(tn_context *ctx, tn_graph *g, const tn_op_args *args) 
   return TN_OK;
 }
 
+tn_status tn_graph_copy_nodes(tn_context *ctx, tn_graph *g, const tn_graph *src) {
+  tn_graph_node *nodes = NULL;
+  if (src->count > 0) {
+    nodes = malloc((size_t)src->count * sizeof *nodes);
+    TN_RETURN_ERROR_IF(nodes == NULL, ctx, TN_ERR_NO_MEMORY, "graph_update: out of memory copying %d ops",
+                       src->count);
+    memcpy(nodes, src->nodes, (size_t)src->count * sizeof *nodes);
+    for (int i = 0; i < src->count; i++) bind(&nodes[i]);
+  }
+  free(g->nodes);
+  g->nodes = nodes;
+  g->count = g->capacity = src->count;
+  const tn_graph_info own = g->info;
+  g->info = src->info;
+  g->info.device_graph = own.device_graph;
+  g->info.instantiations = own.instantiations;
+  g->info.updates_in_place = own.updates_in_place;
+  memcpy(g->fusions, src->fusions, sizeof g->fusions);
+  return TN_OK;
+}
+
 /* ---- data flow ---- */
 
 static int reads(const tn_graph_node *n, const tn_tensor *t) {

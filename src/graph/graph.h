@@ -19,11 +19,16 @@ struct tn_graph {
   int count, capacity;
   tn_graph_info info;
   char fusions[512]; /* the fusions applied, in order, "; "-separated */
+  /* The replay as one submission (src/api.c): the backend's executable graph, NULL until built. */
+  void *exec;
+  void (*exec_destroy)(void *exec);
 };
 
 tn_status tn_graph_new(tn_context *ctx, tn_graph **out);
 /* Appends a validated op (copied). */
 tn_status tn_graph_append(tn_context *ctx, tn_graph *g, const tn_op_args *args);
+/* Makes g's nodes, info and fusions a copy of src's (the replay counters and exec are g's own). */
+tn_status tn_graph_copy_nodes(tn_context *ctx, tn_graph *g, const tn_graph *src);
 /* Applies the fusion passes (see graph.c); fills g->info. */
 void tn_graph_fuse(tn_graph *g);
 

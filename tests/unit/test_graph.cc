@@ -278,4 +278,36 @@ TEST_F(Graph, Errors) {
   tn_graph_destroy(nullptr);
 }
 
+// On the CPU, tn_graph_update swaps in the new recording's ops; the graph then works on its buffers only.
+TEST_F(Graph, UpdateTakesTheNewRecording) {
+  tn_rng rng = {Seed() + 5};
+  Pool a(TN_BF16), b(TN_BF16);
+  a.Fill(&rng);
+  b.Fill(&rng);
+  const std::vector<Op> chain = {{TN_OP_ADD, 0, 1, 2, -1, 1.0f}, {TN_OP_RMS_NORM, 2, kBuffers, 3, -1, 1.0f}};
+  Pool want = b;
+  for (const Op &o : chain) ASSERT_EQ(RunOp(ctx, want, o), TN_OK);
+  auto record = [&](Pool &p) {
+    tn_graph *g = nullptr;
+    EXPECT_EQ(tn_graph_begin(ctx), TN_OK);
+    for (const Op &o : chain) EXPECT_EQ(RunOp(ctx, p, o), TN_OK);
+    EXPECT_EQ(tn_graph_end(ctx, &g), TN_OK);
+    return g;
+  };
+  const Pool a_before = a;
+  tn_graph *g = record(a), *next = record(b);
+  ASSERT_EQ(tn_graph_update(ctx, g, next), TN_OK) << tn_context_last_error(ctx);
+  tn_graph_destroy(next);
+  ASSERT_EQ(tn_graph_launch(ctx, g), TN_OK) << tn_context_last_error(ctx);
+  EXPECT_EQ(b.bytes, want.bytes);
+  EXPECT_EQ(a.bytes, a_before.bytes);
+  tn_graph_info info;
+  ASSERT_EQ(tn_graph_get_info(g, &info), TN_OK);
+  EXPECT_EQ(info.ops, 1);
+  EXPECT_EQ(info.device_graph, 0);
+  EXPECT_EQ(info.instantiations, 0);
+  EXPECT_EQ(tn_graph_update(ctx, g, nullptr), TN_ERR_NULL);
+  tn_graph_destroy(g);
+}
+
 }  // namespace

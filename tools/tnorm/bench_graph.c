@@ -93,7 +93,7 @@ static tn_status step(tn_context *ctx, const step_buffers *b) {
 }
 
 /* Milliseconds per step over `steps` steps: op by op (graph NULL) or graph launches. */
-static tn_status time_steps(tn_context *ctx, const step_buffers *b, const tn_graph *graph, int steps, double *ms) {
+static tn_status time_steps(tn_context *ctx, const step_buffers *b, tn_graph *graph, int steps, double *ms) {
   tn_event *start = NULL, *end = NULL;
   tn_status st = tn_event_create(ctx, b->dev, &start);
   if (st == TN_OK) st = tn_event_create(ctx, b->dev, &end);
