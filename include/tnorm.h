@@ -252,6 +252,11 @@ TN_API tn_status tn_add_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_t
                                  const tn_tensor *weight, float weight_offset, float eps,
                                  const tn_tensor *y, const tn_tensor *residual_out);
 
+/* add_rms_norm with y = rms_norm(s) * mul, elementwise, in the same pass (residual add, norm, gate). */
+TN_API tn_status tn_add_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual,
+                                     const tn_tensor *weight, float weight_offset, const tn_tensor *mul,
+                                     float eps, const tn_tensor *y, const tn_tensor *residual_out);
+
 /* ------------------------------------------------------------------------------------------------ */
 /* Elementwise ops: what real graphs put around the norms (and what a graph fuses into them).       */
 /* b is rows x dim like x, or one row of dim elements applied to every row (a broadcast). One        */
@@ -272,7 +277,7 @@ TN_API tn_status tn_scale(tn_context *ctx, const tn_tensor *x, float scale, cons
 typedef enum tn_op {
   TN_OP_RMS_NORM = 0,     /* x, weight?, mul?           -> y                */
   TN_OP_L2_NORM = 1,      /* x                          -> y                */
-  TN_OP_ADD_RMS_NORM = 2, /* x, residual, weight?       -> y, residual_out  */
+  TN_OP_ADD_RMS_NORM = 2, /* x, residual, weight?, mul? -> y, residual_out  */
   TN_OP_ADD = 3,          /* x, residual (b)            -> y                */
   TN_OP_MUL = 4,          /* x, mul (b)                 -> y                */
   TN_OP_SCALE = 5,        /* x, scale                   -> y                */
@@ -286,7 +291,7 @@ typedef struct tn_op_args {
   tn_op op;
   const tn_tensor *x;
   const tn_tensor *weight;       /* optional (rms_norm, add_rms_norm)                    */
-  const tn_tensor *mul;          /* optional (rms_norm); required (mul: b, may broadcast) */
+  const tn_tensor *mul;          /* optional (rms_norm, add_rms_norm); required (mul: b, may broadcast) */
   const tn_tensor *residual;     /* required (add_rms_norm; add: b, may broadcast)      */
   const tn_tensor *y;            /* required                                             */
   const tn_tensor *residual_out; /* required (add_rms_norm)                              */
@@ -315,7 +320,8 @@ TN_API tn_status tn_op_prepare(tn_context *ctx, const tn_op_args *args);
 /* Between tn_graph_begin and tn_graph_end, ops called on the context are validated and recorded,   */
 /* not run (each keeps its kind, operands and the bytes it reads and writes). tn_graph_end fuses:     */
 /*   add -> rms_norm   => add_rms_norm (the sum is still written);                                  */
-/*   rms_norm -> mul   => rms_norm with the multiplicand;                                           */
+/*   rms_norm -> mul   => rms_norm with the multiplicand (add_rms_norm -> mul likewise, so that     */
+/*                        add -> rms_norm -> mul becomes one add_rms_norm with the multiplicand);   */
 /*   l2_norm -> scale  => l2_norm with the scale (when l2_norm's own scale is 1);                   */
 /* each only where the second op is the first to touch the first's output, nothing in between writes */
 /* the first's inputs, and (for the last two, whose fused op no longer writes the intermediate) no    */
@@ -336,7 +342,7 @@ typedef struct tn_graph_info {
   int recorded_ops;        /* ops recorded */
   int ops;                 /* ops after fusion */
   int fused_add_rms_norm;  /* add + rms_norm pairs fused */
-  int fused_rms_norm_mul;  /* rms_norm + mul pairs fused */
+  int fused_rms_norm_mul;  /* rms_norm (or add_rms_norm) + mul pairs fused */
   int fused_l2_norm_scale; /* l2_norm + scale pairs fused */
   int device_graph;        /* 1 once launches go as one CUDA graph */
   int instantiations;      /* CUDA graphs instantiated for this graph */

@@ -322,6 +322,21 @@ tn_status tn_add_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *
   return tn_op_run(ctx, &a);
 }
 
+tn_status tn_add_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual, const tn_tensor *weight,
+                              float weight_offset, const tn_tensor *mul, float eps, const tn_tensor *y,
+                              const tn_tensor *residual_out) {
+  tn_op_args a = tn_op_args_init(TN_OP_ADD_RMS_NORM);
+  a.x = x;
+  a.residual = residual;
+  a.weight = weight;
+  a.weight_offset = weight_offset;
+  a.mul = mul;
+  a.eps = eps;
+  a.y = y;
+  a.residual_out = residual_out;
+  return tn_op_run(ctx, &a);
+}
+
 /* add and mul: b goes in the operand slot of the op table (residual for add, mul for mul). */
 static tn_status binary_op(tn_context *ctx, tn_op op, const tn_tensor *x, const tn_tensor *b, const tn_tensor *y) {
   tn_op_args a = tn_op_args_init(op);

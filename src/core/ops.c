@@ -14,6 +14,7 @@ static const tn_op_info op_table[TN_OP_COUNT] = {
     [TN_OP_ADD_RMS_NORM] = {"add_rms_norm",
                             {[TN_OPERAND_X] = TN_REQUIRED,
                              [TN_OPERAND_WEIGHT] = TN_OPTIONAL,
+                             [TN_OPERAND_MUL] = TN_OPTIONAL,
                              [TN_OPERAND_RESIDUAL] = TN_REQUIRED,
                              [TN_OPERAND_Y] = TN_REQUIRED,
                              [TN_OPERAND_RESIDUAL_OUT] = TN_REQUIRED},

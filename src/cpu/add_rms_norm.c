@@ -1,4 +1,4 @@
-/* add_rms_norm: s = round(x + residual); residual_out = s; y = rms_norm(s) * (w + offset).
+/* add_rms_norm: s = round(x + residual); residual_out = s; y = rms_norm(s) * (w + offset) [* m].
  * The norm is computed from exactly the rounded s (the HF and vLLM semantics): the scratch row holds s
  * rounded to the dtype, and residual_out receives the same rounded values. */
 #include "row_kernels.h"
@@ -56,7 +56,7 @@ TN_INLINE float add_round_store_sum_avx2(tn_dtype dtype, const uint16_t *x, cons
 #endif
 
 TN_INLINE void add_rms_norm_rows(const tn_cpu_call *c, float *s, int64_t begin, int64_t end, tn_dtype dtype,
-                                 int has_w) {
+                                 int has_w, int has_m) {
   const tn_op_args *a = c->args;
   const int64_t dim = a->x->dim;
   for (int64_t r = begin; r < end; r++) {
@@ -74,30 +74,34 @@ TN_INLINE void add_rms_norm_rows(const tn_cpu_call *c, float *s, int64_t begin, 
     }
     const float *v = s;
     float inv = tn_row_scale(sum_sq, &v, s, dim, (float)dim, a->eps);
-    tn_row_emit(dtype, tn_row_ptr(a->y, r), v, 0, dim, inv, has_w, c->weight, 0, NULL, 0, 1.0f, 0, c->stream,
+    tn_row_emit(dtype, tn_row_ptr(a->y, r), v, 0, dim, inv, has_w, c->weight, has_m,
+                has_m ? tn_row_ptr(a->mul, r) : NULL, 0, 1.0f, c->round_before_last, c->stream,
                 tn_next_row_of(a->x, a->residual, r, end));
   }
   tn_stream_fence(c->stream);
 }
 
-#define ADD_INSTANCE(name, dt, w)                                                               \
-  static void name(const tn_cpu_call *c, float *s, int64_t begin, int64_t end) {                \
-    add_rms_norm_rows(c, s, begin, end, dt, w);                                                 \
+/* One instance per (dtype, weight or not, mul or not). */
+#define ADD_INSTANCE(name, dt, w, m)                                             \
+  static void name(const tn_cpu_call *c, float *s, int64_t begin, int64_t end) { \
+    add_rms_norm_rows(c, s, begin, end, dt, w, m);                               \
   }
-ADD_INSTANCE(add_f32, TN_F32, 0)
-ADD_INSTANCE(add_f32_w, TN_F32, 1)
-ADD_INSTANCE(add_f16, TN_F16, 0)
-ADD_INSTANCE(add_f16_w, TN_F16, 1)
-ADD_INSTANCE(add_bf16, TN_BF16, 0)
-ADD_INSTANCE(add_bf16_w, TN_BF16, 1)
+#define ADD_INSTANCES(sfx, dt)            \
+  ADD_INSTANCE(add_##sfx, dt, 0, 0)       \
+  ADD_INSTANCE(add_##sfx##_w, dt, 1, 0)   \
+  ADD_INSTANCE(add_##sfx##_m, dt, 0, 1)   \
+  ADD_INSTANCE(add_##sfx##_w_m, dt, 1, 1)
+ADD_INSTANCES(f32, TN_F32)
+ADD_INSTANCES(f16, TN_F16)
+ADD_INSTANCES(bf16, TN_BF16)
 
-/* [dtype][weight] */
-static const tn_cpu_rows_fn add_table[TN_DTYPE_COUNT][2] = {
-    [TN_F32] = {add_f32, add_f32_w},
-    [TN_F16] = {add_f16, add_f16_w},
-    [TN_BF16] = {add_bf16, add_bf16_w},
+/* [dtype][weight][mul] */
+static const tn_cpu_rows_fn add_table[TN_DTYPE_COUNT][2][2] = {
+    [TN_F32] = {{add_f32, add_f32_m}, {add_f32_w, add_f32_w_m}},
+    [TN_F16] = {{add_f16, add_f16_m}, {add_f16_w, add_f16_w_m}},
+    [TN_BF16] = {{add_bf16, add_bf16_m}, {add_bf16_w, add_bf16_w_m}},
 };
 
 void TN_CPU_ENTRY(tn_cpu_add_rms_norm_rows)(const tn_cpu_call *c, float *s, int64_t begin, int64_t end) {
-  add_table[c->args->x->dtype][c->weight != NULL](c, s, begin, end);
+  add_table[c->args->x->dtype][c->weight != NULL][c->args->mul != NULL](c, s, begin, end);
 }

@@ -247,7 +247,8 @@ static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
     key.shape = a->op == TN_OP_ADD ? TN_KERNEL_ELEMENTWISE_ADD : a->op == TN_OP_MUL ? TN_KERNEL_ELEMENTWISE_MUL : TN_KERNEL_ELEMENTWISE_SCALE;
     return key;
   }
-  key.family = a->op == TN_OP_ADD_RMS_NORM ? TN_FAMILY_ADD_NORM : a->mul != NULL ? TN_FAMILY_NORM_MUL : TN_FAMILY_NORM;
+  if (a->op == TN_OP_ADD_RMS_NORM) key.family = a->mul != NULL ? TN_FAMILY_ADD_NORM_MUL : TN_FAMILY_ADD_NORM;
+  else key.family = a->mul != NULL ? TN_FAMILY_NORM_MUL : TN_FAMILY_NORM;
   key.shape = tn_kernel_row_shape(a->x->dtype, a->x->dim, max_stage_bytes(d));
   return key;
 }

@@ -21,13 +21,13 @@ static const char *const header_names[] = {"params.h", "row.cuh"};
 #define HEADER_COUNT 2
 
 static const char *family_source(tn_kernel_family f) {
-  return f == TN_FAMILY_ADD_NORM     ? tn_cuda_source_add_rms_norm_cu
+  return f == TN_FAMILY_ADD_NORM || f == TN_FAMILY_ADD_NORM_MUL ? tn_cuda_source_add_rms_norm_cu
          : f == TN_FAMILY_ELEMENTWISE ? tn_cuda_source_elementwise_cu
                                       : tn_cuda_source_norm_cu;
 }
 
 static const char *const family_prefix[TN_FAMILY_COUNT] = {"tn_norm", "tn_norm_mul", "tn_add_norm",
-                                                           "tn_elementwise"};
+                                                           "tn_add_norm_mul", "tn_elementwise"};
 
 /* Keys are numbered family by family; a family has (dtypes x shapes x modes) of them. */
 static int family_shapes(int f) { return f == TN_FAMILY_ELEMENTWISE ? TN_KERNEL_ELEMENTWISE_COUNT : TN_SHAPE_COUNT; }

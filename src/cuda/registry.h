@@ -11,14 +11,16 @@
 #include "kernels/params.h"
 #include "tnorm.h"
 
-/* norm.cu: rms_norm and l2_norm, and rms_norm with a multiplicand; add_rms_norm.cu: add_rms_norm;
+/* norm.cu: rms_norm and l2_norm, and rms_norm with a multiplicand; add_rms_norm.cu: add_rms_norm, and
+ * add_rms_norm with a multiplicand;
  * elementwise.cu: add, mul and scale (whose key's shape is the op: TN_KERNEL_ELEMENTWISE_*). */
 typedef enum tn_kernel_family {
   TN_FAMILY_NORM = 0,
   TN_FAMILY_NORM_MUL = 1,
   TN_FAMILY_ADD_NORM = 2,
-  TN_FAMILY_ELEMENTWISE = 3,
-  TN_FAMILY_COUNT = 4
+  TN_FAMILY_ADD_NORM_MUL = 3,
+  TN_FAMILY_ELEMENTWISE = 4,
+  TN_FAMILY_COUNT = 5
 } tn_kernel_family;
 
 

@@ -3,7 +3,9 @@
  * turn would give them:
  * - add -> rms_norm  => add_rms_norm (the sum is still written, as residual_out);
  * - rms_norm -> mul  => rms_norm with the multiplicand, rounding before it (the intermediate must not be
- *                       read by any later node, since the fused op no longer writes it);
+ *                       read by any later node, since the fused op no longer writes it); the same for
+ *                       add_rms_norm -> mul (so add -> rms_norm -> mul becomes one op), whose sum then
+ *                       must not be touched between the two;
  * - l2_norm -> scale => l2_norm with the scale, rounding before it (same condition; l2_norm's own scale
  *                       must be 1).
  * The fused node runs at j's place, so no node between i and j may write what the producer read; the
@@ -175,9 +177,18 @@ static int fuse_add_rms_norm(tn_graph *g, int i) {
   return 1;
 }
 
+/* Whether a node in (i, j) reads or writes a byte of t. */
+static int touched_between(const tn_graph *g, int i, int j, const tn_tensor *t) {
+  if (t == NULL) return 0;
+  for (int k = i + 1; k < j; k++)
+    if (reads(&g->nodes[k], t) || writes(&g->nodes[k], t)) return 1;
+  return 0;
+}
+
 static int fuse_norm_then_factor(tn_graph *g, int i) {
   const tn_graph_node *a = &g->nodes[i];
-  const int rms = a->args.op == TN_OP_RMS_NORM, l2 = a->args.op == TN_OP_L2_NORM;
+  const int add = a->args.op == TN_OP_ADD_RMS_NORM;
+  const int rms = a->args.op == TN_OP_RMS_NORM || add, l2 = a->args.op == TN_OP_L2_NORM;
   if ((!rms && !l2) || a->options.round_before_last || (rms && a->args.mul != NULL) || (l2 && a->args.scale != 1.0f))
     return 0;
   const tn_tensor *t = a->args.y;
@@ -197,6 +208,9 @@ static int fuse_norm_then_factor(tn_graph *g, int i) {
   /* The fused op no longer writes t: nothing after may read it (t rewritten in place by j is fine). */
   if (!tn_tensor_same_view(b->args.y, t) && read_after(g, j, t)) return 0;
   if (written_between(g, i, j, a->args.x) || written_between(g, i, j, a->args.weight)) return 0;
+  /* add_rms_norm's other input, and its sum, which the fused op now writes at j's place. */
+  if (add && (written_between(g, i, j, a->args.residual) || touched_between(g, i, j, a->args.residual_out)))
+    return 0;
   tn_op_args f = a->args;
   f.y = b->args.y;
   if (rms) f.mul = m;
@@ -204,7 +218,10 @@ static int fuse_norm_then_factor(tn_graph *g, int i) {
   tn_graph_node fused;
   node_init(&fused, &f);
   fused.options.round_before_last = 1;
-  if (!replace(g, i, j, &fused, rms ? "rms_norm + mul -> rms_norm with mul" : "l2_norm + scale -> l2_norm with scale"))
+  if (!replace(g, i, j, &fused,
+               add   ? "add_rms_norm + mul -> add_rms_norm with mul"
+               : rms ? "rms_norm + mul -> rms_norm with mul"
+                     : "l2_norm + scale -> l2_norm with scale"))
     return 0;
   if (rms) g->info.fused_rms_norm_mul++;
   else g->info.fused_l2_norm_scale++;

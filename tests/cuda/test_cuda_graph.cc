@@ -115,13 +115,15 @@ TEST_F(GpuGraph, RandomChainsGiveTheSameBytes) {
       const Op *prev = ops.empty() ? nullptr : &ops.back();
       if (prev != nullptr && rng.Below(2) == 0) {
         if (prev->op == TN_OP_ADD) o = {TN_OP_RMS_NORM, prev->y, kBuffers, o.y, -1, 1.0f};
-        if (prev->op == TN_OP_RMS_NORM) o = {TN_OP_MUL, prev->y, (int)rng.Below(kBuffers), o.y, -1, 1.0f};
+        if (prev->op == TN_OP_RMS_NORM || prev->op == TN_OP_ADD_RMS_NORM)
+          o = {TN_OP_MUL, prev->y, (int)rng.Below(kBuffers), o.y, -1, 1.0f};
         if (prev->op == TN_OP_L2_NORM) o = {TN_OP_SCALE, prev->y, -1, o.y, -1, 0.75f};
       }
       const std::vector<uint8_t> prior = Save()[(size_t)o.y];
       if (RunOp(o) != TN_OK) continue;
       ops.push_back(o);
-      if (o.op == TN_OP_RMS_NORM || o.op == TN_OP_L2_NORM) before[(size_t)o.y].push_back(prior);
+      if (o.op == TN_OP_RMS_NORM || o.op == TN_OP_L2_NORM || o.op == TN_OP_ADD_RMS_NORM)
+        before[(size_t)o.y].push_back(prior);
       else before[(size_t)o.y].clear();
       if (o.r_out >= 0) before[(size_t)o.r_out].clear();
       last_kind[(size_t)o.y] = o.op;
@@ -143,7 +145,8 @@ TEST_F(GpuGraph, RandomChainsGiveTheSameBytes) {
     fused_total += info.recorded_ops - info.ops;
     for (int b = 0; b < kAll; b++) {
       if (fused[(size_t)b] == one[(size_t)b]) continue;
-      const bool dead = (last_kind[(size_t)b] == TN_OP_RMS_NORM || last_kind[(size_t)b] == TN_OP_L2_NORM) &&
+      const int kind = last_kind[(size_t)b];
+      const bool dead = (kind == TN_OP_RMS_NORM || kind == TN_OP_L2_NORM || kind == TN_OP_ADD_RMS_NORM) &&
                         info.ops < info.recorded_ops &&
                         std::count(before[(size_t)b].begin(), before[(size_t)b].end(), fused[(size_t)b]) > 0;
       std::string listing;

@@ -69,6 +69,7 @@ const Variant kVariants[] = {
     {"l2_norm_scale037", TN_OP_L2_NORM, kNoWeight, 0.0f, false, 0.37f},
     {"add_rms_norm", TN_OP_ADD_RMS_NORM, kNoWeight, 0.0f, false, 1.0f},
     {"add_rms_norm_w", TN_OP_ADD_RMS_NORM, kWeightXDtype, 0.0f, false, 1.0f},
+    {"add_rms_norm_w_mul", TN_OP_ADD_RMS_NORM, kWeightXDtype, 0.0f, true, 1.0f},
 };
 constexpr int kVariantCount = (int)(sizeof kVariants / sizeof kVariants[0]);
 

@@ -228,6 +228,7 @@ const Variant kVariants[] = {
     {"add_rms_norm", TN_OP_ADD_RMS_NORM, kNoWeight, 0.0f, false, 1.0f},
     {"add_rms_norm_w", TN_OP_ADD_RMS_NORM, kWeightXDtype, 0.0f, false, 1.0f},
     {"add_rms_norm_wf32", TN_OP_ADD_RMS_NORM, kWeightF32, 0.0f, false, 1.0f},
+    {"add_rms_norm_w_mul", TN_OP_ADD_RMS_NORM, kWeightXDtype, 0.0f, true, 1.0f},
 };
 
 struct Param {
@@ -360,7 +361,10 @@ class OpsTest : public ::testing::TestWithParam<Param> {
       case TN_OP_L2_NORM:
         return tn_l2_norm(ctx_, a.x, a.eps, a.scale, a.y);
       case TN_OP_ADD_RMS_NORM:
-        return tn_add_rms_norm(ctx_, a.x, a.residual, a.weight, a.weight_offset, a.eps, a.y, a.residual_out);
+        return a.mul != nullptr ? tn_add_rms_norm_mul(ctx_, a.x, a.residual, a.weight, a.weight_offset, a.mul, a.eps,
+                                                      a.y, a.residual_out)
+                                : tn_add_rms_norm(ctx_, a.x, a.residual, a.weight, a.weight_offset, a.eps, a.y,
+                                                  a.residual_out);
     }
     return TN_ERR_INTERNAL;
   }

@@ -500,7 +500,9 @@ TEST_F(Validation, OperandNotTaken) {
   {
     tn_op_args a = Add();
     a.mul = &tmul;
-    ExpectArgsRefused(a, TN_ERR_OPERAND, {"add_rms_norm", "takes no mul"});
+    a.op = TN_OP_L2_NORM;
+    a.residual = a.residual_out = a.weight = nullptr;
+    ExpectArgsRefused(a, TN_ERR_OPERAND, {"l2_norm", "takes no mul"});
   }
 }
 

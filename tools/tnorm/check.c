@@ -32,6 +32,7 @@ static const variant variants[] = {
     {"l2_norm scale", TN_OP_L2_NORM, 0, 0, 0.0f, 0.37f, 0},
     {"add_rms_norm", TN_OP_ADD_RMS_NORM, 0, 0, 0.0f, 1.0f, 0},
     {"add_rms_norm +w", TN_OP_ADD_RMS_NORM, 1, 0, 0.0f, 1.0f, 0},
+    {"add_rms_norm +w +mul", TN_OP_ADD_RMS_NORM, 1, 1, 0.0f, 1.0f, 0},
     {"add", TN_OP_ADD, 0, 0, 0.0f, 1.0f, 0},
     {"add (b one row)", TN_OP_ADD, 0, 0, 0.0f, 1.0f, 1},
     {"mul", TN_OP_MUL, 0, 1, 0.0f, 1.0f, 0},

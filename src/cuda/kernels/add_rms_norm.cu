@@ -1,7 +1,9 @@
-/* add_rms_norm: s = round(x + r); residual_out = s; y = round(((s * inv) * (w + offset))),
- * inv = 1 / sqrt(sum(s^2) / dim + eps), from exactly the rounded s. */
+/* add_rms_norm: s = round(x + r); residual_out = s; y = round(((s * inv) * (w + offset)) [* m]),
+ * inv = 1 / sqrt(sum(s^2) / dim + eps), from exactly the rounded s. The multiplicand has its own kernels,
+ * as in norm.cu. */
 #include "row.cuh"
 
+template <bool MUL>
 struct tn_add_norm_op {
   /* s for chunk c, rounded to the dtype, also written to residual_out. */
   template <int DT, int MODE>
@@ -29,16 +31,19 @@ struct tn_add_norm_op {
   static __device__ __forceinline__ void emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &q,
                                               float pre, float inv) {
     constexpr int V = tn_dt<DT>::per_chunk;
-    float f[V], w[V];
+    float f[V], w[V], m[V];
     tn_chunk_to_f32<DT>(q, f);
     if (p.has_weight) {
       if (p.weight_f32) tn_load_f32<DT, TN_KERNEL_F32, MODE>((const char *)p.weight, c, p.dim, w);
       else tn_load_f32<DT, DT, MODE>((const char *)p.weight, c, p.dim, w);
     }
+    if (MUL) tn_load_f32<DT, DT, MODE>(tn_row(p.mul, row, p.mul_stride, tn_dt<DT>::size), c, p.dim, m);
 #pragma unroll
     for (int j = 0; j < V; j++) {
       float v = (f[j] * pre) * inv;
       if (p.has_weight) v *= w[j] + p.weight_offset;
+      if (MUL && p.round_before_last) v = tn_to_f32<DT>(tn_from_f32<DT>(v));
+      if (MUL) v *= m[j];
       f[j] = v;
     }
     tn_store_chunk<DT, MODE>((char *)tn_row(p.y, row, p.y_stride, tn_dt<DT>::size), c, p.dim,
@@ -46,4 +51,5 @@ struct tn_add_norm_op {
   }
 };
 
-TN_DEFINE_ROW_KERNELS(tn_add_norm, tn_add_norm_op)
+TN_DEFINE_ROW_KERNELS(tn_add_norm, tn_add_norm_op<false>)
+TN_DEFINE_ROW_KERNELS(tn_add_norm_mul, tn_add_norm_op<true>)
