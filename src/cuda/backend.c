@@ -250,6 +250,10 @@ static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
   if (a->op == TN_OP_ADD_RMS_NORM) key.family = a->mul != NULL ? TN_FAMILY_ADD_NORM_MUL : TN_FAMILY_ADD_NORM;
   else key.family = a->mul != NULL ? TN_FAMILY_NORM_MUL : TN_FAMILY_NORM;
   key.shape = tn_kernel_row_shape(a->x->dtype, a->x->dim, max_stage_bytes(d));
+  /* Rows few enough for a block each: the wide form of the same G (the same bits, a quarter of the
+   * serial work per thread; what a decode step's one-row calls are bound by). */
+  const int wide = tn_kernel_wide_shape(key.shape);
+  if (wide >= 0 && a->x->rows <= d->sms) key.shape = wide;
   return key;
 }
 
@@ -328,7 +332,7 @@ static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a, con
     const int64_t per_chunk = a->x->dtype == TN_F32 ? 4 : 8;
     blocks = (a->x->rows * ((a->x->dim + per_chunk - 1) / per_chunk) + block - 1) / block;
   } else {
-    const int64_t rows_per_block = block / tn_kernel_group_threads(key.shape);
+    const int64_t rows_per_block = tn_kernel_rows_per_block(key.shape);
     blocks = (a->x->rows + rows_per_block - 1) / rows_per_block;
   }
   unsigned dynamic_smem = 0;

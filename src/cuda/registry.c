@@ -59,6 +59,9 @@ void tn_kernel_name(tn_kernel_key k, char *out, size_t capacity) {
     snprintf(out, capacity, "%s<%d,%d,%d>", family_prefix[k.family], (int)k.dtype, k.shape, k.mode);
   else if (k.shape < TN_SHAPE_REGISTER_COUNT)
     snprintf(out, capacity, "%s_registers<%d,%d,%d>", family_prefix[k.family], (int)k.dtype, 1 << k.shape, k.mode);
+  else if (tn_kernel_shape_is_wide(k.shape))
+    snprintf(out, capacity, "%s_wide<%d,%d,%d>", family_prefix[k.family], (int)k.dtype,
+             tn_kernel_group_threads(k.shape), k.mode);
   else
     snprintf(out, capacity, "%s_staged<%d,%d,%d>", family_prefix[k.family], (int)k.dtype,
              k.shape == TN_SHAPE_SHARED ? TN_KERNEL_STAGE_SHARED : TN_KERNEL_STAGE_REREAD, k.mode);
@@ -77,8 +80,24 @@ int tn_kernel_row_shape(tn_dtype dtype, int64_t dim, size_t max_stage_bytes) {
   return (uint64_t)chunks * 16u <= max_stage_bytes ? TN_SHAPE_SHARED : TN_SHAPE_REREAD;
 }
 
+int tn_kernel_shape_is_wide(int shape) { return shape >= TN_SHAPE_WIDE_FIRST && shape < TN_SHAPE_COUNT; }
+
+int tn_kernel_wide_shape(int shape) {
+  if (shape >= TN_SHAPE_REGISTER_COUNT) return -1;
+  const int g = 1 << shape;
+  if (g < TN_KERNEL_WIDE_MIN_GROUP || g > TN_KERNEL_WIDE_MAX_GROUP) return -1;
+  int wide = TN_SHAPE_WIDE_FIRST;
+  for (int w = TN_KERNEL_WIDE_MIN_GROUP; w < g; w *= 2) wide++;
+  return wide;
+}
+
 int tn_kernel_group_threads(int shape) {
+  if (tn_kernel_shape_is_wide(shape)) return TN_KERNEL_WIDE_MIN_GROUP << (shape - TN_SHAPE_WIDE_FIRST);
   return shape < TN_SHAPE_REGISTER_COUNT ? 1 << shape : TN_KERNEL_MAX_GROUP;
+}
+
+int tn_kernel_rows_per_block(int shape) {
+  return tn_kernel_shape_is_wide(shape) ? 1 : tn_kernel_block_threads(shape) / tn_kernel_group_threads(shape);
 }
 
 int tn_kernel_key_block_threads(tn_kernel_key key) {
@@ -86,7 +105,8 @@ int tn_kernel_key_block_threads(tn_kernel_key key) {
 }
 
 int tn_kernel_block_threads(int shape) {
-  return TN_KERNEL_BLOCK_OF(tn_kernel_group_threads(shape));
+  const int g = tn_kernel_group_threads(shape);
+  return tn_kernel_shape_is_wide(shape) ? TN_KERNEL_WIDE_BLOCK_OF(g) : TN_KERNEL_BLOCK_OF(g);
 }
 
 /* ---- statistics ---- */

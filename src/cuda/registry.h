@@ -24,11 +24,15 @@ typedef enum tn_kernel_family {
 } tn_kernel_family;
 
 
-/* Row shapes: 0 .. 10 keep rows in registers with G = 1 << shape threads per row; then the staged ones. */
+/* Row shapes: 0 .. 10 keep rows in registers with G = 1 << shape threads per row; then the staged ones;
+ * then the few-rows ("wide") form of the register shapes with G = 64, 128, 256 and 512, which the backend
+ * picks for those G when every row gets a block of its own (it reduces a row exactly as the register
+ * shape of the same G). */
 #define TN_SHAPE_REGISTER_COUNT 11
 #define TN_SHAPE_SHARED 11
 #define TN_SHAPE_REREAD 12
-#define TN_SHAPE_COUNT 13
+#define TN_SHAPE_WIDE_FIRST 13 /* G = TN_KERNEL_WIDE_MIN_GROUP */
+#define TN_SHAPE_COUNT 17
 /* Access modes and elementwise ops: TN_KERNEL_MODE_* and TN_KERNEL_ELEMENTWISE_* (kernels/params.h). */
 
 typedef struct tn_kernel_key {
@@ -51,9 +55,14 @@ void tn_kernel_name(tn_kernel_key key, char *out, size_t capacity);
 /* The row shape for rows of dim elements of dtype: the threads per row (and so the reduction order)
  * follow from (dtype, dim) alone. max_stage_bytes: the most dynamic shared memory a block may have. */
 int tn_kernel_row_shape(tn_dtype dtype, int64_t dim, size_t max_stage_bytes);
-/* Threads per row of a row shape, and threads per block of a row shape. */
+/* Threads per row of a row shape (the reduction's group), threads per block of a row shape, and rows a
+ * block takes at a time. */
 int tn_kernel_group_threads(int shape);
 int tn_kernel_block_threads(int shape);
+int tn_kernel_rows_per_block(int shape);
+/* The wide shape of register shape `shape`, or -1 when it has none. */
+int tn_kernel_wide_shape(int shape);
+int tn_kernel_shape_is_wide(int shape);
 /* Threads per block of any kernel. */
 int tn_kernel_key_block_threads(tn_kernel_key key);
 

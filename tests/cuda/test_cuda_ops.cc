@@ -1275,7 +1275,7 @@ TEST_F(SanitizedSmall, ByteMisaligned) { RunCase("add_rms_norm_w", TN_BF16, 3, 1
 TEST_F(SanitizedSmall, MulElementMisaligned) { RunCase("rms_norm_w_mul", TN_F16, 2, 4096, kElementOffset); }
 
 // ------------------------------------------------------------------------------------------------
-// SanitizedBatchInvariance: a batch of 64 random rows, then a few of its rows alone (rows = 1) in another
+// SanitizedBatchInvariance: a batch of 300 random rows, then a few of its rows alone (rows = 1) in another
 // buffer at another offset: 16-byte aligned, one element in (element mode) and one byte in (byte mode).
 // The reduction order depends on (dtype, dim) alone, so each must give the batch's bytes exactly.
 // ------------------------------------------------------------------------------------------------
@@ -1284,9 +1284,11 @@ class SanitizedBatchInvariance : public CudaTest {
  protected:
   void Check(tn_dtype dt) {
     const char *const variants[] = {"rms_norm_w_mul", "l2_norm_scale037", "add_rms_norm_w"};
-    // 513 (f32) and 1152 (f16, bf16) rows take G = 64 threads: two rows share a block and its reduction.
-    const int64_t dims[] = {128, 513, 1152, 4095, 4096, 5120, 70000};
-    const int64_t batch_rows = 64, picks[] = {0, 21, 63};
+    // 513 (f32) and 1152 (f16, bf16) rows take G = 64 threads, 12000 G = 512 (f16, bf16). The batch has
+    // more rows than an H100 or H200 has SMs, so it takes the register kernels where a row alone takes
+    // the few-rows (wide) form of the same G: both must reduce a row alike.
+    const int64_t dims[] = {128, 513, 1152, 4095, 4096, 5120, 12000, 70000};
+    const int64_t batch_rows = 300, picks[] = {0, 21, 299};
     int failed = 0;
     for (const char *name : variants) {
       for (int64_t dim : dims) {

@@ -364,7 +364,7 @@ TEST(KernelRegistry, KeysRoundTripAndNamesAreUnique) {
   std::set<std::string> names;
   std::set<std::tuple<int, int, int, int>> keys;
   std::map<int, std::string> family_prefix;
-  const std::regex name_form("(tn_[a-z_]+)_(registers|staged)<[0-9]+,[0-9]+,[0-9]+>");
+  const std::regex name_form("(tn_[a-z_]+)_(registers|staged|wide)<[0-9]+,([0-9]+),[0-9]+>");
   const std::regex elementwise_form("(tn_elementwise)<[0-9]+,([0-9]+),[0-9]+>");
   for (int i = 0; i < TN_KERNEL_VARIANTS; i++) {
     SCOPED_TRACE(i);
@@ -390,6 +390,8 @@ TEST(KernelRegistry, KeysRoundTripAndNamesAreUnique) {
     } else {
       ASSERT_TRUE(std::regex_match(name, m, name_form)) << name;
       EXPECT_EQ(m[2] == "registers", k.shape < TN_SHAPE_REGISTER_COUNT) << name;
+      EXPECT_EQ(m[2] == "wide", (bool)tn_kernel_shape_is_wide(k.shape)) << name;
+      if (m[2] != "staged") EXPECT_EQ(std::stoi(m[3].str()), tn_kernel_group_threads(k.shape)) << name;
     }
     // One prefix per family, whatever the dtype, shape and mode.
     auto seen = family_prefix.emplace((int)k.family, m[1].str());
@@ -474,11 +476,29 @@ TEST(KernelRegistry, RowShapesGrowWithDim) {
   // A block holds whole groups.
   for (int s = 0; s < TN_SHAPE_COUNT; s++) {
     SCOPED_TRACE(s);
-    // A group wider than a warp is one row per block; narrower groups share TN_KERNEL_MIN_BLOCK threads.
     const int g = tn_kernel_group_threads(s);
+    if (tn_kernel_shape_is_wide(s)) {
+      // One row per block of 4 G threads (at most 1024), the group being its first G.
+      EXPECT_EQ(tn_kernel_block_threads(s), std::min(4 * g, 1024));
+      EXPECT_EQ(tn_kernel_rows_per_block(s), 1);
+      continue;
+    }
+    // A group wider than a warp is one row per block; narrower groups share TN_KERNEL_MIN_BLOCK threads.
     EXPECT_EQ(tn_kernel_block_threads(s), g > 32 ? g : TN_KERNEL_MIN_BLOCK);
     EXPECT_EQ(tn_kernel_block_threads(s) % tn_kernel_group_threads(s), 0);
+    EXPECT_EQ(tn_kernel_rows_per_block(s), tn_kernel_block_threads(s) / g);
   }
+  // The register shapes with G = 64 .. 512 have a wide form of the same G; the others none.
+  int wide_forms = 0;
+  for (int s = 0; s < TN_SHAPE_COUNT; s++) {
+    const int w = tn_kernel_wide_shape(s);
+    if (w < 0) continue;
+    wide_forms++;
+    EXPECT_LT(s, TN_SHAPE_REGISTER_COUNT);
+    EXPECT_TRUE(tn_kernel_shape_is_wide(w));
+    EXPECT_EQ(tn_kernel_group_threads(w), tn_kernel_group_threads(s));
+  }
+  EXPECT_EQ(wide_forms, TN_SHAPE_COUNT - TN_SHAPE_WIDE_FIRST);
 }
 
 // A cheap kernel to build: bf16 rows of at most 32 elements, one thread each, byte access.

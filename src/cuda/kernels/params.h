@@ -47,6 +47,11 @@ typedef struct tn_kernel_params {
 /* Threads per block of a row kernel with G threads per row: one row per block above one warp (the group's
  * barrier and shared partial sums belong to the block). */
 #define TN_KERNEL_BLOCK_OF(G) ((G) > 32 ? (G) : TN_KERNEL_MIN_BLOCK)
+/* The few-rows form of the register shapes with G = 64 .. 512 (row.cuh's tn_rows_wide): one row per block
+ * of 4 G threads (at most 1024), one chunk per thread, the same G-thread reduction. */
+#define TN_KERNEL_WIDE_MIN_GROUP 64
+#define TN_KERNEL_WIDE_MAX_GROUP 512
+#define TN_KERNEL_WIDE_BLOCK_OF(G) (4 * (G) < 1024 ? 4 * (G) : 1024)
 
 /* Access modes: how a kernel touches memory. */
 #define TN_KERNEL_MODE_BYTES 0    /* pointers not aligned to their elements */

@@ -247,13 +247,13 @@ TN_DEV float tn_rescale_factor(float sum) { return sum == TN_INF ? 0x1p-80f : 0x
  * scaled_squares(k) gives this thread's sum of (x * k)^2 over its chunks, in its usual order. When that
  * sum is finite the row counts as x * k with eps * k^2 and *pre becomes k; otherwise the plain scale
  * propagates the row's Inf or NaN. Every thread of the group takes the same branch. */
-template <int G, class ScaledSquares>
-TN_DEV float tn_row_inv(float sum, const tn_kernel_params &p, float *partials, int *turn, float *pre,
+template <class GroupSum, class ScaledSquares>
+TN_DEV float tn_row_inv(float sum, const tn_kernel_params &p, float *pre, GroupSum group_sum,
                         ScaledSquares scaled_squares) {
   *pre = 1.0f;
   if (!tn_needs_rescale(sum, p.eps)) return tn_inv_sqrt(sum / p.count + p.eps);
   const float k = tn_rescale_factor(sum);
-  const float scaled = tn_group_sum<G>(scaled_squares(k), partials, turn);
+  const float scaled = group_sum(scaled_squares(k));
   if (scaled < TN_INF) {
     *pre = k;
     return tn_inv_sqrt(scaled / p.count + p.eps * k * k);
@@ -312,7 +312,8 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
     for (int k = 0; k < K; k++) acc = tn_chunk_sum_squares<DT>(q[k], acc, 1.0f);
     const float sum = tn_group_sum<G>(acc, partials, &turn);
     float pre;
-    const float inv = tn_row_inv<G>(sum, p, partials, &turn, &pre, [&](float kf) {
+    const float inv = tn_row_inv(
+        sum, p, &pre, [&](float v) { return tn_group_sum<G>(v, partials, &turn); }, [&](float kf) {
       float acc2 = 0.0f;
 #pragma unroll
       for (int k = 0; k < K; k++) acc2 = tn_chunk_sum_squares<DT>(q[k], acc2, kf);
@@ -323,6 +324,75 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
       const tn_i64 c = (tn_i64)k * G + t;
       if (c < chunks) Op::template emit<DT, MODE>(p, row, c, q[k], pre, inv);
     }
+  }
+}
+
+/* The sum over a G-thread group (G >= 64) whose block has more threads than the group: the same
+ * arithmetic as tn_group_sum<G> for threads 0 .. G - 1, and every thread of the block takes part (the
+ * barrier is the block's). */
+template <int G>
+TN_DEV float tn_wide_group_sum(float v, float *partials, int *turn) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  constexpr int warps = G / 32;
+  float *set = partials + (*turn) * warps;
+  *turn ^= 1;
+  if ((threadIdx.x & 31u) == 0 && (threadIdx.x >> 5) < (unsigned)warps) set[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float s = set[0];
+#pragma unroll
+  for (int w = 1; w < warps; w++) s += set[w];
+  return s;
+}
+
+/* Few rows (one block each, the decode regime): a row of the G-thread register shape (G >= 64), with the
+ * same reduction (threads 0 .. G - 1 sum chunks t, t + G, ... in that order, then as tn_group_sum<G>),
+ * but loaded and written by W = min(4 G, 1024) threads, one chunk each (two when G = 512), through
+ * shared memory. A one-row call is bound by the serial work of one thread, which this cuts by four;
+ * the rows come out bit for bit as from tn_rows_in_registers<G>. */
+template <int DT, int G, int MODE, class Op>
+TN_DEV void tn_rows_wide(const tn_kernel_params &p) {
+  constexpr int K = TN_KERNEL_REG_CHUNKS, W = TN_KERNEL_WIDE_BLOCK_OF(G), PER = G * K / W;
+  __shared__ tn_chunk staged[G * K];
+  __shared__ float partials[2 * (G / 32)];
+  int turn = 0;
+  const int t = threadIdx.x;
+  const tn_i64 chunks = (p.dim + tn_dt<DT>::per_chunk - 1) / tn_dt<DT>::per_chunk;
+  for (tn_i64 row = blockIdx.x; row < p.rows; row += gridDim.x) {
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
+      const tn_i64 c = (tn_i64)j * W + t;
+      if (c < chunks) staged[c] = Op::template produce<DT, MODE>(p, row, c);
+    }
+    __syncthreads();
+    float acc = 0.0f;
+    if (t < G) {
+#pragma unroll
+      for (int k = 0; k < K; k++) {
+        const tn_i64 c = (tn_i64)k * G + t;
+        acc = tn_chunk_sum_squares<DT>(c < chunks ? staged[c] : tn_chunk_zero(), acc, 1.0f);
+      }
+    }
+    const float sum = tn_wide_group_sum<G>(acc, partials, &turn);
+    float pre;
+    const float inv = tn_row_inv(
+        sum, p, &pre, [&](float v) { return tn_wide_group_sum<G>(v, partials, &turn); }, [&](float kf) {
+          float acc2 = 0.0f;
+          if (t < G) {
+#pragma unroll
+            for (int k = 0; k < K; k++) {
+              const tn_i64 c = (tn_i64)k * G + t;
+              acc2 = tn_chunk_sum_squares<DT>(c < chunks ? staged[c] : tn_chunk_zero(), acc2, kf);
+            }
+          }
+          return acc2;
+        });
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
+      const tn_i64 c = (tn_i64)j * W + t;
+      if (c < chunks) Op::template emit<DT, MODE>(p, row, c, staged[c], pre, inv);
+    }
+    __syncthreads(); /* staged is the next row's */
   }
 }
 
@@ -354,7 +424,8 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
     }
     const float sum = tn_group_sum<G>(acc, partials, &turn);
     float pre;
-    const float inv = tn_row_inv<G>(sum, p, partials, &turn, &pre, [&](float kf) {
+    const float inv = tn_row_inv(
+        sum, p, &pre, [&](float v) { return tn_group_sum<G>(v, partials, &turn); }, [&](float kf) {
       float acc2 = 0.0f;
       for (tn_i64 c = t; c < chunks; c += G) {
         const tn_chunk q = STAGE == TN_KERNEL_STAGE_SHARED ? staged[c] : Op::template reread<DT, MODE>(p, row, c);
@@ -386,6 +457,12 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
       prefix##_registers(const tn_kernel_params p) {                                                      \
     tn_pdl_wait();                                                                                        \
     tn_rows_in_registers<DT, G, MODE, Op>(p);                                                             \
+    tn_pdl_launch_dependents();                                                                           \
+  }                                                                                                       \
+  template <int DT, int G, int MODE>                                                                      \
+  __global__ void __launch_bounds__(TN_KERNEL_WIDE_BLOCK_OF(G), 1) prefix##_wide(const tn_kernel_params p) {  \
+    tn_pdl_wait();                                                                                        \
+    tn_rows_wide<DT, G, MODE, Op>(p);                                                                     \
     tn_pdl_launch_dependents();                                                                           \
   }                                                                                                       \
   template <int DT, int STAGE, int MODE>                                                                  \
