@@ -13,26 +13,16 @@ JOBS=$(nproc)
 declare -a rows=()
 row() { rows+=("$(printf '%-34s %s' "$1" "$2")"); }
 
-# cJSON for the command: the system's, else the Debian packages carried in .debs/ (unpacked, not installed).
-cmake_extra=()
-if [ ! -f /usr/include/cjson/cJSON.h ] && ls .debs/libcjson*.deb >/dev/null 2>&1; then
-  mkdir -p /tmp/tnorm-cjson
-  for f in .debs/libcjson*.deb; do dpkg -x "$f" /tmp/tnorm-cjson; done
-  lib=/tmp/tnorm-cjson/usr/lib/x86_64-linux-gnu
-  cmake_extra=(-DCJSON_LIBRARY=$lib/libcjson.so.1 -DCJSON_INCLUDE_DIR=/tmp/tnorm-cjson/usr/include)
-  export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-fi
-
 nvidia-smi --query-gpu=name,driver_version,clocks.max.memory --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 echo "GPU: $(cat "$OUT/gpu.txt")"
 
+# The build (cJSON from .debs/ where the system has none) is scripts/gpu-build.sh's; its logs go to $OUT.
 BUILD=build-gpu
 t0=$(date +%s)
-if cmake -S . -B $BUILD -DCMAKE_BUILD_TYPE=Release -DTNORM_CUDA=ON -DTNORM_GPU_TESTS=ON "${cmake_extra[@]}" \
-     > "$OUT/configure.log" 2>&1 && cmake --build $BUILD -j"$JOBS" > "$OUT/build.log" 2>&1; then
+if . scripts/gpu-build.sh all > "$OUT/build.log" 2>&1; then  # "all": else it would see our arguments
   row "build" "ok ($(( $(date +%s) - t0 )) s)"
 else
-  tail -30 "$OUT/build.log" "$OUT/configure.log"
+  tail -30 "$OUT/build.log"
   row "build" "FAILED"
   printf '%s\n' "${rows[@]}"
   exit 1
