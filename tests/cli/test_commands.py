@@ -119,3 +119,23 @@ def test_bench_csv_into_missing_directory(tmp_path):
                        cwd=tmp_path, timeout=120)
     T.assert_error_output(proc, 1)
     assert not list(tmp_path.iterdir()), "a failed bench left files behind"
+
+
+def test_bench_graph_fuses_the_decode_step(tmp_path):
+    # A decode step of 3 layers: each add -> rms_norm -> mul becomes one add_rms_norm with the multiplicand.
+    proc = T.run_tnorm(["bench-graph", "--device", "cpu", "--layers", "3", "--steps", "2", "--dim", "256"],
+                       cwd=tmp_path)
+    assert proc.returncode == 0, T.describe(proc)
+    rows = [ln for ln in proc.stdout.splitlines() if re.match(r"\s*\d+\s+\d", ln)]
+    assert [ln.split()[0] for ln in rows] == ["1", "8", "64"], T.describe(proc)
+    for ln in rows:
+        assert "9 ops -> 3 (add + rms_norm: 3, norm + mul: 3)" in ln, T.describe(proc)
+        times = [float(f) for f in ln.split()[1:4]]
+        assert all(t > 0 for t in times), T.describe(proc)
+
+
+def test_bench_graph_usage_errors(tmp_path):
+    for args in (["--layers", "0"], ["--dim", "x"], ["--bogus"], ["extra"]):
+        proc = T.run_tnorm(["bench-graph", "--device", "cpu"] + args, cwd=tmp_path)
+        assert proc.returncode == 2, f"{args}\n" + T.describe(proc)
+        assert proc.stderr.startswith("tnorm: error: ") and proc.stderr.count("\n") == 1, T.describe(proc)

@@ -187,9 +187,9 @@ int cli_bench_graph_main(int argc, char **argv) {
     } else {
       tn_graph_info info;
       tn_graph_get_info(fused, &info);
-      printf("%6" PRId64 " %14.1f %16.1f %14.1f %8.2fx  %d ops -> %d (%s)\n", b.rows, t_ops * 1e3, t_plain * 1e3,
-             t_fused * 1e3, t_fused / t_ops, info.recorded_ops, info.ops,
-             info.fused_add_rms_norm ? "add + rms_norm -> add_rms_norm" : "none");
+      printf("%6" PRId64 " %14.1f %16.1f %14.1f %8.2fx  %d ops -> %d (add + rms_norm: %d, norm + mul: %d)\n", b.rows,
+             t_ops * 1e3, t_plain * 1e3, t_fused * 1e3, t_fused / t_ops, info.recorded_ops, info.ops,
+             info.fused_add_rms_norm, info.fused_rms_norm_mul);
     }
     tn_graph_destroy(plain);
     tn_graph_destroy(fused);
