@@ -313,3 +313,43 @@ TEST_F(Graph, UpdateTakesTheNewRecording) {
 }
 
 }  // namespace
+
+namespace {
+
+// A norm's output read by the next op through a view shifted by one row (a partial overlap): no fusion,
+// and the bytes are those of the ops one by one.
+TEST_F(Graph, NoFusionOnPartialOverlap) {
+  tn_rng rng = {Seed() + 6};
+  for (tn_dtype dt : {TN_F32, TN_BF16}) {
+    SCOPED_TRACE(tn_dtype_name(dt));
+    Pool init(dt);
+    init.Fill(&rng);
+    auto chain = [&](Pool &p) {
+      // rms_norm: rows 0..3 of buffer 0 -> rows 0..3 of buffer 2; mul reads rows 1..4 of buffer 2.
+      const size_t pitch = (size_t)kStride * tn_dtype_size(dt);
+      tn_tensor x = tn_tensor_strided(p.bytes[0].data(), dt, kRows - 1, kDim, kStride);
+      tn_tensor t = tn_tensor_strided(p.bytes[2].data(), dt, kRows - 1, kDim, kStride);
+      tn_tensor shifted = tn_tensor_strided(p.bytes[2].data() + pitch, dt, kRows - 1, kDim, kStride);
+      tn_tensor m = tn_tensor_strided(p.bytes[1].data(), dt, kRows - 1, kDim, kStride);
+      tn_tensor y = tn_tensor_strided(p.bytes[3].data(), dt, kRows - 1, kDim, kStride);
+      tn_tensor w = p.View(kBuffers);
+      EXPECT_EQ(tn_rms_norm(ctx, &x, &w, 0.0f, 1e-6f, &t), TN_OK) << tn_context_last_error(ctx);
+      EXPECT_EQ(tn_mul(ctx, &shifted, &m, &y), TN_OK) << tn_context_last_error(ctx);
+    };
+    Pool one = init, fused = init;
+    chain(one);
+    ASSERT_EQ(tn_graph_begin(ctx), TN_OK);
+    chain(fused);
+    tn_graph *g = nullptr;
+    ASSERT_EQ(tn_graph_end(ctx, &g), TN_OK);
+    tn_graph_info info;
+    tn_graph_get_info(g, &info);
+    EXPECT_EQ(info.recorded_ops, 2);
+    EXPECT_EQ(info.ops, 2) << tn_graph_fusions(g);
+    ASSERT_EQ(tn_graph_launch(ctx, g), TN_OK) << tn_context_last_error(ctx);
+    EXPECT_EQ(fused.bytes, one.bytes);
+    tn_graph_destroy(g);
+  }
+}
+
+}  // namespace
