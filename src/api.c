@@ -276,28 +276,32 @@ tn_status tn_op_run(tn_context *ctx, const tn_op_args *args) {
   return TN_OK;
 }
 
-tn_status tn_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset, float eps,
-                      const tn_tensor *y) {
-  tn_op_args a = tn_op_args_init(TN_OP_RMS_NORM);
+/* rms_norm and add_rms_norm, with or without the multiplicand (residual and residual_out NULL for
+ * rms_norm). */
+static tn_status rms_norm_call(tn_context *ctx, tn_op op, const tn_tensor *x, const tn_tensor *residual,
+                               const tn_tensor *weight, float weight_offset, const tn_tensor *mul, float eps,
+                               const tn_tensor *y, const tn_tensor *residual_out) {
+  tn_op_args a = tn_op_args_init(op);
   a.x = x;
-  a.weight = weight;
-  a.weight_offset = weight_offset;
-  a.eps = eps;
-  a.y = y;
-  return tn_op_run(ctx, &a);
-}
-
-tn_status tn_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset,
-                          const tn_tensor *mul, float eps, const tn_tensor *y) {
-  TN_RETURN_ERROR_IF(ctx != NULL && mul == NULL, ctx, TN_ERR_NULL, "rms_norm: mul is required by tn_rms_norm_mul");
-  tn_op_args a = tn_op_args_init(TN_OP_RMS_NORM);
-  a.x = x;
+  a.residual = residual;
   a.weight = weight;
   a.weight_offset = weight_offset;
   a.mul = mul;
   a.eps = eps;
   a.y = y;
+  a.residual_out = residual_out;
   return tn_op_run(ctx, &a);
+}
+
+tn_status tn_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset, float eps,
+                      const tn_tensor *y) {
+  return rms_norm_call(ctx, TN_OP_RMS_NORM, x, NULL, weight, weight_offset, NULL, eps, y, NULL);
+}
+
+tn_status tn_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset,
+                          const tn_tensor *mul, float eps, const tn_tensor *y) {
+  TN_RETURN_ERROR_IF(ctx != NULL && mul == NULL, ctx, TN_ERR_NULL, "rms_norm: mul is required by tn_rms_norm_mul");
+  return rms_norm_call(ctx, TN_OP_RMS_NORM, x, NULL, weight, weight_offset, mul, eps, y, NULL);
 }
 
 tn_status tn_l2_norm(tn_context *ctx, const tn_tensor *x, float eps, float scale, const tn_tensor *y) {
@@ -311,30 +315,13 @@ tn_status tn_l2_norm(tn_context *ctx, const tn_tensor *x, float eps, float scale
 
 tn_status tn_add_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual, const tn_tensor *weight,
                           float weight_offset, float eps, const tn_tensor *y, const tn_tensor *residual_out) {
-  tn_op_args a = tn_op_args_init(TN_OP_ADD_RMS_NORM);
-  a.x = x;
-  a.residual = residual;
-  a.weight = weight;
-  a.weight_offset = weight_offset;
-  a.eps = eps;
-  a.y = y;
-  a.residual_out = residual_out;
-  return tn_op_run(ctx, &a);
+  return rms_norm_call(ctx, TN_OP_ADD_RMS_NORM, x, residual, weight, weight_offset, NULL, eps, y, residual_out);
 }
 
 tn_status tn_add_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual, const tn_tensor *weight,
                               float weight_offset, const tn_tensor *mul, float eps, const tn_tensor *y,
                               const tn_tensor *residual_out) {
-  tn_op_args a = tn_op_args_init(TN_OP_ADD_RMS_NORM);
-  a.x = x;
-  a.residual = residual;
-  a.weight = weight;
-  a.weight_offset = weight_offset;
-  a.mul = mul;
-  a.eps = eps;
-  a.y = y;
-  a.residual_out = residual_out;
-  return tn_op_run(ctx, &a);
+  return rms_norm_call(ctx, TN_OP_ADD_RMS_NORM, x, residual, weight, weight_offset, mul, eps, y, residual_out);
 }
 
 /* add and mul: b goes in the operand slot of the op table (residual for add, mul for mul). */
@@ -416,6 +403,7 @@ static tn_status build_device_graph(tn_context *ctx, tn_graph *g, tn_device devi
   }
   TN_FORWARD_IF_ERROR(b->capture_end(state, ctx, 0, &g->exec, &updated));
   g->exec_destroy = b->exec_destroy;
+  g->exec_device = device;
   g->info.device_graph = 1;
   if (updated) g->info.updates_in_place++;
   else g->info.instantiations++;
@@ -426,8 +414,9 @@ tn_status tn_graph_launch(tn_context *ctx, tn_graph *graph) {
   if (ctx == NULL) return TN_ERR_NULL;
   TN_RETURN_ERROR_IF(graph == NULL, ctx, TN_ERR_NULL, "graph_launch: graph is NULL");
   TN_RETURN_ERROR_IF(ctx->recording != NULL, ctx, TN_ERR_VALUE, "graph_launch: the context is recording");
-  tn_device device;
-  if (single_capturable_device(graph, &device)) {
+  /* A graph with an executable graph is on one capturable device: no need to look at its nodes again. */
+  tn_device device = graph->exec_device;
+  if (graph->exec != NULL || single_capturable_device(graph, &device)) {
     void *state = NULL;
     TN_FORWARD_IF_ERROR(device_backend(ctx, device, "graph_launch", &state));
     if (graph->exec == NULL) TN_FORWARD_IF_ERROR(build_device_graph(ctx, graph, device));
@@ -455,6 +444,7 @@ tn_status tn_graph_update(tn_context *ctx, tn_graph *graph, const tn_graph *reco
   next.info = graph->info;
   TN_FORWARD_IF_ERROR(tn_graph_copy_nodes(ctx, &next, recorded));
   next.exec = graph->exec;
+  next.exec_device = graph->exec_device;
   next.exec_destroy = graph->exec_destroy;
   tn_device device;
   if (next.exec != NULL) {

@@ -81,26 +81,7 @@ TN_INLINE void add_rms_norm_rows(const tn_cpu_call *c, float *s, int64_t begin, 
   tn_stream_fence(c->stream);
 }
 
-/* One instance per (dtype, weight or not, mul or not). */
-#define ADD_INSTANCE(name, dt, w, m)                                             \
-  static void name(const tn_cpu_call *c, float *s, int64_t begin, int64_t end) { \
-    add_rms_norm_rows(c, s, begin, end, dt, w, m);                               \
-  }
-#define ADD_INSTANCES(sfx, dt)            \
-  ADD_INSTANCE(add_##sfx, dt, 0, 0)       \
-  ADD_INSTANCE(add_##sfx##_w, dt, 1, 0)   \
-  ADD_INSTANCE(add_##sfx##_m, dt, 0, 1)   \
-  ADD_INSTANCE(add_##sfx##_w_m, dt, 1, 1)
-ADD_INSTANCES(f32, TN_F32)
-ADD_INSTANCES(f16, TN_F16)
-ADD_INSTANCES(bf16, TN_BF16)
-
-/* [dtype][weight][mul] */
-static const tn_cpu_rows_fn add_table[TN_DTYPE_COUNT][2][2] = {
-    [TN_F32] = {{add_f32, add_f32_m}, {add_f32_w, add_f32_w_m}},
-    [TN_F16] = {{add_f16, add_f16_m}, {add_f16_w, add_f16_w_m}},
-    [TN_BF16] = {{add_bf16, add_bf16_m}, {add_bf16_w, add_bf16_w_m}},
-};
+TN_CPU_ROWS_TABLE(add_table, add_rms_norm_rows)
 
 void TN_CPU_ENTRY(tn_cpu_add_rms_norm_rows)(const tn_cpu_call *c, float *s, int64_t begin, int64_t end) {
   add_table[c->args->x->dtype][c->weight != NULL][c->args->mul != NULL](c, s, begin, end);

@@ -14,26 +14,7 @@ TN_INLINE void rms_norm_rows(const tn_cpu_call *c, float *scratch, int64_t begin
   tn_stream_fence(c->stream);
 }
 
-/* One instance per (dtype, weight or not, mul or not). */
-#define RMS_INSTANCE(name, dt, w, m)                                                                   \
-  static void name(const tn_cpu_call *c, float *scratch, int64_t begin, int64_t end) { \
-    rms_norm_rows(c, scratch, begin, end, dt, w, m);                                                   \
-  }
-#define RMS_INSTANCES(sfx, dt)            \
-  RMS_INSTANCE(rms_##sfx, dt, 0, 0)       \
-  RMS_INSTANCE(rms_##sfx##_w, dt, 1, 0)   \
-  RMS_INSTANCE(rms_##sfx##_m, dt, 0, 1)   \
-  RMS_INSTANCE(rms_##sfx##_w_m, dt, 1, 1)
-RMS_INSTANCES(f32, TN_F32)
-RMS_INSTANCES(f16, TN_F16)
-RMS_INSTANCES(bf16, TN_BF16)
-
-/* [dtype][weight][mul] */
-static const tn_cpu_rows_fn rms_table[TN_DTYPE_COUNT][2][2] = {
-    [TN_F32] = {{rms_f32, rms_f32_m}, {rms_f32_w, rms_f32_w_m}},
-    [TN_F16] = {{rms_f16, rms_f16_m}, {rms_f16_w, rms_f16_w_m}},
-    [TN_BF16] = {{rms_bf16, rms_bf16_m}, {rms_bf16_w, rms_bf16_w_m}},
-};
+TN_CPU_ROWS_TABLE(rms_table, rms_norm_rows)
 
 void TN_CPU_ENTRY(tn_cpu_rms_norm_rows)(const tn_cpu_call *c, float *scratch, int64_t begin, int64_t end) {
   rms_table[c->args->x->dtype][c->weight != NULL][c->args->mul != NULL](c, scratch, begin, end);

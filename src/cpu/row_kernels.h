@@ -365,6 +365,28 @@ TN_INLINE void tn_row_emit(tn_dtype dtype, void *out, const void *v, int src_hal
     tn_row_emit_from(dtype, out, v, 0, n, inv, has_w, w, has_m, m, has_scale, scale, round_mid, stream, next);
 }
 
+/* The instances of an op's row loop rows_fn(call, scratch, begin, end, dtype, has_w, has_m), one per
+ * (dtype, weight or not, multiplicand or not) so that each folds its flags away, and `table`, indexed
+ * [dtype][weight][multiplicand], of them (rms_norm and add_rms_norm). */
+#define TN_CPU_ROWS_INSTANCE_(name, rows_fn, dt, w, m)                                  \
+  static void name(const tn_cpu_call *c, float *scratch, int64_t begin, int64_t end) { \
+    rows_fn(c, scratch, begin, end, dt, w, m);                                         \
+  }
+#define TN_CPU_ROWS_INSTANCES_(table, rows_fn, sfx, dt)           \
+  TN_CPU_ROWS_INSTANCE_(table##_##sfx, rows_fn, dt, 0, 0)         \
+  TN_CPU_ROWS_INSTANCE_(table##_##sfx##_w, rows_fn, dt, 1, 0)     \
+  TN_CPU_ROWS_INSTANCE_(table##_##sfx##_m, rows_fn, dt, 0, 1)     \
+  TN_CPU_ROWS_INSTANCE_(table##_##sfx##_w_m, rows_fn, dt, 1, 1)
+#define TN_CPU_ROWS_TABLE(table, rows_fn)                                                         \
+  TN_CPU_ROWS_INSTANCES_(table, rows_fn, f32, TN_F32)                                             \
+  TN_CPU_ROWS_INSTANCES_(table, rows_fn, f16, TN_F16)                                             \
+  TN_CPU_ROWS_INSTANCES_(table, rows_fn, bf16, TN_BF16)                                           \
+  static const tn_cpu_rows_fn table[TN_DTYPE_COUNT][2][2] = {                                     \
+      [TN_F32] = {{table##_f32, table##_f32_m}, {table##_f32_w, table##_f32_w_m}},                \
+      [TN_F16] = {{table##_f16, table##_f16_m}, {table##_f16_w, table##_f16_w_m}},                \
+      [TN_BF16] = {{table##_bf16, table##_bf16_m}, {table##_bf16_w, table##_bf16_w_m}},           \
+  };
+
 /* Suffixes an entry point with the instruction set this file is compiled for. */
 #define TN_CPU_CAT2_(a, b) a##_##b
 #define TN_CPU_CAT_(a, b) TN_CPU_CAT2_(a, b)

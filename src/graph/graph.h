@@ -21,6 +21,7 @@ struct tn_graph {
   char fusions[512]; /* the fusions applied, in order, "; "-separated */
   /* The replay as one submission (src/api.c): the backend's executable graph, NULL until built. */
   void *exec;
+  tn_device exec_device; /* the device every node runs on, while exec is not NULL */
   void (*exec_destroy)(void *exec);
 };
 

@@ -276,6 +276,35 @@ TN_DEV void tn_pdl_launch_dependents() {
 #endif
 }
 
+/* ---- a norm's output chunk ---- */
+
+/* y for chunk c of a row from its chunk q of the normed input (x, or add_rms_norm's sum) and the row's
+ * scale: round((((q * pre) * inv) * (w + offset)) [* m] [* scale]), each factor present only when the call
+ * has it; with round_before_last (a fused pair) the product up to the weight is rounded to the dtype
+ * before the multiplicand or the scale, as the pair did. SCALE: the op may have a scale (rms_norm and
+ * l2_norm; add_rms_norm never does). */
+template <int DT, int MODE, bool MUL, bool SCALE>
+TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &q, float pre, float inv) {
+  constexpr int V = tn_dt<DT>::per_chunk;
+  float f[V], w[V], m[V];
+  tn_chunk_to_f32<DT>(q, f);
+  if (p.has_weight) {
+    if (p.weight_f32) tn_load_f32<DT, TN_KERNEL_F32, MODE>((const char *)p.weight, c, p.dim, w);
+    else tn_load_f32<DT, DT, MODE>((const char *)p.weight, c, p.dim, w);
+  }
+  if (MUL) tn_load_f32<DT, DT, MODE>(tn_row(p.mul, row, p.mul_stride, tn_dt<DT>::size), c, p.dim, m);
+#pragma unroll
+  for (int j = 0; j < V; j++) {
+    float v = (f[j] * pre) * inv;
+    if (p.has_weight) v *= w[j] + p.weight_offset;
+    if ((MUL || SCALE) && p.round_before_last) v = tn_to_f32<DT>(tn_from_f32<DT>(v));
+    if (MUL) v *= m[j];
+    if (SCALE && p.has_scale) v *= p.scale;
+    f[j] = v;
+  }
+  tn_store_chunk<DT, MODE>((char *)tn_row(p.y, row, p.y_stride, tn_dt<DT>::size), c, p.dim, tn_chunk_from_f32<DT>(f));
+}
+
 /* ---- the two row shapes ---- */
 
 /* Threads per block for G threads per row, and the blocks per SM the register allocation must allow:
