@@ -252,7 +252,8 @@ TN_API tn_status tn_add_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_t
                                  const tn_tensor *weight, float weight_offset, float eps,
                                  const tn_tensor *y, const tn_tensor *residual_out);
 
-/* add_rms_norm with y = rms_norm(s) * mul, elementwise, in the same pass (residual add, norm, gate). */
+/* add_rms_norm with y = rms_norm(s) * mul, elementwise, in the same pass (residual add, norm, gate).
+ * mul is required, as for tn_rms_norm_mul. */
 TN_API tn_status tn_add_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual,
                                      const tn_tensor *weight, float weight_offset, const tn_tensor *mul,
                                      float eps, const tn_tensor *y, const tn_tensor *residual_out);

@@ -277,10 +277,12 @@ tn_status tn_op_run(tn_context *ctx, const tn_op_args *args) {
 }
 
 /* rms_norm and add_rms_norm, with or without the multiplicand (residual and residual_out NULL for
- * rms_norm). */
-static tn_status rms_norm_call(tn_context *ctx, tn_op op, const tn_tensor *x, const tn_tensor *residual,
-                               const tn_tensor *weight, float weight_offset, const tn_tensor *mul, float eps,
-                               const tn_tensor *y, const tn_tensor *residual_out) {
+ * rms_norm). mul_required_by: the _mul entry point's name, which refuses a NULL mul; else NULL. */
+static tn_status rms_norm_call(tn_context *ctx, const char *mul_required_by, tn_op op, const tn_tensor *x,
+                               const tn_tensor *residual, const tn_tensor *weight, float weight_offset,
+                               const tn_tensor *mul, float eps, const tn_tensor *y, const tn_tensor *residual_out) {
+  TN_RETURN_ERROR_IF(ctx != NULL && mul_required_by != NULL && mul == NULL, ctx, TN_ERR_NULL,
+                     "%s: mul is required by %s", tn_op_name(op), mul_required_by);
   tn_op_args a = tn_op_args_init(op);
   a.x = x;
   a.residual = residual;
@@ -295,13 +297,12 @@ static tn_status rms_norm_call(tn_context *ctx, tn_op op, const tn_tensor *x, co
 
 tn_status tn_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset, float eps,
                       const tn_tensor *y) {
-  return rms_norm_call(ctx, TN_OP_RMS_NORM, x, NULL, weight, weight_offset, NULL, eps, y, NULL);
+  return rms_norm_call(ctx, NULL, TN_OP_RMS_NORM, x, NULL, weight, weight_offset, NULL, eps, y, NULL);
 }
 
 tn_status tn_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset,
                           const tn_tensor *mul, float eps, const tn_tensor *y) {
-  TN_RETURN_ERROR_IF(ctx != NULL && mul == NULL, ctx, TN_ERR_NULL, "rms_norm: mul is required by tn_rms_norm_mul");
-  return rms_norm_call(ctx, TN_OP_RMS_NORM, x, NULL, weight, weight_offset, mul, eps, y, NULL);
+  return rms_norm_call(ctx, "tn_rms_norm_mul", TN_OP_RMS_NORM, x, NULL, weight, weight_offset, mul, eps, y, NULL);
 }
 
 tn_status tn_l2_norm(tn_context *ctx, const tn_tensor *x, float eps, float scale, const tn_tensor *y) {
@@ -315,13 +316,15 @@ tn_status tn_l2_norm(tn_context *ctx, const tn_tensor *x, float eps, float scale
 
 tn_status tn_add_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual, const tn_tensor *weight,
                           float weight_offset, float eps, const tn_tensor *y, const tn_tensor *residual_out) {
-  return rms_norm_call(ctx, TN_OP_ADD_RMS_NORM, x, residual, weight, weight_offset, NULL, eps, y, residual_out);
+  return rms_norm_call(ctx, NULL, TN_OP_ADD_RMS_NORM, x, residual, weight, weight_offset, NULL, eps, y,
+                       residual_out);
 }
 
 tn_status tn_add_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual, const tn_tensor *weight,
                               float weight_offset, const tn_tensor *mul, float eps, const tn_tensor *y,
                               const tn_tensor *residual_out) {
-  return rms_norm_call(ctx, TN_OP_ADD_RMS_NORM, x, residual, weight, weight_offset, mul, eps, y, residual_out);
+  return rms_norm_call(ctx, "tn_add_rms_norm_mul", TN_OP_ADD_RMS_NORM, x, residual, weight, weight_offset, mul,
+                       eps, y, residual_out);
 }
 
 /* add and mul: b goes in the operand slot of the op table (residual for add, mul for mul). */

@@ -177,6 +177,7 @@ TEST_F(Validation, NullContext) {
   EXPECT_EQ(tn_rms_norm_mul(nullptr, &tx, &tw, 0.0f, nullptr, 1e-6f, &ty), TN_ERR_NULL);
   EXPECT_EQ(tn_l2_norm(nullptr, &tx, 1e-6f, 1.0f, &ty), TN_ERR_NULL);
   EXPECT_EQ(tn_add_rms_norm(nullptr, &tx, &tres, &tw, 0.0f, 1e-6f, &ty, &trout), TN_ERR_NULL);
+  EXPECT_EQ(tn_add_rms_norm_mul(nullptr, &tx, &tres, &tw, 0.0f, nullptr, 1e-6f, &ty, &trout), TN_ERR_NULL);
   EXPECT_EQ(tn_context_set_num_threads(nullptr, 2), TN_ERR_NULL);
   EXPECT_EQ(tn_device_available(nullptr, TN_DEVICE_CPU), TN_ERR_NULL);
   EXPECT_EQ(tn_context_create(nullptr), TN_ERR_NULL);
@@ -229,6 +230,8 @@ TEST_F(Validation, NullRequiredOperands) {
   ExpectRefused([&] { return tn_rms_norm(ctx, &tx, &tw, 0.0f, 1e-6f, nullptr); }, TN_ERR_NULL, {"y is required"});
   ExpectRefused([&] { return tn_rms_norm_mul(ctx, &tx, &tw, 0.0f, nullptr, 1e-6f, &ty); }, TN_ERR_NULL,
                 {"mul is required"});
+  ExpectRefused([&] { return tn_add_rms_norm_mul(ctx, &tx, &tres, &tw, 0.0f, nullptr, 1e-6f, &ty, &trout); },
+                TN_ERR_NULL, {"add_rms_norm", "mul is required by tn_add_rms_norm_mul"});
   ExpectRefused([&] { return tn_l2_norm(ctx, &tx, 1e-6f, 1.0f, nullptr); }, TN_ERR_NULL, {"y is required"});
   ExpectRefused([&] { return tn_add_rms_norm(ctx, &tx, nullptr, &tw, 0.0f, 1e-6f, &ty, &trout); }, TN_ERR_NULL,
                 {"residual is required"});
