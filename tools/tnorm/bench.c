@@ -3,22 +3,20 @@
  *
  * Napkin math: an op moves every operand once, bytes = rows * dim * elem * (inputs + outputs)
  * + dim * weight_elem. rms_norm bf16 at 4096 x 4096: 2 * 4096 * 4096 * 2 B + 8 KiB = 64 MiB.
- * The ceiling is a copy of a large buffer (out of cache) by as many threads as the op uses, counting
- * read + write; % of ceiling = op GB/s / copy GB/s. Successive calls rotate over copies of the operands
- * (1 GiB in all, at most 64 copies), so they too run from memory; only shapes so small that 64 copies
- * fit in cache can exceed 100%. */
+ * The ceiling is a copy, counting read + write; % of ceiling = op GB/s / copy GB/s. On a GPU it is a
+ * device-to-device copy of a large buffer, once per run. On the CPU each measurement has its own: copies
+ * of the op's own x into its y by as many threads as the op uses, timed between the op's batches.
+ * Successive calls (and copies) rotate over copies of the operands (1 GiB in all, at most 64 copies),
+ * so they run from memory; only shapes so small that 64 copies fit in cache can exceed 100%. */
 #include <getopt.h>
 #include <inttypes.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#if defined(__x86_64__)
-#include <emmintrin.h>
-#endif
 
 #include "cli.h"
+#include "copy_ceiling.h"
 #include "reference.h"
 #include "rng.h"
 
@@ -44,100 +42,32 @@ static double now_seconds(void) {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* ---- the ceiling: a parallel memcpy with a persistent set of threads ---- */
-
-/* A copy with non-temporal stores: what an out-of-cache copy can reach when it skips the reads for
- * ownership (the library's kernels stream their large outputs the same way). */
-static void stream_copy(unsigned char *dst, const unsigned char *src, size_t bytes) {
-#if defined(__x86_64__)
-  size_t head = (size_t)(-(uintptr_t)dst & 15u);
-  if (head > bytes) head = bytes;
-  memcpy(dst, src, head);
-  size_t i = head;
-  for (; i + 64 <= bytes; i += 64) {
-    __m128i a = _mm_loadu_si128((const __m128i *)(const void *)(src + i));
-    __m128i b = _mm_loadu_si128((const __m128i *)(const void *)(src + i + 16));
-    __m128i c = _mm_loadu_si128((const __m128i *)(const void *)(src + i + 32));
-    __m128i d = _mm_loadu_si128((const __m128i *)(const void *)(src + i + 48));
-    _mm_stream_si128((__m128i *)(void *)(dst + i), a);
-    _mm_stream_si128((__m128i *)(void *)(dst + i + 16), b);
-    _mm_stream_si128((__m128i *)(void *)(dst + i + 32), c);
-    _mm_stream_si128((__m128i *)(void *)(dst + i + 48), d);
-  }
-  memcpy(dst + i, src + i, bytes - i);
-  _mm_sfence();
-#else
-  memcpy(dst, src, bytes);
-#endif
-}
-
-typedef struct copy_job {
-  unsigned char *dst;
-  const unsigned char *src;
-  size_t bytes;
-  int threads;
-  int index;
-  pthread_barrier_t *start, *done;
-  int rounds; /* odd rounds use stream_copy, even ones memcpy */
-} copy_job;
-
-static void *copy_worker(void *p) {
-  copy_job *j = p;
-  size_t begin = j->bytes * (size_t)j->index / (size_t)j->threads;
-  size_t end = j->bytes * (size_t)(j->index + 1) / (size_t)j->threads;
-  for (int r = 0; r < j->rounds; r++) {
-    pthread_barrier_wait(j->start);
-    if (r % 2) stream_copy(j->dst + begin, j->src + begin, end - begin);
-    else memcpy(j->dst + begin, j->src + begin, end - begin);
-    pthread_barrier_wait(j->done);
-  }
-  return NULL;
-}
+/* ---- the ceiling ---- */
 
 /* The copy ceilings, in read + write bytes per second. */
 typedef struct copy_ceiling {
-  double memcpy_bw; /* best memcpy round */
-  double best_bw;   /* best round of memcpy or the streaming copy: the ceiling percentages refer to */
+  double memcpy_bw; /* memcpy */
+  double best_bw;   /* the better of memcpy and the streaming copy: the ceiling percentages refer to */
 } copy_ceiling;
 
-/* Best bandwidth over a few rounds of memcpy and of a streaming copy (all 0 on failure). The figures are
- * given against the best of both, so no kernel is flattered by a weak copy, and against memcpy alone. */
-static copy_ceiling measure_copy_ceiling(int threads) {
+/* The run's headline ceiling on the CPU: the best of a few rounds of memcpy and of a streaming copy of
+ * COPY_BYTES (all 0 on failure). Each measurement also gets a ceiling of its own (see measure). */
+static copy_ceiling measure_copy_ceiling(cpu_copier *copier) {
   unsigned char *src = malloc(COPY_BYTES), *dst = malloc(COPY_BYTES);
-  copy_job *jobs = calloc((size_t)threads, sizeof *jobs);
-  pthread_t *tids = calloc((size_t)threads, sizeof *tids);
   copy_ceiling best = {0.0, 0.0};
-  const int rounds = 8;
-  if (src == NULL || dst == NULL || jobs == NULL || tids == NULL) goto out;
-  memset(src, 1, COPY_BYTES);
-  memset(dst, 0, COPY_BYTES); /* touch every page before timing */
-  pthread_barrier_t start, done;
-  pthread_barrier_init(&start, NULL, (unsigned)threads + 1);
-  pthread_barrier_init(&done, NULL, (unsigned)threads + 1);
-  int started = 0;
-  for (; started < threads; started++) {
-    jobs[started] = (copy_job){dst, src, COPY_BYTES, threads, started, &start, &done, rounds};
-    if (pthread_create(&tids[started], NULL, copy_worker, &jobs[started]) != 0) break;
-  }
-  if (started == threads) {
-    for (int r = 0; r < rounds; r++) {
+  if (src != NULL && dst != NULL) {
+    memset(src, 1, COPY_BYTES);
+    memset(dst, 0, COPY_BYTES); /* touch every page before timing */
+    for (int r = 0; r < 8; r++) {
       double t0 = now_seconds();
-      pthread_barrier_wait(&start);
-      pthread_barrier_wait(&done);
+      cpu_copier_run(copier, dst, src, COPY_BYTES, r % 2);
       double bw = 2.0 * (double)COPY_BYTES / (now_seconds() - t0);
       if (r <= 1) continue; /* rounds 0 and 1 warm up */
       if (bw > best.best_bw) best.best_bw = bw;
       if (r % 2 == 0 && bw > best.memcpy_bw) best.memcpy_bw = bw;
     }
-    for (int i = 0; i < threads; i++) pthread_join(tids[i], NULL);
-  } else {
-    best = (copy_ceiling){0.0, 0.0}; /* could not start the threads; the barrier would never complete */
-    for (int i = 0; i < started; i++) pthread_cancel(tids[i]);
   }
-  pthread_barrier_destroy(&start);
-  pthread_barrier_destroy(&done);
-out:
-  free(src), free(dst), free(jobs), free(tids);
+  free(src), free(dst);
   return best;
 }
 
@@ -146,6 +76,7 @@ out:
 typedef struct measurement {
   double seconds; /* median time per call */
   double bytes;
+  copy_ceiling copy; /* CPU: copies of the same operands, timed between the op's batches (else 0) */
 } measurement;
 
 static int cmp_double(const void *a, const void *b) {
@@ -211,12 +142,24 @@ static int time_batch(bench_call *c, long long n, long long first, double *secon
   return 0;
 }
 
+/* Bytes per second of one copy of every x set into the y sets (read + write), all threads at once. */
+static double time_copy(bench_call *c, cpu_copier *copier, int streaming) {
+  const size_t bytes = c->sets * c->set_bytes;
+  double t0 = now_seconds();
+  cpu_copier_run(copier, c->y, c->x, bytes, streaming);
+  return 2.0 * (double)bytes / (now_seconds() - t0);
+}
+
 /* Times op on rows x dim (weight in x's dtype where the op takes one) on dev. Calls rotate over enough
  * copies of the operands (1 GiB in all, at most 64 copies) to exceed the caches, so every call reads and
  * writes memory, as the ceiling does. The time per call is the median over batches of calls (a batch
- * runs ~20 ms, or `iters` calls). Returns 0, -1 when out of memory, -2 on an op error. */
+ * runs ~20 ms, or `iters` calls). On the CPU (copier set) each batch is followed by one memcpy and one
+ * streaming copy of all the x sets into the y sets: the measurement's own ceiling, over the very bytes
+ * the calls rotate through, and close enough in time that a host whose bandwidth drifts (a shared
+ * machine's does, by 10-30%) moves both alike; the median of each. Returns 0, -1 when out of memory, -2
+ * on an op error. */
 static int measure(tn_context *ctx, tn_device dev, tn_op op, tn_dtype dtype, int64_t rows, int64_t dim,
-                   long long iters, measurement *out) {
+                   long long iters, cpu_copier *copier, measurement *out) {
   tn_rng rng = {0x5eed ^ (uint64_t)(rows * 31 + dim)};
   size_t elems = (size_t)rows * (size_t)dim, es = tn_dtype_size(dtype);
   /* add_rms_norm: x, residual, y, residual_out; add and mul: x, b, y; the others: x, y. */
@@ -232,7 +175,7 @@ static int measure(tn_context *ctx, tn_device dev, tn_op op, tn_dtype dtype, int
   void *w = failed ? NULL : alloc_random(ctx, dev, dtype, (size_t)dim, 1, &rng, 1.0, &failed);
   char *r = failed || !(is_add || has_b) ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
   char *ro = failed || !is_add ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
-  double times[BATCHES];
+  double times[BATCHES], memcpy_bw[BATCHES], stream_bw[BATCHES];
   tn_event *start = NULL, *end = NULL;
   int rc = -1;
   if (failed || tn_event_create(ctx, dev, &start) != TN_OK || tn_event_create(ctx, dev, &end) != TN_OK) goto out;
@@ -256,11 +199,27 @@ static int measure(tn_context *ctx, tn_device dev, tn_op op, tn_dtype dtype, int
     n = 1;
     while (time_batch(&c, n, 0, &per_call) == 0 && per_call * (double)n < 0.02 && n < 100000) n *= 2;
   }
-  for (int b = 0; b < BATCHES; b++)
+  if (copier != NULL) { /* the copies' warm-up */
+    time_copy(&c, copier, 0);
+    time_copy(&c, copier, 1);
+  }
+  for (int b = 0; b < BATCHES; b++) {
     if (time_batch(&c, n, (long long)b * n, &times[b]) != 0) goto out;
+    if (copier != NULL) {
+      memcpy_bw[b] = time_copy(&c, copier, 0);
+      stream_bw[b] = time_copy(&c, copier, 1);
+    }
+  }
   qsort(times, BATCHES, sizeof *times, cmp_double);
   out->seconds = times[BATCHES / 2];
   out->bytes = set_bytes + (has_weight ? (double)dim * (double)es : 0.0);
+  out->copy = (copy_ceiling){0.0, 0.0};
+  if (copier != NULL) {
+    qsort(memcpy_bw, BATCHES, sizeof *memcpy_bw, cmp_double);
+    qsort(stream_bw, BATCHES, sizeof *stream_bw, cmp_double);
+    out->copy.memcpy_bw = memcpy_bw[BATCHES / 2];
+    out->copy.best_bw = stream_bw[BATCHES / 2] > memcpy_bw[BATCHES / 2] ? stream_bw[BATCHES / 2] : memcpy_bw[BATCHES / 2];
+  }
   rc = 0;
 out:
   tn_event_destroy(start);
@@ -403,12 +362,13 @@ int cli_bench_main(int argc, char **argv) {
   tn_context *ctx = NULL;
   if (tn_context_create(&ctx) != TN_OK) return cli_fail("out of memory");
   FILE *csv = NULL;
+  cpu_copier *copier = NULL;
   tn_device dev;
   if ((rc = cli_pick_device(ctx, o.device, &dev)) != CLI_OK) goto done;
   int threads = tn_context_num_threads(ctx);
   copy_ceiling cc = {0.0, 0.0};
   if (dev.kind == TN_DEVICE_CPU) {
-    cc = measure_copy_ceiling(threads);
+    if ((copier = cpu_copier_start(threads)) != NULL) cc = measure_copy_ceiling(copier);
   } else {
     cc.best_bw = cc.memcpy_bw = measure_device_copy(ctx, dev);
   }
@@ -424,8 +384,10 @@ int cli_bench_main(int argc, char **argv) {
   }
   if (dev.kind == TN_DEVICE_CPU)
     printf("tnorm bench: device cpu, %d thread(s); copies of %zu MiB by %d thread(s), read + write: memcpy %.1f GB/s, "
-           "best copy (memcpy or streaming) %.1f GB/s = the ceiling\n\n",
-           threads, COPY_BYTES >> 20, threads, cc.memcpy_bw * 1e-9, ceiling * 1e-9);
+           "best copy (memcpy or streaming) %.1f GB/s.\nEach line's ceiling is its own: copies of the operands "
+           "its calls rotate through (x into y, read + write) by %d thread(s), timed between the op's batches; "
+           "%% ceiling is against the better of memcpy and a streaming copy, %% memcpy against memcpy.\n\n",
+           threads, COPY_BYTES >> 20, threads, cc.memcpy_bw * 1e-9, ceiling * 1e-9, threads);
   else
     printf("tnorm bench: device cuda:%d; device-to-device copy of %zu MiB, read + write: %.1f GB/s = the ceiling; "
            "times are CUDA events over batches of back-to-back calls (median of %d batches)\n\n",
@@ -441,7 +403,7 @@ int cli_bench_main(int argc, char **argv) {
       for (int si = 0; si < o.shape_count; si++) {
         measurement m;
         int64_t rows = o.shapes[si][0], dim = o.shapes[si][1];
-        int mr = measure(ctx, dev, (tn_op)op, (tn_dtype)d, rows, dim, o.iters, &m);
+        int mr = measure(ctx, dev, (tn_op)op, (tn_dtype)d, rows, dim, o.iters, copier, &m);
         if (mr == -1) {
           rc = cli_fail("bench: out of memory for %s %s %" PRId64 " x %" PRId64, tn_op_name((tn_op)op),
                         tn_dtype_name((tn_dtype)d), rows, dim);
@@ -451,16 +413,17 @@ int cli_bench_main(int argc, char **argv) {
           rc = cli_fail("bench: %s", tn_context_last_error(ctx));
           break;
         }
-        double gbps = m.bytes / m.seconds * 1e-9, pct = 100.0 * m.bytes / m.seconds / ceiling;
-        double pct_memcpy = 100.0 * m.bytes / m.seconds / cc.memcpy_bw;
+        const copy_ceiling line = copier != NULL ? m.copy : cc;
+        double gbps = m.bytes / m.seconds * 1e-9, pct = 100.0 * m.bytes / m.seconds / line.best_bw;
+        double pct_memcpy = 100.0 * m.bytes / m.seconds / line.memcpy_bw;
         char shape[48];
         snprintf(shape, sizeof shape, "%" PRId64 "x%" PRId64, rows, dim);
         printf("%-13s %-5s %15s %12.2f %10.1f %8.1f%% %8.1f%%\n", tn_op_name((tn_op)op), tn_dtype_name((tn_dtype)d),
                shape, m.seconds * 1e6, gbps, pct, pct_memcpy);
         if (csv != NULL)
           fprintf(csv, "%s,%s,%s,%" PRId64 ",%" PRId64 ",%d,%.3f,%.3f,%.3f,%.2f,%.3f,%.2f\n", cli_device_name(dev), tn_op_name((tn_op)op),
-                  tn_dtype_name((tn_dtype)d), rows, dim, threads, m.seconds * 1e6, gbps, ceiling * 1e-9, pct,
-                  cc.memcpy_bw * 1e-9, pct_memcpy);
+                  tn_dtype_name((tn_dtype)d), rows, dim, threads, m.seconds * 1e6, gbps, line.best_bw * 1e-9, pct,
+                  line.memcpy_bw * 1e-9, pct_memcpy);
       }
     }
   }
@@ -472,6 +435,7 @@ int cli_bench_main(int argc, char **argv) {
            (unsigned long long)ks.disk_rejected);
   }
 done:
+  cpu_copier_stop(copier);
   if (csv != NULL && fclose(csv) != 0 && rc == CLI_OK) rc = cli_fail("--csv: error writing '%s'", o.csv);
   tn_context_destroy(ctx);
   return rc;
