@@ -1,0 +1,14 @@
+"""tnorm from Python: RMSNorm, L2Norm and add + RMSNorm on CPU and CUDA arrays, through libtnorm.
+
+Arrays are taken through DLPack (numpy, torch, cupy, jax...) without a copy, strided rows included,
+and results come back as the caller's own array type. The shared library is found, on first use, at
+$TNORM_LIBRARY, else beside this package (a libtnorm*.so* copied into it), else by
+ctypes.util.find_library("tnorm").
+"""
+
+from ._lib import cuda_available, library_path, library_version
+from ._ops import add_rms_norm, l2_norm, rms_norm
+
+__version__ = "0.1.0"
+
+__all__ = ["rms_norm", "l2_norm", "add_rms_norm", "library_path", "library_version", "cuda_available", "__version__"]

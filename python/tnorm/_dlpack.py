@@ -1,0 +1,262 @@
+"""Reading an array through the DLPack protocol into a tn_tensor view, without copying.
+
+`export(obj, name, stream)` calls obj.__dlpack__(), reads the DLManagedTensor behind the capsule and
+returns a View: the tn_tensor (rows x dim with a row stride) plus the capsule, which must stay
+referenced until the C call has returned.
+
+Ownership: the capsule is never renamed to "used_dltensor", so it stays the producer's. When the last
+reference to it goes, the destructor the producer gave it sees the name still "dltensor" (or
+"dltensor_versioned") and calls the tensor's deleter exactly once. Calling the deleter ourselves as well
+would free it twice; renaming without calling it would leak.
+
+NumPy arrays whose dtype DLPack cannot describe (ml_dtypes' bfloat16) or that older DLPack cannot mark
+read-only are read through the array interface instead; every other type goes through DLPack.
+"""
+
+import ctypes
+import struct
+import sys
+
+from ._lib import TN_BF16, TN_DEVICE_CPU, TN_DEVICE_CUDA, TN_F16, TN_F32, Device, Tensor
+
+# DLDeviceType values (dlpack.h)
+KDL_CPU, KDL_CUDA, KDL_CUDA_HOST, KDL_CUDA_MANAGED = 1, 2, 3, 13
+_DEVICE_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA pinned host", 4: "OpenCL", 7: "Vulkan", 8: "Metal", 9: "VPI",
+                 10: "ROCm", 11: "ROCm host", 13: "CUDA managed", 14: "oneAPI"}
+
+# (DLDataTypeCode, bits) -> tn_dtype; lanes must be 1. kDLFloat = 2, kDLBfloat = 4.
+_DTYPES = {(2, 32): TN_F32, (2, 16): TN_F16, (4, 16): TN_BF16}
+_DTYPE_SIZE = {TN_F32: 4, TN_F16: 2, TN_BF16: 2}
+_DL_CODE_NAMES = {0: "int", 1: "uint", 2: "float", 3: "opaque handle", 4: "bfloat", 5: "complex", 6: "bool"}
+
+_FLAG_READ_ONLY = 1 << 0  # DLPACK_FLAG_BITMASK_READ_ONLY
+_FLAG_IS_COPIED = 1 << 1  # DLPACK_FLAG_BITMASK_IS_COPIED
+
+
+class DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),  # NULL: C-contiguous
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class DLManagedTensor(ctypes.Structure):
+    # The deleter is a void(*)(DLManagedTensor*): kept as a plain pointer since we never call it.
+    _fields_ = [("dl_tensor", DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p)]
+
+
+class DLPackVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32)]
+
+
+class DLManagedTensorVersioned(ctypes.Structure):
+    _fields_ = [
+        ("version", DLPackVersion),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.c_void_p),
+        ("flags", ctypes.c_uint64),
+        ("dl_tensor", DLTensor),
+    ]
+
+
+# Private prototypes over the Python C API: setting argtypes on ctypes.pythonapi's shared function
+# objects would change them for every other user in the process.
+_capsule_get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+_capsule_get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi))
+
+
+class View:
+    """One operand as the library sees it. `keep` holds what owns the memory until the call returns."""
+
+    __slots__ = ("tensor", "shape", "readonly", "copied", "keep")
+
+    def __init__(self, tensor, shape, readonly, copied, keep):
+        self.tensor = tensor
+        self.shape = shape
+        self.readonly = readonly
+        self.copied = copied
+        self.keep = keep
+
+    @property
+    def rows_dim(self):
+        return self.tensor.rows, self.tensor.dim
+
+
+def _is_numpy_array(obj):
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(obj, np.ndarray)
+
+
+def _is_torch_tensor(obj):
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def device_of(obj, name):
+    """(DLDeviceType, device id) of an array, from __dlpack_device__."""
+    if not hasattr(obj, "__dlpack__"):
+        raise TypeError(f"{name}: expected an array supporting DLPack (numpy, torch, cupy, jax...), "
+                        f"got {type(obj).__module__}.{type(obj).__qualname__}")
+    if not hasattr(obj, "__dlpack_device__"):
+        raise TypeError(f"{name}: {type(obj).__qualname__} has __dlpack__ but no __dlpack_device__")
+    dev_type, dev_id = obj.__dlpack_device__()
+    return int(dev_type), int(dev_id)
+
+
+def _tn_device(dev_type, dev_id, name):
+    if dev_type == KDL_CPU:
+        return Device(TN_DEVICE_CPU, 0)
+    if dev_type == KDL_CUDA:
+        return Device(TN_DEVICE_CUDA, dev_id)
+    # Pinned or managed memory is reachable from the host, but a CPU call would not wait for the work a
+    # stream may still be doing on it: refuse rather than guess.
+    what = _DEVICE_NAMES.get(dev_type, f"type {dev_type}")
+    raise ValueError(f"{name}: is in {what} memory (DLPack device type {dev_type}); tnorm takes CPU or CUDA "
+                     f"device arrays")
+
+
+def _rows(shape, strides, name):
+    """(rows, dim, row_stride) of an N-d array whose leading dimensions collapse into rows without a copy."""
+    if len(shape) == 2 and strides[1] == 1 and shape[0] > 1 and shape[1] > 0:
+        return shape[0], shape[1], strides[0]  # the common case, in short
+    if len(shape) == 0:
+        raise ValueError(f"{name}: is 0-dimensional; needs at least one dimension (1-D is one row)")
+    dim = shape[-1]
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    if rows == 0 or dim == 0:
+        return rows, dim, dim  # no element: strides mean nothing (the library refuses dim 0 itself)
+    if dim > 1 and strides[-1] != 1:
+        raise ValueError(f"{name}: its last dimension has stride {strides[-1]} elements; must be 1 "
+                         f"(rows of contiguous elements)")
+    # Dimensions of size 1 take no part in the layout, whatever stride they report.
+    lead = [(n, s) for n, s in zip(shape[:-1], strides[:-1]) if n != 1]
+    if not lead:
+        return rows, dim, dim
+    for (n0, s0), (n1, s1) in zip(lead, lead[1:]):
+        if s0 != s1 * n1:
+            raise ValueError(f"{name}: shape {tuple(shape)} with strides {tuple(strides)} (elements) cannot be "
+                             f"viewed as rows x {dim} without a copy")
+    return rows, dim, lead[-1][1]
+
+
+def _view(data, dtype, shape, strides, device, readonly, copied, keep, name):
+    rows, dim, row_stride = _rows(shape, strides, name)
+    t = Tensor(data or None, dtype, rows, dim, row_stride, device)
+    return View(t, tuple(shape), readonly, copied, keep)
+
+
+def _dtype_from_dl(code, bits, lanes, name):
+    tn = _DTYPES.get((code, bits)) if lanes == 1 else None
+    if tn is None:
+        kind = _DL_CODE_NAMES.get(code, f"code {code}")
+        lane_text = f"x{lanes}" if lanes != 1 else ""
+        raise TypeError(f"{name}: unsupported dtype {kind}{bits}{lane_text}; tnorm takes float32, float16 and "
+                        f"bfloat16")
+    return tn
+
+
+# The same layouts as the Structures above, read in one unpack each: a call reads three or four tensors,
+# and going field by field through ctypes objects costs several microseconds per tensor.
+_HEAD_VERSIONED = struct.Struct("=IIQQQ")  # version.major, version.minor, manager_ctx, deleter, flags
+_TENSOR = struct.Struct("=QiiiBBHQQQ")  # data, device type and id, ndim, dtype code/bits/lanes, shape, strides, offset
+assert _HEAD_VERSIONED.size == DLManagedTensorVersioned.dl_tensor.offset
+assert _TENSOR.size == ctypes.sizeof(DLTensor) and DLManagedTensor.dl_tensor.offset == 0
+
+
+def _read_capsule(capsule, name):
+    kind = _capsule_get_name(capsule) if type(capsule).__name__ == "PyCapsule" else None
+    if kind == b"dltensor_versioned":
+        raw = ctypes.string_at(_capsule_get_pointer(capsule, kind), _HEAD_VERSIONED.size + _TENSOR.size)
+        major, minor, _, _, flags = _HEAD_VERSIONED.unpack_from(raw)
+        if major != 1:
+            raise TypeError(f"{name}: DLPack version {major}.{minor} is not supported (asked for 1.x)")
+        fields = _TENSOR.unpack_from(raw, _HEAD_VERSIONED.size)
+    elif kind == b"dltensor":
+        fields = _TENSOR.unpack(ctypes.string_at(_capsule_get_pointer(capsule, kind), _TENSOR.size))
+        flags = 0
+    else:
+        raise TypeError(f"{name}: __dlpack__ did not return a DLPack capsule (got {capsule!r})")
+    data, dev_type, dev_id, ndim, code, bits, lanes, shape_ptr, strides_ptr, byte_offset = fields
+    dtype = _dtype_from_dl(code, bits, lanes, name)
+    int64s = ctypes.c_int64 * ndim
+    shape = int64s.from_address(shape_ptr)[:] if ndim else []
+    if strides_ptr:
+        strides = int64s.from_address(strides_ptr)[:] if ndim else []
+    else:  # NULL strides: C-contiguous
+        strides, step = [0] * ndim, 1
+        for i in reversed(range(ndim)):
+            strides[i] = step
+            step *= shape[i]
+    device = _tn_device(dev_type, dev_id, name)
+    return _view(data + byte_offset, dtype, shape, strides, device, bool(flags & _FLAG_READ_ONLY),
+                 bool(flags & _FLAG_IS_COPIED), capsule, name)
+
+
+def _numpy_view(arr, name):
+    """A NumPy array read through its array interface (for what its DLPack export refuses)."""
+    np = sys.modules["numpy"]
+    dt = arr.dtype
+    if dt == np.float32:
+        dtype = TN_F32
+    elif dt == np.float16:
+        dtype = TN_F16
+    elif dt.name == "bfloat16" and dt.itemsize == 2 and dt.isnative:
+        dtype = TN_BF16
+    else:
+        raise TypeError(f"{name}: unsupported dtype {dt}; tnorm takes float32, float16 and bfloat16 "
+                        f"(bfloat16 from ml_dtypes)")
+    size = dt.itemsize
+    if any(s % size for s in arr.strides):
+        raise ValueError(f"{name}: strides {arr.strides} (bytes) are not whole elements of {size} bytes")
+    strides = [s // size for s in arr.strides]
+    return _view(arr.ctypes.data, dtype, list(arr.shape), strides, Device(TN_DEVICE_CPU, 0),
+                 not arr.flags.writeable, False, arr, name)
+
+
+def dlpack_stream(stream):
+    """The `stream` argument of __dlpack__ for our CUDA stream: 1 names the legacy default stream, since
+    the protocol reserves 0 as ambiguous."""
+    return 1 if not stream else stream
+
+
+def export(obj, name, cuda_stream=None, stream_owner=None, device=None):
+    """A View of obj. cuda_stream: the stream the op will run on (an int), when it runs on a CUDA device;
+    a CUDA producer then orders its pending work on obj before that stream, as the protocol asks.
+    stream_owner: the library whose current stream cuda_stream is (or None). Its own arrays are exported
+    with stream=-1 (no synchronisation): their pending work is already on that stream, and torch's
+    cross-stream check costs more than the rest of the export. device: obj's device_of(), when known."""
+    dev_type, dev_id = device or device_of(obj, name)
+    if dev_type != KDL_CPU and dev_type != KDL_CUDA:
+        _tn_device(dev_type, dev_id, name)  # refuses it before asking for an export
+    if _is_torch_tensor(obj) and obj.requires_grad:
+        obj = obj.detach()  # torch refuses to export a tensor that requires grad; we only read or write memory
+    kwargs = {}
+    if dev_type == KDL_CUDA and cuda_stream is not None:
+        same = stream_owner is not None and type(obj).__module__.partition(".")[0] == stream_owner
+        kwargs["stream"] = -1 if same else dlpack_stream(cuda_stream)
+    try:
+        try:
+            capsule = obj.__dlpack__(max_version=(1, 0), **kwargs)
+        except TypeError:  # a producer from before DLPack 1.0 takes no max_version
+            capsule = obj.__dlpack__(**kwargs)
+    except (BufferError, TypeError, ValueError, RuntimeError):
+        if _is_numpy_array(obj):
+            return _numpy_view(obj, name)
+        raise
+    return _read_capsule(capsule, name)
