@@ -68,6 +68,14 @@ if [ "$MODE" = full ]; then
   fi
   wait $ctest_pid
   row "ctest (all but the GPU binary)" "$(grep -E 'tests passed|tests failed' "$OUT/ctest.txt" | tail -1)"
+  # The Python binding on the GPU: against torch and HF transformers' RMSNorm classes, CUDA graphs.
+  if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+    TNORM_LIBRARY=$PWD/$BUILD/libtnorm.so timeout 300 python3 -m pytest -q -p no:cacheprovider python/tests \
+      > "$OUT/python_gpu.txt" 2>&1
+    row "python binding (torch, CUDA)" "exit $? $(grep -E '[0-9]+ (passed|failed)' "$OUT/python_gpu.txt" | tail -1)"
+  else
+    row "python binding (torch, CUDA)" "NOT RUN (no torch with CUDA)"
+  fi
 fi
 
 shapes=32768x4096,16384x8192,65536x2048,8192x16384,131072x128,4096x4096,1x4096,4x131072

@@ -23,11 +23,12 @@
 
 #define TN_CUDA_MAX_DEVICES 64
 
+#define TN_MAX_GRID_BLOCKS 2147483647 /* CUDA's limit on gridDim.x */
+
 typedef struct loaded_kernel {
   _Atomic int ready;
   CUfunction fn;
-  int blocks_per_sm; /* occupancy without dynamic shared memory */
-  int static_smem;
+  int blocks_per_sm; /* occupancy without dynamic shared memory (the elementwise kernels' grid) */
 } loaded_kernel;
 
 typedef struct device_info {
@@ -35,7 +36,6 @@ typedef struct device_info {
   CUcontext primary;
   int arch; /* 10 * major + minor */
   int sms;
-  int smem_per_sm;
   int max_block_smem; /* opt-in maximum per block */
   int pdl;
   loaded_kernel kernels[TN_KERNEL_VARIANTS];
@@ -97,9 +97,6 @@ static tn_status device_open(cuda_state *s, tn_context *ctx, int index, device_i
   TN_CUDA_CALL(ctx, cu->DeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, d->dev), "attribute");
   TN_CUDA_CALL(ctx, cu->DeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, d->dev), "attribute");
   TN_CUDA_CALL(ctx, cu->DeviceGetAttribute(&d->sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, d->dev), "attribute");
-  TN_CUDA_CALL(ctx,
-               cu->DeviceGetAttribute(&d->smem_per_sm, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR, d->dev),
-               "attribute");
   TN_CUDA_CALL(ctx,
                cu->DeviceGetAttribute(&d->max_block_smem, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, d->dev),
                "attribute");
@@ -195,7 +192,6 @@ static tn_status load_kernel(cuda_state *s, tn_context *ctx, device_info *d, tn_
   if (st != TN_OK) return st; /* a module that loaded stays loaded: harmless, and rare */
   k->fn = fn;
   k->blocks_per_sm = blocks > 0 ? blocks : 1;
-  k->static_smem = static_smem;
   return TN_OK;
 }
 
@@ -336,16 +332,23 @@ static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a, con
     blocks = (a->x->rows + rows_per_block - 1) / rows_per_block;
   }
   unsigned dynamic_smem = 0;
-  int64_t resident = (int64_t)k->blocks_per_sm * d->sms;
-  if (key.shape == TN_SHAPE_SHARED) {
-    const int64_t per_chunk = a->x->dtype == TN_F32 ? 4 : 8;
-    dynamic_smem = (unsigned)(((a->x->dim + per_chunk - 1) / per_chunk) * 16);
-    int64_t by_smem = d->smem_per_sm / ((int64_t)dynamic_smem + k->static_smem + 1024);
-    if (by_smem < 1) by_smem = 1;
-    if (by_smem < k->blocks_per_sm) resident = by_smem * d->sms;
+  if (key.family == TN_FAMILY_ELEMENTWISE) {
+    /* A grid that strides over the chunks: at most what is resident at once. */
+    const int64_t resident = (int64_t)k->blocks_per_sm * d->sms;
+    if (blocks > resident) blocks = resident;
+  } else {
+    if (key.shape == TN_SHAPE_SHARED) {
+      const int64_t per_chunk = a->x->dtype == TN_F32 ? 4 : 8;
+      dynamic_smem = (unsigned)(((a->x->dim + per_chunk - 1) / per_chunk) * 16);
+    }
+    /* A block for every row (or every block's worth of rows), as far as the grid's limit goes; the
+     * kernels stride over any rows beyond it. Measured on the H100, this beats a grid of only the
+     * blocks resident at once, each striding over many rows, by 6 to 12 points of the copy ceiling
+     * (rms_norm bf16 at 32768 x 4096: 88% -> 100%; 131072 x 128: 80% -> 85%): a block that
+     * finishes a row hands its slot to a fresh block at once, so rows in every phase (loading,
+     * reducing, storing) overlap on each SM, where a striding block waits on its own row's loads. */
+    if (blocks > TN_MAX_GRID_BLOCKS) blocks = TN_MAX_GRID_BLOCKS;
   }
-  /* A grid that strides over rows: at most what is resident at once. */
-  if (blocks > resident) blocks = resident;
 
   CUlaunchAttribute attr;
   memset(&attr, 0, sizeof attr);
