@@ -9,8 +9,9 @@ reference to it goes, the destructor the producer gave it sees the name still "d
 "dltensor_versioned") and calls the tensor's deleter exactly once. Calling the deleter ourselves as well
 would free it twice; renaming without calling it would leak.
 
-NumPy arrays whose dtype DLPack cannot describe (ml_dtypes' bfloat16) or that older DLPack cannot mark
-read-only are read through the array interface instead; every other type goes through DLPack.
+NumPy arrays are read through their array interface instead: the same description at a fraction of the
+cost (5.8 us against 15 us an array here), and it covers what numpy's export refuses (ml_dtypes'
+bfloat16, read-only arrays). Every other type goes through DLPack.
 """
 
 import ctypes
@@ -208,25 +209,37 @@ def _read_capsule(capsule, name):
                  bool(flags & _FLAG_IS_COPIED), capsule, name)
 
 
+_CPU = Device(TN_DEVICE_CPU, 0)
+_numpy_dtypes = {}  # numpy dtype -> tn dtype, filled on first use (bfloat16 only if ml_dtypes is there)
+
+
+def _numpy_dtype_map():
+    if not _numpy_dtypes:
+        np = sys.modules["numpy"]
+        _numpy_dtypes[np.dtype(np.float32)] = TN_F32
+        _numpy_dtypes[np.dtype(np.float16)] = TN_F16
+        ml_dtypes = sys.modules.get("ml_dtypes")
+        if ml_dtypes is not None:
+            _numpy_dtypes[np.dtype(ml_dtypes.bfloat16)] = TN_BF16
+    return _numpy_dtypes
+
+
 def _numpy_view(arr, name):
-    """A NumPy array read through its array interface (for what its DLPack export refuses)."""
-    np = sys.modules["numpy"]
+    """A NumPy array read through its array interface."""
     dt = arr.dtype
-    if dt == np.float32:
-        dtype = TN_F32
-    elif dt == np.float16:
-        dtype = TN_F16
-    elif dt.name == "bfloat16" and dt.itemsize == 2 and dt.isnative:
-        dtype = TN_BF16
-    else:
+    dtype = _numpy_dtype_map().get(dt)
+    if dtype is None and dt.name == "bfloat16" and dt.itemsize == 2 and dt.isnative:
+        dtype = TN_BF16  # a bfloat16 from a module loaded after the map was made
+    if dtype is None:
         raise TypeError(f"{name}: unsupported dtype {dt}; tnorm takes float32, float16 and bfloat16 "
                         f"(bfloat16 from ml_dtypes)")
     size = dt.itemsize
-    if any(s % size for s in arr.strides):
-        raise ValueError(f"{name}: strides {arr.strides} (bytes) are not whole elements of {size} bytes")
-    strides = [s // size for s in arr.strides]
-    return _view(arr.ctypes.data, dtype, list(arr.shape), strides, Device(TN_DEVICE_CPU, 0),
-                 not arr.flags.writeable, False, arr, name)
+    byte_strides = arr.strides
+    if any(s % size for s in byte_strides):
+        raise ValueError(f"{name}: strides {byte_strides} (bytes) are not whole elements of {size} bytes")
+    iface = arr.__array_interface__
+    return _view(iface["data"][0], dtype, arr.shape, [s // size for s in byte_strides], _CPU,
+                 iface["data"][1], False, arr, name)
 
 
 def dlpack_stream(stream):
@@ -241,6 +254,11 @@ def export(obj, name, cuda_stream=None, stream_owner=None, device=None):
     stream_owner: the library whose current stream cuda_stream is (or None). Its own arrays are exported
     with stream=-1 (no synchronisation): their pending work is already on that stream, and torch's
     cross-stream check costs more than the rest of the export. device: obj's device_of(), when known."""
+    if _is_numpy_array(obj):
+        # The array interface gives what a DLPack export would, at a fraction of the cost of making and
+        # reading a capsule (a decode step calls with three or four small arrays), and takes what
+        # numpy's export refuses: read-only arrays (inputs) and ml_dtypes' bfloat16.
+        return _numpy_view(obj, name)
     dev_type, dev_id = device or device_of(obj, name)
     if dev_type != KDL_CPU and dev_type != KDL_CUDA:
         _tn_device(dev_type, dev_id, name)  # refuses it before asking for an export
@@ -251,12 +269,7 @@ def export(obj, name, cuda_stream=None, stream_owner=None, device=None):
         same = stream_owner is not None and type(obj).__module__.partition(".")[0] == stream_owner
         kwargs["stream"] = -1 if same else dlpack_stream(cuda_stream)
     try:
-        try:
-            capsule = obj.__dlpack__(max_version=(1, 0), **kwargs)
-        except TypeError:  # a producer from before DLPack 1.0 takes no max_version
-            capsule = obj.__dlpack__(**kwargs)
-    except (BufferError, TypeError, ValueError, RuntimeError):
-        if _is_numpy_array(obj):
-            return _numpy_view(obj, name)
-        raise
+        capsule = obj.__dlpack__(max_version=(1, 0), **kwargs)
+    except TypeError:  # a producer from before DLPack 1.0 takes no max_version
+        capsule = obj.__dlpack__(**kwargs)
     return _read_capsule(capsule, name)
