@@ -70,7 +70,7 @@ if [ "$MODE" = full ]; then
   row "ctest (all but the GPU binary)" "$(grep -E 'tests passed|tests failed' "$OUT/ctest.txt" | tail -1)"
   # The Python binding on the GPU: against torch and HF transformers' RMSNorm classes, CUDA graphs.
   if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-    TNORM_LIBRARY=$PWD/$BUILD/libtnorm.so timeout 300 python3 -m pytest -q -p no:cacheprovider python/tests \
+    TNORM_LIBRARY=$PWD/$BUILD/libtnorm.so TNORM_REQUIRE_CUDA=1 timeout 300 python3 -m pytest -q -p no:cacheprovider python/tests \
       > "$OUT/python_gpu.txt" 2>&1
     row "python binding (torch, CUDA)" "exit $? $(grep -E '[0-9]+ (passed|failed)' "$OUT/python_gpu.txt" | tail -1)"
   else

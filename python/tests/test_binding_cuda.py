@@ -4,6 +4,8 @@ Hugging Face's RMSNorm modules, strided views, the caller's stream, and CUDA gra
 Skipped as a whole, with the reason, where torch, a CUDA device or the library's CUDA backend is missing.
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -29,6 +31,8 @@ def _cuda_unavailable_reason():
 
 _REASON = _cuda_unavailable_reason()
 if _REASON is not None:
+    if os.environ.get("TNORM_REQUIRE_CUDA") == "1":  # gpu-check: a GPU is there, so this is a failure
+        pytest.fail(f"libtnorm cannot run on CUDA: {_REASON}", pytrace=False)
     pytest.skip(f"libtnorm cannot run on CUDA here: {_REASON}", allow_module_level=True)
 
 CUDA = TorchKind("cuda")

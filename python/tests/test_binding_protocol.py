@@ -31,6 +31,23 @@ class LegacyProducer:
         return self.a.__dlpack_device__()
 
 
+class ForwardingProducer:
+    """A non-NumPy array type speaking DLPack 1.0 through NumPy's own export (versioned capsules): numpy
+    arrays themselves are read through the array interface, so capsules are tested through this."""
+
+    def __init__(self, a, readonly=False):
+        self.a = a
+        if readonly:
+            self.a = a.view()
+            self.a.flags.writeable = False
+
+    def __dlpack__(self, **kwargs):
+        return self.a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+
 class NamespacedProducer(LegacyProducer):
     """Like LegacyProducer, with an array namespace: results come back through its asarray."""
 
@@ -73,18 +90,36 @@ def test_result_through_array_namespace(rng):
     N.assert_bits_equal(s.a, ref_s, "residual_out")
 
 
-def test_capsules_released(rng):
-    """Every export is released once the call returns: the arrays' reference counts come back."""
+@pytest.mark.parametrize("producer", [LegacyProducer, ForwardingProducer])
+def test_capsules_released(rng, producer):
+    """Every capsule is released once the call returns (its deleter drops the producer's reference to
+    the array): the arrays' reference counts come back, after good calls and after a refused one."""
     x = N.normal(rng, (4, 32), "f32")
     w = N.uniform(rng, (32,), "f32")
     y = np.empty_like(x)
     before = [sys.getrefcount(a) for a in (x, w, y)]
+    px, pw, py = producer(x), producer(w), producer(y)
     for _ in range(100):
-        tnorm.rms_norm(x, w, out=y)
+        tnorm.rms_norm(px, pw, out=py)
     with pytest.raises(ValueError):
-        tnorm.rms_norm(x, w[:7], out=y)
+        tnorm.rms_norm(px, producer(w[:7]), out=py)
+    del px, pw, py
     gc.collect()
     assert [sys.getrefcount(a) for a in (x, w, y)] == before
+
+
+def test_versioned_capsules_read(rng):
+    """DLPack 1.0 capsules: read, computed on, written; a read-only one is refused as an output and
+    left as it was."""
+    x = N.normal(rng, (6, 48), "f32")
+    w = N.uniform(rng, (48,), "f32")
+    y = np.full_like(x, np.nan)
+    assert tnorm.rms_norm(ForwardingProducer(x), ForwardingProducer(w), out=ForwardingProducer(y)) is not None
+    N.assert_close(y, N.reference("rms_norm", x, weight=w)[0])
+    frozen = np.full_like(x, np.nan)
+    with pytest.raises(ValueError, match="read-only"):
+        tnorm.rms_norm(ForwardingProducer(x), out=ForwardingProducer(frozen, readonly=True))
+    assert np.isnan(frozen).all()
 
 
 def test_bf16_numpy_through_array_interface(rng):
@@ -99,6 +134,13 @@ def test_one_context_per_thread(rng):
     """Threads calling at once each get their own context, freed when the thread ends."""
     tnorm.rms_norm(np.ones((1, 4), np.float32))  # this thread's context, so the count below is stable
     base = len(_lib._registry)
+    destroyed = []
+    library = _lib.lib()
+    real_destroy = library.tn_context_destroy
+
+    def counting_destroy(handle):  # the library's own destroy, counted
+        destroyed.append(handle)
+        real_destroy(handle)
     cases = [(N.normal(rng, (16, 300), "f32"), N.uniform(rng, (300,), "f32")) for _ in range(8)]
     errors = []
     start = threading.Barrier(len(cases))
@@ -115,19 +157,26 @@ def test_one_context_per_thread(rng):
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=c) for c in cases]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    library.tn_context_destroy = counting_destroy
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        gc.collect()
+    finally:
+        library.tn_context_destroy = real_destroy
     assert not errors, errors[0]
-    gc.collect()
-    assert len(_lib._registry) == base, "contexts of finished threads were not destroyed"
+    assert len(_lib._registry) == base
+    assert len(destroyed) == len(cases), f"{len(destroyed)} of {len(cases)} thread contexts destroyed"
 
 
 def test_library_reports_itself():
     assert tnorm.library_version().count(".") == 2
     assert "libtnorm" in tnorm.library_path()
-    assert isinstance(tnorm.cuda_available(), bool)
+    assert tnorm.cuda_available() in (True, False)
+    if not tnorm.cuda_available():  # the reason is the library's, not an empty one
+        assert _lib.lib().tn_device_available(_lib.context(), _lib.TN_DEVICE_CUDA) != 0
 
 
 def test_jax_arrays_on_the_host(rng):

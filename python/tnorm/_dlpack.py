@@ -210,17 +210,18 @@ def _read_capsule(capsule, name):
 
 
 _CPU = Device(TN_DEVICE_CPU, 0)
-_numpy_dtypes = {}  # numpy dtype -> tn dtype, filled on first use (bfloat16 only if ml_dtypes is there)
+_numpy_dtypes = None  # numpy dtype -> tn dtype, made on first use (bfloat16 only if ml_dtypes is there)
 
 
 def _numpy_dtype_map():
-    if not _numpy_dtypes:
+    global _numpy_dtypes
+    if _numpy_dtypes is None:  # built whole, then published: another thread never sees it half made
         np = sys.modules["numpy"]
-        _numpy_dtypes[np.dtype(np.float32)] = TN_F32
-        _numpy_dtypes[np.dtype(np.float16)] = TN_F16
+        m = {np.dtype(np.float32): TN_F32, np.dtype(np.float16): TN_F16}
         ml_dtypes = sys.modules.get("ml_dtypes")
         if ml_dtypes is not None:
-            _numpy_dtypes[np.dtype(ml_dtypes.bfloat16)] = TN_BF16
+            m[np.dtype(ml_dtypes.bfloat16)] = TN_BF16
+        _numpy_dtypes = m
     return _numpy_dtypes
 
 

@@ -169,7 +169,7 @@ _local = threading.local()
 def context():
     """This thread's context handle, created on first use."""
     ctx = getattr(_local, "ctx", None)
-    if ctx is None:
+    if ctx is None or ctx.handle is None:  # none yet, or destroyed by the exit-time cleanup
         ctx = _Context()
         _local.ctx = ctx
     return ctx.handle
