@@ -6,7 +6,6 @@ TNORM_TEST_INSTALLED=1: test the installed tnorm package instead of python/tnorm
 """
 
 import os
-import random
 import sys
 import zlib
 
@@ -18,8 +17,11 @@ PYTHON_DIR = os.path.dirname(HERE)
 REPO = os.path.dirname(PYTHON_DIR)
 
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(REPO, "tests", "common"))  # the tolerance rule, shared with tests/cli
 if os.environ.get("TNORM_TEST_INSTALLED") != "1":
     sys.path.insert(0, PYTHON_DIR)
+
+import tolerance  # noqa: E402
 
 if not os.environ.get("TNORM_LIBRARY"):
     _built = os.path.join(REPO, "build", "libtnorm.so")
@@ -27,14 +29,7 @@ if not os.environ.get("TNORM_LIBRARY"):
         os.environ["TNORM_LIBRARY"] = _built
 
 
-def _seed():
-    env = os.environ.get("TNORM_TEST_SEED", "").strip()
-    if env:
-        return int(env, 0)
-    return random.SystemRandom().randrange(1 << 32)
-
-
-SEED = _seed()
+SEED = tolerance.run_seed()
 
 
 def pytest_report_header(config):

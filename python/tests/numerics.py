@@ -9,10 +9,10 @@ command's tests (tests/cli).
 import ml_dtypes
 import numpy as np
 
+import tolerance
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "bf16": BF16}
-_MANTISSA_BITS = {"f32": 23, "f16": 10, "bf16": 7}
-_MIN_EXPONENT = {"f32": -126, "f16": -14, "bf16": -126}
 
 
 def name_of(dtype):
@@ -55,29 +55,9 @@ def reference(op, x, weight=None, mul=None, residual=None, eps=1e-6, scale=1.0, 
     return y, res_out
 
 
-def ulp(dtype_name, value):
-    """One unit in the last place of dtype at |value| (subnormal spacing below the normal range)."""
-    a = np.abs(np.asarray(value, dtype=np.float64))
-    _, e = np.frexp(a)  # a = m * 2^e, m in [0.5, 1)
-    e = np.where(a > 0, e - 1, _MIN_EXPONENT[dtype_name])
-    e = np.maximum(e, _MIN_EXPONENT[dtype_name])
-    return np.ldexp(1.0, e - _MANTISSA_BITS[dtype_name])
-
-
-def error_in_tolerances(dtype_name, got, ref):
-    """|got - ref| in units of the tolerance, elementwise (<= 1 passes); NaN and Inf must match."""
-    g = np.asarray(got).astype(np.float64)
-    r = np.asarray(ref, dtype=np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.abs(g - r)
-        if dtype_name == "f32":
-            err = diff / (2e-5 * np.maximum(np.abs(r), 2.0 ** -126))
-        else:
-            err = diff / ulp(dtype_name, r)
-    err = np.where(np.isnan(g) & np.isnan(r), 0.0, err)
-    err = np.where(np.isnan(g) ^ np.isnan(r), np.inf, err)
-    err = np.where(np.isinf(g) & np.isinf(r) & (np.sign(g) == np.sign(r)), 0.0, err)
-    return err
+# The tolerance rule, shared with the command's tests (tests/common/tolerance.py).
+ulp = tolerance.ulp
+error_in_tolerances = tolerance.error_in_tolerances
 
 
 def assert_close(got, ref, what="y"):

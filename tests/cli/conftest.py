@@ -5,25 +5,19 @@ TNORM_TEST_SEED: seed of the random inputs (default: a fresh one, printed at the
 """
 
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common"))
 
 import tnormtest  # noqa: E402
+import tolerance  # noqa: E402
 
 
-def _seed():
-    env = os.environ.get("TNORM_TEST_SEED", "").strip()
-    if env:
-        return int(env, 0)
-    return random.SystemRandom().randrange(1 << 32)
-
-
-SEED = _seed()
+SEED = tolerance.run_seed()
 
 
 def pytest_report_header(config):

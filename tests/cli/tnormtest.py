@@ -14,6 +14,8 @@ import zlib
 import ml_dtypes
 import numpy as np
 
+import tolerance  # tests/common, put on the path by conftest.py
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 # dtype name (as the tests call it) -> numpy dtype, safetensors dtype string
@@ -276,34 +278,9 @@ def reference(op, x, weight=None, mul=None, residual=None, eps=1e-6, scale=1.0, 
     return y.reshape(shape), res_out
 
 
-_MANT = {"f32": 23, "f16": 10, "bf16": 7}
-_MIN_EXP = {"f32": -126, "f16": -14, "bf16": -126}
-
-
-def ulp_at(dtype_name, ref):
-    a = np.abs(ref)
-    _, e = np.frexp(a)  # a = m * 2^e with m in [0.5, 1): ilogb(a) = e - 1
-    e = np.where(a > 0, e - 1, _MIN_EXP[dtype_name])
-    e = np.maximum(e, _MIN_EXP[dtype_name])
-    return np.ldexp(1.0, e - _MANT[dtype_name])
-
-
-def errors(dtype_name, got, ref):
-    """Elementwise error in units of the tolerance (<= 1 passes), like the project's own rule."""
-    g = got.astype(np.float64)
-    r = np.asarray(ref, dtype=np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.abs(g - r)
-        if dtype_name == "f32":
-            err = diff / (2e-5 * np.maximum(np.abs(r), 2.0 ** -126))
-        else:
-            err = diff / ulp_at(dtype_name, r)
-    both_nan = np.isnan(g) & np.isnan(r)
-    err = np.where(both_nan, 0.0, err)
-    err = np.where(np.isnan(g) ^ np.isnan(r), np.inf, err)
-    same_inf = np.isinf(g) & np.isinf(r) & (np.sign(g) == np.sign(r))
-    err = np.where(same_inf, 0.0, err)
-    return err
+# The tolerance rule, shared with the Python binding's tests.
+ulp_at = tolerance.ulp
+errors = tolerance.error_in_tolerances
 
 
 def assert_close(dtype_name, got, ref, what="y"):
