@@ -107,6 +107,14 @@ def _is_torch_tensor(obj):
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
+def library_of(obj):
+    """'numpy', 'torch', 'cupy', or the top-level module of obj's type. A torch.Tensor subclass defined
+    elsewhere is still torch's: its work is on torch's current stream."""
+    if _is_torch_tensor(obj):
+        return "torch"
+    return type(obj).__module__.partition(".")[0]
+
+
 def device_of(obj, name):
     """(DLDeviceType, device id) of an array, from __dlpack_device__."""
     if not hasattr(obj, "__dlpack__"):
@@ -267,7 +275,7 @@ def export(obj, name, cuda_stream=None, stream_owner=None, device=None):
         obj = obj.detach()  # torch refuses to export a tensor that requires grad; we only read or write memory
     kwargs = {}
     if dev_type == KDL_CUDA and cuda_stream is not None:
-        same = stream_owner is not None and type(obj).__module__.partition(".")[0] == stream_owner
+        same = stream_owner is not None and library_of(obj) == stream_owner
         kwargs["stream"] = -1 if same else dlpack_stream(cuda_stream)
     try:
         capsule = obj.__dlpack__(max_version=(1, 0), **kwargs)

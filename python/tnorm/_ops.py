@@ -21,14 +21,9 @@ from ._lib import TN_DEVICE_CUDA
 _NUMPY_DTYPE_NAMES = {_lib.TN_F32: "float32", _lib.TN_F16: "float16", _lib.TN_BF16: "bfloat16"}
 
 
-def _library_of(obj):
-    """'numpy', 'torch', 'cupy', or the top-level module of obj's type."""
-    return type(obj).__module__.partition(".")[0]
-
-
 def _current_stream(x, dev_id):
     """The stream the caller's library is working on for x's device, as an int (0: legacy default)."""
-    lib = _library_of(x)
+    lib = _dlpack.library_of(x)
     if lib == "torch":
         torch = sys.modules["torch"]
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what torch.compile's code calls: fast
@@ -62,7 +57,7 @@ class _Output:
 
 def _new_output(x, xv, on_cuda, name):
     shape = xv.shape
-    lib = _library_of(x)
+    lib = _dlpack.library_of(x)
     if lib == "numpy":
         import numpy as np
         return _Output(np.empty(shape, dtype=x.dtype))
@@ -92,7 +87,7 @@ class _Call:
         self.on_cuda = dev_type == _dlpack.KDL_CUDA
         self.stream = _current_stream(x, dev_id) if self.on_cuda else None
         # torch's arrays need no synchronisation with torch's own current stream (see _dlpack.export).
-        self.stream_owner = "torch" if _library_of(x) == "torch" else None
+        self.stream_owner = "torch" if _dlpack.library_of(x) == "torch" else None
         self.x_obj = x
         self.x = self._export(x, "x", device)
 
