@@ -9,7 +9,9 @@ reference to it goes, the destructor the producer gave it sees the name still "d
 "dltensor_versioned") and calls the tensor's deleter exactly once. Calling the deleter ourselves as well
 would free it twice; renaming without calling it would leak.
 
-NumPy arrays are read through their array interface instead: the same description at a fraction of the
+torch tensors on the CPU or on CUDA (when the op runs on torch's current stream) are read from their own
+attributes (pointer, shape, strides), 5 us against 30-50 us through a capsule. NumPy arrays are read
+through their array interface instead: the same description at a fraction of the
 cost (5.8 us against 15 us an array here), and it covers what numpy's export refuses (ml_dtypes'
 bfloat16, read-only arrays). Every other type goes through DLPack.
 """
@@ -116,7 +118,14 @@ def library_of(obj):
 
 
 def device_of(obj, name):
-    """(DLDeviceType, device id) of an array, from __dlpack_device__."""
+    """(DLDeviceType, device id) of an array, from __dlpack_device__ (a torch tensor's own device for
+    CPU and CUDA tensors: the same answer, without the Python-level protocol method)."""
+    if _is_torch_tensor(obj):
+        dev = obj.device
+        if dev.type == "cuda":
+            return KDL_CUDA, dev.index
+        if dev.type == "cpu":
+            return KDL_CPU, 0
     if not hasattr(obj, "__dlpack__"):
         raise TypeError(f"{name}: expected an array supporting DLPack (numpy, torch, cupy, jax...), "
                         f"got {type(obj).__module__}.{type(obj).__qualname__}")
@@ -251,6 +260,37 @@ def _numpy_view(arr, name):
                  iface["data"][1], False, arr, name)
 
 
+_torch_dtypes = None  # torch dtype -> tn dtype, made on first use
+
+
+def _torch_view(t, name, cuda_stream, stream_owner):
+    """A View of a torch tensor read from its own attributes, or None to leave it to DLPack.
+
+    torch's DLPack export costs tens of microseconds a tensor (a decode step passes three or four); the
+    tensor's pointer, shape and strides say the same. Left to DLPack (which refuses what tnorm cannot
+    take, or orders torch's pending work on the tensor before our stream): layouts other than strided,
+    lazily negated views, devices other than CPU and CUDA, and CUDA tensors when the op does not run
+    on torch's current stream."""
+    global _torch_dtypes
+    torch = sys.modules["torch"]
+    if _torch_dtypes is None:
+        _torch_dtypes = {torch.float32: TN_F32, torch.float16: TN_F16, torch.bfloat16: TN_BF16}
+    if t.layout != torch.strided or t.is_neg():
+        return None
+    dtype = _torch_dtypes.get(t.dtype)
+    if dtype is None:
+        kind = str(t.dtype).rpartition(".")[2]  # "float64", as for the other array types
+        raise TypeError(f"{name}: unsupported dtype {kind}; tnorm takes float32, float16 and bfloat16")
+    dev = t.device
+    if dev.type == "cpu":
+        device = _CPU
+    elif dev.type == "cuda" and (cuda_stream is None or stream_owner == "torch"):
+        device = Device(TN_DEVICE_CUDA, dev.index)
+    else:
+        return None
+    return _view(t.data_ptr(), dtype, t.shape, t.stride(), device, False, False, t, name)
+
+
 def dlpack_stream(stream):
     """The `stream` argument of __dlpack__ for our CUDA stream: 1 names the legacy default stream, since
     the protocol reserves 0 as ambiguous."""
@@ -263,6 +303,10 @@ def export(obj, name, cuda_stream=None, stream_owner=None, device=None):
     stream_owner: the library whose current stream cuda_stream is (or None). Its own arrays are exported
     with stream=-1 (no synchronisation): their pending work is already on that stream, and torch's
     cross-stream check costs more than the rest of the export. device: obj's device_of(), when known."""
+    if _is_torch_tensor(obj):
+        view = _torch_view(obj, name, cuda_stream, stream_owner)
+        if view is not None:
+            return view
     if _is_numpy_array(obj):
         # The array interface gives what a DLPack export would, at a fraction of the cost of making and
         # reading a capsule (a decode step calls with three or four small arrays), and takes what
