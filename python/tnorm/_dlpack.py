@@ -10,7 +10,7 @@ reference to it goes, the destructor the producer gave it sees the name still "d
 would free it twice; renaming without calling it would leak.
 
 torch tensors on the CPU or on CUDA (when the op runs on torch's current stream) are read from their own
-attributes (pointer, shape, strides), 5 us against 30-50 us through a capsule. NumPy arrays are read
+attributes (pointer, shape, strides): about 5 us a tensor against about 20 us through a capsule. NumPy arrays are read
 through their array interface instead: the same description at a fraction of the
 cost (5.8 us against 15 us an array here), and it covers what numpy's export refuses (ml_dtypes'
 bfloat16, read-only arrays). Every other type goes through DLPack.
