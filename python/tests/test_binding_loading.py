@@ -70,6 +70,31 @@ def test_explicit_path_missing_is_final(tmp_path):
     assert missing in p.stderr
 
 
+TWO_CALLS = textwrap.dedent("""
+    import numpy as np, tnorm
+    print("imported")
+    for _ in range(2):
+        try:
+            tnorm.rms_norm(np.ones((1, 4), np.float32))
+        except RuntimeError as e:
+            print("RuntimeError", e)
+""")
+
+
+def test_a_library_without_the_functions(tmp_path):
+    """A shared library that loads but is not (this version of) libtnorm: a RuntimeError naming what it
+    lacks, not an AttributeError, and the next call says the same."""
+    other = ctypes.util.find_library("m")
+    if not other:
+        pytest.skip("no libm to stand in for a foreign library")
+    p = _run(TWO_CALLS, _package_copy(tmp_path, True), {"TNORM_LIBRARY": other})
+    assert p.returncode == 0, p.stderr
+    errors = [line for line in p.stdout.splitlines() if line.startswith("RuntimeError")]
+    assert len(errors) == 2, p.stdout
+    assert all("cannot load the shared library" in line for line in errors), p.stdout
+    assert "lacks tn_version" in p.stdout, p.stdout
+
+
 def test_beside_the_package(tmp_path):
     _need_library()
     site = _package_copy(tmp_path, True)

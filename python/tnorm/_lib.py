@@ -95,8 +95,14 @@ def _load():
             if what.startswith("TNORM_LIBRARY="):
                 break
             continue
+        missing = [name for name in _PROTOTYPES if not hasattr(lib, name)]
+        if missing:  # an older or foreign library: say which, and look no further when it was named
+            tried.append(f"{what}: {path} lacks {', '.join(missing)} (a libtnorm older than this package?)")
+            if what.startswith("TNORM_LIBRARY="):
+                break
+            continue
         for name, (restype, argtypes) in _PROTOTYPES.items():
-            fn = getattr(lib, name)  # AttributeError here means an older library: let it say so
+            fn = getattr(lib, name)
             fn.restype = restype
             fn.argtypes = argtypes
         return lib, path
@@ -111,7 +117,9 @@ def lib():
     if _lib is None:
         with _load_lock:
             if _lib is None:
-                _lib, _lib_path = _load()
+                loaded, path = _load()
+                _lib_path = path  # first: a thread that sees _lib set also sees its path
+                _lib = loaded
     return _lib
 
 
