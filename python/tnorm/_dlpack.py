@@ -227,7 +227,7 @@ def _read_capsule(capsule, name):
 
 
 _CPU = Device(TN_DEVICE_CPU, 0)
-_numpy_dtypes = None  # numpy dtype -> tn dtype, made on first use (bfloat16 only if ml_dtypes is there)
+_numpy_dtypes = None  # numpy dtype -> tn dtype, made on first use (bfloat16 when ml_dtypes is installed)
 
 
 def _numpy_dtype_map():
@@ -235,19 +235,24 @@ def _numpy_dtype_map():
     if _numpy_dtypes is None:  # built whole, then published: another thread never sees it half made
         np = sys.modules["numpy"]
         m = {np.dtype(np.float32): TN_F32, np.dtype(np.float16): TN_F16}
-        ml_dtypes = sys.modules.get("ml_dtypes")
-        if ml_dtypes is not None:
+        try:
+            import ml_dtypes  # numpy has no bfloat16 of its own
             m[np.dtype(ml_dtypes.bfloat16)] = TN_BF16
+        except ImportError:
+            pass
         _numpy_dtypes = m
     return _numpy_dtypes
+
+
+def numpy_dtype_of(tn_dtype):
+    """The numpy dtype of a tn dtype (KeyError for bfloat16 without ml_dtypes)."""
+    return next(dt for dt, t in _numpy_dtype_map().items() if t == tn_dtype)
 
 
 def _numpy_view(arr, name):
     """A NumPy array read through its array interface."""
     dt = arr.dtype
     dtype = _numpy_dtype_map().get(dt)
-    if dtype is None and dt.name == "bfloat16" and dt.itemsize == 2 and dt.isnative:
-        dtype = TN_BF16  # a bfloat16 from a module loaded after the map was made
     if dtype is None:
         raise TypeError(f"{name}: unsupported dtype {dt}; tnorm takes float32, float16 and bfloat16 "
                         f"(bfloat16 from ml_dtypes)")

@@ -18,8 +18,6 @@ from . import _dlpack
 from . import _lib
 from ._lib import TN_DEVICE_CUDA
 
-_NUMPY_DTYPE_NAMES = {_lib.TN_F32: "float32", _lib.TN_F16: "float16", _lib.TN_BF16: "bfloat16"}
-
 
 def _current_stream(x, dev_id):
     """The stream the caller's library is working on for x's device, as an int (0: legacy default)."""
@@ -33,15 +31,6 @@ def _current_stream(x, dev_id):
         with cupy.cuda.Device(dev_id):
             return cupy.cuda.get_current_stream().ptr
     return 0
-
-
-def _numpy_dtype(tn_dtype):
-    import numpy as np
-    name = _NUMPY_DTYPE_NAMES[tn_dtype]
-    if name == "bfloat16":
-        import ml_dtypes  # numpy has no bfloat16 of its own
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 class _Output:
@@ -74,7 +63,7 @@ def _new_output(x, xv, on_cuda, name):
             raise TypeError(f"{name}: cannot allocate a CUDA result for a {type(x).__qualname__}; pass {name}=")
         return _Output(xp.empty(shape, dtype=x.dtype, device=x.device))
     import numpy as np
-    buf = np.empty(shape, dtype=_numpy_dtype(xv.tensor.dtype))
+    buf = np.empty(shape, dtype=_dlpack.numpy_dtype_of(xv.tensor.dtype))
     return _Output(buf, xp.asarray if xp is not None else None)
 
 
