@@ -84,6 +84,12 @@ static int cmp_double(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
+/* The median of BATCHES figures (sorts them). */
+static double median_of_batches(double *v) {
+  qsort(v, BATCHES, sizeof *v, cmp_double);
+  return v[BATCHES / 2];
+}
+
 /* sets copies of elems random values on the device (drawn once on the host, copied to every set). */
 static void *alloc_random(tn_context *ctx, tn_device dev, tn_dtype dtype, size_t elems, size_t sets, tn_rng *rng,
                           double mean, int *failed) {
@@ -210,15 +216,13 @@ static int measure(tn_context *ctx, tn_device dev, tn_op op, tn_dtype dtype, int
       stream_bw[b] = time_copy(&c, copier, 1);
     }
   }
-  qsort(times, BATCHES, sizeof *times, cmp_double);
-  out->seconds = times[BATCHES / 2];
+  out->seconds = median_of_batches(times);
   out->bytes = set_bytes + (has_weight ? (double)dim * (double)es : 0.0);
   out->copy = (copy_ceiling){0.0, 0.0};
   if (copier != NULL) {
-    qsort(memcpy_bw, BATCHES, sizeof *memcpy_bw, cmp_double);
-    qsort(stream_bw, BATCHES, sizeof *stream_bw, cmp_double);
-    out->copy.memcpy_bw = memcpy_bw[BATCHES / 2];
-    out->copy.best_bw = stream_bw[BATCHES / 2] > memcpy_bw[BATCHES / 2] ? stream_bw[BATCHES / 2] : memcpy_bw[BATCHES / 2];
+    const double memcpy_median = median_of_batches(memcpy_bw), stream_median = median_of_batches(stream_bw);
+    out->copy.memcpy_bw = memcpy_median;
+    out->copy.best_bw = stream_median > memcpy_median ? stream_median : memcpy_median;
   }
   rc = 0;
 out:
