@@ -17,7 +17,8 @@
  *     tn_context_destroy(ctx);
  *
  * Semantics, common to every op and backend:
- * - All arithmetic is done in float32; each result is rounded once to the output dtype, to nearest even.
+ * - All arithmetic is done in float32; each result is rounded once to the output dtype, to nearest even
+ *   (TN_CASTING_LLAMA, below, names the extra roundings of the models that round more often).
  *   f16/bf16 conversions are exact for every bit pattern (NaN stays NaN, Inf, subnormals).
  * - A tensor is a view of `rows x dim` elements; rows may be strided (row_stride >= dim, in elements) so a
  *   view into a packed buffer needs no copy. Reductions run over dim.
@@ -110,7 +111,14 @@ typedef struct tn_device {
 } tn_device;
 
 /* A view of rows x dim elements of one dtype. Row r starts at element r * row_stride from data.
- * Inputs are only read, whatever the constness of `data`. */
+ * Inputs are only read, whatever the constness of `data`.
+ *
+ * A 3-D view [rows, heads, dim] (heads > 1; 0 and 1 both mean a 2-D view) holds `heads` vectors of dim
+ * elements per row (a token's attention heads): head h of row r starts at element
+ * r * row_stride + h * head_stride, with head_stride >= dim and row_stride >= (heads - 1) * head_stride + dim
+ * (token-major, as Q or K inside a packed QKV buffer). The norms reduce each head on its own; the ops
+ * that take 3-D views say so. For overlap checks a row of a 3-D view covers its whole span, from its first
+ * head to the end of its last. */
 typedef struct tn_tensor {
   void *data;
   tn_dtype dtype;
@@ -118,6 +126,8 @@ typedef struct tn_tensor {
   int64_t dim;
   int64_t row_stride; /* in elements, >= dim */
   tn_device device;
+  int64_t heads;       /* vectors of dim elements per row; 0 or 1 for a 2-D view */
+  int64_t head_stride; /* in elements, between the heads of a row; ignored for a 2-D view */
 } tn_tensor;
 
 /* A contiguous rows x dim tensor in host memory. */
@@ -130,6 +140,8 @@ static inline tn_tensor tn_tensor_2d(const void *data, tn_dtype dtype, int64_t r
   t.row_stride = dim;
   t.device.kind = TN_DEVICE_CPU;
   t.device.index = 0;
+  t.heads = 1;
+  t.head_stride = dim;
   return t;
 }
 
@@ -138,6 +150,17 @@ static inline tn_tensor tn_tensor_strided(const void *data, tn_dtype dtype, int6
                                           int64_t row_stride) {
   tn_tensor t = tn_tensor_2d(data, dtype, rows, dim);
   t.row_stride = row_stride;
+  return t;
+}
+
+/* A [tokens, heads, head_dim] view in host memory: head h of token t starts at element
+ * t * token_stride + h * head_stride (Q heads inside a packed QKV buffer: token_stride = the QKV row,
+ * head_stride = head_dim). */
+static inline tn_tensor tn_tensor_heads(const void *data, tn_dtype dtype, int64_t tokens, int64_t heads,
+                                        int64_t head_dim, int64_t token_stride, int64_t head_stride) {
+  tn_tensor t = tn_tensor_strided(data, dtype, tokens, head_dim, token_stride);
+  t.heads = heads;
+  t.head_stride = head_stride;
   return t;
 }
 
@@ -227,8 +250,11 @@ TN_API tn_status tn_synchronize(tn_context *ctx, tn_device device);
 /* ------------------------------------------------------------------------------------------------ */
 /* Ops                                                                                              */
 /*                                                                                                  */
-/* x, y, mul, residual, residual_out: rows x dim, all of x's dtype (f32, f16 or bf16).             */
-/* weight: a vector of dim elements (rows == 1), of x's dtype or f32; NULL for the no-scale form.    */
+/* x, y, mul: rows x dim, all of x's dtype (f32, f16 or bf16). residual and residual_out: rows x dim, */
+/* both of x's dtype, or both f32 (an f32 residual stream beside f16/bf16 activations).              */
+/* weight, bias: vectors of dim elements (rows == 1), of x's dtype or f32; NULL when absent.         */
+/* rms_norm and l2_norm also take 3-D views [rows, heads, dim] (per-head norm, see tn_tensor): y and */
+/* mul then have x's heads; the other ops take 2-D views.                                            */
 /* ------------------------------------------------------------------------------------------------ */
 
 /* y = x * rsqrt(mean(x^2) + eps) * (weight + weight_offset).
@@ -242,11 +268,13 @@ TN_API tn_status tn_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_t
                                  float weight_offset, const tn_tensor *mul, float eps,
                                  const tn_tensor *y);
 
-/* y = x * rsqrt(sum(x^2) + eps) * scale. scale must be finite; 1 gives the plain L2 norm. */
+/* y = x * rsqrt(sum(x^2) + eps) * scale. scale must be finite; 1 gives the plain L2 norm.
+ * (tn_op_args.l2_mode gives the other convention, x / max(||x||, eps).) */
 TN_API tn_status tn_l2_norm(tn_context *ctx, const tn_tensor *x, float eps, float scale,
                             const tn_tensor *y);
 
-/* s = round(x + residual) to x's dtype; residual_out = s; y = rms_norm(s) with weight, in one pass.
+/* s = round(x + residual) to the residual's dtype; residual_out = s; y = rms_norm(s) with weight, in one
+ * pass (tn_op_args.residual_mode: normalise s as stored, the default, or the float32 sum).
  * residual_out may be residual itself and y may be x itself (the residual stream updated in place). */
 TN_API tn_status tn_add_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual,
                                  const tn_tensor *weight, float weight_offset, float eps,
@@ -257,6 +285,90 @@ TN_API tn_status tn_add_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_t
 TN_API tn_status tn_add_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual,
                                      const tn_tensor *weight, float weight_offset, const tn_tensor *mul,
                                      float eps, const tn_tensor *y, const tn_tensor *residual_out);
+
+/* y = (x - mean(x)) * rsqrt(mean((x - mean(x))^2) + eps) * weight + bias (BERT, ViT, Whisper); weight and
+ * bias each optional. The mean is taken first, then the variance of the deviations (two passes over the
+ * row in float32, never E[x^2] - E[x]^2). */
+TN_API tn_status tn_layer_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight,
+                               const tn_tensor *bias, float eps, const tn_tensor *y);
+
+/* s = round(x + residual), as tn_add_rms_norm; residual_out = s; y = layer_norm(s). */
+TN_API tn_status tn_add_layer_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual,
+                                   const tn_tensor *weight, const tn_tensor *bias, float eps,
+                                   const tn_tensor *y, const tn_tensor *residual_out);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Rotary position embedding fused after the norm (Q and K heads: Qwen3 q_norm/k_norm, Gemma 3/4).   */
+/*                                                                                                  */
+/* On each head n = rms_norm(x) (with weight), the first rotary_dim elements are rotated in pairs    */
+/* (a, b) by the angle of the pair's frequency i at the row's position:                               */
+/*     a' = a * cos - b * sin,   b' = b * cos + a * sin                                              */
+/* NEOX pairs element i with i + rotary_dim / 2 (split halves: HF's rotate_half, vLLM's is_neox);     */
+/* GPTJ pairs 2i with 2i + 1 (interleaved). Elements from rotary_dim on pass through, normalised.    */
+/* cos and sin come from a table (cos_sin: one row per position, rotary_dim elements: the rotary_dim  */
+/* / 2 cosines then the rotary_dim / 2 sines, f32 or x's dtype, as vLLM's cos_sin_cache), or are      */
+/* computed from theta: angle = float(position) * inv_freq_i in float32, with                        */
+/* inv_freq_i = float(theta^(-2i / rotary_dim)) and cos, sin taken in double and rounded to float32.  */
+/* positions: one per row (token) of x, int32 or int64, on x's device. A position outside the table   */
+/* is an error on the CPU (nothing written); on CUDA the host cannot read it and it is clamped to the */
+/* table's first or last row.                                                                         */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef enum tn_rope_style {
+  TN_ROPE_NONE = 0, /* no rotation */
+  TN_ROPE_NEOX = 1, /* pairs (i, i + rotary_dim / 2) */
+  TN_ROPE_GPTJ = 2, /* pairs (2i, 2i + 1) */
+} tn_rope_style;
+
+/* The most elements per head (dim) of an rms_norm with a rope. */
+#define TN_ROPE_MAX_DIM 512
+
+typedef struct tn_rope {
+  tn_rope_style style;
+  int64_t rotary_dim;       /* elements rotated at the start of each head: even, 2 .. dim; 0 means dim */
+  const void *positions;    /* one per row of x */
+  int positions_i64;        /* 1: int64 positions, 0: int32 */
+  float theta;              /* the frequency base (10000, 1e6, ...) when cos_sin is NULL; must be > 0 then */
+  const tn_tensor *cos_sin; /* the table, or NULL to compute cos and sin from theta */
+} tn_rope;
+
+/* y = rope(rms_norm(x)) on every head of x (a 3-D view, or a 2-D one whose rows are the heads):
+ * Q or K heads normalised and rotated in place inside a packed QKV buffer when y is x. dim is at most
+ * TN_ROPE_MAX_DIM. rope may be NULL, or have style NONE: plain rms_norm. Casting is TN_CASTING_EXACT;
+ * tn_op_args gives the others. */
+TN_API tn_status tn_rms_norm_rope(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset,
+                                  float eps, const tn_rope *rope, const tn_tensor *y);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Numerics modes (fields of tn_op_args), to match a reference implementation bit for bit.            */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* Where the result of a norm is rounded. */
+typedef enum tn_casting {
+  /* Everything in float32, one rounding at the end. HF Gemma3RMSNorm, torch's F.rms_norm and
+   * F.layer_norm: (x.float() * rsqrt(mean(x.float()^2) + eps) * (1 + w.float())).to(x.dtype). */
+  TN_CASTING_EXACT = 0,
+  /* The normalised x is rounded to x's dtype first, then multiplied by the weight (in float32, rounded
+   * again), then by the multiplicand or scale. HF LlamaRMSNorm and Qwen3RMSNorm:
+   * w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype). With rope every step of HF's
+   * (q * cos) + (rotate_half(q) * sin) is rounded as torch rounds it. */
+  TN_CASTING_LLAMA = 1,
+} tn_casting;
+
+/* What add_rms_norm and add_layer_norm normalise when the residual is f16/bf16 (with an f32 residual the
+ * two are the same). */
+typedef enum tn_residual_mode {
+  TN_RESIDUAL_NORM_STORED = 0, /* the sum rounded to the residual's dtype, as stored (HF) */
+  TN_RESIDUAL_NORM_F32 = 1,    /* the float32 sum; residual_out still gets it rounded (FlashInfer, quack) */
+} tn_residual_mode;
+
+/* l2_norm's convention. */
+typedef enum tn_l2_mode {
+  TN_L2_RSQRT_EPS = 0, /* x * rsqrt(sum(x^2) + eps) (Gated DeltaNet, FLA) */
+  /* x * (1 / max(sqrt(sum(x^2)), eps)) (ggml's l2_norm; torch's F.normalize divides by the same
+   * denominator, which can differ from this product in the last float32 bit) */
+  TN_L2_MAX_NORM_EPS = 1,
+} tn_l2_mode;
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Elementwise ops: what real graphs put around the norms (and what a graph fuses into them).       */
@@ -276,32 +388,41 @@ TN_API tn_status tn_scale(tn_context *ctx, const tn_tensor *x, float scale, cons
 /* ------------------------------------------------------------------------------------------------ */
 
 typedef enum tn_op {
-  TN_OP_RMS_NORM = 0,     /* x, weight?, mul?           -> y                */
-  TN_OP_L2_NORM = 1,      /* x                          -> y                */
-  TN_OP_ADD_RMS_NORM = 2, /* x, residual, weight?, mul? -> y, residual_out  */
-  TN_OP_ADD = 3,          /* x, residual (b)            -> y                */
-  TN_OP_MUL = 4,          /* x, mul (b)                 -> y                */
-  TN_OP_SCALE = 5,        /* x, scale                   -> y                */
+  TN_OP_RMS_NORM = 0,       /* x, weight?, mul? | cos_sin?      -> y                */
+  TN_OP_L2_NORM = 1,        /* x                                -> y                */
+  TN_OP_ADD_RMS_NORM = 2,   /* x, residual, weight?, mul?       -> y, residual_out  */
+  TN_OP_ADD = 3,            /* x, residual (b)                  -> y                */
+  TN_OP_MUL = 4,            /* x, mul (b)                       -> y                */
+  TN_OP_SCALE = 5,          /* x, scale                         -> y                */
+  TN_OP_LAYER_NORM = 6,     /* x, weight?, bias?                -> y                */
+  TN_OP_ADD_LAYER_NORM = 7, /* x, residual, weight?, bias?      -> y, residual_out  */
 } tn_op;
-#define TN_OP_COUNT 6
+#define TN_OP_COUNT 8
 
-/* "rms_norm", "l2_norm", "add_rms_norm", "add", "mul", "scale"; "?" outside the enum. */
+/* "rms_norm", "l2_norm", "add_rms_norm", "add", "mul", "scale", "layer_norm", "add_layer_norm"; "?"
+ * outside the enum. */
 TN_API const char *tn_op_name(tn_op op);
 
 typedef struct tn_op_args {
   tn_op op;
   const tn_tensor *x;
-  const tn_tensor *weight;       /* optional (rms_norm, add_rms_norm)                    */
+  const tn_tensor *weight;       /* optional (rms_norm, add_rms_norm, layer_norm, add_layer_norm) */
   const tn_tensor *mul;          /* optional (rms_norm, add_rms_norm); required (mul: b, may broadcast) */
-  const tn_tensor *residual;     /* required (add_rms_norm; add: b, may broadcast)      */
+  const tn_tensor *residual;     /* required (add_rms_norm, add_layer_norm; add: b, may broadcast) */
   const tn_tensor *y;            /* required                                             */
-  const tn_tensor *residual_out; /* required (add_rms_norm)                              */
+  const tn_tensor *residual_out; /* required (add_rms_norm, add_layer_norm)              */
   float eps;           /* the norms'; not used by add, mul and scale */
   float scale;         /* l2_norm, scale; must be 1 for the other ops */
-  float weight_offset; /* rms_norm, add_rms_norm; must be 0 when there is no weight */
+  float weight_offset; /* the ops with a weight; must be 0 when there is no weight */
+  const tn_tensor *bias;         /* optional (layer_norm, add_layer_norm)                */
+  tn_casting casting;            /* the norms; TN_CASTING_EXACT for the others           */
+  tn_residual_mode residual_mode; /* add_rms_norm, add_layer_norm; NORM_STORED elsewhere */
+  tn_l2_mode l2_mode;            /* l2_norm; TN_L2_RSQRT_EPS elsewhere                   */
+  tn_rope rope;                  /* rms_norm without mul; style TN_ROPE_NONE elsewhere   */
 } tn_op_args;
 
-/* Arguments with every operand NULL, eps = 1e-6, scale = 1, weight_offset = 0. */
+/* Arguments with every operand NULL, eps = 1e-6, scale = 1, weight_offset = 0, the default modes and no
+ * rope. */
 TN_API tn_op_args tn_op_args_init(tn_op op);
 
 /* Validates the arguments (every rule above), picks the backend from the tensors' device and runs. */
@@ -320,7 +441,7 @@ TN_API tn_status tn_op_prepare(tn_context *ctx, const tn_op_args *args);
 /*                                                                                                  */
 /* Between tn_graph_begin and tn_graph_end, ops called on the context are validated and recorded,   */
 /* not run (each keeps its kind, operands and the bytes it reads and writes). tn_graph_end fuses:     */
-/*   add -> rms_norm   => add_rms_norm (the sum is still written);                                  */
+/*   add -> rms_norm   => add_rms_norm (the sum is still written); add -> layer_norm likewise;       */
 /*   rms_norm -> mul   => rms_norm with the multiplicand (add_rms_norm -> mul likewise, so that     */
 /*                        add -> rms_norm -> mul becomes one add_rms_norm with the multiplicand);   */
 /*   l2_norm -> scale  => l2_norm with the scale (when l2_norm's own scale is 1);                   */
@@ -342,7 +463,7 @@ typedef struct tn_graph tn_graph;
 typedef struct tn_graph_info {
   int recorded_ops;        /* ops recorded */
   int ops;                 /* ops after fusion */
-  int fused_add_rms_norm;  /* add + rms_norm pairs fused */
+  int fused_add_rms_norm;  /* add + rms_norm (or layer_norm) pairs fused */
   int fused_rms_norm_mul;  /* rms_norm (or add_rms_norm) + mul pairs fused */
   int fused_l2_norm_scale; /* l2_norm + scale pairs fused */
   int device_graph;        /* 1 once launches go as one CUDA graph */

@@ -327,6 +327,43 @@ tn_status tn_add_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_tens
                        eps, y, residual_out);
 }
 
+tn_status tn_rms_norm_rope(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset,
+                           float eps, const tn_rope *rope, const tn_tensor *y) {
+  tn_op_args a = tn_op_args_init(TN_OP_RMS_NORM);
+  a.x = x;
+  a.weight = weight;
+  a.weight_offset = weight_offset;
+  a.eps = eps;
+  a.y = y;
+  if (rope != NULL) a.rope = *rope;
+  return tn_op_run(ctx, &a);
+}
+
+/* layer_norm and add_layer_norm (residual and residual_out NULL for layer_norm). */
+static tn_status layer_norm_call(tn_context *ctx, tn_op op, const tn_tensor *x, const tn_tensor *residual,
+                                 const tn_tensor *weight, const tn_tensor *bias, float eps, const tn_tensor *y,
+                                 const tn_tensor *residual_out) {
+  tn_op_args a = tn_op_args_init(op);
+  a.x = x;
+  a.residual = residual;
+  a.weight = weight;
+  a.bias = bias;
+  a.eps = eps;
+  a.y = y;
+  a.residual_out = residual_out;
+  return tn_op_run(ctx, &a);
+}
+
+tn_status tn_layer_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, const tn_tensor *bias, float eps,
+                        const tn_tensor *y) {
+  return layer_norm_call(ctx, TN_OP_LAYER_NORM, x, NULL, weight, bias, eps, y, NULL);
+}
+
+tn_status tn_add_layer_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual, const tn_tensor *weight,
+                            const tn_tensor *bias, float eps, const tn_tensor *y, const tn_tensor *residual_out) {
+  return layer_norm_call(ctx, TN_OP_ADD_LAYER_NORM, x, residual, weight, bias, eps, y, residual_out);
+}
+
 /* add and mul: b goes in the operand slot of the op table (residual for add, mul for mul). */
 static tn_status binary_op(tn_context *ctx, tn_op op, const tn_tensor *x, const tn_tensor *b, const tn_tensor *y) {
   tn_op_args a = tn_op_args_init(op);

@@ -31,6 +31,8 @@ class Tensor(ctypes.Structure):
         ("dim", ctypes.c_int64),
         ("row_stride", ctypes.c_int64),
         ("device", Device),
+        ("heads", ctypes.c_int64),  # 0 or 1: a 2-D view
+        ("head_stride", ctypes.c_int64),
     ]
 
 

@@ -7,10 +7,13 @@ static const tn_op_info op_table[TN_OP_COUNT] = {
                         {[TN_OPERAND_X] = TN_REQUIRED,
                          [TN_OPERAND_WEIGHT] = TN_OPTIONAL,
                          [TN_OPERAND_MUL] = TN_OPTIONAL,
-                         [TN_OPERAND_Y] = TN_REQUIRED},
-                        .uses_eps = 1},
+                         [TN_OPERAND_Y] = TN_REQUIRED,
+                         [TN_OPERAND_COS_SIN] = TN_OPTIONAL},
+                        .uses_eps = 1,
+                        .views_3d = 1,
+                        .rope = 1},
     [TN_OP_L2_NORM] = {"l2_norm", {[TN_OPERAND_X] = TN_REQUIRED, [TN_OPERAND_Y] = TN_REQUIRED}, .uses_scale = 1,
-                       .uses_eps = 1},
+                       .uses_eps = 1, .views_3d = 1, .l2_mode = 1},
     [TN_OP_ADD_RMS_NORM] = {"add_rms_norm",
                             {[TN_OPERAND_X] = TN_REQUIRED,
                              [TN_OPERAND_WEIGHT] = TN_OPTIONAL,
@@ -26,9 +29,30 @@ static const tn_op_info op_table[TN_OP_COUNT] = {
                    {[TN_OPERAND_X] = TN_REQUIRED, [TN_OPERAND_MUL] = TN_REQUIRED, [TN_OPERAND_Y] = TN_REQUIRED},
                    .broadcast = 1},
     [TN_OP_SCALE] = {"scale", {[TN_OPERAND_X] = TN_REQUIRED, [TN_OPERAND_Y] = TN_REQUIRED}, .uses_scale = 1},
+    [TN_OP_LAYER_NORM] = {"layer_norm",
+                          {[TN_OPERAND_X] = TN_REQUIRED,
+                           [TN_OPERAND_WEIGHT] = TN_OPTIONAL,
+                           [TN_OPERAND_BIAS] = TN_OPTIONAL,
+                           [TN_OPERAND_Y] = TN_REQUIRED},
+                          .uses_eps = 1},
+    [TN_OP_ADD_LAYER_NORM] = {"add_layer_norm",
+                              {[TN_OPERAND_X] = TN_REQUIRED,
+                               [TN_OPERAND_WEIGHT] = TN_OPTIONAL,
+                               [TN_OPERAND_BIAS] = TN_OPTIONAL,
+                               [TN_OPERAND_RESIDUAL] = TN_REQUIRED,
+                               [TN_OPERAND_Y] = TN_REQUIRED,
+                               [TN_OPERAND_RESIDUAL_OUT] = TN_REQUIRED},
+                              .uses_eps = 1},
 };
 
-int tn_op_is_norm(tn_op op) { return op == TN_OP_RMS_NORM || op == TN_OP_L2_NORM || op == TN_OP_ADD_RMS_NORM; }
+int tn_op_is_norm(tn_op op) {
+  return op == TN_OP_RMS_NORM || op == TN_OP_L2_NORM || op == TN_OP_ADD_RMS_NORM || op == TN_OP_LAYER_NORM ||
+         op == TN_OP_ADD_LAYER_NORM;
+}
+
+int tn_op_adds_residual(tn_op op) { return op == TN_OP_ADD_RMS_NORM || op == TN_OP_ADD_LAYER_NORM; }
+
+int tn_op_is_layer_norm(tn_op op) { return op == TN_OP_LAYER_NORM || op == TN_OP_ADD_LAYER_NORM; }
 
 const tn_op_info *tn_op_info_get(tn_op op) {
   return (unsigned)op < TN_OP_COUNT ? &op_table[op] : NULL;
@@ -40,9 +64,12 @@ const char *tn_op_name(tn_op op) {
 }
 
 const char *tn_operand_name(tn_operand operand) {
-  static const char *const names[TN_OPERAND_COUNT] = {"x", "weight", "mul", "residual", "y", "residual_out"};
+  static const char *const names[TN_OPERAND_COUNT] = {"x",        "weight", "mul",    "residual",
+                                                      "y",        "residual_out", "bias", "cos_sin"};
   return (unsigned)operand < TN_OPERAND_COUNT ? names[operand] : "?";
 }
+
+int tn_operand_is_vector(tn_operand operand) { return operand == TN_OPERAND_WEIGHT || operand == TN_OPERAND_BIAS; }
 
 int tn_operand_is_output(tn_operand operand) {
   return operand == TN_OPERAND_Y || operand == TN_OPERAND_RESIDUAL_OUT;
@@ -62,6 +89,10 @@ const tn_tensor **tn_op_operand_slot(tn_op_args *args, tn_operand operand) {
       return &args->y;
     case TN_OPERAND_RESIDUAL_OUT:
       return &args->residual_out;
+    case TN_OPERAND_BIAS:
+      return &args->bias;
+    case TN_OPERAND_COS_SIN:
+      return &args->rope.cos_sin;
     case TN_OPERAND_COUNT:
       break;
   }
@@ -79,5 +110,9 @@ tn_op_args tn_op_args_init(tn_op op) {
   a.eps = 1e-6f;
   a.scale = 1.0f;
   a.weight_offset = 0.0f;
+  a.casting = TN_CASTING_EXACT;
+  a.residual_mode = TN_RESIDUAL_NORM_STORED;
+  a.l2_mode = TN_L2_RSQRT_EPS;
+  a.rope.style = TN_ROPE_NONE;
   return a;
 }

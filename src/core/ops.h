@@ -12,6 +12,8 @@ typedef enum tn_operand {
   TN_OPERAND_RESIDUAL,
   TN_OPERAND_Y,
   TN_OPERAND_RESIDUAL_OUT,
+  TN_OPERAND_BIAS,
+  TN_OPERAND_COS_SIN, /* the rope's table: args->rope.cos_sin */
   TN_OPERAND_COUNT
 } tn_operand;
 
@@ -23,16 +25,26 @@ typedef struct tn_op_info {
   int uses_scale; /* l2_norm's and scale's scale; weight_offset applies wherever a weight is taken */
   int uses_eps;   /* the norms */
   int broadcast;  /* the second row operand (residual or mul) may be one row applied to every row */
+  int views_3d;   /* x (and the row operands) may be 3-D views [rows, heads, dim] */
+  int l2_mode;    /* takes tn_op_args.l2_mode */
+  int rope;       /* takes tn_op_args.rope (without mul) */
 } tn_op_info;
 
-/* rms_norm, l2_norm and add_rms_norm (the ops that reduce a row). */
+/* The ops that reduce a row (the norms): they take casting and eps. */
 int tn_op_is_norm(tn_op op);
+/* add_rms_norm and add_layer_norm: a residual sum, its own dtype (x's or f32), and a residual mode. */
+int tn_op_adds_residual(tn_op op);
+/* layer_norm and add_layer_norm. */
+int tn_op_is_layer_norm(tn_op op);
 
 /* NULL for an op outside the enum. */
 const tn_op_info *tn_op_info_get(tn_op op);
 
 const char *tn_operand_name(tn_operand operand);
 int tn_operand_is_output(tn_operand operand);
+
+/* Operands that are vectors of dim elements (weight, bias), not row-shaped. */
+int tn_operand_is_vector(tn_operand operand);
 
 /* The operand's tensor in args (NULL when not given), and the field that holds it (NULL outside the enum). */
 const tn_tensor *tn_op_operand(const tn_op_args *args, tn_operand operand);

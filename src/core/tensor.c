@@ -7,14 +7,16 @@ tn_extent tn_tensor_extent(const tn_tensor *t) {
   e.begin = (uintptr_t)t->data;
   e.end = e.begin;
   if (t->rows > 0 && t->dim > 0) {
-    uint64_t elems = (uint64_t)(t->rows - 1) * (uint64_t)t->row_stride + (uint64_t)t->dim;
+    uint64_t elems = (uint64_t)(t->rows - 1) * (uint64_t)t->row_stride + (uint64_t)tn_tensor_row_span(t);
     e.end = e.begin + (uintptr_t)(elems * tn_dtype_size(t->dtype));
   }
   return e;
 }
 
 int tn_tensor_same_view(const tn_tensor *a, const tn_tensor *b) {
+  const int64_t heads = tn_tensor_head_count(a);
   return a->data == b->data && a->dtype == b->dtype && a->rows == b->rows && a->dim == b->dim &&
+         heads == tn_tensor_head_count(b) && (heads == 1 || a->head_stride == b->head_stride) &&
          (a->rows <= 1 || a->row_stride == b->row_stride) && a->device.kind == b->device.kind &&
          a->device.index == b->device.index;
 }
@@ -56,8 +58,8 @@ int tn_tensors_overlap(const tn_tensor *a, const tn_tensor *b) {
   if (ea.end <= eb.begin || eb.end <= ea.begin) return 0;
   uint64_t pitch_a = (uint64_t)a->row_stride * tn_dtype_size(a->dtype);
   uint64_t pitch_b = (uint64_t)b->row_stride * tn_dtype_size(b->dtype);
-  uint64_t wa = (uint64_t)a->dim * tn_dtype_size(a->dtype);
-  uint64_t wb = (uint64_t)b->dim * tn_dtype_size(b->dtype);
+  uint64_t wa = (uint64_t)tn_tensor_row_span(a) * tn_dtype_size(a->dtype);
+  uint64_t wb = (uint64_t)tn_tensor_row_span(b) * tn_dtype_size(b->dtype);
   if (a->rows > 1 && b->rows > 1 && pitch_a == pitch_b) {
     if (ea.begin <= eb.begin)
       return same_pitch_overlap(eb.begin - ea.begin, pitch_a, wa, (uint64_t)a->rows, wb, (uint64_t)b->rows);

@@ -8,7 +8,10 @@
 #include "ops.h"
 #include "tensor.h"
 
-static int is_row_shaped(tn_operand operand) { return operand != TN_OPERAND_WEIGHT; }
+/* Operands shaped like x's rows (the others are vectors, or the rope's table). */
+static int is_row_shaped(tn_operand operand) {
+  return !tn_operand_is_vector(operand) && operand != TN_OPERAND_COS_SIN;
+}
 
 /* Checks one tensor on its own: dtype, device, shape, stride, data pointer and sizes. */
 static tn_status check_tensor(tn_context *ctx, const char *op, const char *name, const tn_tensor *t) {
@@ -23,15 +26,32 @@ static tn_status check_tensor(tn_context *ctx, const char *op, const char *name,
                      t->rows);
   TN_RETURN_ERROR_IF(t->dim <= 0, ctx, TN_ERR_SHAPE, "%s: %s has dim %" PRId64 "; must be > 0", op, name,
                      t->dim);
+  TN_RETURN_ERROR_IF(t->heads < 0, ctx, TN_ERR_SHAPE, "%s: %s has %" PRId64 " heads; must be >= 0", op, name,
+                     t->heads);
+  /* A row's elements: dim, or from its first head to the end of its last. */
+  int64_t row_span = t->dim;
+  if (t->heads > 1) {
+    TN_RETURN_ERROR_IF(t->head_stride < t->dim, ctx, TN_ERR_SHAPE,
+                       "%s: %s has head_stride %" PRId64 ", less than its dim %" PRId64, op, name, t->head_stride,
+                       t->dim);
+    int overflow = __builtin_mul_overflow(t->heads - 1, t->head_stride, &row_span) ||
+                   __builtin_add_overflow(row_span, t->dim, &row_span);
+    TN_RETURN_ERROR_IF(overflow, ctx, TN_ERR_OVERFLOW, "%s: %s of %" PRId64 " heads x head_stride %" PRId64
+                       " overflows 64 bits", op, name, t->heads, t->head_stride);
+    TN_RETURN_ERROR_IF(t->row_stride < row_span, ctx, TN_ERR_SHAPE,
+                       "%s: %s has row_stride %" PRId64 ", less than its %" PRId64 " heads span (%" PRId64
+                       " elements: (heads - 1) * head_stride + dim)",
+                       op, name, t->row_stride, t->heads, row_span);
+  }
   TN_RETURN_ERROR_IF(t->row_stride < t->dim, ctx, TN_ERR_SHAPE,
                      "%s: %s has row_stride %" PRId64 ", less than its dim %" PRId64, op, name, t->row_stride,
                      t->dim);
   if (t->rows == 0) return TN_OK; /* nothing is read or written */
   TN_RETURN_ERROR_IF(t->data == NULL, ctx, TN_ERR_NULL, "%s: %s data is NULL", op, name);
-  /* Elements from the first to the last touched: (rows - 1) * row_stride + dim, then bytes. */
+  /* Elements from the first to the last touched: (rows - 1) * row_stride + row_span, then bytes. */
   int64_t span, bytes;
   int overflow = __builtin_mul_overflow(t->rows - 1, t->row_stride, &span) ||
-                 __builtin_add_overflow(span, t->dim, &span) ||
+                 __builtin_add_overflow(span, row_span, &span) ||
                  __builtin_mul_overflow(span, (int64_t)tn_dtype_size(t->dtype), &bytes) ||
                  (uint64_t)bytes > (uint64_t)SIZE_MAX ||
                  (uintptr_t)t->data > UINTPTR_MAX - (uintptr_t)bytes;
@@ -42,29 +62,98 @@ static tn_status check_tensor(tn_context *ctx, const char *op, const char *name,
 }
 
 /* Checks an operand against x: shape, dtype and device agreement. */
-static tn_status check_against_x(tn_context *ctx, const tn_op_info *info, tn_operand operand, const tn_tensor *t,
-                                 const tn_tensor *x) {
+static tn_status check_against_x(tn_context *ctx, const tn_op_args *args, const tn_op_info *info, tn_operand operand,
+                                 const tn_tensor *t) {
+  const tn_tensor *x = args->x;
   const char *op = info->name, *name = tn_operand_name(operand);
   const int broadcast = info->broadcast && !tn_operand_is_output(operand) && t->rows == 1 && x->rows != 1;
-  if (operand == TN_OPERAND_WEIGHT) {
-    TN_RETURN_ERROR_IF(t->rows != 1, ctx, TN_ERR_SHAPE,
-                       "%s: weight is %" PRId64 " x %" PRId64 "; must be one row of dim %" PRId64 " elements", op,
-                       t->rows, t->dim, x->dim);
-    TN_RETURN_ERROR_IF(t->dim != x->dim, ctx, TN_ERR_SHAPE, "%s: weight has %" PRId64 " elements, dim is %" PRId64,
-                       op, t->dim, x->dim);
+  if (tn_operand_is_vector(operand)) {
+    TN_RETURN_ERROR_IF(t->rows != 1 || tn_tensor_head_count(t) != 1, ctx, TN_ERR_SHAPE,
+                       "%s: %s is %" PRId64 " x %" PRId64 "%s; must be one row of dim %" PRId64 " elements", op,
+                       name, t->rows, t->dim, tn_tensor_head_count(t) != 1 ? " with heads" : "", x->dim);
+    TN_RETURN_ERROR_IF(t->dim != x->dim, ctx, TN_ERR_SHAPE, "%s: %s has %" PRId64 " elements, dim is %" PRId64, op,
+                       name, t->dim, x->dim);
     TN_RETURN_ERROR_IF(t->dtype != x->dtype && t->dtype != TN_F32, ctx, TN_ERR_DTYPE,
-                       "%s: weight is %s; must be f32 or x's dtype %s", op, tn_dtype_name(t->dtype),
+                       "%s: %s is %s; must be f32 or x's dtype %s", op, name, tn_dtype_name(t->dtype),
+                       tn_dtype_name(x->dtype));
+  } else if (operand == TN_OPERAND_COS_SIN) {
+    const int64_t rotary = args->rope.rotary_dim != 0 ? args->rope.rotary_dim : x->dim;
+    TN_RETURN_ERROR_IF(t->dim != rotary || tn_tensor_head_count(t) != 1, ctx, TN_ERR_SHAPE,
+                       "%s: cos_sin has rows of %" PRId64 " elements%s; must be rotary_dim = %" PRId64
+                       " (the cosines, then the sines)",
+                       op, t->dim, tn_tensor_head_count(t) != 1 ? " with heads" : "", rotary);
+    TN_RETURN_ERROR_IF(t->rows < 1, ctx, TN_ERR_SHAPE, "%s: cos_sin has no rows; must have one per position", op);
+    TN_RETURN_ERROR_IF(t->dtype != x->dtype && t->dtype != TN_F32, ctx, TN_ERR_DTYPE,
+                       "%s: cos_sin is %s; must be f32 or x's dtype %s", op, tn_dtype_name(t->dtype),
                        tn_dtype_name(x->dtype));
   } else {
     TN_RETURN_ERROR_IF((t->rows != x->rows && !broadcast) || t->dim != x->dim, ctx, TN_ERR_SHAPE,
                        "%s: %s is %" PRId64 " x %" PRId64 ", x is %" PRId64 " x %" PRId64 "%s", op, name, t->rows,
                        t->dim, x->rows, x->dim, info->broadcast ? " (or 1 x dim, applied to every row)" : "");
-    TN_RETURN_ERROR_IF(t->dtype != x->dtype, ctx, TN_ERR_DTYPE, "%s: %s is %s, x is %s", op, name,
-                       tn_dtype_name(t->dtype), tn_dtype_name(x->dtype));
+    TN_RETURN_ERROR_IF(tn_tensor_head_count(t) != tn_tensor_head_count(x), ctx, TN_ERR_SHAPE,
+                       "%s: %s has %" PRId64 " heads per row, x has %" PRId64, op, name, tn_tensor_head_count(t),
+                       tn_tensor_head_count(x));
+    /* The residual stream (residual in, residual_out) may be f32 beside f16/bf16 activations. */
+    const int stream = tn_op_adds_residual(args->op) &&
+                       (operand == TN_OPERAND_RESIDUAL || operand == TN_OPERAND_RESIDUAL_OUT);
+    if (stream) {
+      TN_RETURN_ERROR_IF(t->dtype != x->dtype && t->dtype != TN_F32, ctx, TN_ERR_DTYPE, "%s: %s is %s, x is %s%s",
+                         op, name, tn_dtype_name(t->dtype), tn_dtype_name(x->dtype),
+                         x->dtype != TN_F32 ? " (the residual stream may also be f32)" : "");
+      const tn_tensor *in = args->residual;
+      TN_RETURN_ERROR_IF(operand == TN_OPERAND_RESIDUAL_OUT && in != NULL && t->dtype != in->dtype, ctx,
+                         TN_ERR_DTYPE, "%s: residual_out is %s, residual is %s; must be the same", op,
+                         tn_dtype_name(t->dtype), tn_dtype_name(in->dtype));
+    } else {
+      TN_RETURN_ERROR_IF(t->dtype != x->dtype, ctx, TN_ERR_DTYPE, "%s: %s is %s, x is %s", op, name,
+                         tn_dtype_name(t->dtype), tn_dtype_name(x->dtype));
+    }
   }
   TN_RETURN_ERROR_IF(t->device.kind != x->device.kind || t->device.index != x->device.index, ctx, TN_ERR_DEVICE,
                      "%s: %s is on device %d:%d, x on %d:%d", op, name, (int)t->device.kind, t->device.index,
                      (int)x->device.kind, x->device.index);
+  return TN_OK;
+}
+
+/* The numerics modes and the rope: valid values, and only on the ops that take them. */
+static tn_status check_modes(tn_context *ctx, const tn_op_info *info, const tn_op_args *args) {
+  const char *op = info->name;
+  const int norm = tn_op_is_norm(args->op);
+  TN_RETURN_ERROR_IF((unsigned)args->casting > TN_CASTING_LLAMA, ctx, TN_ERR_VALUE, "%s: unknown casting %d", op,
+                     (int)args->casting);
+  TN_RETURN_ERROR_IF(!norm && args->casting != TN_CASTING_EXACT, ctx, TN_ERR_VALUE,
+                     "%s: casting applies to the norms only; must be TN_CASTING_EXACT", op);
+  TN_RETURN_ERROR_IF((unsigned)args->residual_mode > TN_RESIDUAL_NORM_F32, ctx, TN_ERR_VALUE,
+                     "%s: unknown residual_mode %d", op, (int)args->residual_mode);
+  TN_RETURN_ERROR_IF(!tn_op_adds_residual(args->op) && args->residual_mode != TN_RESIDUAL_NORM_STORED, ctx,
+                     TN_ERR_VALUE, "%s: residual_mode applies to add_rms_norm and add_layer_norm only", op);
+  TN_RETURN_ERROR_IF((unsigned)args->l2_mode > TN_L2_MAX_NORM_EPS, ctx, TN_ERR_VALUE, "%s: unknown l2_mode %d", op,
+                     (int)args->l2_mode);
+  TN_RETURN_ERROR_IF(!info->l2_mode && args->l2_mode != TN_L2_RSQRT_EPS, ctx, TN_ERR_VALUE,
+                     "%s: l2_mode applies to l2_norm only", op);
+
+  const tn_rope *rope = &args->rope;
+  TN_RETURN_ERROR_IF((unsigned)rope->style > TN_ROPE_GPTJ, ctx, TN_ERR_VALUE, "%s: unknown rope style %d", op,
+                     (int)rope->style);
+  if (rope->style == TN_ROPE_NONE) {
+    TN_RETURN_ERROR_IF(rope->cos_sin != NULL, ctx, TN_ERR_OPERAND, "%s: cos_sin given without a rope style", op);
+    return TN_OK;
+  }
+  TN_RETURN_ERROR_IF(!info->rope, ctx, TN_ERR_VALUE, "%s: takes no rope (rms_norm does)", op);
+  TN_RETURN_ERROR_IF(args->mul != NULL, ctx, TN_ERR_OPERAND, "%s: a rope and a multiplicand cannot be combined", op);
+  const int64_t dim = args->x->dim, rotary = rope->rotary_dim != 0 ? rope->rotary_dim : dim;
+  TN_RETURN_ERROR_IF(dim > TN_ROPE_MAX_DIM, ctx, TN_ERR_SHAPE, "%s: rope on heads of %" PRId64
+                     " elements; at most %d", op, dim, TN_ROPE_MAX_DIM);
+  TN_RETURN_ERROR_IF(rotary < 2 || rotary > dim || rotary % 2 != 0, ctx, TN_ERR_VALUE,
+                     "%s: rotary_dim is %" PRId64 "; must be even, from 2 to dim %" PRId64 " (0 means dim)", op,
+                     rope->rotary_dim, dim);
+  TN_RETURN_ERROR_IF(rope->positions == NULL && args->x->rows > 0, ctx, TN_ERR_NULL,
+                     "%s: rope positions are NULL", op);
+  TN_RETURN_ERROR_IF(rope->positions_i64 != 0 && rope->positions_i64 != 1, ctx, TN_ERR_VALUE,
+                     "%s: positions_i64 is %d; must be 0 (int32) or 1 (int64)", op, rope->positions_i64);
+  TN_RETURN_ERROR_IF(rope->cos_sin == NULL && !(isfinite(rope->theta) && rope->theta > 0.0f), ctx, TN_ERR_VALUE,
+                     "%s: rope theta is %g without a cos_sin table; must be finite and > 0", op,
+                     (double)rope->theta);
   return TN_OK;
 }
 
@@ -125,11 +214,15 @@ tn_status tn_validate(tn_context *ctx, const tn_op_args *args) {
                        op, name);
     if (t != NULL) TN_FORWARD_IF_ERROR(check_tensor(ctx, op, name, t));
   }
+  TN_RETURN_ERROR_IF(tn_tensor_head_count(args->x) != 1 && !info->views_3d, ctx, TN_ERR_SHAPE,
+                     "%s: x is a 3-D view (%" PRId64 " heads); this op takes 2-D views (rms_norm and l2_norm "
+                     "take heads)", op, tn_tensor_head_count(args->x));
   for (int i = 0; i < TN_OPERAND_COUNT; i++) {
     const tn_tensor *t = tn_op_operand(args, (tn_operand)i);
-    if (t != NULL && i != TN_OPERAND_X) TN_FORWARD_IF_ERROR(check_against_x(ctx, info, (tn_operand)i, t, args->x));
+    if (t != NULL && i != TN_OPERAND_X) TN_FORWARD_IF_ERROR(check_against_x(ctx, args, info, (tn_operand)i, t));
   }
   TN_FORWARD_IF_ERROR(check_scalars(ctx, info, args));
+  TN_FORWARD_IF_ERROR(check_modes(ctx, info, args));
   TN_FORWARD_IF_ERROR(check_overlaps(ctx, op, args));
   return TN_OK;
 }

@@ -1,7 +1,8 @@
 /* Recording and the fusion passes. A pass fuses a producer (node i) with the first later node that
  * touches the producer's output (node j), and only where the bytes come out exactly as the two ops in
  * turn would give them:
- * - add -> rms_norm  => add_rms_norm (the sum is still written, as residual_out);
+ * - add -> rms_norm  => add_rms_norm (the sum is still written, as residual_out); add -> layer_norm
+ *                       => add_layer_norm likewise;
  * - rms_norm -> mul  => rms_norm with the multiplicand, rounding before it (the intermediate must not be
  *                       read by any later node, since the fused op no longer writes it); the same for
  *                       add_rms_norm -> mul (so add -> rms_norm -> mul becomes one op), whose sum then
@@ -158,21 +159,26 @@ static int fuse_add_rms_norm(tn_graph *g, int i) {
   int j = first_toucher(g, i, sum);
   if (j < 0) return 0;
   const tn_graph_node *r = &g->nodes[j];
-  if (r->args.op != TN_OP_RMS_NORM || r->args.mul != NULL || r->options.round_before_last ||
-      !tn_tensor_same_view(r->args.x, sum) || writes(r, sum))
+  const int layer = r->args.op == TN_OP_LAYER_NORM;
+  if ((r->args.op != TN_OP_RMS_NORM && !layer) || r->args.mul != NULL || r->args.rope.style != TN_ROPE_NONE ||
+      r->options.round_before_last || !tn_tensor_same_view(r->args.x, sum) || writes(r, sum))
     return 0;
   if (written_between(g, i, j, a->args.x) || written_between(g, i, j, a->args.residual)) return 0;
-  tn_op_args f = tn_op_args_init(TN_OP_ADD_RMS_NORM);
+  /* The add rounded its sum to x's dtype, and the norm read that: the default residual mode. */
+  tn_op_args f = tn_op_args_init(layer ? TN_OP_ADD_LAYER_NORM : TN_OP_ADD_RMS_NORM);
   f.x = a->args.x;
   f.residual = a->args.residual;
   f.weight = r->args.weight;
+  f.bias = r->args.bias;
   f.weight_offset = r->args.weight_offset;
   f.eps = r->args.eps;
+  f.casting = r->args.casting;
   f.y = r->args.y;
   f.residual_out = sum;
   tn_graph_node fused;
   node_init(&fused, &f);
-  if (!replace(g, i, j, &fused, "add + rms_norm -> add_rms_norm")) return 0;
+  if (!replace(g, i, j, &fused, layer ? "add + layer_norm -> add_layer_norm" : "add + rms_norm -> add_rms_norm"))
+    return 0;
   g->info.fused_add_rms_norm++;
   return 1;
 }
@@ -189,7 +195,8 @@ static int fuse_norm_then_factor(tn_graph *g, int i) {
   const tn_graph_node *a = &g->nodes[i];
   const int add = a->args.op == TN_OP_ADD_RMS_NORM;
   const int rms = a->args.op == TN_OP_RMS_NORM || add, l2 = a->args.op == TN_OP_L2_NORM;
-  if ((!rms && !l2) || a->options.round_before_last || (rms && a->args.mul != NULL) || (l2 && a->args.scale != 1.0f))
+  if ((!rms && !l2) || a->options.round_before_last || (rms && a->args.mul != NULL) || (l2 && a->args.scale != 1.0f) ||
+      a->args.rope.style != TN_ROPE_NONE)
     return 0;
   const tn_tensor *t = a->args.y;
   int j = first_toucher(g, i, t);

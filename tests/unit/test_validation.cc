@@ -281,8 +281,8 @@ TEST_F(Validation, NullDataWithZeroRowsIsFine) {
 
 TEST_F(Validation, UnknownOp) {
   tn_op_args a = Rms();
-  a.op = (tn_op)7;
-  ExpectArgsRefused(a, TN_ERR_VALUE, {"unknown op 7"});
+  a.op = (tn_op)TN_OP_COUNT;
+  ExpectArgsRefused(a, TN_ERR_VALUE, {"unknown op 8"});
   a.op = (tn_op)-1;
   ExpectArgsRefused(a, TN_ERR_VALUE, {"unknown op -1"});
 }
