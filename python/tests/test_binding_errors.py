@@ -76,9 +76,13 @@ CASES = {
                      ValueError, r"^x: its last dimension has stride 4 elements; must be 1"),
     "x_0d": (lambda k, g, y, s: tnorm.l2_norm(k.from_numpy(np.float32(1.0).reshape(())), out=y),
              ValueError, r"^x: is 0-dimensional"),
-    "x_3d_not_collapsible": (lambda k, g, y, s: tnorm.rms_norm(_x(k, g, (2, 4, 8))[:, :2], out=y),
-                             ValueError, r"^x: shape \(2, 2, 8\) with strides \(32, 8, 1\) \(elements\) cannot be "
-                                         r"viewed as rows x 8 without a copy$"),
+    "x_4d_not_collapsible": (lambda k, g, y, s: tnorm.rms_norm(_x(k, g, (2, 2, 2, 8))[:, :1], out=y),
+                             ValueError, r"^x: shape \(2, 1, 2, 8\) with strides \(32, 16, 8, 1\) \(elements\) "
+                                         r"cannot be viewed as rows x 8 without a copy$"),
+    # A 3-D x that does not collapse is a 3-D view: rms_norm and l2_norm take it, the others refuse it.
+    "x_3d_for_2d_op": (lambda k, g, y, s: tnorm.add_rms_norm(_x(k, g, (2, 4, 8))[:, :2], _x(k, g, (2, 4, 8))[:, :2],
+                                                             None),
+                       ValueError, r"^add_rms_norm: x is a 3-D view \(2 heads\); this op takes 2-D views"),
     "out_shape": (lambda k, g, y, s: tnorm.rms_norm(_x(k, g, (2, 2, 8)), out=y),
                   ValueError, r"^rms_norm: out has shape \(4, 8\), x has shape \(2, 2, 8\)$"),
     "residual_out_shape": (lambda k, g, y, s: tnorm.add_rms_norm(_x(k, g, (4, 8)), _x(k, g), _w(k, g), out=y,

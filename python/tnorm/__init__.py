@@ -1,4 +1,5 @@
-"""tnorm from Python: RMSNorm, L2Norm and add + RMSNorm on CPU and CUDA arrays, through libtnorm.
+"""tnorm from Python: RMSNorm, L2Norm, LayerNorm, their residual-add forms and RMSNorm + RoPE on CPU and
+CUDA arrays, through libtnorm.
 
 Arrays are taken through DLPack (numpy, torch, cupy, jax...) without a copy, strided rows included,
 and results come back as the caller's own array type. The shared library is found, on first use, at
@@ -7,8 +8,9 @@ ctypes.util.find_library("tnorm").
 """
 
 from ._lib import cuda_available, library_path, library_version
-from ._ops import add_rms_norm, l2_norm, rms_norm
+from ._ops import add_layer_norm, add_rms_norm, l2_norm, layer_norm, rms_norm, rms_norm_rope
 
 __version__ = "0.1.0"
 
-__all__ = ["rms_norm", "l2_norm", "add_rms_norm", "library_path", "library_version", "cuda_available", "__version__"]
+__all__ = ["rms_norm", "rms_norm_rope", "l2_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "library_path",
+           "library_version", "cuda_available", "__version__"]

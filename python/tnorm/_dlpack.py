@@ -139,7 +139,7 @@ def _tn_device(dev_type, dev_id, name):
     if dev_type == KDL_CPU:
         return Device(TN_DEVICE_CPU, 0)
     if dev_type == KDL_CUDA:
-        return Device(TN_DEVICE_CUDA, dev_id)
+        return _cuda_device(dev_id)
     # Pinned or managed memory is reachable from the host, but a CPU call would not wait for the work a
     # stream may still be doing on it: refuse rather than guess.
     what = _DEVICE_NAMES.get(dev_type, f"type {dev_type}")
@@ -147,36 +147,59 @@ def _tn_device(dev_type, dev_id, name):
                      f"device arrays")
 
 
-def _rows(shape, strides, name):
-    """(rows, dim, row_stride) of an N-d array whose leading dimensions collapse into rows without a copy."""
-    if len(shape) == 2 and strides[1] == 1 and shape[0] > 1 and shape[1] > 0:
-        return shape[0], shape[1], strides[0]  # the common case, in short
-    if len(shape) == 0:
+def _rows(shape, strides, name, heads=False):
+    """(rows, dim, row_stride, heads, head_stride) of an N-d array.
+
+    Leading dimensions collapse into rows when they can without a copy. A 3-D array whose leading two
+    cannot (Q heads sliced out of a packed QKV buffer), or any 3-D array when `heads` is asked for (a
+    rope needs its rows to be tokens), is a 3-D view [rows, heads, dim]."""
+    n = len(shape)
+    if not heads:  # the common cases, in short: a 2-D or 1-D array with contiguous rows
+        if n == 2 and strides[1] == 1 and shape[1] > 0:
+            r, d = shape
+            return r, d, strides[0] if r > 1 else d, 1, d
+        if n == 1 and shape[0] > 0 and strides[0] == 1:
+            return 1, shape[0], shape[0], 1, shape[0]
+    if n == 0:
         raise ValueError(f"{name}: is 0-dimensional; needs at least one dimension (1-D is one row)")
     dim = shape[-1]
     rows = 1
-    for n in shape[:-1]:
-        rows *= n
+    for k in shape[:-1]:
+        rows *= k
     if rows == 0 or dim == 0:
-        return rows, dim, dim  # no element: strides mean nothing (the library refuses dim 0 itself)
+        return rows, dim, dim, 1, dim  # no element: strides mean nothing (the library refuses dim 0 itself)
     if dim > 1 and strides[-1] != 1:
         raise ValueError(f"{name}: its last dimension has stride {strides[-1]} elements; must be 1 "
                          f"(rows of contiguous elements)")
+    if heads and n == 3:
+        return _heads_layout(shape, strides)
     # Dimensions of size 1 take no part in the layout, whatever stride they report.
-    lead = [(n, s) for n, s in zip(shape[:-1], strides[:-1]) if n != 1]
+    lead = [(k, s) for k, s in zip(shape[:-1], strides[:-1]) if k != 1]
     if not lead:
-        return rows, dim, dim
+        return rows, dim, dim, 1, dim
     for (n0, s0), (n1, s1) in zip(lead, lead[1:]):
         if s0 != s1 * n1:
+            if n == 3:
+                return _heads_layout(shape, strides)
             raise ValueError(f"{name}: shape {tuple(shape)} with strides {tuple(strides)} (elements) cannot be "
                              f"viewed as rows x {dim} without a copy")
-    return rows, dim, lead[-1][1]
+    return rows, dim, lead[-1][1], 1, dim
 
 
-def _view(data, dtype, shape, strides, device, readonly, copied, keep, name):
-    rows, dim, row_stride = _rows(shape, strides, name)
-    t = Tensor(data or None, dtype, rows, dim, row_stride, device)
-    return View(t, tuple(shape), readonly, copied, keep)
+def _heads_layout(shape, strides):
+    """A 3-D [rows, heads, dim] view; strides of dimensions of size 1 are replaced by ones the library takes
+    (they address nothing)."""
+    rows, heads, dim = shape
+    head_stride = strides[1] if heads > 1 else dim
+    span = (heads - 1) * head_stride + dim
+    return rows, dim, strides[0] if rows > 1 else span, heads, head_stride
+
+
+def _view(data, dtype, shape, strides, device, readonly, copied, keep, name, heads=False):
+    rows, dim, row_stride, n_heads, head_stride = _rows(shape, strides, name, heads)
+    t = Tensor(data or None, dtype, rows, dim, row_stride, device, n_heads, head_stride)
+    # torch.Size is already a tuple: no copy for the common case.
+    return View(t, shape if isinstance(shape, tuple) else tuple(shape), readonly, copied, keep)
 
 
 def _dtype_from_dl(code, bits, lanes, name):
@@ -197,7 +220,7 @@ assert _HEAD_VERSIONED.size == DLManagedTensorVersioned.dl_tensor.offset
 assert _TENSOR.size == ctypes.sizeof(DLTensor) and DLManagedTensor.dl_tensor.offset == 0
 
 
-def _read_capsule(capsule, name):
+def _read_capsule(capsule, name, heads=False, index=False):
     kind = _capsule_get_name(capsule) if type(capsule).__name__ == "PyCapsule" else None
     if kind == b"dltensor_versioned":
         raw = ctypes.string_at(_capsule_get_pointer(capsule, kind), _HEAD_VERSIONED.size + _TENSOR.size)
@@ -211,6 +234,9 @@ def _read_capsule(capsule, name):
     else:
         raise TypeError(f"{name}: __dlpack__ did not return a DLPack capsule (got {capsule!r})")
     data, dev_type, dev_id, ndim, code, bits, lanes, shape_ptr, strides_ptr, byte_offset = fields
+    if index:
+        return _index_view(data + byte_offset, code, bits, lanes, ndim, shape_ptr, strides_ptr,
+                           (dev_type, dev_id), capsule, name)
     dtype = _dtype_from_dl(code, bits, lanes, name)
     int64s = ctypes.c_int64 * ndim
     shape = int64s.from_address(shape_ptr)[:] if ndim else []
@@ -227,6 +253,14 @@ def _read_capsule(capsule, name):
 
 
 _CPU = Device(TN_DEVICE_CPU, 0)
+_CUDA = {}  # CUDA device index -> Device, made once (a ctypes Structure costs about a microsecond)
+
+
+def _cuda_device(index):
+    d = _CUDA.get(index)
+    if d is None:
+        d = _CUDA[index] = Device(TN_DEVICE_CUDA, index)
+    return d
 _numpy_dtypes = None  # numpy dtype -> tn dtype, made on first use (bfloat16 when ml_dtypes is installed)
 
 
@@ -249,7 +283,7 @@ def numpy_dtype_of(tn_dtype):
     return next(dt for dt, t in _numpy_dtype_map().items() if t == tn_dtype)
 
 
-def _numpy_view(arr, name):
+def _numpy_view(arr, name, heads=False):
     """A NumPy array read through its array interface."""
     dt = arr.dtype
     dtype = _numpy_dtype_map().get(dt)
@@ -262,13 +296,13 @@ def _numpy_view(arr, name):
         raise ValueError(f"{name}: strides {byte_strides} (bytes) are not whole elements of {size} bytes")
     iface = arr.__array_interface__
     return _view(iface["data"][0], dtype, arr.shape, [s // size for s in byte_strides], _CPU,
-                 iface["data"][1], False, arr, name)
+                 iface["data"][1], False, arr, name, heads)
 
 
 _torch_dtypes = None  # torch dtype -> tn dtype, made on first use
 
 
-def _torch_view(t, name, cuda_stream, stream_owner):
+def _torch_view(t, name, cuda_stream, stream_owner, heads=False):
     """A View of a torch tensor read from its own attributes, or None to leave it to DLPack.
 
     torch's DLPack export costs tens of microseconds a tensor (a decode step passes three or four); the
@@ -286,14 +320,13 @@ def _torch_view(t, name, cuda_stream, stream_owner):
     if dtype is None:
         kind = str(t.dtype).rpartition(".")[2]  # "float64", as for the other array types
         raise TypeError(f"{name}: unsupported dtype {kind}; tnorm takes float32, float16 and bfloat16")
-    dev = t.device
-    if dev.type == "cpu":
+    if t.is_cpu:
         device = _CPU
-    elif dev.type == "cuda" and (cuda_stream is None or stream_owner == "torch"):
-        device = Device(TN_DEVICE_CUDA, dev.index)
+    elif t.is_cuda and (cuda_stream is None or stream_owner == "torch"):
+        device = _cuda_device(t.get_device())
     else:
         return None
-    return _view(t.data_ptr(), dtype, t.shape, t.stride(), device, False, False, t, name)
+    return _view(t.data_ptr(), dtype, t.shape, t.stride(), device, False, False, t, name, heads)
 
 
 def dlpack_stream(stream):
@@ -302,21 +335,21 @@ def dlpack_stream(stream):
     return 1 if not stream else stream
 
 
-def export(obj, name, cuda_stream=None, stream_owner=None, device=None):
+def export(obj, name, cuda_stream=None, stream_owner=None, device=None, heads=False):
     """A View of obj. cuda_stream: the stream the op will run on (an int), when it runs on a CUDA device;
     a CUDA producer then orders its pending work on obj before that stream, as the protocol asks.
     stream_owner: the library whose current stream cuda_stream is (or None). Its own arrays are exported
     with stream=-1 (no synchronisation): their pending work is already on that stream, and torch's
     cross-stream check costs more than the rest of the export. device: obj's device_of(), when known."""
     if _is_torch_tensor(obj):
-        view = _torch_view(obj, name, cuda_stream, stream_owner)
+        view = _torch_view(obj, name, cuda_stream, stream_owner, heads)
         if view is not None:
             return view
     if _is_numpy_array(obj):
         # The array interface gives what a DLPack export would, at a fraction of the cost of making and
         # reading a capsule (a decode step calls with three or four small arrays), and takes what
         # numpy's export refuses: read-only arrays (inputs) and ml_dtypes' bfloat16.
-        return _numpy_view(obj, name)
+        return _numpy_view(obj, name, heads)
     dev_type, dev_id = device or device_of(obj, name)
     if dev_type != KDL_CPU and dev_type != KDL_CUDA:
         _tn_device(dev_type, dev_id, name)  # refuses it before asking for an export
@@ -331,3 +364,68 @@ def export(obj, name, cuda_stream=None, stream_owner=None, device=None):
     except TypeError:  # a producer from before DLPack 1.0 takes no max_version
         capsule = obj.__dlpack__(**kwargs)
     return _read_capsule(capsule, name)
+
+
+# ---- integer index arrays (a rope's positions) ----
+
+class Index:
+    """A 1-D run of int32 or int64 values: its address, whether they are int64, its element count, its
+    (DLDeviceType, id), and what owns the memory until the call returns."""
+
+    __slots__ = ("data", "is_i64", "count", "device", "keep")
+
+    def __init__(self, data, is_i64, count, device, keep):
+        self.data, self.is_i64, self.count, self.device, self.keep = data, is_i64, count, device, keep
+
+
+def _index_view(data, code, bits, lanes, ndim, shape_ptr, strides_ptr, device, keep, name):
+    if code != 0 or bits not in (32, 64) or lanes != 1:
+        kind = _DL_CODE_NAMES.get(code, f"code {code}")
+        raise TypeError(f"{name}: dtype {kind}{bits}; must be int32 or int64")
+    int64s = ctypes.c_int64 * ndim
+    shape = int64s.from_address(shape_ptr)[:] if ndim else []
+    strides = int64s.from_address(strides_ptr)[:] if ndim and strides_ptr else None
+    return _index_checked(data, bits == 64, shape, strides, device, keep, name)
+
+
+def _index_checked(data, is_i64, shape, strides, device, keep, name):
+    count = 1
+    for k in shape:
+        count *= k
+    if strides is not None and count > 1:
+        step = 1
+        for k, s in zip(reversed(shape), reversed(strides)):
+            if k != 1 and s != step:
+                raise ValueError(f"{name}: must be contiguous (shape {tuple(shape)}, strides {tuple(strides)})")
+            step *= k
+    return Index(data or None, is_i64, count, device, keep)
+
+
+def export_index(obj, name, cuda_stream=None, stream_owner=None):
+    """An Index of an int32/int64 array (torch, numpy, or any DLPack producer)."""
+    if _is_torch_tensor(obj):
+        torch = sys.modules["torch"]
+        if obj.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}: dtype {str(obj.dtype).rpartition('.')[2]}; must be int32 or int64")
+        dev = obj.device
+        device = (KDL_CUDA, dev.index) if dev.type == "cuda" else (KDL_CPU, 0) if dev.type == "cpu" else None
+        if device is not None and (dev.type == "cpu" or cuda_stream is None or stream_owner == "torch"):
+            return _index_checked(obj.data_ptr(), obj.dtype == torch.int64, list(obj.shape), list(obj.stride()),
+                                  device, obj, name)
+    if _is_numpy_array(obj):
+        np = sys.modules["numpy"]
+        if obj.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+            raise TypeError(f"{name}: dtype {obj.dtype}; must be int32 or int64")
+        size = obj.dtype.itemsize
+        return _index_checked(obj.__array_interface__["data"][0], size == 8, list(obj.shape),
+                              [s // size for s in obj.strides], (KDL_CPU, 0), obj, name)
+    dev_type, dev_id = device_of(obj, name)
+    kwargs = {}
+    if dev_type == KDL_CUDA and cuda_stream is not None:
+        same = stream_owner is not None and library_of(obj) == stream_owner
+        kwargs["stream"] = -1 if same else dlpack_stream(cuda_stream)
+    try:
+        capsule = obj.__dlpack__(max_version=(1, 0), **kwargs)
+    except TypeError:
+        capsule = obj.__dlpack__(**kwargs)
+    return _read_capsule(capsule, name, index=True)

@@ -36,6 +36,47 @@ class Tensor(ctypes.Structure):
     ]
 
 
+class Rope(ctypes.Structure):
+    """tn_rope: the rotation fused after rms_norm."""
+    _fields_ = [
+        ("style", ctypes.c_int),
+        ("rotary_dim", ctypes.c_int64),
+        ("positions", ctypes.c_void_p),
+        ("positions_i64", ctypes.c_int),
+        ("theta", ctypes.c_float),
+        ("cos_sin", ctypes.POINTER(Tensor)),
+    ]
+
+
+class OpArgs(ctypes.Structure):
+    """tn_op_args: one descriptor for every op (tn_op_run)."""
+    _fields_ = [
+        ("op", ctypes.c_int),
+        ("x", ctypes.POINTER(Tensor)),
+        ("weight", ctypes.POINTER(Tensor)),
+        ("mul", ctypes.POINTER(Tensor)),
+        ("residual", ctypes.POINTER(Tensor)),
+        ("y", ctypes.POINTER(Tensor)),
+        ("residual_out", ctypes.POINTER(Tensor)),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("weight_offset", ctypes.c_float),
+        ("bias", ctypes.POINTER(Tensor)),
+        ("casting", ctypes.c_int),
+        ("residual_mode", ctypes.c_int),
+        ("l2_mode", ctypes.c_int),
+        ("rope", Rope),
+    ]
+
+
+# tn_op, and the modes' enumerators, by the names the Python functions take
+TN_OP_RMS_NORM, TN_OP_L2_NORM, TN_OP_ADD_RMS_NORM, TN_OP_LAYER_NORM, TN_OP_ADD_LAYER_NORM = 0, 1, 2, 6, 7
+CASTINGS = {"exact": 0, "llama": 1}
+RESIDUAL_MODES = {"stored": 0, "f32": 1}
+L2_CONVENTIONS = {"rsqrt_eps": 0, "max_norm_eps": 1}
+ROPE_STYLES = {"neox": 1, "gptj": 2}
+
+
 # ---- statuses -> exceptions ----
 
 # Everything the caller got wrong (shapes, strides, dtypes that do not agree, scalars, overlap) is a
@@ -59,6 +100,7 @@ _PROTOTYPES = {
     "tn_l2_norm": (ctypes.c_int, [_PTR, _T, _F, _F, _T]),
     "tn_add_rms_norm": (ctypes.c_int, [_PTR, _T, _T, _T, _F, _F, _T, _T]),
     "tn_add_rms_norm_mul": (ctypes.c_int, [_PTR, _T, _T, _T, _F, _T, _F, _T, _T]),
+    "tn_op_run": (ctypes.c_int, [_PTR, ctypes.POINTER(OpArgs)]),
 }
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -150,6 +192,7 @@ class _Context:
         if st != 0:
             raise RuntimeError(f"tnorm: tn_context_create failed: {lib().tn_status_name(st).decode()}")
         self.handle = handle
+        self.cuda_stream = None  # the stream last set for CUDA on this context (None: never set)
         self.thread = weakref.ref(threading.current_thread())
         with _registry_lock:
             _registry.add(self)
@@ -176,13 +219,27 @@ _registry = weakref.WeakSet()
 _local = threading.local()
 
 
-def context():
-    """This thread's context handle, created on first use."""
+def context_object():
+    """This thread's _Context, created on first use."""
     ctx = getattr(_local, "ctx", None)
     if ctx is None or ctx.handle is None:  # none yet, or destroyed by the exit-time cleanup
         ctx = _Context()
         _local.ctx = ctx
-    return ctx.handle
+    return ctx
+
+
+def context():
+    """This thread's context handle, created on first use."""
+    return context_object().handle
+
+
+def set_cuda_stream(stream):
+    """Queues this thread's later CUDA calls on `stream` (an int; 0: the legacy default stream). The
+    context is this binding's own, so the stream last set is remembered and not set again."""
+    ctx = context_object()
+    if ctx.cuda_stream != stream:
+        raise_for_status(lib().tn_context_set_stream(ctx.handle, TN_DEVICE_CUDA, stream or None))
+        ctx.cuda_stream = stream
 
 
 @atexit.register
