@@ -120,7 +120,7 @@ class _Call:
         # rows x dim disagreements are left to the library, whose message says what it saw; here only
         # shapes that flatten alike but differ (an output (6, 8) for an x (2, 3, 8)).
         if v.rows_dim == self.x.rows_dim and v.shape != self.x.shape:
-            raise ValueError(f"{self.op}: {name} has shape {v.shape}, x has shape {self.x.shape}")
+            raise ValueError(f"{self.op}: {name} has shape {tuple(v.shape)}, x has shape {tuple(self.x.shape)}")
 
     def run(self, fn, *args):
         lib = _lib.lib()
