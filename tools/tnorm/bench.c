@@ -26,12 +26,20 @@
 #define MAX_SETS 64
 #define BATCHES 9 /* timed batches per measurement; the median is reported */
 
+/* The bench's ops: the library's, then rms_norm with a rope (a NEOX rotation of every head, positions
+ * one per token) with its cos/sin from an f32 table or computed from theta. */
+enum { BENCH_ROPE_TABLE = TN_OP_COUNT, BENCH_ROPE_THETA, BENCH_OP_COUNT };
+static const char *const bench_rope_names[] = {"rms_norm_rope", "rms_norm_rope_theta"};
+#define ROPE_TABLE_ROWS 4096 /* positions in the table; token t is at position t % ROPE_TABLE_ROWS */
+
+static const char *bench_op_name(int op) { return op < TN_OP_COUNT ? tn_op_name((tn_op)op) : bench_rope_names[op - TN_OP_COUNT]; }
+
 typedef struct bench_options {
   cli_device device;
   const char *csv;
-  int64_t shapes[MAX_SHAPES][2];
+  int64_t shapes[MAX_SHAPES][3]; /* rows, heads, dim */
   int shape_count;
-  int ops[TN_OP_COUNT];
+  int ops[BENCH_OP_COUNT];
   int dtypes[TN_DTYPE_COUNT];
   long long iters; /* 0: automatic, ~0.3 s per measurement */
 } bench_options;
@@ -164,13 +172,16 @@ static double time_copy(bench_call *c, cpu_copier *copier, int streaming) {
  * the calls rotate through, and close enough in time that a host whose bandwidth drifts (a shared
  * machine's does, by 10-30%) moves both alike; the median of each. Returns 0, -1 when out of memory, -2
  * on an op error. */
-static int measure(tn_context *ctx, tn_device dev, tn_op op, tn_dtype dtype, int64_t rows, int64_t dim,
-                   long long iters, cpu_copier *copier, measurement *out) {
+static int measure(tn_context *ctx, tn_device dev, int bench_op, tn_dtype dtype, int64_t rows, int64_t heads,
+                   int64_t dim, long long iters, cpu_copier *copier, measurement *out) {
   tn_rng rng = {0x5eed ^ (uint64_t)(rows * 31 + dim)};
-  size_t elems = (size_t)rows * (size_t)dim, es = tn_dtype_size(dtype);
-  /* add_rms_norm: x, residual, y, residual_out; add and mul: x, b, y; the others: x, y. */
-  int is_add = op == TN_OP_ADD_RMS_NORM, has_b = op == TN_OP_ADD || op == TN_OP_MUL;
-  int has_weight = op == TN_OP_RMS_NORM || op == TN_OP_ADD_RMS_NORM;
+  const int rope = bench_op >= TN_OP_COUNT;
+  const tn_op op = rope ? TN_OP_RMS_NORM : (tn_op)bench_op;
+  size_t elems = (size_t)rows * (size_t)heads * (size_t)dim, es = tn_dtype_size(dtype);
+  /* add_rms_norm, add_layer_norm: x, residual, y, residual_out; add and mul: x, b, y; the others: x, y. */
+  int is_add = op == TN_OP_ADD_RMS_NORM || op == TN_OP_ADD_LAYER_NORM, has_b = op == TN_OP_ADD || op == TN_OP_MUL;
+  int is_layer = op == TN_OP_LAYER_NORM || op == TN_OP_ADD_LAYER_NORM;
+  int has_weight = op == TN_OP_RMS_NORM || op == TN_OP_ADD_RMS_NORM || is_layer;
   double row_operands = is_add ? 4 : has_b ? 3 : 2;
   double set_bytes = (double)elems * (double)es * row_operands;
   size_t sets = (size_t)(ROTATION_BYTES / set_bytes) + 1;
@@ -179,18 +190,45 @@ static int measure(tn_context *ctx, tn_device dev, tn_op op, tn_dtype dtype, int
   char *x = alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
   char *y = failed ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
   void *w = failed ? NULL : alloc_random(ctx, dev, dtype, (size_t)dim, 1, &rng, 1.0, &failed);
+  void *bias = failed || !is_layer ? NULL : alloc_random(ctx, dev, dtype, (size_t)dim, 1, &rng, 0.0, &failed);
+  /* The rope's positions (int64, one per token) and its f32 cos/sin table. */
+  void *positions = NULL, *table = NULL;
+  if (!failed && rope) {
+    int64_t *host = malloc((size_t)rows * sizeof *host);
+    if (host == NULL || tn_malloc(ctx, dev, (size_t)rows * sizeof *host, &positions) != TN_OK) failed = 1;
+    for (int64_t t = 0; !failed && t < rows; t++) host[t] = t % ROPE_TABLE_ROWS;
+    if (!failed && tn_memcpy(ctx, positions, dev, host, tn_cpu_device(), (size_t)rows * sizeof *host) != TN_OK)
+      failed = 1;
+    free(host);
+    if (!failed && bench_op == BENCH_ROPE_TABLE)
+      table = alloc_random(ctx, dev, TN_F32, (size_t)ROPE_TABLE_ROWS * (size_t)dim, 1, &rng, 0.0, &failed);
+  }
   char *r = failed || !(is_add || has_b) ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
   char *ro = failed || !is_add ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
   double times[BATCHES], memcpy_bw[BATCHES], stream_bw[BATCHES];
   tn_event *start = NULL, *end = NULL;
   int rc = -1;
   if (failed || tn_event_create(ctx, dev, &start) != TN_OK || tn_event_create(ctx, dev, &end) != TN_OK) goto out;
-  tn_tensor xt = tn_tensor_on(tn_tensor_2d(x, dtype, rows, dim), dev), yt = xt, rt = xt, rot = xt;
+  /* [rows, heads, dim], contiguous: a 3-D view for the rope (its positions are per token), else rows of dim. */
+  tn_tensor xt = tn_tensor_on(rope ? tn_tensor_heads(x, dtype, rows, heads, dim, heads * dim, dim)
+                                   : tn_tensor_2d(x, dtype, rows * heads, dim), dev);
+  tn_tensor yt = xt, rt = xt, rot = xt;
   tn_tensor wt = tn_tensor_on(tn_tensor_vector(w, dtype, dim), dev);
+  tn_tensor bt = tn_tensor_on(tn_tensor_vector(bias, dtype, dim), dev);
+  tn_tensor cs = tn_tensor_on(tn_tensor_2d(table, TN_F32, ROPE_TABLE_ROWS, dim), dev);
   tn_op_args a = tn_op_args_init(op);
   a.x = &xt;
   a.y = &yt;
   a.weight = has_weight ? &wt : NULL;
+  a.bias = is_layer ? &bt : NULL;
+  if (is_layer) a.eps = 1e-5f;
+  if (rope) {
+    a.rope.style = TN_ROPE_NEOX;
+    a.rope.positions = positions;
+    a.rope.positions_i64 = 1;
+    a.rope.theta = 10000.0f;
+    a.rope.cos_sin = table != NULL ? &cs : NULL;
+  }
   a.residual = is_add || op == TN_OP_ADD ? &rt : NULL;
   a.mul = op == TN_OP_MUL ? &rt : NULL;
   a.residual_out = is_add ? &rot : NULL;
@@ -217,7 +255,12 @@ static int measure(tn_context *ctx, tn_device dev, tn_op op, tn_dtype dtype, int
     }
   }
   out->seconds = median_of_batches(times);
-  out->bytes = set_bytes + (has_weight ? (double)dim * (double)es : 0.0);
+  /* Each vector operand once; the rope's positions, and the table rows its positions reach. */
+  out->bytes = set_bytes + (has_weight ? (double)dim * (double)es : 0.0) + (is_layer ? (double)dim * (double)es : 0.0);
+  if (rope) {
+    const double reached = (double)(rows < ROPE_TABLE_ROWS ? rows : ROPE_TABLE_ROWS);
+    out->bytes += 8.0 * (double)rows + (table != NULL ? reached * (double)dim * 4.0 : 0.0);
+  }
   out->copy = (copy_ceiling){0.0, 0.0};
   if (copier != NULL) {
     const double memcpy_median = median_of_batches(memcpy_bw), stream_median = median_of_batches(stream_bw);
@@ -230,7 +273,8 @@ out:
   tn_event_destroy(end);
   /* The first error's message stays on ctx for the caller. */
   cli_free_quietly(dev, x), cli_free_quietly(dev, y), cli_free_quietly(dev, w), cli_free_quietly(dev, r);
-  cli_free_quietly(dev, ro);
+  cli_free_quietly(dev, ro), cli_free_quietly(dev, bias), cli_free_quietly(dev, positions);
+  cli_free_quietly(dev, table);
   return rc;
 }
 
@@ -262,8 +306,8 @@ out:
 
 /* ---- options ---- */
 
-static const int64_t default_shapes[][2] = {{1, 4096},   {64, 4096},  {4096, 4096}, {131072, 128},
-                                            {8192, 2048}, {512, 16384}, {16, 65536}};
+static const int64_t default_shapes[][3] = {{1, 1, 4096},    {64, 1, 4096},   {4096, 1, 4096}, {131072, 1, 128},
+                                            {8192, 1, 2048},  {512, 1, 16384}, {16, 1, 65536},  {8192, 40, 128}};
 
 static int parse_shapes(const char *s, bench_options *o) {
   o->shape_count = 0;
@@ -271,19 +315,31 @@ static int parse_shapes(const char *s, bench_options *o) {
   if (copy == NULL) return cli_fail("out of memory");
   int rc = CLI_OK;
   for (char *tok = strtok_r(copy, ",", &save); tok != NULL; tok = strtok_r(NULL, ",", &save)) {
-    char *xpos = strchr(tok, 'x');
-    long long rows, dim;
-    if (xpos == NULL || o->shape_count == MAX_SHAPES) {
-      rc = cli_usage("--shapes: '%s' is not ROWSxDIM (at most %d shapes)", tok, MAX_SHAPES);
+    /* ROWSxDIM, or TOKENSxHEADSxDIM (the per-head ops see a 3-D view; the others its rows of dim). */
+    long long v[3];
+    int n = 0;
+    char *part = tok, *xpos;
+    int bad = o->shape_count == MAX_SHAPES;
+    while (!bad) {
+      xpos = strchr(part, 'x');
+      if (xpos != NULL) *xpos = '\0';
+      if (n == 3 || cli_parse_count(part, &v[n]) != 0) bad = 1;
+      n++;
+      if (xpos == NULL) break;
+      part = xpos + 1;
+    }
+    if (bad || n < 2) {
+      rc = cli_usage("--shapes: '%s' is not ROWSxDIM or TOKENSxHEADSxDIM (at most %d shapes)", tok, MAX_SHAPES);
       break;
     }
-    *xpos = '\0';
-    if (cli_parse_count(tok, &rows) != 0 || cli_parse_count(xpos + 1, &dim) != 0 || rows > (1ll << 40) / dim) {
-      rc = cli_usage("--shapes: '%sx%s' is not a valid ROWSxDIM", tok, xpos + 1);
+    long long rows = v[0], heads = n == 3 ? v[1] : 1, dim = v[n - 1];
+    if (dim == 0 || heads == 0 || rows > (1ll << 40) / dim / heads) {
+      rc = cli_usage("--shapes: '%s' is not a valid shape", tok);
       break;
     }
     o->shapes[o->shape_count][0] = rows;
-    o->shapes[o->shape_count][1] = dim;
+    o->shapes[o->shape_count][1] = heads;
+    o->shapes[o->shape_count][2] = dim;
     o->shape_count++;
   }
   free(copy);
@@ -311,6 +367,12 @@ static int parse_list(const char *flag, const char *s, int *flags, int count, in
 }
 
 static int parse_op_index(const char *s, int *out) {
+  for (int k = TN_OP_COUNT; k < BENCH_OP_COUNT; k++) {
+    if (strcmp(s, bench_op_name(k)) == 0) {
+      *out = k;
+      return 0;
+    }
+  }
   tn_op op;
   if (cli_parse_op(s, &op) != 0) return -1;
   *out = (int)op;
@@ -333,7 +395,7 @@ static int parse_bench_options(int argc, char **argv, bench_options *o) {
   o->device = CLI_DEVICE_AUTO;
   o->shape_count = (int)(sizeof default_shapes / sizeof default_shapes[0]);
   memcpy(o->shapes, default_shapes, sizeof default_shapes);
-  for (int i = 0; i < TN_OP_COUNT; i++) o->ops[i] = 1;
+  for (int i = 0; i < BENCH_OP_COUNT; i++) o->ops[i] = 1;
   for (int i = 0; i < TN_DTYPE_COUNT; i++) o->dtypes[i] = 1;
   opterr = 0;
   optind = 1;
@@ -345,7 +407,7 @@ static int parse_bench_options(int argc, char **argv, bench_options *o) {
         break;
       case 'c': o->csv = optarg; break;
       case 's': rc = parse_shapes(optarg, o); break;
-      case 'o': rc = parse_list("ops", optarg, o->ops, TN_OP_COUNT, parse_op_index); break;
+      case 'o': rc = parse_list("ops", optarg, o->ops, BENCH_OP_COUNT, parse_op_index); break;
       case 't': rc = parse_list("dtypes", optarg, o->dtypes, TN_DTYPE_COUNT, parse_dtype_index); break;
       case 'i':
         if (cli_parse_count(optarg, &o->iters) != 0 || o->iters > 1000000)
@@ -397,20 +459,21 @@ int cli_bench_main(int argc, char **argv) {
            "times are CUDA events over batches of back-to-back calls (median of %d batches)\n\n",
            dev.index, COPY_BYTES >> 20, ceiling * 1e-9, BATCHES);
   if (dev.kind != TN_DEVICE_CPU) threads = 0;
-  printf("%-13s %-5s %15s %12s %10s %9s %9s\n", "op", "dtype", "shape", "time (us)", "GB/s", "% ceiling", "% memcpy");
+  printf("%-19s %-5s %15s %12s %10s %9s %9s\n", "op", "dtype", "shape", "time (us)", "GB/s", "% ceiling", "% memcpy");
   if (csv != NULL)
     fprintf(csv, "device,op,dtype,rows,dim,threads,time_us,gbps,ceiling_gbps,pct_ceiling,memcpy_gbps,pct_memcpy\n");
-  for (int op = 0; op < TN_OP_COUNT && rc == CLI_OK; op++) {
+  for (int op = 0; op < BENCH_OP_COUNT && rc == CLI_OK; op++) {
     if (!o.ops[op]) continue;
     for (int d = 0; d < TN_DTYPE_COUNT && rc == CLI_OK; d++) {
       if (!o.dtypes[d]) continue;
       for (int si = 0; si < o.shape_count; si++) {
         measurement m;
-        int64_t rows = o.shapes[si][0], dim = o.shapes[si][1];
-        int mr = measure(ctx, dev, (tn_op)op, (tn_dtype)d, rows, dim, o.iters, copier, &m);
+        int64_t rows = o.shapes[si][0], heads = o.shapes[si][1], dim = o.shapes[si][2];
+        if (op >= TN_OP_COUNT && dim > TN_ROPE_MAX_DIM) continue; /* a rope's heads are short */
+        int mr = measure(ctx, dev, op, (tn_dtype)d, rows, heads, dim, o.iters, copier, &m);
         if (mr == -1) {
-          rc = cli_fail("bench: out of memory for %s %s %" PRId64 " x %" PRId64, tn_op_name((tn_op)op),
-                        tn_dtype_name((tn_dtype)d), rows, dim);
+          rc = cli_fail("bench: out of memory for %s %s %" PRId64 " x %" PRId64 " x %" PRId64, bench_op_name(op),
+                        tn_dtype_name((tn_dtype)d), rows, heads, dim);
           break;
         }
         if (mr == -2) {
@@ -420,14 +483,15 @@ int cli_bench_main(int argc, char **argv) {
         const copy_ceiling line = copier != NULL ? m.copy : cc;
         double gbps = m.bytes / m.seconds * 1e-9, pct = 100.0 * m.bytes / m.seconds / line.best_bw;
         double pct_memcpy = 100.0 * m.bytes / m.seconds / line.memcpy_bw;
-        char shape[48];
-        snprintf(shape, sizeof shape, "%" PRId64 "x%" PRId64, rows, dim);
-        printf("%-13s %-5s %15s %12.2f %10.1f %8.1f%% %8.1f%%\n", tn_op_name((tn_op)op), tn_dtype_name((tn_dtype)d),
+        char shape[64];
+        if (heads > 1) snprintf(shape, sizeof shape, "%" PRId64 "x%" PRId64 "x%" PRId64, rows, heads, dim);
+        else snprintf(shape, sizeof shape, "%" PRId64 "x%" PRId64, rows, dim);
+        printf("%-19s %-5s %15s %12.2f %10.1f %8.1f%% %8.1f%%\n", bench_op_name(op), tn_dtype_name((tn_dtype)d),
                shape, m.seconds * 1e6, gbps, pct, pct_memcpy);
         if (csv != NULL)
-          fprintf(csv, "%s,%s,%s,%" PRId64 ",%" PRId64 ",%d,%.3f,%.3f,%.3f,%.2f,%.3f,%.2f\n", cli_device_name(dev), tn_op_name((tn_op)op),
-                  tn_dtype_name((tn_dtype)d), rows, dim, threads, m.seconds * 1e6, gbps, line.best_bw * 1e-9, pct,
-                  line.memcpy_bw * 1e-9, pct_memcpy);
+          fprintf(csv, "%s,%s,%s,%" PRId64 ",%" PRId64 ",%d,%.3f,%.3f,%.3f,%.2f,%.3f,%.2f\n", cli_device_name(dev),
+                  bench_op_name(op), tn_dtype_name((tn_dtype)d), rows * heads, dim, threads, m.seconds * 1e6, gbps,
+                  line.best_bw * 1e-9, pct, line.memcpy_bw * 1e-9, pct_memcpy);
       }
     }
   }
