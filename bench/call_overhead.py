@@ -65,7 +65,7 @@ def main():
     # The C call with every argument ready: what the library itself costs per call.
     tnorm.rms_norm(x, w, out=y)  # loads the library, makes the context, compiles the kernel
     lib, ctx = _lib.lib(), _lib.context()
-    stream = _ops._current_stream(x, dev.index) if cuda else None
+    stream = _ops._current_stream(x, x.get_device()) if cuda else None
     xv = _dlpack.export(x, "x", stream, "torch")
     wv = _dlpack.export(w, "weight", stream, "torch")
     yv = _dlpack.export(y, "out", stream, "torch")
@@ -81,7 +81,7 @@ def main():
           lambda: (_dlpack.export(x, "x", stream, "torch"), _dlpack.export(w, "w", stream, "torch"),
                    _dlpack.export(y, "y", stream, "torch")))
     if cuda:
-        timed("  current stream", lambda: _ops._current_stream(x, dev.index))
+        timed("  current stream", lambda: _ops._current_stream(x, x.get_device()))
         timed("  tn_context_set_stream", lambda: lib.tn_context_set_stream(ctx, 1, stream or None))
     timed("  C call tn_rms_norm, arguments ready", lambda: lib.tn_rms_norm(ctx, X, W, 0.0, 1e-6, Y))
 
