@@ -1,30 +1,9 @@
 /* add_rms_norm: s = round(x + residual); residual_out = s; y = rms_norm(s) * (w + offset) [* m].
- * The norm is computed from exactly the rounded s (the HF and vLLM semantics): the scratch row holds s
- * rounded to the dtype, and residual_out receives the same rounded values. */
+ * By default the norm is computed from exactly the rounded s (the HF and vLLM semantics): the scratch row
+ * holds s rounded to the residual's dtype, and residual_out receives the same rounded values. With
+ * TN_RESIDUAL_NORM_F32 the scratch row keeps the float32 sum instead; with an f32 residual stream the
+ * two are the same (tn_residual_add). */
 #include "row_kernels.h"
-
-/* s = round(x + res) for one row, in blocks: each block's rounded values also go to residual_out. */
-TN_INLINE void add_round_store(tn_dtype dtype, const void *x, const void *res, void *out, float *s, int64_t n,
-                               int stream) {
-  float xf[TN_BLOCK], rf[TN_BLOCK];
-  uint16_t u16[TN_BLOCK];
-  const size_t es = tn_elem_size(dtype);
-  for (int64_t b = 0; b < n; b += TN_BLOCK) {
-    int64_t len = n - b < TN_BLOCK ? n - b : TN_BLOCK;
-    const float *xb = tn_row_as_f32(dtype, (const char *)x + (size_t)b * es, len, xf);
-    const float *rb = tn_row_as_f32(dtype, (const char *)res + (size_t)b * es, len, rf);
-    for (int64_t i = 0; i < len; i++) s[b + i] = xb[i] + rb[i];
-    void *dst = (char *)out + (size_t)b * es;
-    if (dtype == TN_F32) {
-      tn_copy_out(dst, s + b, (size_t)len * 4, stream);
-    } else {
-      /* Round once to the dtype, store those bits, and keep their exact float32 value in s. */
-      tn_f32_to_half_block(dtype, s + b, u16, len);
-      tn_half_to_f32_block(dtype, u16, s + b, len);
-      tn_copy_out(dst, u16, (size_t)len * 2, stream);
-    }
-  }
-}
 
 #ifdef TN_CONVERT_AVX2
 /* f16/bf16 in one pass with AVX2: s = round(x + res) to out and to the scratch row, 16 elements at a time,
@@ -59,22 +38,25 @@ TN_INLINE void add_rms_norm_rows(const tn_cpu_call *c, float *s, int64_t begin, 
                                  int has_w, int has_m) {
   const tn_op_args *a = c->args;
   const int64_t dim = a->x->dim;
+  const tn_dtype rdtype = a->residual->dtype;
+  const int norm_f32 = a->residual_mode == TN_RESIDUAL_NORM_F32;
+  const int llama = a->casting == TN_CASTING_LLAMA;
   for (int64_t r = begin; r < end; r++) {
     const void *x = tn_row_ptr(a->x, r), *res = tn_row_ptr(a->residual, r);
     void *out = tn_row_ptr(a->residual_out, r);
     float sum_sq;
 #ifdef TN_CONVERT_AVX2
-    if (dtype != TN_F32) {
+    if (dtype != TN_F32 && rdtype == dtype && !norm_f32) {
       sum_sq = add_round_store_sum_avx2(dtype, x, res, out, s, dim, c->stream);
     } else
 #endif
     {
-      add_round_store(dtype, x, res, out, s, dim, c->stream);
+      tn_residual_add_any(dtype, rdtype, norm_f32, x, res, out, s, dim, c->stream);
       sum_sq = tn_sum_squares(s, dim);
     }
     const float *v = s;
-    float inv = tn_row_scale(sum_sq, &v, s, dim, (float)dim, a->eps);
-    tn_row_emit(dtype, tn_row_ptr(a->y, r), v, 0, dim, inv, has_w, c->weight, has_m,
+    float inv = tn_row_scale(sum_sq, &v, s, dim, (float)dim, a->eps, TN_SCALE_RSQRT);
+    tn_row_emit(dtype, tn_row_ptr(a->y, r), v, 0, dim, inv, llama, has_w, c->weight, has_m,
                 has_m ? tn_row_ptr(a->mul, r) : NULL, 0, 1.0f, c->round_before_last, c->stream,
                 tn_next_row_of(a->x, a->residual, r, end));
   }

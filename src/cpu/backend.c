@@ -3,11 +3,14 @@
  * obtained before the first row runs, so a failure writes nothing. */
 #include "backend.h"
 
+#include <inttypes.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../core/dtype.h"
 #include "../core/error.h"
+#include "../core/tensor.h"
 #include "device.h"
 #include "ops.h"
 #include "thread_pool.h"
@@ -26,8 +29,9 @@
   {#isa,                                                                                        \
    {[TN_OP_RMS_NORM] = tn_cpu_rms_norm_rows_##isa, [TN_OP_L2_NORM] = tn_cpu_l2_norm_rows_##isa,   \
     [TN_OP_ADD_RMS_NORM] = tn_cpu_add_rms_norm_rows_##isa, [TN_OP_ADD] = tn_cpu_elementwise_rows_##isa, \
-    [TN_OP_MUL] = tn_cpu_elementwise_rows_##isa, [TN_OP_SCALE] = tn_cpu_elementwise_rows_##isa},          \
-   tn_cpu_prepare_weight_##isa}
+    [TN_OP_MUL] = tn_cpu_elementwise_rows_##isa, [TN_OP_SCALE] = tn_cpu_elementwise_rows_##isa,           \
+    [TN_OP_LAYER_NORM] = tn_cpu_layer_norm_rows_##isa, [TN_OP_ADD_LAYER_NORM] = tn_cpu_layer_norm_rows_##isa}, \
+   tn_cpu_rms_norm_rope_rows_##isa, tn_cpu_prepare_weight_##isa, tn_cpu_prepare_vector_##isa}
 
 static const tn_cpu_kernels generic_kernels = TN_CPU_KERNEL_SET(generic);
 #ifdef TNORM_CPU_V3
@@ -58,7 +62,7 @@ typedef struct row_job {
   tn_cpu_rows_fn fn;
   const tn_cpu_call *call;
   float *scratch; /* chunks rows of dim floats */
-  int64_t rows, dim, chunks;
+  int64_t rows, dim, chunks; /* rows: the units the op's row function counts (vectors for 3-D views) */
 } row_job;
 
 static void run_chunk(void *p, int64_t chunk) {
@@ -105,26 +109,64 @@ static tn_status ensure_buffer(cpu_state *s, tn_context *ctx, size_t n) {
   return TN_OK;
 }
 
+/* The rope's table is indexed by positions only the host can read: every one is checked before any row
+ * runs, so a bad one writes nothing. */
+static tn_status check_rope_positions(tn_context *ctx, const tn_op_args *args) {
+  const tn_rope *rope = &args->rope;
+  if (rope->cos_sin == NULL) return TN_OK;
+  const int64_t table_rows = rope->cos_sin->rows;
+  for (int64_t r = 0; r < args->x->rows; r++) {
+    const int64_t pos = rope->positions_i64 ? ((const int64_t *)rope->positions)[r]
+                                            : (int64_t)((const int32_t *)rope->positions)[r];
+    TN_RETURN_ERROR_IF(pos < 0 || pos >= table_rows, ctx, TN_ERR_VALUE,
+                       "%s: rope position %" PRId64 " of row %" PRId64 " is outside the cos_sin table (rows 0 to %" PRId64
+                       ")",
+                       tn_op_name(args->op), pos, r, table_rows - 1);
+  }
+  return TN_OK;
+}
+
 static tn_status cpu_run(void *state, tn_context *ctx, const tn_op_args *args, const tn_run_options *options) {
   cpu_state *s = state;
-  const int64_t rows = args->x->rows, dim = args->x->dim;
+  const int rope = args->op == TN_OP_RMS_NORM && args->rope.style != TN_ROPE_NONE;
+  if (rope) TN_FORWARD_IF_ERROR(check_rope_positions(ctx, args));
+  /* The units of work: rows, or for 3-D views every head of every row (each is normalised on its own). */
+  const int64_t rows = args->x->rows * tn_tensor_head_count(args->x), dim = args->x->dim;
   const int threads = tn_threads_wanted(ctx);
   int parallel = rows >= 2 && rows * dim >= TN_CPU_PARALLEL_MIN_ELEMENTS && threads > 1;
   if (parallel) TN_FORWARD_IF_ERROR(ensure_pool(s, ctx, threads));
   int64_t chunks = parallel ? (int64_t)tn_thread_pool_size(s->pool) * TN_CPU_CHUNKS_PER_THREAD : 1;
   if (chunks > rows) chunks = rows;
-  int has_weight = args->weight != NULL;
-  TN_FORWARD_IF_ERROR(ensure_buffer(s, ctx, (size_t)(chunks + has_weight) * (size_t)dim));
+  const int has_weight = args->weight != NULL, has_bias = args->bias != NULL;
+  const int theta = rope && args->rope.cos_sin == NULL;
+  const size_t vectors = (size_t)chunks + (size_t)has_weight + (size_t)has_bias + (size_t)theta;
+  TN_FORWARD_IF_ERROR(ensure_buffer(s, ctx, vectors * (size_t)dim));
 
-  float *weight = NULL;
+  float *next = s->buffer + (size_t)chunks * (size_t)dim;
+  float *weight = NULL, *bias = NULL, *inv_freq = NULL;
   if (has_weight) {
-    weight = s->buffer + (size_t)chunks * (size_t)dim;
+    weight = next;
+    next += dim;
     s->kernels->prepare_weight(args->weight, args->weight_offset, weight);
   }
-  size_t outputs = args->residual_out != NULL ? 2 : 1;
-  size_t out_bytes = outputs * (size_t)rows * (size_t)dim * tn_elem_size(args->x->dtype);
-  tn_cpu_call call = {args, weight, out_bytes >= TN_CPU_STREAM_MIN_BYTES, options->round_before_last};
-  row_job job = {s->kernels->rows[args->op], &call, s->buffer, rows, dim, chunks};
+  if (has_bias) {
+    bias = next;
+    next += dim;
+    s->kernels->prepare_vector(args->bias, bias);
+  }
+  if (theta) {
+    /* The frequencies of the pairs, once per call: inv_freq_i = float(theta^(-2i / rotary_dim)), taken in
+     * double. */
+    inv_freq = next;
+    const int64_t rot = args->rope.rotary_dim != 0 ? args->rope.rotary_dim : dim;
+    for (int64_t i = 0; i < rot / 2; i++)
+      inv_freq[i] = (float)(1.0 / pow((double)args->rope.theta, (double)(2 * i) / (double)rot));
+  }
+  size_t out_bytes = (size_t)rows * (size_t)dim * tn_elem_size(args->x->dtype);
+  if (args->residual_out != NULL)
+    out_bytes += (size_t)args->x->rows * (size_t)dim * tn_elem_size(args->residual_out->dtype);
+  tn_cpu_call call = {args, weight, bias, inv_freq, out_bytes >= TN_CPU_STREAM_MIN_BYTES, options->round_before_last};
+  row_job job = {rope ? s->kernels->rms_norm_rope : s->kernels->rows[args->op], &call, s->buffer, rows, dim, chunks};
   if (parallel) tn_thread_pool_run(s->pool, chunks, run_chunk, &job);
   else run_chunk(&job, 0);
   return TN_OK;

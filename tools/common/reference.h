@@ -11,21 +11,59 @@
 extern "C" {
 #endif
 
-/* Computes the op of args (host tensors) in float64: y[r * dim + i] and, for add_rms_norm,
- * residual_out[r * dim + i] (may be NULL otherwise), both contiguous rows x dim.
- * The only rounding it models is the one the spec names: add_rms_norm's s = round(x + residual) to x's
- * dtype, with x + residual in float32. Returns 0, or -1 when out of memory. */
+/* Computes the op of args (host tensors) in float64.
+ *
+ * Layout: y is contiguous, one vector of dim after another: y[(r * heads + h) * dim + i] is element i of
+ * head h of row r for a 3-D view of x (heads > 1; rms_norm and l2_norm), y[r * dim + i] for a 2-D one.
+ * residual_out (add_rms_norm, add_layer_norm; may be NULL otherwise) is y[r * dim + i]-shaped, rows x dim.
+ *
+ * The only roundings modelled are the ones the spec names, each at the exact value it rounds:
+ * - add_rms_norm, add_layer_norm: s = x + residual in float32, rounded to the residual's dtype (what
+ *   residual_out holds, and what the norm reads unless residual_mode is TN_RESIDUAL_NORM_F32, where it
+ *   reads the float32 sum);
+ * - TN_CASTING_LLAMA on f16/bf16: the normalised value rounded to x's dtype before the weight; with a
+ *   rope also the weighted value, each product of the rotation and their sum (torch's roundings of
+ *   q * cos + rotate_half(q) * sin); for f32 x these roundings are the identity;
+ * - the rope's cos and sin: a table's values as given; from theta, the spec's float32 formula
+ *   (inv_freq_i = float(1 / theta^(2i / rotary_dim)) in double, angle = float(position) * inv_freq_i
+ *   in float32, cos and sin in double rounded to float32).
+ * Everything else (the reductions, the products by the scale, weight, multiplicand) is exact.
+ * Returns 0; -1 when out of memory; -2 when a rope position is outside its cos_sin table. */
 int tn_reference_run(const tn_op_args *args, double *y, double *residual_out);
+
+/* tn_reference_run, also giving for each element of y (same layout; slack may be NULL) how far a
+ * float32 evaluation that follows the spec may honestly be from the reference before its final rounding,
+ * beyond the relative error that tn_reference_error's tolerance already covers. It is 0 except for
+ * layer_norm, add_layer_norm, the rope and TN_CASTING_LLAMA on f16/bf16 (so rms_norm, l2_norm and
+ * add_rms_norm keep exactly their tolerance, 3-D views, residual modes and l2 modes included), and comes
+ * from two sources only:
+ * - cancellation: a float32 difference of nearly equal terms (layer_norm's x - mean, its + bias, the
+ *   rope's a * cos - b * sin) keeps an absolute error of a few float32 ulps of the terms, which can be
+ *   many ulps of a small result. The slack is a bound on the terms' float32 error: the reduction's
+ *   worst case, (ceil(dim / 16) + 5) / 2 + 3 ulps of float32, times their magnitude.
+ * - an intermediate rounding to x's dtype (TN_CASTING_LLAMA): where the value being rounded is within
+ *   that float32 error bound of a rounding boundary, the library may honestly take the other neighbour;
+ *   the slack is then that neighbour's effect on the result (typically one more ulp of the dtype), and
+ *   is 0 for the large majority of elements, which are not near a boundary. */
+int tn_reference_run_slack(const tn_op_args *args, double *y, double *residual_out, double *slack);
 
 /* Error of `got` (a value of dtype, as float) against the float64 reference, in units of the tolerance:
  * <= 1 passes. f16/bf16: ulps of the dtype at the reference's magnitude (so 1 ulp passes);
  * f32: relative error / 2e-5. NaN must meet NaN and Inf the same Inf (else returns +Inf). */
 double tn_reference_error(tn_dtype dtype, float got, double ref);
 
+/* tn_reference_error with a slack from tn_reference_run_slack: the distance beyond the slack, in units of
+ * the same tolerance taken at |ref| + slack. With slack 0 it is tn_reference_error exactly. */
+double tn_reference_error_slack(tn_dtype dtype, float got, double ref, double slack);
+
 /* The value of element i of row r of a host tensor, as float. */
 float tn_reference_load(const tn_tensor *t, int64_t r, int64_t i);
+/* The value of element i of head h of row r of a host tensor (a 3-D view; h = 0 for a 2-D one). */
+float tn_reference_load_head(const tn_tensor *t, int64_t r, int64_t h, int64_t i);
 /* Stores v, rounded once to the tensor's dtype, as element i of row r of a host tensor. */
 void tn_reference_store(const tn_tensor *t, int64_t r, int64_t i, float v);
+/* The same for element i of head h of row r. */
+void tn_reference_store_head(const tn_tensor *t, int64_t r, int64_t h, int64_t i, float v);
 
 #ifdef __cplusplus
 }
