@@ -16,10 +16,11 @@ int cli_pick_device(tn_context *ctx, cli_device choice, tn_device *out) {
   return CLI_OK;
 }
 
-/* Bytes from a view's first element to the end of its last row. */
+/* Bytes from a view's first element to the end of its last row (of its last head, for a 3-D view). */
 static size_t extent_bytes(const tn_tensor *t) {
   if (t->rows == 0) return 0;
-  return (size_t)((t->rows - 1) * t->row_stride + t->dim) * tn_dtype_size(t->dtype);
+  const int64_t span = t->heads > 1 ? (t->heads - 1) * t->head_stride + t->dim : t->dim;
+  return (size_t)((t->rows - 1) * t->row_stride + span) * tn_dtype_size(t->dtype);
 }
 
 typedef struct mirror {
@@ -29,20 +30,33 @@ typedef struct mirror {
   int owner;       /* 0 when it shares an earlier operand's buffer (exact aliasing) */
 } mirror;
 
-static const tn_tensor *const *operand_slot(const tn_op_args *a, int k) {
-  const tn_tensor *const *slots[] = {&a->x, &a->weight, &a->mul, &a->residual, &a->y, &a->residual_out};
-  return slots[k];
+/* The operands, inputs first (the rope's table among them), then the outputs. */
+#define OPERAND_SLOTS 8
+#define FIRST_OUTPUT_SLOT 6
+static void operand_slots(tn_op_args *a, const tn_tensor **slots[OPERAND_SLOTS]) {
+  const tn_tensor **s[OPERAND_SLOTS] = {&a->x, &a->weight, &a->mul, &a->residual, &a->bias, &a->rope.cos_sin,
+                                        &a->y, &a->residual_out};
+  memcpy(slots, s, sizeof s);
 }
-#define OPERAND_SLOTS 6
-#define FIRST_OUTPUT_SLOT 4
 
 tn_status cli_op_on_device(tn_context *ctx, tn_device device, const tn_op_args *host) {
   if (device.kind == TN_DEVICE_CPU) return tn_op_run(ctx, host);
   mirror m[OPERAND_SLOTS];
   memset(m, 0, sizeof m);
+  tn_op_args d = *host;
+  const tn_tensor **slots[OPERAND_SLOTS];
+  operand_slots(&d, slots);
   tn_status st = TN_OK;
+  /* The rope's positions: one int32 or int64 per row of x. */
+  void *positions = NULL;
+  if (host->rope.style != TN_ROPE_NONE && host->rope.positions != NULL && host->x->rows > 0) {
+    const size_t bytes = (size_t)host->x->rows * (host->rope.positions_i64 ? 8u : 4u);
+    st = tn_malloc(ctx, device, bytes, &positions);
+    if (st == TN_OK) st = tn_memcpy(ctx, positions, device, host->rope.positions, tn_cpu_device(), bytes);
+    d.rope.positions = positions;
+  }
   for (int k = 0; k < OPERAND_SLOTS && st == TN_OK; k++) {
-    const tn_tensor *t = *operand_slot(host, k);
+    const tn_tensor *t = *slots[k];
     if (t == NULL) continue;
     m[k].host = t;
     m[k].view = *t;
@@ -63,8 +77,6 @@ tn_status cli_op_on_device(tn_context *ctx, tn_device device, const tn_op_args *
     st = tn_memcpy(ctx, m[k].view.data, device, t->data, tn_cpu_device(), bytes);
   }
   if (st == TN_OK) {
-    tn_op_args d = *host;
-    const tn_tensor **slots[] = {&d.x, &d.weight, &d.mul, &d.residual, &d.y, &d.residual_out};
     for (int k = 0; k < OPERAND_SLOTS; k++)
       if (m[k].host != NULL) *slots[k] = &m[k].view;
     st = tn_op_run(ctx, &d);
@@ -78,6 +90,8 @@ tn_status cli_op_on_device(tn_context *ctx, tn_device device, const tn_op_args *
       if (st == TN_OK) st = tn_free(ctx, device, m[k].block);
       else cli_free_quietly(device, m[k].block);
     }
+  if (st == TN_OK) st = tn_free(ctx, device, positions);
+  else cli_free_quietly(device, positions);
   return st;
 }
 
