@@ -375,10 +375,9 @@ def _(c):
     return ["run", "l2_norm", "--x", c.x(), "--mul", c.npy("m.npy", np.ones((4, 8), "<f4")), "--out", c.out]
 
 
-@case("mul_given_to_add_rms_norm", ERROR)
+@case("mul_given_to_layer_norm", ERROR)
 def _(c):
-    return ["run", "add_rms_norm", "--x", c.x(), "--residual", c.npy("r.npy", np.ones((4, 8), "<f4")),
-            "--mul", c.npy("m.npy", np.ones((4, 8), "<f4")), "--out", c.out, "--residual-out", c.res_out]
+    return ["run", "layer_norm", "--x", c.x(), "--mul", c.npy("m.npy", np.ones((4, 8), "<f4")), "--out", c.out]
 
 
 # ---- option values ----
@@ -448,7 +447,7 @@ def _(c):
 
 @case("unknown_op", USAGE)
 def _(c):
-    return ["run", "layer_norm", "--x", c.x(), "--out", c.out]
+    return ["run", "group_norm", "--x", c.x(), "--out", c.out]
 
 
 @case("run_without_op", USAGE)

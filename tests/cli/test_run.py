@@ -44,6 +44,7 @@ VARIANTS = {
         "weight": {"weight": "same"},
         "weight_f32": {"weight": "f32"},
         "weight_offset1": {"weight": "same", "weight_offset": 1.0},
+        "weight_mul": {"weight": "same", "mul": True},
         "eps_space": {"weight": "same", "eps": 1e-5, "eps_form": "space"},
         "eps_equals": {"weight": "same", "eps": 1e-5, "eps_form": "equals"},
     },
