@@ -341,3 +341,113 @@ def test_jax_arrays_on_cuda(rng):
     y = tnorm.l2_norm(x)
     assert isinstance(y, jax.Array)
     N.assert_close(np.asarray(y), N.reference("l2_norm", x_np)[0])
+
+
+# ---- casting modes and the rope, against HF's own classes, bit for bit ----
+#
+# torch on CUDA takes rsqrt from the hardware's approximation, which a correctly rounded 1 / sqrt does not
+# reproduce; torch on the CPU computes 1 / sqrt with correctly rounded operations, as tnorm does on every
+# backend. So the HF modules run on the CPU, on rows whose sums of squares are exact in float32 whatever
+# the summation order (multiples of 1/16 up to 2): every rounding after the reduction is then fixed by the
+# spec, and tnorm's CUDA kernels must give exactly HF's bits. Beside it, HF on CUDA is compared within 1 ulp.
+
+def exact_rows(shape, dtype, generator):
+    """Values k / 16, |k| <= 32, on the GPU: exact in every dtype, and exactly summed squares."""
+    k = torch.randint(-32, 33, shape, device="cuda", generator=generator)
+    return (k.float() / 16).to(TORCH_DTYPES[dtype])
+
+
+def _host(t):
+    """A torch tensor on either device as NumPy (bf16 through its 16 bits)."""
+    return TorchKind("cuda" if t.is_cuda else "cpu").to_numpy(t)
+
+
+def assert_bits(got, expected, what):
+    g, e = _host(got), _host(expected)
+    assert g.shape == e.shape, f"{what}: shape {g.shape}, expected {e.shape}"
+    differ = int((N.bits(g) != N.bits(e)).sum())
+    assert differ == 0, f"{what}: {differ} of {g.size} elements differ from the reference's bits"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("model", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("dim", [128, 4096])
+def test_hf_casting_bit_exact(gen, model, dim, dtype):
+    """llama casting for LlamaRMSNorm and Qwen3RMSNorm, exact casting with weight_offset 1 for
+    Gemma3RMSNorm: the same bits as the module (on the CPU)."""
+    module = _hf_module(model)(dim, eps=1e-6).to(dtype=TORCH_DTYPES[dtype])
+    with torch.no_grad():
+        module.weight.copy_(rand_weight(dim, dtype, gen).cpu() * (0.5 if model == "gemma3" else 1.0))
+        x = exact_rows((64, dim), dtype, gen)
+        expected = module(x.cpu())
+        w = module.weight.detach().cuda()
+    if model == "gemma3":
+        got = tnorm.rms_norm(x, w, weight_offset=1.0, eps=1e-6)
+    else:
+        got = tnorm.rms_norm(x, w, eps=1e-6, casting="llama")
+    torch.cuda.synchronize()
+    assert_bits(got, expected, model)
+    with torch.no_grad():
+        on_cuda = module.cuda()(x)
+    assert_near(dtype, got, on_cuda, f"{model} on CUDA")
+
+
+def _qwen3_rotary(head_dim, theta, positions, dtype):
+    """HF Qwen3's cos and sin ([positions, head_dim], x's dtype), from its own rotary embedding class."""
+    import importlib
+    try:
+        qwen3 = importlib.import_module("transformers.models.qwen3.modeling_qwen3")
+        config = importlib.import_module("transformers").Qwen3Config(
+            head_dim=head_dim, rope_theta=theta, hidden_size=32 * head_dim, num_attention_heads=32,
+            num_key_value_heads=8, max_position_embeddings=4096)
+        rotary = qwen3.Qwen3RotaryEmbedding(config=config)
+    except Exception as e:  # transformers missing, or a version without these
+        pytest.skip(f"transformers' Qwen3 rotary embedding is not usable: {e}")
+    probe = torch.zeros(1, dtype=TORCH_DTYPES[dtype])
+    cos, sin = rotary(probe, positions[None, :])
+    return qwen3, cos[0], sin[0]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_hf_qwen3_qk_norm_rope_on_packed_qkv(gen, dtype):
+    """Qwen3's attention prologue on a packed QKV buffer (32 Q heads, 8 KV heads, head_dim 128): q_norm and
+    k_norm, then apply_rotary_pos_emb with HF's own cos/sin, as tnorm.rms_norm_rope in place on the Q and K
+    views (llama casting, the table made from HF's cos/sin): HF's bits (on the CPU), V untouched."""
+    tokens, qh, kh, hd, theta = 24, 32, 8, 128, 1e6
+    positions = torch.randint(0, 4096, (tokens,), generator=torch.Generator().manual_seed(int(gen.initial_seed())))
+    qwen3, cos, sin = _qwen3_rotary(hd, theta, torch.arange(4096), dtype)
+    qkv = exact_rows((tokens, (qh + 2 * kh) * hd), dtype, gen)
+    before = qkv.clone()
+    q = qkv[:, :qh * hd].view(tokens, qh, hd)
+    k = qkv[:, qh * hd:(qh + kh) * hd].view(tokens, kh, hd)
+    q_norm = qwen3.Qwen3RMSNorm(hd, eps=1e-6).to(dtype=TORCH_DTYPES[dtype])
+    k_norm = qwen3.Qwen3RMSNorm(hd, eps=1e-6).to(dtype=TORCH_DTYPES[dtype])
+    with torch.no_grad():
+        q_norm.weight.copy_(rand_weight(hd, dtype, gen).cpu())
+        k_norm.weight.copy_(rand_weight(hd, dtype, gen).cpu())
+        # HF: [tokens, heads, hd] -> norm -> [1, heads, tokens, hd]; cos/sin [1, tokens, hd]
+        qr = q_norm(q.cpu()).transpose(0, 1)[None]
+        kr = k_norm(k.cpu()).transpose(0, 1)[None]
+        q_hf, k_hf = qwen3.apply_rotary_pos_emb(qr, kr, cos[positions][None], sin[positions][None])
+    table = torch.cat([cos[:, :hd // 2], sin[:, :hd // 2]], dim=1).cuda()  # the halves repeat
+    pos = positions.cuda()
+    tnorm.rms_norm_rope(q, pos, q_norm.weight.detach().cuda(), eps=1e-6, cos_sin=table, casting="llama", out=q)
+    tnorm.rms_norm_rope(k, pos, k_norm.weight.detach().cuda(), eps=1e-6, cos_sin=table, casting="llama", out=k)
+    torch.cuda.synchronize()
+    assert_bits(q, q_hf[0].transpose(0, 1), "Q")
+    assert_bits(k, k_hf[0].transpose(0, 1), "K")
+    assert_bits(qkv[:, (qh + kh) * hd:], before[:, (qh + kh) * hd:].cpu(), "V")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_against_torch(gen, dtype):
+    """tnorm.layer_norm against F.layer_norm (float32 inside, one rounding) on CUDA: within 1 ulp, with an
+    absolute floor where x - mean cancels."""
+    x = randn((256, 4096), dtype, generator=gen) + 0.5
+    w, b = rand_weight(4096, dtype, gen), rand_weight(4096, dtype, gen)
+    got = tnorm.layer_norm(x, w, b, eps=1e-5)
+    ref = torch.nn.functional.layer_norm(x.double(), (4096,), w.double(), b.double(), eps=_f32(1e-5))
+    g, r = CUDA.to_numpy(got).astype(np.float64), ref.cpu().numpy()
+    err = N.error_in_tolerances(dtype, g, r)
+    ok = (err <= 1.0) | (np.abs(g - r) <= 1e-5 * np.abs(r).max())
+    assert ok.all(), f"{int((~ok).sum())} elements out of tolerance (worst {float(err.max()):.3g})"
