@@ -15,7 +15,7 @@ extern "C" {
  *
  * Layout: y is contiguous, one vector of dim after another: y[(r * heads + h) * dim + i] is element i of
  * head h of row r for a 3-D view of x (heads > 1; rms_norm and l2_norm), y[r * dim + i] for a 2-D one.
- * residual_out (add_rms_norm, add_layer_norm; may be NULL otherwise) is y[r * dim + i]-shaped, rows x dim.
+ * residual_out (add_rms_norm, add_layer_norm; may be NULL when not wanted) is rows x dim, [r * dim + i].
  *
  * The only roundings modelled are the ones the spec names, each at the exact value it rounds:
  * - add_rms_norm, add_layer_norm: s = x + residual in float32, rounded to the residual's dtype (what
@@ -39,8 +39,9 @@ int tn_reference_run(const tn_op_args *args, double *y, double *residual_out);
  * from two sources only:
  * - cancellation: a float32 difference of nearly equal terms (layer_norm's x - mean, its + bias, the
  *   rope's a * cos - b * sin) keeps an absolute error of a few float32 ulps of the terms, which can be
- *   many ulps of a small result. The slack is a bound on the terms' float32 error: the reduction's
- *   worst case, (ceil(dim / 16) + 5) / 2 + 3 ulps of float32, times their magnitude.
+ *   many ulps of a small result. The slack bounds the terms' float32 error, that of the reduction
+ *   behind them (a probabilistic bound, 8 sqrt(ceil(dim / 16) + 4) float32 ulps of the summed
+ *   magnitudes: see reference.c) plus a few ulps for the scalar steps, times their magnitude.
  * - an intermediate rounding to x's dtype (TN_CASTING_LLAMA): where the value being rounded is within
  *   that float32 error bound of a rounding boundary, the library may honestly take the other neighbour;
  *   the slack is then that neighbour's effect on the result (typically one more ulp of the dtype), and
