@@ -276,6 +276,23 @@ tn_status tn_op_run(tn_context *ctx, const tn_op_args *args) {
   return TN_OK;
 }
 
+/* Every norm entry point but the rope's: the operands it names, the default modes. */
+static tn_status norm_call(tn_context *ctx, tn_op op, const tn_tensor *x, const tn_tensor *residual,
+                           const tn_tensor *weight, float weight_offset, const tn_tensor *bias, const tn_tensor *mul,
+                           float eps, const tn_tensor *y, const tn_tensor *residual_out) {
+  tn_op_args a = tn_op_args_init(op);
+  a.x = x;
+  a.residual = residual;
+  a.weight = weight;
+  a.weight_offset = weight_offset;
+  a.bias = bias;
+  a.mul = mul;
+  a.eps = eps;
+  a.y = y;
+  a.residual_out = residual_out;
+  return tn_op_run(ctx, &a);
+}
+
 /* rms_norm and add_rms_norm, with or without the multiplicand (residual and residual_out NULL for
  * rms_norm). mul_required_by: the _mul entry point's name, which refuses a NULL mul; else NULL. */
 static tn_status rms_norm_call(tn_context *ctx, const char *mul_required_by, tn_op op, const tn_tensor *x,
@@ -283,16 +300,7 @@ static tn_status rms_norm_call(tn_context *ctx, const char *mul_required_by, tn_
                                const tn_tensor *mul, float eps, const tn_tensor *y, const tn_tensor *residual_out) {
   TN_RETURN_ERROR_IF(ctx != NULL && mul_required_by != NULL && mul == NULL, ctx, TN_ERR_NULL,
                      "%s: mul is required by %s", tn_op_name(op), mul_required_by);
-  tn_op_args a = tn_op_args_init(op);
-  a.x = x;
-  a.residual = residual;
-  a.weight = weight;
-  a.weight_offset = weight_offset;
-  a.mul = mul;
-  a.eps = eps;
-  a.y = y;
-  a.residual_out = residual_out;
-  return tn_op_run(ctx, &a);
+  return norm_call(ctx, op, x, residual, weight, weight_offset, NULL, mul, eps, y, residual_out);
 }
 
 tn_status tn_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset, float eps,
@@ -339,29 +347,14 @@ tn_status tn_rms_norm_rope(tn_context *ctx, const tn_tensor *x, const tn_tensor 
   return tn_op_run(ctx, &a);
 }
 
-/* layer_norm and add_layer_norm (residual and residual_out NULL for layer_norm). */
-static tn_status layer_norm_call(tn_context *ctx, tn_op op, const tn_tensor *x, const tn_tensor *residual,
-                                 const tn_tensor *weight, const tn_tensor *bias, float eps, const tn_tensor *y,
-                                 const tn_tensor *residual_out) {
-  tn_op_args a = tn_op_args_init(op);
-  a.x = x;
-  a.residual = residual;
-  a.weight = weight;
-  a.bias = bias;
-  a.eps = eps;
-  a.y = y;
-  a.residual_out = residual_out;
-  return tn_op_run(ctx, &a);
-}
-
 tn_status tn_layer_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, const tn_tensor *bias, float eps,
                         const tn_tensor *y) {
-  return layer_norm_call(ctx, TN_OP_LAYER_NORM, x, NULL, weight, bias, eps, y, NULL);
+  return norm_call(ctx, TN_OP_LAYER_NORM, x, NULL, weight, 0.0f, bias, NULL, eps, y, NULL);
 }
 
 tn_status tn_add_layer_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual, const tn_tensor *weight,
                             const tn_tensor *bias, float eps, const tn_tensor *y, const tn_tensor *residual_out) {
-  return layer_norm_call(ctx, TN_OP_ADD_LAYER_NORM, x, residual, weight, bias, eps, y, residual_out);
+  return norm_call(ctx, TN_OP_ADD_LAYER_NORM, x, residual, weight, 0.0f, bias, NULL, eps, y, residual_out);
 }
 
 /* add and mul: b goes in the operand slot of the op table (residual for add, mul for mul). */

@@ -263,3 +263,31 @@ def test_rope_refusals(rng):
     table = np.zeros((2, 64), dtype=np.float32)
     with pytest.raises(ValueError, match="position"):  # position 2 is outside a 2-row table
         tnorm.rms_norm_rope(x, pos, cos_sin=table)
+
+
+class _OnlyDLPack:
+    """An array seen only through the DLPack protocol (as a library other than numpy and torch is)."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kwargs):
+        return self._a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def test_rope_through_dlpack_capsules(rng):
+    """x (Q heads of a packed buffer) and the positions read from DLPack capsules: the same result as from
+    the arrays themselves."""
+    qkv = N.normal(rng, (6, 3 * 4 * 64), "f32")
+    q = qkv[:, :4 * 64].reshape(6, 4, 64)
+    positions = rng.integers(0, 100, size=6).astype(np.int64)
+    w = N.normal(rng, 64, "f32")
+    expected = tnorm.rms_norm_rope(q, positions, w, theta=500.0)
+    packed = np.ascontiguousarray(q)  # [tokens, heads, dim] that would flatten into rows: kept 3-D
+    tnorm.rms_norm_rope(_OnlyDLPack(q), _OnlyDLPack(positions), w, theta=500.0, out=_OnlyDLPack(q))
+    assert np.array_equal(_bits(q), _bits(expected)), "in place through capsules differs"
+    got = tnorm.rms_norm_rope(_OnlyDLPack(packed), _OnlyDLPack(positions), w, theta=500.0, out=np.empty_like(packed))
+    assert np.array_equal(_bits(got), _bits(expected)), "a contiguous [tokens, heads, dim] through capsules differs"

@@ -249,7 +249,7 @@ def _read_capsule(capsule, name, heads=False, index=False):
             step *= shape[i]
     device = _tn_device(dev_type, dev_id, name)
     return _view(data + byte_offset, dtype, shape, strides, device, bool(flags & _FLAG_READ_ONLY),
-                 bool(flags & _FLAG_IS_COPIED), capsule, name)
+                 bool(flags & _FLAG_IS_COPIED), capsule, name, heads)
 
 
 _CPU = Device(TN_DEVICE_CPU, 0)
@@ -355,15 +355,19 @@ def export(obj, name, cuda_stream=None, stream_owner=None, device=None, heads=Fa
         _tn_device(dev_type, dev_id, name)  # refuses it before asking for an export
     if _is_torch_tensor(obj) and obj.requires_grad:
         obj = obj.detach()  # torch refuses to export a tensor that requires grad; we only read or write memory
+    return _read_capsule(_capsule(obj, dev_type, cuda_stream, stream_owner), name, heads)
+
+
+def _capsule(obj, dev_type, cuda_stream, stream_owner):
+    """obj.__dlpack__(), with the stream a CUDA producer must order its pending work before."""
     kwargs = {}
     if dev_type == KDL_CUDA and cuda_stream is not None:
         same = stream_owner is not None and library_of(obj) == stream_owner
         kwargs["stream"] = -1 if same else dlpack_stream(cuda_stream)
     try:
-        capsule = obj.__dlpack__(max_version=(1, 0), **kwargs)
+        return obj.__dlpack__(max_version=(1, 0), **kwargs)
     except TypeError:  # a producer from before DLPack 1.0 takes no max_version
-        capsule = obj.__dlpack__(**kwargs)
-    return _read_capsule(capsule, name)
+        return obj.__dlpack__(**kwargs)
 
 
 # ---- integer index arrays (a rope's positions) ----
@@ -419,13 +423,5 @@ def export_index(obj, name, cuda_stream=None, stream_owner=None):
         size = obj.dtype.itemsize
         return _index_checked(obj.__array_interface__["data"][0], size == 8, list(obj.shape),
                               [s // size for s in obj.strides], (KDL_CPU, 0), obj, name)
-    dev_type, dev_id = device_of(obj, name)
-    kwargs = {}
-    if dev_type == KDL_CUDA and cuda_stream is not None:
-        same = stream_owner is not None and library_of(obj) == stream_owner
-        kwargs["stream"] = -1 if same else dlpack_stream(cuda_stream)
-    try:
-        capsule = obj.__dlpack__(max_version=(1, 0), **kwargs)
-    except TypeError:
-        capsule = obj.__dlpack__(**kwargs)
-    return _read_capsule(capsule, name, index=True)
+    dev_type, _ = device_of(obj, name)
+    return _read_capsule(_capsule(obj, dev_type, cuda_stream, stream_owner), name, index=True)
