@@ -18,6 +18,7 @@
 #include "../core/context.h"
 #include "../core/error.h"
 #include "../core/ops.h"
+#include "../core/tensor.h"
 #include "driver.h"
 #include "registry.h"
 
@@ -180,7 +181,7 @@ static tn_status load_kernel(cuda_state *s, tn_context *ctx, device_info *d, tn_
     st = tn_cuda_error(ctx, r, "cuModuleGetFunction");
   } else if ((r = cu->FuncGetAttribute(&static_smem, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn)) != CUDA_SUCCESS) {
     st = tn_cuda_error(ctx, r, "cuFuncGetAttribute");
-  } else if (key.shape == TN_SHAPE_SHARED &&
+  } else if ((key.shape == TN_SHAPE_SHARED || key.family == TN_FAMILY_ROPE) &&
              (r = cu->FuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                        d->max_block_smem - static_smem)) != CUDA_SUCCESS) {
     st = tn_cuda_error(ctx, r, "cuFuncSetAttribute");
@@ -221,18 +222,47 @@ static tn_status kernel_get(cuda_state *s, tn_context *ctx, device_info *d, tn_k
 static int aligned(const void *p, size_t a) { return ((uintptr_t)p & (a - 1)) == 0; }
 
 /* The access mode every operand allows: 16-byte vectors when each pointer is 16-byte aligned and each row
- * pitch a multiple of 16 bytes; element accesses when each pointer is aligned to its element; else bytes. */
+ * pitch (and head pitch, in a 3-D view) a multiple of 16 bytes; element accesses when each pointer is
+ * aligned to its element; else bytes. A rope's table and positions are read element by element in every
+ * mode: they need only their elements aligned. */
 static int access_mode(const tn_op_args *a) {
   int vectors = 1, elements = 1;
   for (int o = 0; o < TN_OPERAND_COUNT; o++) {
     const tn_tensor *t = tn_op_operand(a, (tn_operand)o);
     if (t == NULL) continue;
     const size_t es = tn_dtype_size(t->dtype);
-    if (!aligned(t->data, 16) || ((size_t)t->row_stride * es) % 16 != 0) vectors = 0;
+    if (o != TN_OPERAND_COS_SIN && (!aligned(t->data, 16) || ((size_t)t->row_stride * es) % 16 != 0)) vectors = 0;
+    if (tn_tensor_head_count(t) > 1 && ((size_t)t->head_stride * es) % 16 != 0) vectors = 0;
     if (!aligned(t->data, es)) elements = 0;
   }
+  if (a->rope.style != TN_ROPE_NONE && !aligned(a->rope.positions, 4)) elements = 0;
   return vectors && elements ? TN_KERNEL_MODE_VECTORS : elements ? TN_KERNEL_MODE_ELEMENTS : TN_KERNEL_MODE_BYTES;
 }
+
+/* The family of an op (registry.h): the default path of each op to the first four, whose kernels carry no
+ * run-time knob; the rest by what the call needs. */
+static tn_kernel_family family_for(const tn_op_args *a) {
+  /* TN_CASTING_LLAMA's roundings to float32 change nothing: f32 calls keep the default path. */
+  const int llama = a->casting == TN_CASTING_LLAMA && a->x->dtype != TN_F32;
+  const int heads = tn_tensor_head_count(a->x) > 1;
+  if (a->rope.style != TN_ROPE_NONE) return TN_FAMILY_ROPE;
+  if (tn_op_adds_residual(a->op)) {
+    /* A residual of x's dtype whose sum is normalised as stored (with f32 the two modes agree): the
+     * chunk-holding families; else the float32 row of general.cu. */
+    const int plain = a->residual->dtype == a->x->dtype &&
+                      (a->residual_mode == TN_RESIDUAL_NORM_STORED || a->x->dtype == TN_F32);
+    if (!plain) return TN_FAMILY_GENERAL;
+    if (a->op == TN_OP_ADD_LAYER_NORM) return TN_FAMILY_LAYER;
+    if (!llama) return a->mul != NULL ? TN_FAMILY_ADD_NORM_MUL : TN_FAMILY_ADD_NORM;
+    return a->mul != NULL ? TN_FAMILY_GENERAL : TN_FAMILY_NORM_X;
+  }
+  if (a->op == TN_OP_LAYER_NORM) return TN_FAMILY_LAYER;
+  if (a->mul != NULL) return !llama && !heads ? TN_FAMILY_NORM_MUL : TN_FAMILY_GENERAL;
+  return !llama && !heads && a->l2_mode == TN_L2_RSQRT_EPS ? TN_FAMILY_NORM : TN_FAMILY_NORM_X;
+}
+
+/* Vectors a row kernel reduces: rows, or rows x heads of a 3-D view. */
+static int64_t vectors_of(const tn_tensor *x) { return x->rows * tn_tensor_head_count(x); }
 
 static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
   tn_kernel_key key;
@@ -243,19 +273,52 @@ static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
     key.shape = a->op == TN_OP_ADD ? TN_KERNEL_ELEMENTWISE_ADD : a->op == TN_OP_MUL ? TN_KERNEL_ELEMENTWISE_MUL : TN_KERNEL_ELEMENTWISE_SCALE;
     return key;
   }
-  if (a->op == TN_OP_ADD_RMS_NORM) key.family = a->mul != NULL ? TN_FAMILY_ADD_NORM_MUL : TN_FAMILY_ADD_NORM;
-  else key.family = a->mul != NULL ? TN_FAMILY_NORM_MUL : TN_FAMILY_NORM;
-  key.shape = tn_kernel_row_shape(a->x->dtype, a->x->dim, max_stage_bytes(d));
+  key.family = family_for(a);
+  /* The later families have no element-access kernels: such calls take the byte ones. */
+  if (!tn_kernel_family_has_mode(key.family, key.mode)) key.mode = TN_KERNEL_MODE_BYTES;
+  /* The shape follows from (dtype, dim) alone, as does the reduction order; whether a staged row fits in
+   * shared memory depends on what the family holds of a chunk. */
+  const size_t stage_limit = max_stage_bytes(d), stage = tn_kernel_stage_bytes(key.family, a->x->dtype, a->x->dim);
+  key.shape = tn_kernel_row_shape(a->x->dtype, a->x->dim, stage_limit);
+  /* The later families keep some register shapes: the smallest G of the family that holds the row, else
+   * staged (G = 1024, the order of the largest register shape). */
+  while (key.shape < TN_SHAPE_REGISTER_COUNT && !tn_kernel_family_has(key.family, key.shape, key.mode)) key.shape++;
+  if (key.shape >= TN_SHAPE_REGISTER_COUNT) key.shape = stage <= stage_limit ? TN_SHAPE_SHARED : TN_SHAPE_REREAD;
   /* Rows few enough for a block each: the wide form of the same G (the same bits, a quarter of the
    * serial work per thread; what a decode step's one-row calls are bound by). */
   const int wide = tn_kernel_wide_shape(key.shape);
-  if (wide >= 0 && a->x->rows <= d->sms) key.shape = wide;
+  if (wide >= 0 && tn_kernel_family_has(key.family, wide, key.mode) && vectors_of(a->x) <= d->sms) key.shape = wide;
   return key;
 }
 
 /* A row operand's stride for the kernels: 0 for one row applied to every row of x (a broadcast). */
 static long long row_stride_of(const tn_tensor *t, const tn_tensor *x) {
   return t->rows == 1 && x->rows != 1 ? 0 : t->row_stride;
+}
+
+/* Threads per block and tokens per block of a rope launch: a token's heads take G threads each; a block
+ * takes whole tokens, at least TN_KERNEL_ROPE_MIN_BLOCK threads' worth, at most TN_KERNEL_ROPE_MAX_BLOCK
+ * threads (a token with more heads loops over them). */
+static void rope_geometry(const tn_op_args *a, int g, int *block, int *tokens_per_block) {
+  const int64_t per_token = tn_tensor_head_count(a->x) * g;
+  int64_t tpb = 1, threads = per_token;
+  if (per_token < TN_KERNEL_ROPE_MIN_BLOCK) {
+    tpb = (TN_KERNEL_ROPE_MIN_BLOCK + per_token - 1) / per_token;
+    threads = tpb * per_token;
+  }
+  threads = (threads + 31) / 32 * 32;
+  *block = threads < TN_KERNEL_ROPE_MAX_BLOCK ? (int)threads : TN_KERNEL_ROPE_MAX_BLOCK;
+  *tokens_per_block = (int)tpb;
+}
+
+static int64_t rotary_dim_of(const tn_op_args *a) { return a->rope.rotary_dim != 0 ? a->rope.rotary_dim : a->x->dim; }
+
+/* A rope launch's dynamic shared memory (params.h: TN_KERNEL_ROPE_SLOT_CHUNKS). */
+static size_t rope_smem(const tn_op_args *a, int g, int block, int tokens_per_block) {
+  const size_t rotary = (size_t)rotary_dim_of(a);
+  size_t bytes = (size_t)(block / g) * TN_KERNEL_ROPE_SLOT_CHUNKS(g) * 16 + (size_t)tokens_per_block * rotary * 4;
+  if (a->rope.cos_sin == NULL) bytes += rotary / 2 * 4;
+  return bytes;
 }
 
 static tn_kernel_params params_for(const tn_op_args *a) {
@@ -286,6 +349,7 @@ static tn_kernel_params params_for(const tn_op_args *a) {
   if (a->mul != NULL) {
     p.mul = a->mul->data;
     p.mul_stride = a->mul->row_stride;
+    p.mul_head_stride = a->mul->head_stride;
   }
   if (a->residual != NULL) {
     p.residual = a->residual->data;
@@ -295,6 +359,47 @@ static tn_kernel_params params_for(const tn_op_args *a) {
     p.residual_out = a->residual_out->data;
     p.residual_out_stride = a->residual_out->row_stride;
   }
+  /* The later families' fields (norm.cu and add_rms_norm.cu read none of them). */
+  const int64_t heads = tn_tensor_head_count(a->x);
+  const int half_dtype = a->x->dtype != TN_F32;
+  p.heads = heads;
+  p.x_head_stride = a->x->head_stride;
+  p.y_head_stride = a->y->head_stride;
+  int flags = 0;
+  if (a->casting == TN_CASTING_LLAMA) flags |= TN_KERNEL_FLAG_LLAMA;
+  if (a->op == TN_OP_L2_NORM && a->l2_mode == TN_L2_MAX_NORM_EPS) flags |= TN_KERNEL_FLAG_MAX_NORM;
+  if (tn_op_adds_residual(a->op)) {
+    flags |= TN_KERNEL_FLAG_ADD;
+    if (half_dtype && a->residual->dtype == TN_F32) flags |= TN_KERNEL_FLAG_RESIDUAL_F32;
+    if (a->residual->dtype == a->x->dtype && a->residual_mode == TN_RESIDUAL_NORM_STORED) flags |= TN_KERNEL_FLAG_ROUND_SUM;
+  }
+  if (tn_op_is_layer_norm(a->op)) flags |= TN_KERNEL_FLAG_LAYER;
+  if (a->mul != NULL) flags |= TN_KERNEL_FLAG_MUL;
+  if (a->bias != NULL) {
+    flags |= TN_KERNEL_FLAG_BIAS;
+    p.bias = a->bias->data;
+    p.bias_f32 = a->bias->dtype == TN_F32;
+  }
+  if (a->rope.style != TN_ROPE_NONE) {
+    /* rope.cu: rows are the tokens, heads the vectors of each (a 2-D view: one each) */
+    if (a->rope.style == TN_ROPE_GPTJ) flags |= TN_KERNEL_FLAG_ROPE_GPTJ;
+    if (a->rope.positions_i64) flags |= TN_KERNEL_FLAG_POS_I64;
+    p.positions = a->rope.positions;
+    p.rotary_dim = (int)rotary_dim_of(a);
+    p.theta = a->rope.theta;
+    if (a->rope.cos_sin != NULL) {
+      flags |= TN_KERNEL_FLAG_ROPE_TABLE;
+      if (a->rope.cos_sin->dtype == TN_F32) flags |= TN_KERNEL_FLAG_TABLE_F32;
+      p.cos_sin = a->rope.cos_sin->data;
+      p.cos_sin_stride = a->rope.cos_sin->row_stride;
+      p.cos_sin_rows = a->rope.cos_sin->rows;
+    }
+  } else if (heads > 1) {
+    /* Row kernels reduce vectors: a 3-D view's rows x heads of them. */
+    flags |= TN_KERNEL_FLAG_HEADS;
+    p.rows = a->x->rows * heads;
+  }
+  p.flags = flags;
   return p;
 }
 
@@ -322,25 +427,32 @@ static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a, con
 
   tn_kernel_params p = params_for(a);
   p.round_before_last = options->round_before_last;
-  const int block = tn_kernel_key_block_threads(key);
+  int block = tn_kernel_key_block_threads(key);
   int64_t blocks;
+  unsigned dynamic_smem = 0;
   if (key.family == TN_FAMILY_ELEMENTWISE) { /* one thread per 16-byte chunk of every row */
     const int64_t per_chunk = a->x->dtype == TN_F32 ? 4 : 8;
     blocks = (a->x->rows * ((a->x->dim + per_chunk - 1) / per_chunk) + block - 1) / block;
-  } else {
-    const int64_t rows_per_block = tn_kernel_rows_per_block(key.shape);
-    blocks = (a->x->rows + rows_per_block - 1) / rows_per_block;
-  }
-  unsigned dynamic_smem = 0;
-  if (key.family == TN_FAMILY_ELEMENTWISE) {
     /* A grid that strides over the chunks: at most what is resident at once. */
     const int64_t resident = (int64_t)k->blocks_per_sm * d->sms;
     if (blocks > resident) blocks = resident;
+  } else if (key.family == TN_FAMILY_ROPE) {
+    const int g = tn_kernel_group_threads(key.shape);
+    int tokens_per_block;
+    rope_geometry(a, g, &block, &tokens_per_block);
+    p.tokens_per_block = tokens_per_block;
+    const size_t smem = rope_smem(a, g, block, tokens_per_block);
+    TN_RETURN_ERROR_IF(smem > (size_t)max_stage_bytes(d), ctx, TN_ERR_SHAPE,
+                       "rms_norm: a rope over %lld heads of %lld elements needs %zu bytes of shared memory a block; "
+                       "this device has %zu", (long long)tn_tensor_head_count(a->x), (long long)a->x->dim, smem,
+                       max_stage_bytes(d));
+    dynamic_smem = (unsigned)smem;
+    blocks = (a->x->rows + tokens_per_block - 1) / tokens_per_block;
+    if (blocks > TN_MAX_GRID_BLOCKS) blocks = TN_MAX_GRID_BLOCKS;
   } else {
-    if (key.shape == TN_SHAPE_SHARED) {
-      const int64_t per_chunk = a->x->dtype == TN_F32 ? 4 : 8;
-      dynamic_smem = (unsigned)(((a->x->dim + per_chunk - 1) / per_chunk) * 16);
-    }
+    const int64_t rows_per_block = tn_kernel_rows_per_block(key.shape);
+    blocks = (vectors_of(a->x) + rows_per_block - 1) / rows_per_block;
+    if (key.shape == TN_SHAPE_SHARED) dynamic_smem = (unsigned)tn_kernel_stage_bytes(key.family, a->x->dtype, a->x->dim);
     /* A block for every row (or every block's worth of rows), as far as the grid's limit goes; the
      * kernels stride over any rows beyond it. Measured on the H100, this beats a grid of only the
      * blocks resident at once, each striding over many rows, by 6 to 12 points of the copy ceiling

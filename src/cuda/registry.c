@@ -13,32 +13,126 @@
 /* The kernel sources, embedded at build time (cmake/embed_sources.cmake). */
 extern const char tn_cuda_source_params_h[];
 extern const char tn_cuda_source_row_cuh[];
+extern const char tn_cuda_source_ops_cuh[];
 extern const char tn_cuda_source_norm_cu[];
 extern const char tn_cuda_source_add_rms_norm_cu[];
 extern const char tn_cuda_source_elementwise_cu[];
+extern const char tn_cuda_source_norm_x_cu[];
+extern const char tn_cuda_source_layer_norm_cu[];
+extern const char tn_cuda_source_general_cu[];
+extern const char tn_cuda_source_rope_cu[];
 
-static const char *const header_names[] = {"params.h", "row.cuh"};
-#define HEADER_COUNT 2
+static const char *const header_names[] = {"params.h", "row.cuh", "ops.cuh"};
+#define HEADER_COUNT 3
 
 static const char *family_source(tn_kernel_family f) {
-  return f == TN_FAMILY_ADD_NORM || f == TN_FAMILY_ADD_NORM_MUL ? tn_cuda_source_add_rms_norm_cu
-         : f == TN_FAMILY_ELEMENTWISE ? tn_cuda_source_elementwise_cu
-                                      : tn_cuda_source_norm_cu;
+  switch (f) {
+    case TN_FAMILY_ADD_NORM:
+    case TN_FAMILY_ADD_NORM_MUL:
+      return tn_cuda_source_add_rms_norm_cu;
+    case TN_FAMILY_ELEMENTWISE:
+      return tn_cuda_source_elementwise_cu;
+    case TN_FAMILY_NORM_X:
+      return tn_cuda_source_norm_x_cu;
+    case TN_FAMILY_LAYER:
+      return tn_cuda_source_layer_norm_cu;
+    case TN_FAMILY_GENERAL:
+      return tn_cuda_source_general_cu;
+    case TN_FAMILY_ROPE:
+      return tn_cuda_source_rope_cu;
+    default:
+      return tn_cuda_source_norm_cu;
+  }
 }
 
-static const char *const family_prefix[TN_FAMILY_COUNT] = {"tn_norm", "tn_norm_mul", "tn_add_norm",
-                                                           "tn_add_norm_mul", "tn_elementwise"};
+static const char *const family_prefix[TN_FAMILY_COUNT] = {
+    "tn_norm", "tn_norm_mul", "tn_add_norm", "tn_add_norm_mul", "tn_elementwise",
+    "tn_normx", "tn_layer", "tn_general", "tn_rope"};
 
-/* Keys are numbered family by family; a family has (dtypes x shapes x modes) of them. */
-static int family_shapes(int f) { return f == TN_FAMILY_ELEMENTWISE ? TN_KERNEL_ELEMENTWISE_COUNT : TN_SHAPE_COUNT; }
+/* Each family's shapes and access modes, in key order (see registry.h). The later families keep the
+ * shapes their calls need (a row takes the family's smallest register shape that holds it, else a staged
+ * one: the reduction order still depends on (dtype, dim) alone within a family). */
+static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD,
+                                           TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2};
+static const signed char layer_shapes[TN_LAYER_SHAPE_COUNT] = {4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD};
+static const signed char general_shapes[TN_GENERAL_SHAPE_COUNT] = {2, 5, 8, TN_SHAPE_SHARED, TN_SHAPE_REREAD};
+
+/* The family's list of shapes, or NULL when it has shapes 0 .. family_shape_count - 1. */
+static const signed char *family_shape_list(int f) {
+  switch (f) {
+    case TN_FAMILY_NORM_X:
+      return normx_shapes;
+    case TN_FAMILY_LAYER:
+      return layer_shapes;
+    case TN_FAMILY_GENERAL:
+      return general_shapes;
+    default:
+      return NULL;
+  }
+}
+
+static int family_shape_count(int f) {
+  switch (f) {
+    case TN_FAMILY_ELEMENTWISE:
+      return TN_KERNEL_ELEMENTWISE_COUNT;
+    case TN_FAMILY_NORM_X:
+      return (int)sizeof normx_shapes;
+    case TN_FAMILY_LAYER:
+      return (int)sizeof layer_shapes;
+    case TN_FAMILY_GENERAL:
+      return (int)sizeof general_shapes;
+    case TN_FAMILY_ROPE:
+      return TN_ROPE_SHAPE_COUNT;
+    default:
+      return TN_SHAPE_COUNT;
+  }
+}
+
+static int family_shape_at(int f, int i) {
+  const signed char *list = family_shape_list(f);
+  return list != NULL ? list[i] : i;
+}
+
+static int family_shape_index(int f, int shape) {
+  const signed char *list = family_shape_list(f);
+  if (list == NULL) return shape >= 0 && shape < family_shape_count(f) ? shape : -1;
+  for (int i = 0; i < family_shape_count(f); i++)
+    if (list[i] == shape) return i;
+  return -1;
+}
+
+static int family_mode_count(int f) { return f >= TN_FAMILY_NORM_X ? TN_LATER_MODE_COUNT : TN_KERNEL_MODE_COUNT; }
+
+static int family_mode_at(int f, int i) {
+  return f >= TN_FAMILY_NORM_X && i == 1 ? TN_KERNEL_MODE_VECTORS : i;
+}
+
+static int family_mode_index(int f, int mode) {
+  if (f < TN_FAMILY_NORM_X) return mode;
+  return mode == TN_KERNEL_MODE_BYTES ? 0 : mode == TN_KERNEL_MODE_VECTORS ? 1 : -1;
+}
+
 static int family_first(int f) {
   int first = 0;
-  for (int g = 0; g < f; g++) first += TN_DTYPE_COUNT * family_shapes(g) * TN_KERNEL_MODE_COUNT;
+  for (int g = 0; g < f; g++) first += TN_DTYPE_COUNT * family_shape_count(g) * family_mode_count(g);
   return first;
 }
 
+int tn_kernel_family_has_mode(tn_kernel_family family, int mode) {
+  return (unsigned)family < TN_FAMILY_COUNT && mode >= 0 && mode < TN_KERNEL_MODE_COUNT &&
+         family_mode_index(family, mode) >= 0;
+}
+
+int tn_kernel_family_has(tn_kernel_family family, int shape, int mode) {
+  return (unsigned)family < TN_FAMILY_COUNT && shape >= 0 && family_shape_index(family, shape) >= 0 && mode >= 0 &&
+         mode < TN_KERNEL_MODE_COUNT && family_mode_index(family, mode) >= 0;
+}
+
 int tn_kernel_key_index(tn_kernel_key k) {
-  return family_first(k.family) + ((int)k.dtype * family_shapes(k.family) + k.shape) * TN_KERNEL_MODE_COUNT + k.mode;
+  const int f = k.family;
+  return family_first(f) +
+         ((int)k.dtype * family_shape_count(f) + family_shape_index(f, k.shape)) * family_mode_count(f) +
+         family_mode_index(f, k.mode);
 }
 
 tn_kernel_key tn_kernel_key_at(int index) {
@@ -47,10 +141,10 @@ tn_kernel_key tn_kernel_key_at(int index) {
   while (f + 1 < TN_FAMILY_COUNT && index >= family_first(f + 1)) f++;
   index -= family_first(f);
   k.family = (tn_kernel_family)f;
-  k.mode = index % TN_KERNEL_MODE_COUNT;
-  index /= TN_KERNEL_MODE_COUNT;
-  k.shape = index % family_shapes(f);
-  k.dtype = (tn_dtype)(index / family_shapes(f));
+  k.mode = family_mode_at(f, index % family_mode_count(f));
+  index /= family_mode_count(f);
+  k.shape = family_shape_at(f, index % family_shape_count(f));
+  k.dtype = (tn_dtype)(index / family_shape_count(f));
   return k;
 }
 
@@ -101,7 +195,14 @@ int tn_kernel_rows_per_block(int shape) {
 }
 
 int tn_kernel_key_block_threads(tn_kernel_key key) {
+  if (key.family == TN_FAMILY_ROPE) return TN_KERNEL_ROPE_MAX_BLOCK;
   return key.family == TN_FAMILY_ELEMENTWISE ? TN_KERNEL_ELEMENTWISE_BLOCK : tn_kernel_block_threads(key.shape);
+}
+
+size_t tn_kernel_stage_bytes(tn_kernel_family family, tn_dtype dtype, int64_t dim) {
+  const int64_t per_chunk = dtype == TN_F32 ? 4 : 8;
+  const size_t held = family == TN_FAMILY_GENERAL ? (size_t)per_chunk * 4 : 16;
+  return (size_t)((dim + per_chunk - 1) / per_chunk) * held;
 }
 
 int tn_kernel_block_threads(int shape) {
@@ -178,7 +279,7 @@ tn_status tn_kernel_compile_source(tn_context *ctx, const char *source, const ch
   const char *reason = NULL;
   const tn_nvrtc *nv = tn_nvrtc_get(&reason);
   TN_RETURN_ERROR_IF(nv == NULL, ctx, TN_ERR_UNAVAILABLE, "cuda: %s", reason);
-  const char *headers[HEADER_COUNT] = {tn_cuda_source_params_h, tn_cuda_source_row_cuh};
+  const char *headers[HEADER_COUNT] = {tn_cuda_source_params_h, tn_cuda_source_row_cuh, tn_cuda_source_ops_cuh};
   nvrtcProgram prog = NULL;
   nvrtcResult r = nv->CreateProgram(&prog, source, "tnorm_kernel.cu", HEADER_COUNT, headers, header_names);
   if (r != NVRTC_SUCCESS) return nvrtc_fail(ctx, nv, NULL, r, "program creation", name);
@@ -237,10 +338,12 @@ static int blob_split(char *blob, size_t size, tn_kernel_binary *out) {
 /* The key text of a kernel: everything its binary depends on. */
 static void cache_key(tn_kernel_key key, int arch, const tn_nvrtc *nv, char *out, size_t capacity) {
   uint64_t h = TN_HASH_SEED;
-  const char *parts[] = {tn_cuda_source_params_h, tn_cuda_source_row_cuh, family_source(key.family)};
-  for (size_t i = 0; i < 3; i++) h = tn_hash64(h, parts[i], strlen(parts[i]) + 1);
+  const char *parts[] = {tn_cuda_source_params_h, tn_cuda_source_row_cuh, tn_cuda_source_ops_cuh,
+                         family_source(key.family)};
+  const size_t part_count = sizeof parts / sizeof parts[0];
+  for (size_t i = 0; i < part_count; i++) h = tn_hash64(h, parts[i], strlen(parts[i]) + 1);
   uint64_t h2 = 0x84222325cbf29ce4ull;
-  for (size_t i = 0; i < 3; i++) h2 = tn_hash64(h2, parts[i], strlen(parts[i]) + 1);
+  for (size_t i = 0; i < part_count; i++) h2 = tn_hash64(h2, parts[i], strlen(parts[i]) + 1);
   char name[128], arch_option[64];
   const char *options[8];
   int count;

@@ -12,17 +12,27 @@
 #include "tnorm.h"
 
 /* norm.cu: rms_norm and l2_norm, and rms_norm with a multiplicand; add_rms_norm.cu: add_rms_norm, and
- * add_rms_norm with a multiplicand;
- * elementwise.cu: add, mul and scale (whose key's shape is the op: TN_KERNEL_ELEMENTWISE_*). */
+ * add_rms_norm with a multiplicand (the default path of each: 2-D views, TN_CASTING_EXACT, the default
+ * modes); elementwise.cu: add, mul and scale (whose key's shape is the op: TN_KERNEL_ELEMENTWISE_*).
+ * The families after them carry their rarer knobs as run-time flags (kernels/ops.cuh):
+ * norm_x.cu: rms_norm and l2_norm on 3-D views, with TN_CASTING_LLAMA or max(norm, eps), and add_rms_norm
+ * with TN_CASTING_LLAMA (a residual of x's dtype normalised as stored), none with a multiplicand;
+ * layer_norm.cu: layer_norm, and add_layer_norm with a residual of x's dtype normalised as stored;
+ * general.cu: the rest of the norms (a float32 residual stream, the unrounded sum, a multiplicand with
+ * TN_CASTING_LLAMA or a 3-D view), the row held in float32;
+ * rope.cu: rms_norm with a rope. */
 typedef enum tn_kernel_family {
   TN_FAMILY_NORM = 0,
   TN_FAMILY_NORM_MUL = 1,
   TN_FAMILY_ADD_NORM = 2,
   TN_FAMILY_ADD_NORM_MUL = 3,
   TN_FAMILY_ELEMENTWISE = 4,
-  TN_FAMILY_COUNT = 5
+  TN_FAMILY_NORM_X = 5,
+  TN_FAMILY_LAYER = 6,
+  TN_FAMILY_GENERAL = 7,
+  TN_FAMILY_ROPE = 8,
+  TN_FAMILY_COUNT = 9
 } tn_kernel_family;
-
 
 /* Row shapes: 0 .. 10 keep rows in registers with G = 1 << shape threads per row; then the staged ones;
  * then the few-rows ("wide") form of the register shapes with G = 64, 128, 256 and 512, which the backend
@@ -42,10 +52,28 @@ typedef struct tn_kernel_key {
   int mode;
 } tn_kernel_key;
 
-/* The row families have TN_SHAPE_COUNT shapes, the elementwise family TN_KERNEL_ELEMENTWISE_COUNT ops. */
-#define TN_KERNEL_VARIANTS                                                                          \
-  ((TN_FAMILY_COUNT - 1) * TN_DTYPE_COUNT * TN_SHAPE_COUNT * TN_KERNEL_MODE_COUNT +                        \
-   TN_DTYPE_COUNT * TN_KERNEL_ELEMENTWISE_COUNT * TN_KERNEL_MODE_COUNT)
+/* Keys per family: the first four row families have every shape and access mode; the elementwise family
+ * one shape per op. The later families have two access modes (16-byte vectors, else bytes: element-aligned
+ * calls, rare beside them, take the byte kernels) and the shapes their calls need (registry.c): norm_x
+ * the register shapes from G = 2, the staged ones and the few-rows form of G = 128 and 256 (a decode
+ * step's hidden sizes); layer_norm the register shapes from G = 16 and the staged ones; general G = 4, 32
+ * and 256 and the staged ones; rope the register shapes up to G = 32 (heads of at most TN_ROPE_MAX_DIM
+ * elements). A row takes its family's smallest register shape that holds it, else a staged one, so that
+ * within a family the reduction order still depends on (dtype, dim) alone. */
+#define TN_NORM_X_SHAPE_COUNT 14
+#define TN_LAYER_SHAPE_COUNT 9
+#define TN_GENERAL_SHAPE_COUNT 5
+#define TN_ROPE_SHAPE_COUNT 6
+#define TN_LATER_MODE_COUNT 2
+#define TN_KERNEL_VARIANTS                                                                               \
+  (4 * TN_DTYPE_COUNT * TN_SHAPE_COUNT * TN_KERNEL_MODE_COUNT +                                          \
+   TN_DTYPE_COUNT * TN_KERNEL_ELEMENTWISE_COUNT * TN_KERNEL_MODE_COUNT +                                 \
+   TN_DTYPE_COUNT * TN_LATER_MODE_COUNT *                                                                \
+       (TN_NORM_X_SHAPE_COUNT + TN_LAYER_SHAPE_COUNT + TN_GENERAL_SHAPE_COUNT + TN_ROPE_SHAPE_COUNT))
+
+/* Whether the family has a kernel of this shape and access mode (the backend asks only for those). */
+int tn_kernel_family_has(tn_kernel_family family, int shape, int mode);
+int tn_kernel_family_has_mode(tn_kernel_family family, int mode);
 
 int tn_kernel_key_index(tn_kernel_key key);
 tn_kernel_key tn_kernel_key_at(int index);
@@ -63,8 +91,11 @@ int tn_kernel_rows_per_block(int shape);
 /* The wide shape of register shape `shape`, or -1 when it has none. */
 int tn_kernel_wide_shape(int shape);
 int tn_kernel_shape_is_wide(int shape);
-/* Threads per block of any kernel. */
+/* Threads per block of any kernel (rope.cu's: the most it is launched with). */
 int tn_kernel_key_block_threads(tn_kernel_key key);
+/* Bytes of shared memory a staged row of dim elements takes in the family's kernels (what it holds of a
+ * chunk: 16 bytes, or general.cu's float32 elements). */
+size_t tn_kernel_stage_bytes(tn_kernel_family family, tn_dtype dtype, int64_t dim);
 
 /* A compiled kernel: the mangled name to look up in the module, then the cubin. */
 typedef struct tn_kernel_binary {
@@ -81,7 +112,7 @@ typedef struct tn_kernel_binary {
 tn_status tn_kernel_build(tn_context *ctx, tn_kernel_key key, int arch, tn_kernel_binary *out);
 void tn_kernel_binary_free(tn_kernel_binary *b);
 
-/* Compiles `source` (which may include "row.cuh" and "params.h") and returns the binary of the kernel
+/* Compiles `source` (which may include "row.cuh", "ops.cuh" and "params.h") and returns the binary of the kernel
  * named by name_expression; no disk cache. For tests of the compile path itself. */
 tn_status tn_kernel_compile_source(tn_context *ctx, const char *source, const char *name_expression, int arch,
                                    tn_kernel_binary *out);

@@ -5,6 +5,16 @@
 
 template <bool MUL>
 struct tn_add_norm_op {
+  template <int DT>
+  using held = tn_chunk;
+  using reduce = tn_rms_reduce;
+
+  /* A row is found by its index alone (2-D views). */
+  template <int DT>
+  static __device__ __forceinline__ tn_i64 locate(const tn_kernel_params &, tn_i64 row) {
+    return row;
+  }
+
   /* s for chunk c, rounded to the dtype, also written to residual_out. */
   template <int DT, int MODE>
   static __device__ __forceinline__ tn_chunk produce(const tn_kernel_params &p, tn_i64 row, tn_i64 c) {
@@ -29,8 +39,8 @@ struct tn_add_norm_op {
 
   template <int DT, int MODE>
   static __device__ __forceinline__ void emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &q,
-                                              float pre, float inv) {
-    tn_norm_emit<DT, MODE, MUL, false>(p, row, c, q, pre, inv);
+                                              const tn_row_stats &st) {
+    tn_norm_emit<DT, MODE, MUL, false>(p, row, c, q, st.pre, st.inv);
   }
 };
 

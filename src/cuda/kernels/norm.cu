@@ -7,6 +7,16 @@
 
 template <bool MUL>
 struct tn_norm_op {
+  template <int DT>
+  using held = tn_chunk;
+  using reduce = tn_rms_reduce;
+
+  /* A row is found by its index alone (2-D views). */
+  template <int DT>
+  static __device__ __forceinline__ tn_i64 locate(const tn_kernel_params &, tn_i64 row) {
+    return row;
+  }
+
   template <int DT, int MODE>
   static __device__ __forceinline__ tn_chunk produce(const tn_kernel_params &p, tn_i64 row, tn_i64 c) {
     return tn_load_chunk<DT, MODE>(tn_row(p.x, row, p.x_stride, tn_dt<DT>::size), c, p.dim);
@@ -20,8 +30,8 @@ struct tn_norm_op {
 
   template <int DT, int MODE>
   static __device__ __forceinline__ void emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &q,
-                                              float pre, float inv) {
-    tn_norm_emit<DT, MODE, MUL, true>(p, row, c, q, pre, inv);
+                                              const tn_row_stats &st) {
+    tn_norm_emit<DT, MODE, MUL, true>(p, row, c, q, st.pre, st.inv);
   }
 };
 

@@ -25,7 +25,49 @@ typedef struct tn_kernel_params {
   int weight_f32; /* the weight is float32 (else x's dtype) */
   int has_scale;
   int round_before_last; /* round (x * inv) * w to the dtype before the multiplicand or scale (fused pairs) */
+  /* The fields below are read only by the families of norm_x.cu, layer_norm.cu, general.cu and rope.cu, so
+   * the older kernels' arguments keep their offsets. */
+  const void *bias;
+  long long heads; /* vectors per row of x: 1 for a 2-D view; rows above then counts the vectors */
+  long long x_head_stride;
+  long long y_head_stride;
+  long long mul_head_stride;
+  int flags;    /* TN_KERNEL_FLAG_*: the run-time knobs of those families */
+  int bias_f32; /* the bias is float32 (else x's dtype) */
+  /* rms_norm with a rope (rope.cu): rows are the tokens, heads the vectors of each */
+  const void *positions;
+  const void *cos_sin;
+  long long cos_sin_stride;
+  long long cos_sin_rows;
+  int rotary_dim;
+  int tokens_per_block;
+  float theta;
+  int pad_;
 } tn_kernel_params;
+
+/* Run-time knobs (tn_kernel_params.flags) of the families that carry them; each family reads only its own. */
+#define TN_KERNEL_FLAG_LLAMA 0x1         /* round the normalised value to the dtype before the weight */
+#define TN_KERNEL_FLAG_MAX_NORM 0x2      /* l2_norm: 1 / max(sqrt(sum), eps) */
+#define TN_KERNEL_FLAG_ADD 0x4           /* a residual is added first (add_rms_norm, add_layer_norm) */
+#define TN_KERNEL_FLAG_RESIDUAL_F32 0x8  /* residual and residual_out are float32 (x is f16/bf16) */
+#define TN_KERNEL_FLAG_ROUND_SUM 0x10    /* the sum is normalised rounded to the residual's dtype */
+#define TN_KERNEL_FLAG_LAYER 0x20        /* layer_norm's row: mean first, then the deviations */
+#define TN_KERNEL_FLAG_MUL 0x40          /* a multiplicand (general.cu) */
+#define TN_KERNEL_FLAG_BIAS 0x80         /* layer_norm's bias */
+#define TN_KERNEL_FLAG_HEADS 0x100       /* a 3-D view: vector v is head v % heads of row v / heads */
+#define TN_KERNEL_FLAG_ROPE_GPTJ 0x200   /* pairs (2i, 2i + 1); else NEOX's (i, i + rotary_dim / 2) */
+#define TN_KERNEL_FLAG_ROPE_TABLE 0x400  /* cos and sin from cos_sin; else from theta */
+#define TN_KERNEL_FLAG_TABLE_F32 0x800   /* the table is float32 (else x's dtype) */
+#define TN_KERNEL_FLAG_POS_I64 0x1000    /* positions are int64 (else int32) */
+
+/* rope.cu: threads per block at most (a block takes whole tokens, each token's heads G threads apiece), and
+ * the threads a block aims at when a token has fewer. */
+#define TN_KERNEL_ROPE_MAX_BLOCK 256
+#define TN_KERNEL_ROPE_MIN_BLOCK 128
+/* rope.cu's shared memory: each group's slot for its head's chunks (TN_KERNEL_REG_CHUNKS * G, padded so
+ * that a quarter warp's 16-byte accesses fall in 8 different bank groups), then tokens_per_block rows of
+ * rotary_dim floats (the cosines, then the sines), then rotary_dim / 2 floats of inv_freq (theta only). */
+#define TN_KERNEL_ROPE_SLOT_CHUNKS(G) (TN_KERNEL_REG_CHUNKS * (G) + (8 - (3 * (G)) % 8) % 8)
 
 /* dtype codes, as tn_dtype */
 #define TN_KERNEL_F32 0

@@ -225,10 +225,45 @@ TN_DEV float tn_group_sum(float v, float *partials, int *turn) {
   return s;
 }
 
+/* What a row kernel holds of a chunk between its reduction and its output: the chunk itself (tn_chunk), or
+ * its elements in float32 (tn_held32: general.cu's sums, which need not be of x's dtype). tn_held<H> gives
+ * both the same interface: a zero, and the elements as float32. */
 template <int DT>
-TN_DEV float tn_chunk_sum_squares(const tn_chunk &q, float acc, float k) {
+struct tn_held32 {
   float f[tn_dt<DT>::per_chunk];
-  tn_chunk_to_f32<DT>(q, f);
+};
+
+template <class H>
+struct tn_held;
+
+template <>
+struct tn_held<tn_chunk> {
+  TN_DEV tn_chunk zero() { return tn_chunk_zero(); }
+  template <int DT>
+  TN_DEV void values(const tn_chunk &q, float *f) {
+    tn_chunk_to_f32<DT>(q, f);
+  }
+};
+
+template <int D>
+struct tn_held<tn_held32<D>> {
+  TN_DEV tn_held32<D> zero() {
+    tn_held32<D> q;
+#pragma unroll
+    for (int j = 0; j < tn_dt<D>::per_chunk; j++) q.f[j] = 0.0f;
+    return q;
+  }
+  template <int DT>
+  TN_DEV void values(const tn_held32<D> &q, float *f) {
+#pragma unroll
+    for (int j = 0; j < tn_dt<D>::per_chunk; j++) f[j] = q.f[j];
+  }
+};
+
+template <int DT, class H>
+TN_DEV float tn_chunk_sum_squares(const H &q, float acc, float k) {
+  float f[tn_dt<DT>::per_chunk];
+  tn_held<H>::template values<DT>(q, f);
 #pragma unroll
   for (int j = 0; j < tn_dt<DT>::per_chunk; j++) acc += (f[j] * k) * (f[j] * k);
   return acc;
@@ -260,6 +295,36 @@ TN_DEV float tn_row_inv(float sum, const tn_kernel_params &p, float *pre, GroupS
   }
   return tn_inv_sqrt(sum / p.count + p.eps);
 }
+
+/* ---- a row's reduction ---- */
+
+/* What a row's output needs from its reduction: the scale inv, the power of two pre the row was scaled by
+ * when it was reduced again (1 otherwise), and layer_norm's mean (of the row times pre). */
+struct tn_row_stats {
+  float pre, inv, mean;
+};
+
+/* How a row is reduced (an Op's `reduce`): first(p, q, acc) folds a held chunk into this thread's first sum,
+ * in chunk order; finish(p, sum, group_sum, each) makes the row's statistics from the group's first sum,
+ * where each(fn) calls fn on this thread's held chunks again, in the same order (for later passes), and
+ * group_sum(v) sums v over the group. rms_norm and l2_norm: the sum of squares, then tn_row_inv. */
+struct tn_rms_reduce {
+  template <int DT, class H>
+  TN_DEV float first(const tn_kernel_params &, const H &q, float acc) {
+    return tn_chunk_sum_squares<DT>(q, acc, 1.0f);
+  }
+  template <int DT, class GroupSum, class Each>
+  TN_DEV tn_row_stats finish(const tn_kernel_params &p, float sum, GroupSum group_sum, Each each) {
+    tn_row_stats st;
+    st.mean = 0.0f;
+    st.inv = tn_row_inv(sum, p, &st.pre, group_sum, [&](float k) {
+      float acc = 0.0f;
+      each([&](const typename Each::held &q) { acc = tn_chunk_sum_squares<DT>(q, acc, k); });
+      return acc;
+    });
+    return st;
+  }
+};
 
 /* ---- programmatic dependent launch (sm_90+): wait for the previous kernel's writes; let the next
  * kernel start launching while this one drains ---- */
@@ -305,7 +370,7 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
   tn_store_chunk<DT, MODE>((char *)tn_row(p.y, row, p.y_stride, tn_dt<DT>::size), c, p.dim, tn_chunk_from_f32<DT>(f));
 }
 
-/* ---- the two row shapes ---- */
+/* ---- the row shapes ---- */
 
 /* Threads per block for G threads per row, and the blocks per SM the register allocation must allow:
  * 1024 threads per SM, so at most 64 registers a thread. Measured on the H100: fewer resident rows lose
@@ -317,12 +382,70 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
 #define TN_MIN_BLOCKS_OF(G) (TN_KERNEL_BLOCK_OF(G) >= TN_KERNEL_MIN_RESIDENT ? 1 : TN_KERNEL_MIN_RESIDENT / TN_KERNEL_BLOCK_OF(G))
 
 
+/* An op family (Op) gives the row shapes below:
+ * - held<DT>: what is kept of a chunk (tn_chunk or tn_held32<DT>), and reduce: how a row is reduced
+ *   (tn_rms_reduce, or ops.cuh's);
+ * - locate<DT>(p, v): where vector v (a row, or a head of a 3-D view) lies, computed once per vector;
+ * - produce(p, at, c): chunk c of the vector's normed input (reading the inputs, maybe writing
+ *   residual_out); reread(p, at, c): the same again, for rows staged by re-reading;
+ * - emit(p, at, c, q, stats): the outputs of chunk c. */
+
+/* A thread's held chunks of a row, visited again in the order of its first sum: each(fn) calls fn on
+ * every one (the `each` of a reduction's finish), for each row shape. */
+template <class H, int K>
+struct tn_each_in_registers {
+  using held = H;
+  const H *q;
+  template <class F>
+  __device__ __forceinline__ void operator()(F fn) const {
+#pragma unroll
+    for (int k = 0; k < K; k++) fn(q[k]);
+  }
+};
+
+template <class H, int G, int K>
+struct tn_each_wide {
+  using held = H;
+  const H *staged;
+  int t;
+  tn_i64 chunks;
+  template <class F>
+  __device__ __forceinline__ void operator()(F fn) const {
+    if (t < G) {
+#pragma unroll
+      for (int k = 0; k < K; k++) {
+        const tn_i64 c = (tn_i64)k * G + t;
+        fn(c < chunks ? staged[c] : tn_held<H>::zero());
+      }
+    }
+  }
+};
+
+template <int DT, int STAGE, int MODE, class Op, class At>
+struct tn_each_staged {
+  using held = typename Op::template held<DT>;
+  const tn_kernel_params &p;
+  At at;
+  const held *staged;
+  int t;
+  tn_i64 chunks;
+  template <class F>
+  __device__ __forceinline__ void operator()(F fn) const {
+    for (tn_i64 c = t; c < chunks; c += TN_KERNEL_MAX_GROUP) {
+      const held q = STAGE == TN_KERNEL_STAGE_SHARED ? staged[c] : Op::template reread<DT, MODE>(p, at, c);
+      fn(q);
+    }
+  }
+};
+
 /* G threads per row, each keeping TN_KERNEL_REG_CHUNKS chunks in registers; several rows per block
  * when G <= 32 (a row's group is then within a warp; above a warp a block is one row, since the group's
  * barrier and shared partial sums belong to the block); rows spread over a grid that strides (rows are never a grid dimension
  * with a 65535 cap; every offset is 64-bit). */
 template <int DT, int G, int MODE, class Op>
 TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
+  using H = typename Op::template held<DT>;
+  using R = typename Op::reduce;
   constexpr int K = TN_KERNEL_REG_CHUNKS, V = tn_dt<DT>::per_chunk;
   constexpr int BLOCK = TN_KERNEL_BLOCK_OF(G), RPB = BLOCK / G; /* one row per block above one warp */
   __shared__ float partials[2 * (G > 32 ? G / 32 : 1)];
@@ -330,28 +453,23 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
   const int t = threadIdx.x % G;
   const tn_i64 chunks = (p.dim + V - 1) / V;
   for (tn_i64 row = (tn_i64)blockIdx.x * RPB + threadIdx.x / G; row < p.rows; row += (tn_i64)gridDim.x * RPB) {
-    tn_chunk q[K];
+    const auto at = Op::template locate<DT>(p, row);
+    H q[K];
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const tn_i64 c = (tn_i64)k * G + t;
-      q[k] = c < chunks ? Op::template produce<DT, MODE>(p, row, c) : tn_chunk_zero();
+      q[k] = c < chunks ? Op::template produce<DT, MODE>(p, at, c) : tn_held<H>::zero();
     }
     float acc = 0.0f;
 #pragma unroll
-    for (int k = 0; k < K; k++) acc = tn_chunk_sum_squares<DT>(q[k], acc, 1.0f);
+    for (int k = 0; k < K; k++) acc = R::template first<DT>(p, q[k], acc);
     const float sum = tn_group_sum<G>(acc, partials, &turn);
-    float pre;
-    const float inv = tn_row_inv(
-        sum, p, &pre, [&](float v) { return tn_group_sum<G>(v, partials, &turn); }, [&](float kf) {
-      float acc2 = 0.0f;
-#pragma unroll
-      for (int k = 0; k < K; k++) acc2 = tn_chunk_sum_squares<DT>(q[k], acc2, kf);
-      return acc2;
-    });
+    const tn_row_stats st = R::template finish<DT>(
+        p, sum, [&](float v) { return tn_group_sum<G>(v, partials, &turn); }, tn_each_in_registers<H, K>{q});
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const tn_i64 c = (tn_i64)k * G + t;
-      if (c < chunks) Op::template emit<DT, MODE>(p, row, c, q[k], pre, inv);
+      if (c < chunks) Op::template emit<DT, MODE>(p, at, c, q[k], st);
     }
   }
 }
@@ -381,17 +499,20 @@ TN_DEV float tn_wide_group_sum(float v, float *partials, int *turn) {
  * the rows come out bit for bit as from tn_rows_in_registers<G>. */
 template <int DT, int G, int MODE, class Op>
 TN_DEV void tn_rows_wide(const tn_kernel_params &p) {
+  using H = typename Op::template held<DT>;
+  using R = typename Op::reduce;
   constexpr int K = TN_KERNEL_REG_CHUNKS, W = TN_KERNEL_WIDE_BLOCK_OF(G), PER = G * K / W;
-  __shared__ tn_chunk staged[G * K];
+  __shared__ H staged[G * K];
   __shared__ float partials[2 * (G / 32)];
   int turn = 0;
   const int t = threadIdx.x;
   const tn_i64 chunks = (p.dim + tn_dt<DT>::per_chunk - 1) / tn_dt<DT>::per_chunk;
   for (tn_i64 row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const auto at = Op::template locate<DT>(p, row);
 #pragma unroll
     for (int j = 0; j < PER; j++) {
       const tn_i64 c = (tn_i64)j * W + t;
-      if (c < chunks) staged[c] = Op::template produce<DT, MODE>(p, row, c);
+      if (c < chunks) staged[c] = Op::template produce<DT, MODE>(p, at, c);
     }
     __syncthreads();
     float acc = 0.0f;
@@ -399,106 +520,103 @@ TN_DEV void tn_rows_wide(const tn_kernel_params &p) {
 #pragma unroll
       for (int k = 0; k < K; k++) {
         const tn_i64 c = (tn_i64)k * G + t;
-        acc = tn_chunk_sum_squares<DT>(c < chunks ? staged[c] : tn_chunk_zero(), acc, 1.0f);
+        acc = R::template first<DT>(p, c < chunks ? staged[c] : tn_held<H>::zero(), acc);
       }
     }
     const float sum = tn_wide_group_sum<G>(acc, partials, &turn);
-    float pre;
-    const float inv = tn_row_inv(
-        sum, p, &pre, [&](float v) { return tn_wide_group_sum<G>(v, partials, &turn); }, [&](float kf) {
-          float acc2 = 0.0f;
-          if (t < G) {
-#pragma unroll
-            for (int k = 0; k < K; k++) {
-              const tn_i64 c = (tn_i64)k * G + t;
-              acc2 = tn_chunk_sum_squares<DT>(c < chunks ? staged[c] : tn_chunk_zero(), acc2, kf);
-            }
-          }
-          return acc2;
-        });
+    const tn_row_stats st = R::template finish<DT>(
+        p, sum, [&](float v) { return tn_wide_group_sum<G>(v, partials, &turn); },
+        tn_each_wide<H, G, K>{staged, t, chunks});
 #pragma unroll
     for (int j = 0; j < PER; j++) {
       const tn_i64 c = (tn_i64)j * W + t;
-      if (c < chunks) Op::template emit<DT, MODE>(p, row, c, staged[c], pre, inv);
+      if (c < chunks) Op::template emit<DT, MODE>(p, at, c, staged[c], st);
     }
     __syncthreads(); /* staged is the next row's */
   }
 }
 
+/* The block's dynamic shared memory (staged rows, rope.cu's tables), typed by each user. */
+extern __shared__ __align__(16) unsigned char tn_dynamic_smem[];
+
 /* TN_KERNEL_MAX_GROUP threads per row, one row per block at a time, for rows longer than registers
- * hold: the chunks wait in shared memory (STAGE_SHARED, chunks * 16 bytes of dynamic shared memory)
- * or are produced again for the output (STAGE_REREAD; from L2 in practice). Chunks go to threads as in
- * tn_rows_in_registers with G = TN_KERNEL_MAX_GROUP, so the reduction order is the same. */
+ * hold: the held chunks wait in shared memory (STAGE_SHARED, chunks * sizeof(held) bytes of dynamic
+ * shared memory) or are produced again for the output (STAGE_REREAD; from L2 in practice). Chunks go to
+ * threads as in tn_rows_in_registers with G = TN_KERNEL_MAX_GROUP, so the reduction order is the same. */
 template <int DT, int STAGE, int MODE, class Op>
 TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
-  constexpr int G = TN_KERNEL_MAX_GROUP, V = tn_dt<DT>::per_chunk, BATCH = 4;
-  extern __shared__ tn_chunk staged[];
+  using H = typename Op::template held<DT>;
+  using R = typename Op::reduce;
+  /* BATCH chunks in flight per thread: 64 bytes (held float32 chunks are twice the size). */
+  constexpr int G = TN_KERNEL_MAX_GROUP, V = tn_dt<DT>::per_chunk, BATCH = sizeof(H) > 16 ? 2 : 4;
+  H *staged = reinterpret_cast<H *>(tn_dynamic_smem);
   __shared__ float partials[2 * (G / 32)];
   int turn = 0;
   const int t = threadIdx.x;
   const tn_i64 chunks = (p.dim + V - 1) / V;
   for (tn_i64 row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const auto at = Op::template locate<DT>(p, row);
     float acc = 0.0f;
-    /* BATCH chunks in flight per thread, then summed in chunk order. */
+    /* BATCH chunks loaded, then summed in chunk order. */
     for (tn_i64 c0 = t; c0 < chunks; c0 += (tn_i64)BATCH * G) {
-      tn_chunk q[BATCH];
+      H q[BATCH];
 #pragma unroll
       for (int b = 0; b < BATCH; b++) {
         const tn_i64 c = c0 + (tn_i64)b * G;
-        q[b] = c < chunks ? Op::template produce<DT, MODE>(p, row, c) : tn_chunk_zero();
+        q[b] = c < chunks ? Op::template produce<DT, MODE>(p, at, c) : tn_held<H>::zero();
         if (STAGE == TN_KERNEL_STAGE_SHARED && c < chunks) staged[c] = q[b];
       }
 #pragma unroll
-      for (int b = 0; b < BATCH; b++) acc = tn_chunk_sum_squares<DT>(q[b], acc, 1.0f);
+      for (int b = 0; b < BATCH; b++) acc = R::template first<DT>(p, q[b], acc);
     }
     const float sum = tn_group_sum<G>(acc, partials, &turn);
-    float pre;
-    const float inv = tn_row_inv(
-        sum, p, &pre, [&](float v) { return tn_group_sum<G>(v, partials, &turn); }, [&](float kf) {
-      float acc2 = 0.0f;
-      for (tn_i64 c = t; c < chunks; c += G) {
-        const tn_chunk q = STAGE == TN_KERNEL_STAGE_SHARED ? staged[c] : Op::template reread<DT, MODE>(p, row, c);
-        acc2 = tn_chunk_sum_squares<DT>(q, acc2, kf);
-      }
-      return acc2;
-    });
+    const tn_row_stats st = R::template finish<DT>(
+        p, sum, [&](float v) { return tn_group_sum<G>(v, partials, &turn); },
+        tn_each_staged<DT, STAGE, MODE, Op, decltype(at)>{p, at, staged, t, chunks});
     for (tn_i64 c0 = t; c0 < chunks; c0 += (tn_i64)BATCH * G) {
-      tn_chunk q[BATCH];
+      H q[BATCH];
 #pragma unroll
       for (int b = 0; b < BATCH; b++) {
         const tn_i64 c = c0 + (tn_i64)b * G;
         if (c < chunks)
-          q[b] = STAGE == TN_KERNEL_STAGE_SHARED ? staged[c] : Op::template reread<DT, MODE>(p, row, c);
+          q[b] = STAGE == TN_KERNEL_STAGE_SHARED ? staged[c] : Op::template reread<DT, MODE>(p, at, c);
       }
 #pragma unroll
       for (int b = 0; b < BATCH; b++) {
         const tn_i64 c = c0 + (tn_i64)b * G;
-        if (c < chunks) Op::template emit<DT, MODE>(p, row, c, q[b], pre, inv);
+        if (c < chunks) Op::template emit<DT, MODE>(p, at, c, q[b], st);
       }
     }
   }
 }
 
-/* The kernels of one op family: Op's rows in registers (G threads per row) or staged. */
-#define TN_DEFINE_ROW_KERNELS(prefix, Op)                                                                 \
+/* Blocks per SM a kernel's registers must allow, for families whose rows need more registers than
+ * TN_MIN_BLOCKS_OF grants (general.cu: float32 chunks): DIV times fewer, at least one. */
+#define TN_MIN_BLOCKS_DIV(G, DIV) (TN_MIN_BLOCKS_OF(G) / (DIV) > 0 ? TN_MIN_BLOCKS_OF(G) / (DIV) : 1)
+
+/* The kernels of one op family: Op's rows in registers (G threads per row), in the few-rows form, or
+ * staged. MIN_DIV: 1, or the factor by which the family's register shapes allow fewer resident blocks. */
+#define TN_DEFINE_ROW_KERNELS_DIV(prefix, Op, MIN_DIV)                                                    \
   template <int DT, int G, int MODE>                                                                      \
-  __global__ void __launch_bounds__(TN_KERNEL_BLOCK_OF(G), TN_MIN_BLOCKS_OF(G))                \
+  __global__ void __launch_bounds__(TN_KERNEL_BLOCK_OF(G), TN_MIN_BLOCKS_DIV(G, MIN_DIV))                 \
       prefix##_registers(const tn_kernel_params p) {                                                      \
     tn_pdl_wait();                                                                                        \
     tn_rows_in_registers<DT, G, MODE, Op>(p);                                                             \
     tn_pdl_launch_dependents();                                                                           \
   }                                                                                                       \
   template <int DT, int G, int MODE>                                                                      \
-  __global__ void __launch_bounds__(TN_KERNEL_WIDE_BLOCK_OF(G), 1) prefix##_wide(const tn_kernel_params p) {  \
+  __global__ void __launch_bounds__(TN_KERNEL_WIDE_BLOCK_OF(G), 1) prefix##_wide(const tn_kernel_params p) { \
     tn_pdl_wait();                                                                                        \
     tn_rows_wide<DT, G, MODE, Op>(p);                                                                     \
     tn_pdl_launch_dependents();                                                                           \
   }                                                                                                       \
   template <int DT, int STAGE, int MODE>                                                                  \
-  __global__ void __launch_bounds__(TN_KERNEL_MAX_GROUP, 1) prefix##_staged(const tn_kernel_params p) {       \
+  __global__ void __launch_bounds__(TN_KERNEL_MAX_GROUP, 1) prefix##_staged(const tn_kernel_params p) {   \
     tn_pdl_wait();                                                                                        \
     tn_rows_staged<DT, STAGE, MODE, Op>(p);                                                               \
     tn_pdl_launch_dependents();                                                                           \
   }
+
+#define TN_DEFINE_ROW_KERNELS(prefix, Op) TN_DEFINE_ROW_KERNELS_DIV(prefix, Op, 1)
 
 #endif

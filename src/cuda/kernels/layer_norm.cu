@@ -1,0 +1,59 @@
+/* layer_norm, and add_layer_norm when the residual is of x's dtype and the sum is normalised as stored
+ * (the ADD flag): the row held as chunks of x's dtype, in the row shapes of row.cuh (so every dim the rms
+ * kernels take, with the same G per (dtype, dim) and so a fixed reduction order), reduced by
+ * tn_layer_reduce (the mean, then the squared deviations):
+ *   y = round(round?((s * pre - mean) * inv) * (w + offset) + b), s = x, or round(x + r) (also written to
+ *   residual_out); weight and bias each optional. */
+#include "ops.cuh"
+
+struct tn_layer_op {
+  template <int DT>
+  using held = tn_chunk;
+  using reduce = tn_layer_reduce;
+
+  template <int DT>
+  static __device__ __forceinline__ tn_i64 locate(const tn_kernel_params &, tn_i64 row) {
+    return row;
+  }
+
+  template <int DT, int MODE>
+  static __device__ __forceinline__ tn_chunk produce(const tn_kernel_params &p, tn_i64 row, tn_i64 c) {
+    constexpr int V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
+    const tn_chunk xq = tn_load_chunk<DT, MODE>(tn_row(p.x, row, p.x_stride, S), c, p.dim);
+    if (!tn_flag(p, TN_KERNEL_FLAG_ADD)) return xq;
+    const tn_chunk rq = tn_load_chunk<DT, MODE>(tn_row(p.residual, row, p.residual_stride, S), c, p.dim);
+    float xf[V], rf[V];
+    tn_chunk_to_f32<DT>(xq, xf);
+    tn_chunk_to_f32<DT>(rq, rf);
+#pragma unroll
+    for (int j = 0; j < V; j++) xf[j] = xf[j] + rf[j];
+    const tn_chunk s = tn_chunk_from_f32<DT>(xf);
+    tn_store_chunk<DT, MODE>((char *)tn_row(p.residual_out, row, p.residual_out_stride, S), c, p.dim, s);
+    return s;
+  }
+
+  /* The chunk again, for rows staged by re-reading: x, or the sum from residual_out (this thread's). */
+  template <int DT, int MODE>
+  static __device__ __forceinline__ tn_chunk reread(const tn_kernel_params &p, tn_i64 row, tn_i64 c) {
+    constexpr int S = tn_dt<DT>::size;
+    if (!tn_flag(p, TN_KERNEL_FLAG_ADD)) return tn_load_chunk<DT, MODE>(tn_row(p.x, row, p.x_stride, S), c, p.dim);
+    return tn_load_chunk<DT, MODE>(tn_row(p.residual_out, row, p.residual_out_stride, S), c, p.dim);
+  }
+
+  template <int DT, int MODE>
+  static __device__ __forceinline__ void emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &q,
+                                              const tn_row_stats &st) {
+    constexpr int V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
+    float f[V], w[V], b[V];
+    tn_chunk_to_f32<DT>(q, f);
+    const bool has_bias = tn_flag(p, TN_KERNEL_FLAG_BIAS);
+    if (p.has_weight) tn_load_vector<DT, MODE>(p.weight, p.weight_f32, c, p.dim, w);
+    if (has_bias) tn_load_vector<DT, MODE>(p.bias, p.bias_f32, c, p.dim, b);
+#pragma unroll
+    for (int j = 0; j < V; j++)
+      f[j] = tn_norm_value<DT>(p, f[j], st, true, p.has_weight ? w : nullptr, has_bias ? b : nullptr, nullptr, false, j);
+    tn_store_chunk<DT, MODE>((char *)tn_row(p.y, row, p.y_stride, S), c, p.dim, tn_chunk_from_f32<DT>(f));
+  }
+};
+
+TN_DEFINE_ROW_KERNELS(tn_layer, tn_layer_op)
