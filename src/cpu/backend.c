@@ -1,6 +1,7 @@
-/* The CPU backend: prepares what every row of a call shares (the weight in float32, scratch rows),
- * then runs the op's row function with rows spread over the context's thread pool. All memory is
- * obtained before the first row runs, so a failure writes nothing. */
+/* The CPU backend: prepares what every row of a call shares (the weight and bias in float32, the rope's
+ * frequencies, scratch rows), then runs the op's row function with rows (or the heads of 3-D views)
+ * spread over the context's thread pool. All memory is obtained, and every rope position checked,
+ * before the first row runs, so a failure writes nothing. */
 #include "backend.h"
 
 #include <inttypes.h>

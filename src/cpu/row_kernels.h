@@ -7,11 +7,13 @@
  * A row is processed in two passes: pass 1 brings the row (or add_rms_norm's rounded sum) to float32,
  * in a per-chunk scratch row unless it already is f32, and reduces it; pass 2 scales it into the output
  * block by block, converting each block once. Each input is read from memory once and converted once.
+ * For the norms that take 3-D views the unit is the vector (a head of a row, tn_vec_ptr), not the row:
+ * every head is reduced and scaled on its own, exactly as a row of dim elements would be.
  *
  * Reduction order (the contract for batch invariance): element i of a row is added to lane i % 16; the
  * 16 lanes are then summed as a fixed binary tree. The order depends on dim only, never on the row's
  * position, the number of rows, the thread that runs it or the instruction set (contraction is off, so
- * no build fuses a multiply into an add). */
+ * no build fuses a multiply into an add). layer_norm's mean and variance use the same lanes and tree. */
 #ifndef TN_CPU_ROW_KERNELS_H
 #define TN_CPU_ROW_KERNELS_H
 

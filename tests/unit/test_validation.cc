@@ -274,6 +274,23 @@ TEST_F(Validation, NullDataWithZeroRowsIsFine) {
   EXPECT_EQ(tn_l2_norm(ctx, &x0, 1e-6f, 0.5f, &y0), TN_OK) << tn_context_last_error(ctx);
   EXPECT_EQ(tn_add_rms_norm(ctx, &x0, &r0, nullptr, 0.0f, 1e-6f, &y0, &ro0), TN_OK) << tn_context_last_error(ctx);
   EXPECT_STREQ(tn_context_last_error(ctx), "");
+  // The newer ops and modes: layer_norm, add_layer_norm with an f32 residual beside bf16 x, 3-D views and a rope
+  // with no positions to read.
+  EXPECT_EQ(tn_layer_norm(ctx, &x0, &tw, &tw, 1e-5f, &y0), TN_OK) << tn_context_last_error(ctx);
+  tn_tensor bx0 = tn_tensor_2d(nullptr, TN_BF16, 0, D), by0 = tn_tensor_2d(nullptr, TN_BF16, 0, D);
+  EXPECT_EQ(tn_add_layer_norm(ctx, &bx0, &r0, nullptr, nullptr, 1e-5f, &by0, &ro0), TN_OK) << tn_context_last_error(ctx);
+  tn_tensor hx0 = tn_tensor_heads(nullptr, TN_F32, 0, 4, D, 4 * D, D), hy0 = hx0;
+  tn_rope rope = {};
+  rope.style = TN_ROPE_GPTJ;
+  rope.theta = 1e4f;
+  EXPECT_EQ(tn_rms_norm_rope(ctx, &hx0, &tw, 0.0f, 1e-6f, &rope, &hy0), TN_OK) << tn_context_last_error(ctx);
+  tn_op_args a = tn_op_args_init(TN_OP_L2_NORM);
+  a.x = &hx0;
+  a.y = &hy0;
+  a.l2_mode = TN_L2_MAX_NORM_EPS;
+  a.casting = TN_CASTING_LLAMA;
+  EXPECT_EQ(tn_op_run(ctx, &a), TN_OK) << tn_context_last_error(ctx);
+  EXPECT_STREQ(tn_context_last_error(ctx), "");
 }
 
 // ------------------------------------------------------------------------------------------------
