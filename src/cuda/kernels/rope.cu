@@ -59,8 +59,8 @@ TN_DEV float tn_rope_weight(const tn_kernel_params &p, tn_i64 e) {
   return tn_to_f32<DT>(tn_load_element<S, MODE>((const char *)p.weight + e * S));
 }
 
-/* The rotation of a pair's element: `self` and its partner normalised, cs the token's cos (then sin) row,
- * i the pair's frequency; first: whether self is the pair's first element. */
+/* The rotation of a pair's element: `self` and its partner normalised, c and s the cosine and sine of the
+ * pair's angle; first: whether self is the pair's first element (a' = a c - b s, else b' = b c + a s). */
 template <int DT>
 TN_DEV float tn_rope_rotate(bool llama, float self, float partner, float c, float s, bool first) {
   if (!llama) return first ? self * c - partner * s : self * c + partner * s;

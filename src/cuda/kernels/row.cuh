@@ -1,18 +1,21 @@
 /* The row machinery every tnorm kernel is built from, compiled by NVRTC (no system headers).
  *
  * A kernel is (op family, dtype, row shape, access mode):
- * - the op family (an "Op" policy: tn_norm_op in norm.cu, tn_add_norm_op in add_rms_norm.cu) says how a
- *   row's 16-byte chunk is produced from the inputs and how a finished chunk is written;
+ * - the op family (an "Op" policy: tn_norm_op in norm.cu, tn_add_norm_op in add_rms_norm.cu, and the
+ *   families of norm_x.cu, layer_norm.cu and general.cu) says how a row's 16-byte chunk is produced from
+ *   the inputs, what is held of it (the chunk, or its elements in float32), how the row is reduced (the
+ *   sum of squares, or layer_norm's mean and deviations) and how a finished chunk is written;
  * - the row shape is either G threads per row with the row in registers (G = 1 .. 1024, several rows per
- *   block when G <= 32), or 1024 threads per row with the row staged in shared memory or
- *   read again for the output (rows too long for registers);
+ *   block when G <= 32), its few-rows form, or 1024 threads per row with the row staged in shared memory
+ *   or read again for the output (rows too long for registers);
  * - the access mode is how memory is touched: 16-byte vectors where every pointer and row pitch allows
  *   it, else element by element, else byte by byte (pointers not even aligned to their elements).
  * The order in which a row is reduced depends on G alone (params.h), and G on (dtype, dim) alone, so
  * every kernel of one (op, dtype, dim) gives the same bits for a row, whatever the batch.
  *
- * Arithmetic is float32 with one rounding to the output dtype, in the same expression order as the CPU
- * backend; the host compiles with --fmad=false so no multiply is fused into an add. */
+ * Arithmetic is float32 with one rounding to the output dtype (more only where a casting mode or a fused
+ * pair names them), in the same expression order as the CPU backend; the host compiles with --fmad=false
+ * so no multiply is fused into an add. rope.cu has its own shape (ops.cuh's helpers, this reduction). */
 #ifndef TN_CUDA_KERNEL_ROW_CUH
 #define TN_CUDA_KERNEL_ROW_CUH
 
