@@ -120,8 +120,8 @@ static tn_status check_rope_positions(tn_context *ctx, const tn_op_args *args) {
     const int64_t pos = rope->positions_i64 ? ((const int64_t *)rope->positions)[r]
                                             : (int64_t)((const int32_t *)rope->positions)[r];
     TN_RETURN_ERROR_IF(pos < 0 || pos >= table_rows, ctx, TN_ERR_VALUE,
-                       "%s: rope position %" PRId64 " of row %" PRId64 " is outside the cos_sin table (rows 0 to %" PRId64
-                       ")",
+                       "%s: rope position %" PRId64 " of row %" PRId64
+                       " is outside the cos_sin table (rows 0 to %" PRId64 ")",
                        tn_op_name(args->op), pos, r, table_rows - 1);
   }
   return TN_OK;

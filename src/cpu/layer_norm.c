@@ -96,8 +96,9 @@ LN_INSTANCES_(f32, TN_F32)
 LN_INSTANCES_(f16, TN_F16)
 LN_INSTANCES_(bf16, TN_BF16)
 
-#define LN_ROW_(sfx) \
-  {{{ln_##sfx, ln_##sfx##_b}, {ln_##sfx##_w, ln_##sfx##_wb}}, {{aln_##sfx, aln_##sfx##_b}, {aln_##sfx##_w, aln_##sfx##_wb}}}
+#define LN_ROW_(sfx)                                                   \
+  {{{ln_##sfx, ln_##sfx##_b}, {ln_##sfx##_w, ln_##sfx##_wb}},          \
+   {{aln_##sfx, aln_##sfx##_b}, {aln_##sfx##_w, aln_##sfx##_wb}}}
 /* [dtype][add][weight][bias] */
 static const tn_cpu_rows_fn ln_table[TN_DTYPE_COUNT][2][2][2] = {
     [TN_F32] = LN_ROW_(f32), [TN_F16] = LN_ROW_(f16), [TN_BF16] = LN_ROW_(bf16)};

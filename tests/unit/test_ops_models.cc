@@ -611,7 +611,8 @@ TEST_P(ModelOps, ResidualStream) {
               tn_tensor x = xm.View(rows, dim, stride), res = rm.View(rows, dim, stride);
               Fill(x, rng_, 1.0, 0.0, kRowScales);
               Fill(res, rng_, 3.0);
-              tn_tensor y = in_place ? x : ym.View(rows, dim, stride), ro = in_place ? res : rom.View(rows, dim, stride);
+              tn_tensor y = in_place ? x : ym.View(rows, dim, stride);
+              tn_tensor ro = in_place ? res : rom.View(rows, dim, stride);
               tn_tensor w = Weight(wm, dim), b;
               tn_op_args a = tn_op_args_init(op);
               a.x = &x;
@@ -746,7 +747,8 @@ TEST_P(ModelOps, LayerNorm) {
           tn_tensor x = xm.View(rows, dim, stride), res = rm.View(rows, dim, stride);
           Fill(x, rng_, 1.0, 0.3, kRowScales);
           Fill(res, rng_, 1.0);
-          tn_tensor y = layout == 2 ? x : ym.View(rows, dim, stride), ro = layout == 2 ? res : rom.View(rows, dim, stride);
+          tn_tensor y = layout == 2 ? x : ym.View(rows, dim, stride);
+          tn_tensor ro = layout == 2 ? res : rom.View(rows, dim, stride);
           tn_tensor w = Weight(wm, dim), b;
           bm.Make(wdt_, dim);
           b = bm.View(1, dim, dim);
@@ -1228,7 +1230,8 @@ class Invariance : public ModelOps {
             ASSERT_EQ(memcmp(got.data() + (size_t)r * ybytes, want.data(), ybytes), 0)
                 << "y of row " << first + r << " in a batch of " << batch << " with " << threads << " threads";
             if (rbytes)
-              ASSERT_EQ(memcmp(got.data() + (size_t)batch * ybytes + (size_t)r * rbytes, want.data() + ybytes, rbytes), 0)
+              ASSERT_EQ(memcmp(got.data() + (size_t)batch * ybytes + (size_t)r * rbytes, want.data() + ybytes, rbytes),
+                        0)
                   << "residual_out of row " << first + r << " in a batch of " << batch;
           }
         }
@@ -1574,7 +1577,8 @@ TEST(ModelGraph, FusedPairsUnderLlama) {
   const int64_t rows = 33, dim = 200;
   for (tn_dtype dt : {TN_F32, TN_F16, TN_BF16})
     for (int pair = 0; pair < 2; pair++) {
-      Mem xm(dt, rows * dim), bm(dt, rows * dim), tm(dt, rows * dim), ym(dt, rows * dim), wm(dt, dim), biasm(TN_F32, dim);
+      Mem xm(dt, rows * dim), bm(dt, rows * dim), tm(dt, rows * dim), ym(dt, rows * dim), wm(dt, dim);
+      Mem biasm(TN_F32, dim);
       tn_tensor x = xm.View(rows, dim, dim), b = bm.View(rows, dim, dim), t = tm.View(rows, dim, dim),
                 y = ym.View(rows, dim, dim), w = wm.View(1, dim, dim), bias = biasm.View(1, dim, dim);
       Fill(x, rng);

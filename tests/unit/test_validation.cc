@@ -278,7 +278,8 @@ TEST_F(Validation, NullDataWithZeroRowsIsFine) {
   // with no positions to read.
   EXPECT_EQ(tn_layer_norm(ctx, &x0, &tw, &tw, 1e-5f, &y0), TN_OK) << tn_context_last_error(ctx);
   tn_tensor bx0 = tn_tensor_2d(nullptr, TN_BF16, 0, D), by0 = tn_tensor_2d(nullptr, TN_BF16, 0, D);
-  EXPECT_EQ(tn_add_layer_norm(ctx, &bx0, &r0, nullptr, nullptr, 1e-5f, &by0, &ro0), TN_OK) << tn_context_last_error(ctx);
+  EXPECT_EQ(tn_add_layer_norm(ctx, &bx0, &r0, nullptr, nullptr, 1e-5f, &by0, &ro0), TN_OK)
+      << tn_context_last_error(ctx);
   tn_tensor hx0 = tn_tensor_heads(nullptr, TN_F32, 0, 4, D, 4 * D, D), hy0 = hx0;
   tn_rope rope = {};
   rope.style = TN_ROPE_GPTJ;

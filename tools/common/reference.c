@@ -13,7 +13,9 @@ static const char *element_ptr(const tn_tensor *t, int64_t r, int64_t h, int64_t
   return (const char *)t->data + (size_t)(r * t->row_stride + head_offset + i) * tn_dtype_size(t->dtype);
 }
 
-float tn_reference_load(const tn_tensor *t, int64_t r, int64_t i) { return tn_load(t->dtype, element_ptr(t, r, 0, i), 0); }
+float tn_reference_load(const tn_tensor *t, int64_t r, int64_t i) {
+  return tn_load(t->dtype, element_ptr(t, r, 0, i), 0);
+}
 
 float tn_reference_load_head(const tn_tensor *t, int64_t r, int64_t h, int64_t i) {
   return tn_load(t->dtype, element_ptr(t, r, h, i), 0);
