@@ -348,10 +348,11 @@ typedef enum tn_casting {
   /* Everything in float32, one rounding at the end. HF Gemma3RMSNorm, torch's F.rms_norm and
    * F.layer_norm: (x.float() * rsqrt(mean(x.float()^2) + eps) * (1 + w.float())).to(x.dtype). */
   TN_CASTING_EXACT = 0,
-  /* The normalised x is rounded to x's dtype first, then multiplied by the weight (in float32, rounded
-   * again), then by the multiplicand or scale. HF LlamaRMSNorm and Qwen3RMSNorm:
-   * w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype). With rope every step of HF's
-   * (q * cos) + (rotate_half(q) * sin) is rounded as torch rounds it. */
+  /* The normalised x is rounded to x's dtype before anything multiplies it; the weight (+ bias), the
+   * multiplicand or the scale then follow as in EXACT, with the one final rounding. HF LlamaRMSNorm and
+   * Qwen3RMSNorm: w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype). With a rope the weighted
+   * value is rounded too, and every step of HF's (q * cos) + (rotate_half(q) * sin) is rounded as torch
+   * rounds it. */
   TN_CASTING_LLAMA = 1,
 } tn_casting;
 
