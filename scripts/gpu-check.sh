@@ -41,7 +41,7 @@ $TNORM kernels --arch "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheade
   > "$OUT/kernels.txt" 2>&1
 row "every kernel variant" "$(cat "$OUT/kernels.txt")"
 
-if timeout 120 $TNORM check --device cuda > "$OUT/check.txt" 2>&1; then row "tnorm check --device cuda" "all passed ($(grep -c '^cuda' "$OUT/check.txt") op x dtype rows)"
+if timeout 240 $TNORM check --device cuda > "$OUT/check.txt" 2>&1; then row "tnorm check --device cuda" "all passed ($(grep -c '^cuda' "$OUT/check.txt") op x dtype rows)"
 else row "tnorm check --device cuda" "FAILED: $(grep -m1 FAIL "$OUT/check.txt")"; fi
 
 if [ "$MODE" = full ]; then

@@ -314,6 +314,8 @@ int cli_check_main(int argc, char **argv) {
   }
   if (optind < argc) return cli_usage("check: unexpected argument '%s'", argv[optind]);
 
+  /* Line by line, so that a run cut short (a timeout) still shows the rows it finished. */
+  setvbuf(stdout, NULL, _IOLBF, 0);
   tn_context *ctx = NULL;
   if (tn_context_create(&ctx) != TN_OK) return cli_fail("out of memory");
   printf("tnorm check: seed %" PRIu64 ", float64 reference; error in tolerance units (<= 1 passes:\n"
