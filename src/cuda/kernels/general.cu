@@ -80,8 +80,7 @@ struct tn_general_op {
     if (has_mul) tn_load_f32<DT, DT, MODE>(tn_vec_ptr(p.mul, at, p.mul_stride, p.mul_head_stride, S), c, p.dim, m);
 #pragma unroll
     for (int j = 0; j < V; j++)
-      f[j] = tn_norm_value<DT>(p, q.f[j], st, layer, p.has_weight ? w : nullptr, has_bias ? b : nullptr,
-                               has_mul ? m : nullptr, false, j);
+      f[j] = tn_norm_value<DT>(p, q.f[j], st, layer, {p.has_weight != 0, has_bias, has_mul, false}, w, b, m, j);
     tn_store_chunk<DT, MODE>((char *)tn_vec_ptr(p.y, at, p.y_stride, p.y_head_stride, S), c, p.dim,
                              tn_chunk_from_f32<DT>(f));
   }

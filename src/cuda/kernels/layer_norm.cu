@@ -51,7 +51,7 @@ struct tn_layer_op {
     if (has_bias) tn_load_vector<DT, MODE>(p.bias, p.bias_f32, c, p.dim, b);
 #pragma unroll
     for (int j = 0; j < V; j++)
-      f[j] = tn_norm_value<DT>(p, f[j], st, true, p.has_weight ? w : nullptr, has_bias ? b : nullptr, nullptr, false, j);
+      f[j] = tn_norm_value<DT>(p, f[j], st, true, {p.has_weight != 0, has_bias, false, false}, w, b, nullptr, j);
     tn_store_chunk<DT, MODE>((char *)tn_row(p.y, row, p.y_stride, S), c, p.dim, tn_chunk_from_f32<DT>(f));
   }
 };

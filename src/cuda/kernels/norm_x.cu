@@ -53,7 +53,8 @@ struct tn_normx_op {
     if (p.has_weight) tn_load_vector<DT, MODE>(p.weight, p.weight_f32, c, p.dim, w);
     const bool scale = p.has_scale != 0;
 #pragma unroll
-    for (int j = 0; j < V; j++) f[j] = tn_norm_value<DT>(p, f[j], st, false, p.has_weight ? w : nullptr, nullptr, nullptr, scale, j);
+    for (int j = 0; j < V; j++)
+      f[j] = tn_norm_value<DT>(p, f[j], st, false, {p.has_weight != 0, false, false, scale}, w, nullptr, nullptr, j);
     tn_store_chunk<DT, MODE>((char *)tn_vec_ptr(p.y, at, p.y_stride, p.y_head_stride, S), c, p.dim,
                              tn_chunk_from_f32<DT>(f));
   }

@@ -87,7 +87,7 @@ struct tn_rmsx_reduce {
     }
     const float k = tn_rescale_factor(sum);
     float acc = 0.0f;
-    each([&](const typename Each::held &q) { acc = tn_chunk_sum_squares<DT>(q, acc, k); });
+    each([&](const typename Each::held &q, tn_i64) { acc = tn_chunk_sum_squares<DT>(q, acc, k); });
     const float scaled = group_sum(acc);
     if (scaled < TN_INF) {
       st.pre = k;
@@ -108,14 +108,18 @@ TN_DEV float tn_chunk_sum(const H &q, float acc, float k) {
   return acc;
 }
 
+/* The squared deviations of chunk c's elements, those at or past dim left out (a chunk's padding reads as
+ * zeros, whose deviation is the mean's, not zero). */
 template <int DT, class H>
-TN_DEV float tn_chunk_deviations(const H &q, float acc, float k, float mean) {
-  float f[tn_dt<DT>::per_chunk];
+TN_DEV float tn_chunk_deviations(const H &q, tn_i64 c, tn_i64 dim, float acc, float k, float mean) {
+  constexpr int V = tn_dt<DT>::per_chunk;
+  float f[V];
   tn_held<H>::template values<DT>(q, f);
+  const tn_i64 left = dim - c * V; /* elements of this chunk inside the row */
 #pragma unroll
-  for (int j = 0; j < tn_dt<DT>::per_chunk; j++) {
+  for (int j = 0; j < V; j++) {
     const float d = f[j] * k - mean;
-    acc += d * d;
+    if (j < left) acc += d * d;
   }
   return acc;
 }
@@ -135,9 +139,9 @@ struct tn_layer_reduce {
   }
 
   template <int DT, class GroupSum, class Each>
-  TN_DEV float deviations(GroupSum group_sum, Each each, float k, float mean) {
+  TN_DEV float deviations(GroupSum group_sum, Each each, tn_i64 dim, float k, float mean) {
     float acc = 0.0f;
-    each([&](const typename Each::held &q) { acc = tn_chunk_deviations<DT>(q, acc, k, mean); });
+    each([&](const typename Each::held &q, tn_i64 c) { acc = tn_chunk_deviations<DT>(q, c, dim, acc, k, mean); });
     return group_sum(acc);
   }
 
@@ -151,7 +155,7 @@ struct tn_layer_reduce {
     for (int pass = 0;; pass++) {
       const float mean = s / p.count;
       float dev = TN_INF;
-      if (fabsf(s) < TN_INF || pass == 2) dev = deviations<DT>(group_sum, each, k, mean);
+      if (fabsf(s) < TN_INF || pass == 2) dev = deviations<DT>(group_sum, each, p.dim, k, mean);
       const bool done = pass == 2 || (pass == 0 ? !tn_needs_rescale(dev, p.eps) : fabsf(s) < TN_INF && dev < TN_INF);
       if (done) {
         tn_row_stats st;
@@ -163,7 +167,7 @@ struct tn_layer_reduce {
       if (pass == 0) {
         k = tn_rescale_factor(dev);
         float acc = 0.0f;
-        each([&](const typename Each::held &q) { acc = tn_chunk_sum<DT>(q, acc, k); });
+        each([&](const typename Each::held &q, tn_i64) { acc = tn_chunk_sum<DT>(q, acc, k); });
         s = group_sum(acc);
       } else {
         k = 1.0f;
@@ -188,22 +192,28 @@ struct tn_either_reduce {
 
 /* ---- a normalised element's output, in every casting mode ---- */
 
+/* Which factors an element's output has (tn_norm_value). */
+struct tn_factors {
+  bool w, b, m, scale;
+};
+
 /* The value of one element before its final rounding, from the normed input f (x, or a residual sum) and
  * the row's statistics: n = (f * pre - mean) * inv (mean 0 but for layer_norm), rounded to the dtype first
  * with TN_CASTING_LLAMA; then * (w + offset), + b; rounded again before a multiplicand or scale with
- * round_before_last (a fused pair); then * m, * scale. Present factors only: `w`, `b`, `m` NULL when
- * absent, has_scale for the scale. */
+ * round_before_last (a fused pair); then * m, * scale. Only the factors `has` names are read. The arrays
+ * are always the caller's own (never a pointer chosen at run time, say w or NULL): a chosen pointer makes
+ * the compiler keep the arrays in local memory instead of registers, which cost half the bandwidth. */
 template <int DT>
-TN_DEV float tn_norm_value(const tn_kernel_params &p, float f, const tn_row_stats &st, bool layer, const float *w,
-                           const float *b, const float *m, bool has_scale, int j) {
+TN_DEV float tn_norm_value(const tn_kernel_params &p, float f, const tn_row_stats &st, bool layer, tn_factors has,
+                           const float *w, const float *b, const float *m, int j) {
   float v = layer ? f * st.pre - st.mean : f * st.pre;
   v = v * st.inv;
   if (tn_flag(p, TN_KERNEL_FLAG_LLAMA)) v = tn_round<DT>(v);
-  if (w != nullptr) v *= w[j] + p.weight_offset;
-  if (b != nullptr) v += b[j];
-  if ((m != nullptr || has_scale) && p.round_before_last) v = tn_round<DT>(v);
-  if (m != nullptr) v *= m[j];
-  if (has_scale) v *= p.scale;
+  if (has.w) v *= w[j] + p.weight_offset;
+  if (has.b) v += b[j];
+  if ((has.m || has.scale) && p.round_before_last) v = tn_round<DT>(v);
+  if (has.m) v *= m[j];
+  if (has.scale) v *= p.scale;
   return v;
 }
 
