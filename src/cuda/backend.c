@@ -417,14 +417,16 @@ static tn_status cuda_prepare(void *state, tn_context *ctx, const tn_op_args *a)
   return cuda_prepare_on(state, ctx, a, &d, &k, &key);
 }
 
-static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a, const tn_run_options *options) {
-  cuda_state *s = state;
-  const tn_cuda_driver *cu = s->cu;
-  device_info *d;
-  loaded_kernel *k;
-  tn_kernel_key key;
-  TN_FORWARD_IF_ERROR(cuda_prepare_on(s, ctx, a, &d, &k, &key));
+/* A launch: the kernel's arguments, threads per block, blocks and dynamic shared memory. */
+typedef struct launch_plan {
+  tn_kernel_params p;
+  int block;
+  int64_t blocks;
+  unsigned dynamic_smem;
+} launch_plan;
 
+static tn_status plan_launch(tn_context *ctx, const device_info *d, const tn_op_args *a, tn_kernel_key key,
+                             int blocks_per_sm, const tn_run_options *options, launch_plan *plan) {
   tn_kernel_params p = params_for(a);
   p.round_before_last = options->round_before_last;
   int block = tn_kernel_key_block_threads(key);
@@ -434,7 +436,7 @@ static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a, con
     const int64_t per_chunk = a->x->dtype == TN_F32 ? 4 : 8;
     blocks = (a->x->rows * ((a->x->dim + per_chunk - 1) / per_chunk) + block - 1) / block;
     /* A grid that strides over the chunks: at most what is resident at once. */
-    const int64_t resident = (int64_t)k->blocks_per_sm * d->sms;
+    const int64_t resident = (int64_t)blocks_per_sm * d->sms;
     if (blocks > resident) blocks = resident;
   } else if (key.family == TN_FAMILY_ROPE) {
     const int g = tn_kernel_group_threads(key.shape);
@@ -461,6 +463,22 @@ static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a, con
      * reducing, storing) overlap on each SM, where a striding block waits on its own row's loads. */
     if (blocks > TN_MAX_GRID_BLOCKS) blocks = TN_MAX_GRID_BLOCKS;
   }
+  plan->p = p;
+  plan->block = block;
+  plan->blocks = blocks;
+  plan->dynamic_smem = dynamic_smem;
+  return TN_OK;
+}
+
+static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a, const tn_run_options *options) {
+  cuda_state *s = state;
+  const tn_cuda_driver *cu = s->cu;
+  device_info *d;
+  loaded_kernel *k;
+  tn_kernel_key key;
+  TN_FORWARD_IF_ERROR(cuda_prepare_on(s, ctx, a, &d, &k, &key));
+  launch_plan plan;
+  TN_FORWARD_IF_ERROR(plan_launch(ctx, d, a, key, k->blocks_per_sm, options, &plan));
 
   CUlaunchAttribute attr;
   memset(&attr, 0, sizeof attr);
@@ -468,17 +486,17 @@ static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a, con
   attr.value.programmaticStreamSerializationAllowed = 1;
   CUlaunchConfig config;
   memset(&config, 0, sizeof config);
-  config.gridDimX = (unsigned)blocks;
+  config.gridDimX = (unsigned)plan.blocks;
   config.gridDimY = 1;
   config.gridDimZ = 1;
-  config.blockDimX = (unsigned)block;
+  config.blockDimX = (unsigned)plan.block;
   config.blockDimY = 1;
   config.blockDimZ = 1;
-  config.sharedMemBytes = dynamic_smem;
+  config.sharedMemBytes = plan.dynamic_smem;
   config.hStream = s->capturing ? s->capture_streams[s->capture_index] : s->stream;
   config.attrs = d->pdl ? &attr : NULL;
   config.numAttrs = d->pdl ? 1 : 0;
-  void *kernel_args[] = {&p};
+  void *kernel_args[] = {&plan.p};
 
   TN_FORWARD_IF_ERROR(push_device(s, ctx, d));
   return leave_device(s, ctx, cu->LaunchKernelEx(&config, k->fn, kernel_args, NULL), "kernel launch");

@@ -46,7 +46,7 @@ TN_DEV float tn_rope_table(const tn_kernel_params &p, tn_i64 row, int i) {
 template <int DT>
 TN_DEV float tn_rope_normed(const tn_kernel_params &p, float x, float w, const tn_row_stats &st) {
   const float one = w;
-  float v = tn_norm_value<DT>(p, x, st, false, p.has_weight ? &one : nullptr, nullptr, nullptr, false, 0);
+  float v = tn_norm_value<DT>(p, x, st, false, {p.has_weight != 0, false, false, false}, &one, nullptr, nullptr, 0);
   return tn_flag(p, TN_KERNEL_FLAG_LLAMA) ? tn_round<DT>(v) : v;
 }
 
@@ -78,7 +78,7 @@ struct tn_rope_slot_each {
   template <class F>
   __device__ __forceinline__ void operator()(F fn) const {
 #pragma unroll
-    for (int k = 0; k < TN_KERNEL_REG_CHUNKS; k++) fn(slot[k * G + t]);
+    for (int k = 0; k < TN_KERNEL_REG_CHUNKS; k++) fn(slot[k * G + t], (tn_i64)k * G + t);
   }
 };
 

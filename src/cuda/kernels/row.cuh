@@ -309,8 +309,9 @@ struct tn_row_stats {
 
 /* How a row is reduced (an Op's `reduce`): first(p, q, acc) folds a held chunk into this thread's first sum,
  * in chunk order; finish(p, sum, group_sum, each) makes the row's statistics from the group's first sum,
- * where each(fn) calls fn on this thread's held chunks again, in the same order (for later passes), and
- * group_sum(v) sums v over the group. rms_norm and l2_norm: the sum of squares, then tn_row_inv. */
+ * where each(fn) calls fn(q, c) on this thread's held chunks again, in the same order, with their index
+ * (for later passes), and group_sum(v) sums v over the group. rms_norm and l2_norm: the sum of squares,
+ * then tn_row_inv. */
 struct tn_rms_reduce {
   template <int DT, class H>
   TN_DEV float first(const tn_kernel_params &, const H &q, float acc) {
@@ -322,7 +323,7 @@ struct tn_rms_reduce {
     st.mean = 0.0f;
     st.inv = tn_row_inv(sum, p, &st.pre, group_sum, [&](float k) {
       float acc = 0.0f;
-      each([&](const typename Each::held &q) { acc = tn_chunk_sum_squares<DT>(q, acc, k); });
+      each([&](const typename Each::held &q, tn_i64) { acc = tn_chunk_sum_squares<DT>(q, acc, k); });
       return acc;
     });
     return st;
@@ -393,16 +394,18 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
  *   residual_out); reread(p, at, c): the same again, for rows staged by re-reading;
  * - emit(p, at, c, q, stats): the outputs of chunk c. */
 
-/* A thread's held chunks of a row, visited again in the order of its first sum: each(fn) calls fn on
- * every one (the `each` of a reduction's finish), for each row shape. */
-template <class H, int K>
+/* A thread's held chunks of a row, visited again in the order of its first sum: each(fn) calls fn(q, c) on
+ * every one with its chunk index c (chunks at or past the row's end are zeros), for each row shape: the
+ * `each` of a reduction's finish. */
+template <class H, int G, int K>
 struct tn_each_in_registers {
   using held = H;
   const H *q;
+  int t;
   template <class F>
   __device__ __forceinline__ void operator()(F fn) const {
 #pragma unroll
-    for (int k = 0; k < K; k++) fn(q[k]);
+    for (int k = 0; k < K; k++) fn(q[k], (tn_i64)k * G + t);
   }
 };
 
@@ -418,7 +421,7 @@ struct tn_each_wide {
 #pragma unroll
       for (int k = 0; k < K; k++) {
         const tn_i64 c = (tn_i64)k * G + t;
-        fn(c < chunks ? staged[c] : tn_held<H>::zero());
+        fn(c < chunks ? staged[c] : tn_held<H>::zero(), c);
       }
     }
   }
@@ -436,7 +439,7 @@ struct tn_each_staged {
   __device__ __forceinline__ void operator()(F fn) const {
     for (tn_i64 c = t; c < chunks; c += TN_KERNEL_MAX_GROUP) {
       const held q = STAGE == TN_KERNEL_STAGE_SHARED ? staged[c] : Op::template reread<DT, MODE>(p, at, c);
-      fn(q);
+      fn(q, c);
     }
   }
 };
@@ -468,7 +471,7 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
     for (int k = 0; k < K; k++) acc = R::template first<DT>(p, q[k], acc);
     const float sum = tn_group_sum<G>(acc, partials, &turn);
     const tn_row_stats st = R::template finish<DT>(
-        p, sum, [&](float v) { return tn_group_sum<G>(v, partials, &turn); }, tn_each_in_registers<H, K>{q});
+        p, sum, [&](float v) { return tn_group_sum<G>(v, partials, &turn); }, tn_each_in_registers<H, G, K>{q, t});
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const tn_i64 c = (tn_i64)k * G + t;
