@@ -21,6 +21,9 @@
 // evaluation to differ; tools/common/reference.h); against the CPU, twice that slack plus one ulp (f32:
 // the reduction orders' difference).
 //
+// Without a GPU, tests/cuda/emulator/run.sh runs these tests (bar the graph captures, which call the
+// driver) with the kernels compiled for the host and each block's threads as fibers.
+//
 // Inputs are random from the seed printed by the binary (TNORM_TEST_SEED=<n> repeats a run). Output bytes
 // on the device are poisoned with 0xFF before each call; every element of an output view must be written;
 // every byte of every buffer outside the output views (the gaps of strided views, the V heads of a QKV
