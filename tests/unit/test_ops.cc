@@ -28,6 +28,7 @@
 #include "core/dtype.h"
 #include "op_variant.h"
 #include "reference.h"
+#include "test_seed.h"
 #include "tnorm.h"
 
 namespace {
@@ -36,60 +37,8 @@ namespace {
 // Seed and random data
 // ------------------------------------------------------------------------------------------------
 
-uint64_t SplitMix(uint64_t &s) {
-  uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-uint64_t ChooseSeed() {
-  const char *env = getenv("TNORM_TEST_SEED");
-  if (env != nullptr && *env != '\0') return strtoull(env, nullptr, 0);
-  uint64_t t = (uint64_t)std::chrono::high_resolution_clock::now().time_since_epoch().count();
-  uint64_t s = t ^ ((uint64_t)getpid() << 32);
-  return SplitMix(s) & 0xffffffffffffull;  // short enough to type
-}
-
-uint64_t GlobalSeed() {
-  static const uint64_t seed = ChooseSeed();
-  return seed;
-}
-
-class SeedPrinter : public ::testing::Environment {
- public:
-  void SetUp() override {
-    printf("tnorm test seed: %" PRIu64 " (TNORM_TEST_SEED=%" PRIu64 " repeats this run)\n", GlobalSeed(),
-           GlobalSeed());
-    fflush(stdout);
-  }
-};
-::testing::Environment *const g_seed_env = ::testing::AddGlobalTestEnvironment(new SeedPrinter);
-
-// xoshiro256** seeded through splitmix64.
-class Rng {
- public:
-  explicit Rng(uint64_t seed) {
-    for (auto &w : s_) w = SplitMix(seed);
-  }
-  uint64_t Next() {
-    uint64_t r = Rotl(s_[1] * 5, 7) * 9, t = s_[1] << 17;
-    s_[2] ^= s_[0];
-    s_[3] ^= s_[1];
-    s_[1] ^= s_[2];
-    s_[0] ^= s_[3];
-    s_[2] ^= t;
-    s_[3] = Rotl(s_[3], 45);
-    return r;
-  }
-  double Uniform() { return ((double)(Next() >> 11) + 0.5) * 0x1p-53; }  // (0, 1)
-  uint64_t Below(uint64_t n) { return Next() % n; }
-  double Normal() { return sqrt(-2.0 * log(Uniform())) * cos(6.283185307179586 * Uniform()); }
-
- private:
-  static uint64_t Rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-  uint64_t s_[4];
-};
+using tnorm_test::GlobalSeed;
+using tnorm_test::Rng;
 
 // A pool of N(0, 1) values drawn once per process from the seed; rows are slices of it at random offsets.
 constexpr size_t kPoolSize = (size_t)1 << 20;
