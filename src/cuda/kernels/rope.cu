@@ -153,6 +153,40 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
           p, tn_group_sum<G>(acc, unused_partials, &turn),
           [&](float u) { return tn_group_sum<G>(u, unused_partials, &turn); }, tn_rope_slot_each<G>{swap, t});
 
+      if (!gptj && half % (V * G) == 0) {
+        /* NEOX with whole chunks of partners a multiple of G chunks apart: a chunk's partners are in one
+         * chunk of the same thread, so each pair of chunks is normalised and rotated once, together. */
+#pragma unroll 1
+        for (tn_i64 c = t; c < chunks; c += G) {
+          const int first_e = (int)c * V;
+          if (first_e >= half && first_e < rot) continue; /* done with its first half */
+          float a[V], wa[V];
+          tn_chunk_to_f32<DT>(swap[c], a);
+          if (p.has_weight) tn_load_vector<DT, MODE>(p.weight, p.weight_f32, c, p.dim, wa);
+#pragma unroll
+          for (int e = 0; e < V; e++) a[e] = tn_rope_normed<DT>(p, a[e], p.has_weight ? wa[e] : 0.0f, st);
+          if (first_e >= rot) {
+            tn_store_chunk<DT, MODE>(y, c, p.dim, tn_chunk_from_f32<DT>(a));
+            continue;
+          }
+          const tn_i64 pc = c + half / V;
+          float b[V];
+          tn_chunk_to_f32<DT>(swap[pc], b);
+          if (p.has_weight) tn_load_vector<DT, MODE>(p.weight, p.weight_f32, pc, p.dim, wa);
+#pragma unroll
+          for (int e = 0; e < V; e++) b[e] = tn_rope_normed<DT>(p, b[e], p.has_weight ? wa[e] : 0.0f, st);
+#pragma unroll
+          for (int e = 0; e < V; e++) { /* both halves in place: a, b the normalised pair, then rotated */
+            const float co = cos_row[first_e + e], si = cos_row[half + first_e + e], na = a[e];
+            a[e] = tn_rope_rotate<DT>(llama, na, b[e], co, si, true);
+            b[e] = tn_rope_rotate<DT>(llama, b[e], na, co, si, false);
+          }
+          tn_store_chunk<DT, MODE>(y, c, p.dim, tn_chunk_from_f32<DT>(a));
+          tn_store_chunk<DT, MODE>(y, pc, p.dim, tn_chunk_from_f32<DT>(b));
+        }
+        __syncwarp(mask); /* the slot is the group's next head's */
+        continue;
+      }
 #pragma unroll 1
       for (tn_i64 c = t; c < chunks; c += G) {
         float f[V], w[V], out[V];
