@@ -276,10 +276,10 @@ tn_status tn_op_run(tn_context *ctx, const tn_op_args *args) {
   return TN_OK;
 }
 
-/* Every norm entry point but the rope's: the operands it names, the default modes. */
+/* Every norm entry point: the operands it names, the default modes, and the rope when one is given. */
 static tn_status norm_call(tn_context *ctx, tn_op op, const tn_tensor *x, const tn_tensor *residual,
                            const tn_tensor *weight, float weight_offset, const tn_tensor *bias, const tn_tensor *mul,
-                           float eps, const tn_tensor *y, const tn_tensor *residual_out) {
+                           float eps, const tn_tensor *y, const tn_tensor *residual_out, const tn_rope *rope) {
   tn_op_args a = tn_op_args_init(op);
   a.x = x;
   a.residual = residual;
@@ -290,6 +290,7 @@ static tn_status norm_call(tn_context *ctx, tn_op op, const tn_tensor *x, const 
   a.eps = eps;
   a.y = y;
   a.residual_out = residual_out;
+  if (rope != NULL) a.rope = *rope;
   return tn_op_run(ctx, &a);
 }
 
@@ -300,7 +301,7 @@ static tn_status rms_norm_call(tn_context *ctx, const char *mul_required_by, tn_
                                const tn_tensor *mul, float eps, const tn_tensor *y, const tn_tensor *residual_out) {
   TN_RETURN_ERROR_IF(ctx != NULL && mul_required_by != NULL && mul == NULL, ctx, TN_ERR_NULL,
                      "%s: mul is required by %s", tn_op_name(op), mul_required_by);
-  return norm_call(ctx, op, x, residual, weight, weight_offset, NULL, mul, eps, y, residual_out);
+  return norm_call(ctx, op, x, residual, weight, weight_offset, NULL, mul, eps, y, residual_out, NULL);
 }
 
 tn_status tn_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset, float eps,
@@ -337,24 +338,17 @@ tn_status tn_add_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_tens
 
 tn_status tn_rms_norm_rope(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset,
                            float eps, const tn_rope *rope, const tn_tensor *y) {
-  tn_op_args a = tn_op_args_init(TN_OP_RMS_NORM);
-  a.x = x;
-  a.weight = weight;
-  a.weight_offset = weight_offset;
-  a.eps = eps;
-  a.y = y;
-  if (rope != NULL) a.rope = *rope;
-  return tn_op_run(ctx, &a);
+  return norm_call(ctx, TN_OP_RMS_NORM, x, NULL, weight, weight_offset, NULL, NULL, eps, y, NULL, rope);
 }
 
 tn_status tn_layer_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, const tn_tensor *bias, float eps,
                         const tn_tensor *y) {
-  return norm_call(ctx, TN_OP_LAYER_NORM, x, NULL, weight, 0.0f, bias, NULL, eps, y, NULL);
+  return norm_call(ctx, TN_OP_LAYER_NORM, x, NULL, weight, 0.0f, bias, NULL, eps, y, NULL, NULL);
 }
 
 tn_status tn_add_layer_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual, const tn_tensor *weight,
                             const tn_tensor *bias, float eps, const tn_tensor *y, const tn_tensor *residual_out) {
-  return norm_call(ctx, TN_OP_ADD_LAYER_NORM, x, residual, weight, 0.0f, bias, NULL, eps, y, residual_out);
+  return norm_call(ctx, TN_OP_ADD_LAYER_NORM, x, residual, weight, 0.0f, bias, NULL, eps, y, residual_out, NULL);
 }
 
 /* add and mul: b goes in the operand slot of the op table (residual for add, mul for mul). */
