@@ -193,6 +193,9 @@ class _Context:
             raise RuntimeError(f"tnorm: tn_context_create failed: {lib().tn_status_name(st).decode()}")
         self.handle = handle
         self.cuda_stream = None  # the stream last set for CUDA on this context (None: never set)
+        # Calls prepared for this context's thread (_ops' fast path for torch tensors): their argument
+        # structures are rewritten on every call, so no other thread may share them.
+        self.calls = {}
         self.thread = weakref.ref(threading.current_thread())
         with _registry_lock:
             _registry.add(self)
@@ -202,6 +205,7 @@ class _Context:
             if self.handle is None:
                 return
             handle, self.handle = self.handle, None
+            self.calls = {}  # so the next call misses and goes the general way, which makes a new context
             _registry.discard(self)
         _lib.tn_context_destroy(handle)
 
@@ -262,12 +266,23 @@ def _forget_contexts_after_fork():
     _registry_lock = threading.RLock()
     for c in list(_registry):
         c.handle = None
+        c.calls = {}
     _registry.clear()
     _local = threading.local()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_contexts_after_fork)
+
+
+def op_run_unchecked():
+    """tn_op_run as a function object of its own without argtypes, for callers that pass the context's
+    c_void_p and a ctypes.byref of an OpArgs themselves: ctypes then converts nothing (about a third of a
+    microsecond less a call). The shared lib().tn_op_run keeps its checked prototype."""
+    library = lib()
+    fn = library._FuncPtr(("tn_op_run", library))
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def raise_for_status(status):
