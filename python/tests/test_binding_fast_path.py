@@ -188,10 +188,15 @@ def _rms_variants(rng, device):
         w = N.uniform(rng, 64, "bf16")
         return (T(x), T(w)), {}, N.reference("rms_norm", x, weight=w)[0], True
 
-    def heads():  # the same shape as three_d, other strides (in place: an allocated y would be rows)
+    def heads():  # the same shape as three_d, other strides, in place
         x, xn = heads_view(rng, 2, 3, 64, "bf16", device)
         w = N.uniform(rng, 64, "bf16")
         return (x, T(w)), {"out": x}, N.reference("rms_norm", xn, weight=w)[0], True
+
+    def heads_allocated():  # the same, y allocated: [tokens, heads, dim], read as heads like x
+        x, xn = heads_view(rng, 2, 3, 64, "bf16", device)
+        w = N.uniform(rng, 64, "bf16")
+        return (x, T(w)), {}, N.reference("rms_norm", xn, weight=w)[0], True
 
     def with_mul():
         x, m = N.normal(rng, (3, 64), "bf16"), N.normal(rng, (3, 64), "bf16")
@@ -248,7 +253,7 @@ def _rms_variants(rng, device):
         ("bf16", plain()), ("f16", plain("f16")), ("f32", plain("f32")), ("bf16 x, f32 weight", plain(wdtype="f32")),
         ("other dim", plain(dim=128)), ("other rows", plain(rows=5)), ("eps", plain(eps=1e-2)),
         ("weight_offset", plain(weight_offset=1.0)), ("no weight", no_weight), ("strided rows", strided),
-        ("3-D", three_d), ("3-D heads view", heads), ("mul", with_mul), ("out", out_given),
+        ("3-D", three_d), ("3-D heads view", heads), ("3-D heads view, y allocated", heads_allocated), ("mul", with_mul), ("out", out_given),
         ("strided out", out_strided), ("in place", in_place), ("llama", llama), ("parameter", parameter_weight),
         ("numpy weight", numpy_weight), ("one row", one_row), ("one row, odd stride", one_row_odd_stride),
     ]
@@ -351,9 +356,13 @@ def test_l2_norm_keys_kept_apart(rng, device):
         x, xn = heads_view(rng, 2, 4, 64, "bf16", device)
         return (x,), {"out": x}, N.reference("l2_norm", xn)[0], True
 
+    def heads_allocated():
+        x, xn = heads_view(rng, 2, 4, 64, "bf16", device)
+        return (x,), {}, N.reference("l2_norm", xn)[0], True
+
     variants = [
         ("bf16", plain()), ("f16", plain("f16")), ("f32", plain("f32")), ("1-D", plain(shape=(64,))),
-        ("3-D", plain(shape=(2, 4, 64))), ("heads view", heads), ("scale", plain(scale=3.0)),
+        ("3-D", plain(shape=(2, 4, 64))), ("heads view", heads), ("heads view, y allocated", heads_allocated), ("scale", plain(scale=3.0)),
         ("eps", plain(eps=0.5)), ("max_norm_eps", plain(convention="max_norm_eps")), ("given", plain(given=True)),
         ("llama", plain(casting="llama")),
     ]
@@ -496,8 +505,6 @@ def test_errors_after_a_prepared_success(rng, device):
         (lambda: tnorm.l2_norm(x, convention="bogus"), ValueError),
         (lambda: tnorm.rms_norm(x, w, out=torch.empty(2, 2, 64, device=device)), ValueError),
         (lambda: tnorm.rms_norm(x.t(), w[:4]), ValueError),
-        # a heads view (leading dimensions that do not merge) with an output allocated as rows
-        (lambda: tnorm.l2_norm(T(N.normal(rng, (2, 3 * 3 * 64), "f32"))[:, :3 * 64].view(2, 3, 64)), ValueError),
     ]
     for call, exc in cases:
         with general_way():

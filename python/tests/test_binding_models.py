@@ -291,3 +291,22 @@ def test_rope_through_dlpack_capsules(rng):
     assert np.array_equal(_bits(q), _bits(expected)), "in place through capsules differs"
     got = tnorm.rms_norm_rope(_OnlyDLPack(packed), _OnlyDLPack(positions), w, theta=500.0, out=np.empty_like(packed))
     assert np.array_equal(_bits(got), _bits(expected)), "a contiguous [tokens, heads, dim] through capsules differs"
+
+
+# ---- heads views with outputs the binding allocates ----
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["rms_norm", "l2_norm"])
+def test_heads_view_with_allocated_output(rng, dtype, op):
+    """Q sliced out of a packed QKV buffer (rows that cannot merge) without out=: the result is a new
+    [tokens, heads, dim] array, every element written, V and K untouched."""
+    tokens, q_heads, kv_heads, dim = 5, 4, 2, 64
+    qkv = N.normal(rng, (tokens, q_heads + 2 * kv_heads, dim), dtype)
+    before = qkv.copy()
+    q = qkv[:, :q_heads, :]
+    w = N.normal(rng, dim, dtype)
+    y = tnorm.rms_norm(q, w, eps=1e-6) if op == "rms_norm" else tnorm.l2_norm(q, eps=1e-6)
+    assert y.shape == q.shape and y.dtype == q.dtype
+    ref, _ = N.reference(op, q, weight=w if op == "rms_norm" else None, eps=1e-6)
+    N.assert_close(y, ref)
+    N.assert_bits_equal(qkv, before, "the QKV buffer")

@@ -89,6 +89,10 @@ class _Call:
         self.heads = heads
         self.x_obj = x
         self.x = self._export(x, "x", device)
+        # An x read as heads (a 3-D view whose rows cannot merge) has its other row-shaped operands read as
+        # heads too: an output allocated for it is contiguous [tokens, heads, dim], which would otherwise
+        # merge into tokens * heads rows and no longer match x's tokens.
+        self.heads = heads or self.x.tensor.heads > 1
         self.keep = []
 
     def _export(self, obj, name, device=None):
