@@ -158,6 +158,19 @@ def run_and_compare(fn, args, kwargs, expect_fast=True):
 
 
 
+
+class DLPackOnly:
+    """An array of no library tnorm knows: only the DLPack protocol, over a torch tensor."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __dlpack__(self, **kwargs):
+        return self.t.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.t.__dlpack_device__()
+
 # ---- the same op, with every part of the key changing in turn ----
 
 def _rms_variants(rng, device):
@@ -233,10 +246,11 @@ def _rms_variants(rng, device):
         p = torch.nn.Parameter(T(w), requires_grad=True)
         return (T(x), p), {}, N.reference("rms_norm", x, weight=w)[0], True
 
-    def numpy_weight():  # another library's operand: always the general way
+    def numpy_weight():  # another library's operand (NumPy; on CUDA a bare DLPack producer): the general way
         x = N.normal(rng, (3, 64), "f32")
         w = N.uniform(rng, 64, "f32")
-        return (T(x), w), {}, N.reference("rms_norm", x, weight=w)[0], False
+        other = w if device == "cpu" else DLPackOnly(T(w))
+        return (T(x), other), {}, N.reference("rms_norm", x, weight=w)[0], False
 
     def one_row():
         x = N.normal(rng, (1, 64), "bf16")
