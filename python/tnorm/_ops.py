@@ -238,8 +238,7 @@ class _Prepared:
 
     def run(self, ctx, x, weight=None, mul=None, residual=None, bias=None, out=None, residual_out=None,
             positions=None, cos_sin=None):
-        """The call of the ops with fewer callers (layer_norm, add_layer_norm, rms_norm_rope); rms_norm,
-        add_rms_norm and l2_norm do the same inline. Returns y, or (y, s) for the residual ops."""
+        """The call, with the operands given (None: not given). Returns y, or (y, s) for the residual ops."""
         self.busy = True
         try:
             y = self.alloc_y(x) if out is None else out
@@ -390,8 +389,8 @@ def rms_norm(x, weight=None, eps=1e-6, weight_offset=0.0, mul=None, out=None, *,
     """
     key = None
     if type(x) is _torch_tensor:
-        # The fast path (see above), written out here and in add_rms_norm and l2_norm: a decode step calls
-        # these several times a layer, and each helper call or loop would cost a measurable part of it.
+        # The fast path (see above): the key written out here and in add_rms_norm and l2_norm, which a
+        # decode step calls several times a layer (a loop over the operands would cost a measurable part).
         try:
             ctx = _lib._local.ctx
             key = ("rms_norm", x.dtype, x.shape, x.stride(), x.device, x.is_neg(),
@@ -408,25 +407,7 @@ def rms_norm(x, weight=None, eps=1e-6, weight_offset=0.0, mul=None, out=None, *,
         except Exception:  # not a torch operand, an unhashable option, no context yet: the general way
             p = key = None
         if p is not None and not p.busy:
-            p.busy = True
-            try:
-                y = p.alloc_y(x) if out is None else out
-                p.x.data = x.data_ptr()
-                if weight is not None:
-                    p.weight.data = weight.data_ptr()
-                if mul is not None:
-                    p.mul.data = mul.data_ptr()
-                p.y.data = y.data_ptr()
-                if p.cuda is not None:
-                    stream = _raw_stream(p.cuda)
-                    if stream != ctx.cuda_stream:
-                        _lib.set_cuda_stream(stream)
-                status = _op_run(ctx.handle, p.ref)
-            finally:
-                p.busy = False
-            if status:
-                _lib.raise_for_status(status)
-            return y
+            return p.run(ctx, x, weight, mul, out=out)
     c = _Call("rms_norm", x)
     w = c.input(weight, "weight", row_shaped=False)
     m = c.input(mul, "mul")
@@ -512,21 +493,7 @@ def l2_norm(x, eps=1e-6, scale=1.0, out=None, *, convention="rsqrt_eps", casting
         except Exception:
             p = key = None
         if p is not None and not p.busy:
-            p.busy = True
-            try:
-                y = p.alloc_y(x) if out is None else out
-                p.x.data = x.data_ptr()
-                p.y.data = y.data_ptr()
-                if p.cuda is not None:
-                    stream = _raw_stream(p.cuda)
-                    if stream != ctx.cuda_stream:
-                        _lib.set_cuda_stream(stream)
-                status = _op_run(ctx.handle, p.ref)
-            finally:
-                p.busy = False
-            if status:
-                _lib.raise_for_status(status)
-            return y
+            return p.run(ctx, x, out=out)
     c = _Call("l2_norm", x)
     y, result = c.output(out, "out")
     casting_code = _mode(_lib.CASTINGS, casting, "casting")  # before the convention, as _args did
@@ -620,29 +587,7 @@ def add_rms_norm(x, residual, weight, eps=1e-6, out=None, residual_out=None, *, 
         except Exception:
             p = key = None
         if p is not None and not p.busy:
-            p.busy = True
-            try:
-                y = p.alloc_y(x) if out is None else out
-                if residual_out is None:
-                    residual_out = p.alloc_s(residual if p.s_source == "residual" else x)
-                p.x.data = x.data_ptr()
-                p.residual.data = residual.data_ptr()
-                if weight is not None:
-                    p.weight.data = weight.data_ptr()
-                if mul is not None:
-                    p.mul.data = mul.data_ptr()
-                p.y.data = y.data_ptr()
-                p.residual_out.data = residual_out.data_ptr()
-                if p.cuda is not None:
-                    stream = _raw_stream(p.cuda)
-                    if stream != ctx.cuda_stream:
-                        _lib.set_cuda_stream(stream)
-                status = _op_run(ctx.handle, p.ref)
-            finally:
-                p.busy = False
-            if status:
-                _lib.raise_for_status(status)
-            return y, residual_out
+            return p.run(ctx, x, weight, mul, residual, out=out, residual_out=residual_out)
     return _add_norm(_lib.TN_OP_ADD_RMS_NORM, "add_rms_norm", x, residual, weight, None, eps, out, residual_out,
                      weight_offset, mul, casting, residual_mode, key)
 
