@@ -317,8 +317,8 @@ static int64_t rotary_dim_of(const tn_op_args *a) { return a->rope.rotary_dim !=
 static size_t rope_smem(const tn_op_args *a, int g, int block, int tokens_per_block) {
   const size_t rotary = (size_t)rotary_dim_of(a);
   size_t bytes = (size_t)(block / g) * TN_KERNEL_ROPE_SLOT_CHUNKS(g) * 16 + (size_t)tokens_per_block * rotary * 4;
-  bytes += (rotary / 2 + 3) / 4 * 16;                  /* inv_freq, padded to 16 bytes */
-  bytes += ((size_t)a->x->dim + 7) / 8 * 8 * 4;         /* the staged weight, whole chunks */
+  bytes += (rotary / 2 + 3) / 4 * 16;          /* inv_freq, padded to a multiple of 4 floats */
+  bytes += ((size_t)a->x->dim + 7) / 8 * 8 * 4; /* the staged weight, whole chunks */
   return bytes;
 }
 

@@ -1342,6 +1342,31 @@ TEST_F(SanitizedSmallModels, L2MaxNormF32Heads) {
   EXPECT_TRUE(Check(s, "small"));
 }
 
+// Rotary dims of 2 mod 4 (odd halves) with few and many tokens a block: the block's shared memory (cos and
+// sin rows, inv_freq, the staged weight) must hold exactly what the host sized, which memcheck sees.
+TEST_F(SanitizedSmallModels, RopeOddHalvesSharedMemory) {
+  std::vector<Spec> specs;
+  struct D {
+    int64_t dim, rotary, heads;
+  };
+  const D dims[] = {{8, 6, 1}, {8, 6, 3}, {8, 6, 5}, {40, 18, 1}, {40, 18, 7}, {104, 50, 1}, {104, 50, 3}};
+  for (tn_dtype dt : kAllDtypes)
+    for (const D &d : dims)
+      for (tn_rope_style style : {TN_ROPE_NEOX, TN_ROPE_GPTJ}) {
+        Spec s;
+        s.dt = dt;
+        s.dim = d.dim;
+        s.rotary_dim = d.rotary;
+        s.heads = d.heads;
+        s.rows = 9;
+        s.weight = kXDtype;
+        s.rope = style;
+        s.table = style == TN_ROPE_NEOX ? kTheta : kTableF32;
+        specs.push_back(s);
+      }
+  CheckAll(specs, "rope odd halves");
+}
+
 TEST_F(SanitizedSmallModels, RopeNeoxTheta) {
   Spec s;
   s.dim = 128;

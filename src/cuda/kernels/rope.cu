@@ -100,11 +100,12 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
   tn_chunk *swap = reinterpret_cast<tn_chunk *>(tn_dynamic_smem) + (tn_i64)group * SWAP;
   float *cs = reinterpret_cast<float *>(tn_dynamic_smem + (size_t)groups * SWAP * sizeof(tn_chunk));
   float *inv_freq = cs + (size_t)tpb * rot;
-  /* The weight plus offset as float32, once per block, for the paired path (16-byte aligned): each element
-   * then costs one shared-memory read instead of a global read, a conversion and an addition (measured on
-   * the H100, 8192 x 40 x 128 bf16: 64.2 -> 67.2% of the copy ceiling from a table, 56.0 -> 60.2% from
-   * theta). Reading cos and sin 16 bytes at a time gained nothing there. */
-  float *w_staged = cs + (((size_t)tpb * rot + (size_t)half + 3) & ~(size_t)3);
+  /* The weight plus offset as float32, once per block, for the paired path (16-byte aligned there, where
+   * rotary_dim is a multiple of 8): each element then costs one shared-memory read instead of a global
+   * read, a conversion and an addition (measured on the H100, 8192 x 40 x 128 bf16: 64.2 -> 67.2% of the
+   * copy ceiling from a table, 56.0 -> 60.2% from theta). Reading cos and sin 16 bytes at a time gained
+   * nothing there. */
+  float *w_staged = inv_freq + (((size_t)half + 3) & ~(size_t)3); /* backend.c's rope_smem sizes it alike */
   if (p.has_weight)
     for (int i = threadIdx.x; i < p.dim; i += blockDim.x)
       w_staged[i] = tn_rope_weight<DT, MODE>(p, i) + p.weight_offset;
