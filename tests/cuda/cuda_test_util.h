@@ -242,12 +242,16 @@ class PrimaryContextScope {
   CUresult status_ = CUDA_SUCCESS;
 };
 
-// A test with a context on which CUDA must be usable (this binary runs only where a GPU is).
+// A test with a context on which CUDA must be usable (this binary runs only where a GPU is). A fixture
+// that frees device buffers through the context releases them in its TearDown before calling this one's.
 class CudaContextTest : public ::testing::Test {
  protected:
   void SetUp() override {
     ASSERT_EQ(tn_context_create(&ctx), TN_OK);
-    ASSERT_EQ(tn_device_available(ctx, TN_DEVICE_CUDA), TN_OK) << tn_context_last_error(ctx);
+    RecordProperty("seed", std::to_string(BaseSeed()));
+    const tn_status st = tn_device_available(ctx, TN_DEVICE_CUDA);
+    ASSERT_EQ(st, TN_OK) << "these tests need a usable CUDA device: " << tn_status_name(st) << ": "
+                         << tn_context_last_error(ctx);
   }
   void TearDown() override { tn_context_destroy(ctx); }
   tn_context *ctx = nullptr;

@@ -557,23 +557,14 @@ bool CheckCase(const Case &c, const std::string &where) {
 // Fixture
 // ------------------------------------------------------------------------------------------------
 
-class ModelTest : public ::testing::Test {
+class ModelTest : public CudaContextTest {
  protected:
-  void SetUp() override {
-    ASSERT_EQ(tn_context_create(&holder_.ctx), TN_OK);
-    ctx_ = holder_.ctx;
-    RecordProperty("seed", std::to_string(BaseSeed()));
-    const tn_status st = tn_device_available(ctx_, TN_DEVICE_CUDA);
-    ASSERT_EQ(st, TN_OK) << "these tests need a usable CUDA device: " << tn_status_name(st) << ": "
-                         << tn_context_last_error(ctx_);
-  }
-
   // Makes, solves, runs and checks one case; false (with the failure reported) when anything fails.
   bool Check(const Spec &s, const std::string &seed_name) {
     case_.reset(new Case);
     MakeCase(*case_, s, SeedFor(seed_name + " " + Describe(s)));
-    if (!Solve(ctx_, *case_)) return false;
-    if (!RunGpu(ctx_, *case_)) return false;
+    if (!Solve(ctx, *case_)) return false;
+    if (!RunGpu(ctx, *case_)) return false;
     return CheckCase(*case_, Describe(s));
   }
 
@@ -588,15 +579,12 @@ class ModelTest : public ::testing::Test {
     }
   }
 
-  struct ContextHolder {
-    tn_context *ctx = nullptr;
-    ~ContextHolder() { tn_context_destroy(ctx); }
-  };
-  ContextHolder holder_;  // destroyed last: the cases free their device buffers through it
-  tn_context *ctx_ = nullptr;
   std::unique_ptr<Case> case_;
 
-  void TearDown() override { case_.reset(); }
+  void TearDown() override {
+    case_.reset();  // its device buffers go through the context
+    CudaContextTest::TearDown();
+  }
 };
 
 const tn_dtype kAllDtypes[] = {TN_F32, TN_F16, TN_BF16};
@@ -1095,7 +1083,7 @@ class GpuModelSpecial : public ModelTest {
     case_.reset(new Case);
     MakeCase(*case_, s, SeedFor(what + " " + Describe(s)));
     SetRow(*case_, fn, true);
-    if (!Solve(ctx_, *case_) || !RunGpu(ctx_, *case_)) return false;
+    if (!Solve(ctx, *case_) || !RunGpu(ctx, *case_)) return false;
     return CheckCase(*case_, Describe(s) + ", " + what);
   }
 };
@@ -1156,8 +1144,8 @@ TEST_F(GpuModelCapture, RopeInAStreamCapture) {
       tn_context_set_stream(ctx, TN_DEVICE_CUDA, nullptr);
       cuStreamDestroy(stream);
     }
-  } guard{ctx_, stream};
-  ASSERT_EQ(tn_context_set_stream(ctx_, TN_DEVICE_CUDA, stream), TN_OK);
+  } guard{ctx, stream};
+  ASSERT_EQ(tn_context_set_stream(ctx, TN_DEVICE_CUDA, stream), TN_OK);
 
   Spec a;
   a.dim = 128;
@@ -1176,22 +1164,22 @@ TEST_F(GpuModelCapture, RopeInAStreamCapture) {
   Case ca, cb;
   MakeCase(ca, a, SeedFor("capture rope"));
   MakeCase(cb, b, SeedFor("capture layer_norm"));
-  ASSERT_TRUE(Solve(ctx_, ca));
-  ASSERT_TRUE(Solve(ctx_, cb));
-  ASSERT_TRUE(UploadCase(ctx_, ca));
-  ASSERT_TRUE(UploadCase(ctx_, cb));
+  ASSERT_TRUE(Solve(ctx, ca));
+  ASSERT_TRUE(Solve(ctx, cb));
+  ASSERT_TRUE(UploadCase(ctx, ca));
+  ASSERT_TRUE(UploadCase(ctx, cb));
   Bound ba, bb;
   BindDevice(ca, ba);
   BindDevice(cb, bb);
-  ASSERT_EQ(tn_op_prepare(ctx_, &ba.args), TN_OK) << tn_context_last_error(ctx_);
-  ASSERT_EQ(tn_op_prepare(ctx_, &bb.args), TN_OK) << tn_context_last_error(ctx_);
-  ASSERT_EQ(tn_synchronize(ctx_, Gpu()), TN_OK);
+  ASSERT_EQ(tn_op_prepare(ctx, &ba.args), TN_OK) << tn_context_last_error(ctx);
+  ASSERT_EQ(tn_op_prepare(ctx, &bb.args), TN_OK) << tn_context_last_error(ctx);
+  ASSERT_EQ(tn_synchronize(ctx, Gpu()), TN_OK);
 
   tn_kernel_cache_stats before, after;
   tn_kernel_cache_stats_get(&before);
   ASSERT_EQ(cuStreamBeginCapture(stream, CU_STREAM_CAPTURE_MODE_GLOBAL), CUDA_SUCCESS);
-  const tn_status sa = tn_op_run(ctx_, &ba.args);
-  const tn_status sb = tn_op_run(ctx_, &bb.args);
+  const tn_status sa = tn_op_run(ctx, &ba.args);
+  const tn_status sb = tn_op_run(ctx, &bb.args);
   CUgraph graph = nullptr;
   const CUresult ended = cuStreamEndCapture(stream, &graph);
   tn_kernel_cache_stats_get(&after);
@@ -1203,7 +1191,7 @@ TEST_F(GpuModelCapture, RopeInAStreamCapture) {
   EXPECT_EQ(after.loaded_from_disk, before.loaded_from_disk) << "a prepared op loaded a kernel while captured";
 
   // Captured, not run: the outputs are still the poison.
-  ASSERT_TRUE(Download(ctx_, ca));
+  ASSERT_TRUE(Download(ctx, ca));
   for (size_t k = 0; k < ca.gpu[kY].size(); k++) ASSERT_EQ(ca.gpu[kY][k], 0xff) << "rope y byte " << k << " written";
 
   CUgraphExec exec = nullptr;
@@ -1216,8 +1204,8 @@ TEST_F(GpuModelCapture, RopeInAStreamCapture) {
   ASSERT_EQ(cuGraphLaunch(exec, stream), CUDA_SUCCESS);
   ASSERT_EQ(cuGraphLaunch(exec, stream), CUDA_SUCCESS);
   ASSERT_EQ(cuStreamSynchronize(stream), CUDA_SUCCESS);
-  ASSERT_TRUE(Download(ctx_, ca));
-  ASSERT_TRUE(Download(ctx_, cb));
+  ASSERT_TRUE(Download(ctx, ca));
+  ASSERT_TRUE(Download(ctx, cb));
   EXPECT_TRUE(CheckCase(ca, Describe(a) + ", from a CUDA graph launched twice"));
   EXPECT_TRUE(CheckCase(cb, Describe(b) + ", from a CUDA graph launched twice"));
 }
@@ -1238,20 +1226,20 @@ TEST_F(GpuModelCapture, RopeInATnGraph) {
   q.positions_i64 = true;
   Case c;
   MakeCase(c, q, SeedFor("tn_graph rope"));
-  ASSERT_TRUE(Solve(ctx_, c));
-  ASSERT_TRUE(UploadCase(ctx_, c));
+  ASSERT_TRUE(Solve(ctx, c));
+  ASSERT_TRUE(UploadCase(ctx, c));
   Bound b;
   BindDevice(c, b);
-  ASSERT_EQ(tn_graph_begin(ctx_), TN_OK);
-  ASSERT_EQ(tn_op_run(ctx_, &b.args), TN_OK) << tn_context_last_error(ctx_);
+  ASSERT_EQ(tn_graph_begin(ctx), TN_OK);
+  ASSERT_EQ(tn_op_run(ctx, &b.args), TN_OK) << tn_context_last_error(ctx);
   tn_graph *g = nullptr;
-  ASSERT_EQ(tn_graph_end(ctx_, &g), TN_OK) << tn_context_last_error(ctx_);
+  ASSERT_EQ(tn_graph_end(ctx, &g), TN_OK) << tn_context_last_error(ctx);
   std::unique_ptr<tn_graph, void (*)(tn_graph *)> owner(g, tn_graph_destroy);
-  ASSERT_TRUE(Download(ctx_, c));
+  ASSERT_TRUE(Download(ctx, c));
   for (size_t k = 0; k < c.gpu[kX].size(); k++)
     ASSERT_EQ(c.gpu[kX][k], c.op[kX].image[k]) << "a recorded op ran before the graph's launch (byte " << k << ")";
-  ASSERT_EQ(tn_graph_launch(ctx_, g), TN_OK) << tn_context_last_error(ctx_);
-  ASSERT_TRUE(Download(ctx_, c));
+  ASSERT_EQ(tn_graph_launch(ctx, g), TN_OK) << tn_context_last_error(ctx);
+  ASSERT_TRUE(Download(ctx, c));
   tn_graph_info info;
   ASSERT_EQ(tn_graph_get_info(g, &info), TN_OK);
   EXPECT_EQ(info.device_graph, 1);
@@ -1406,8 +1394,8 @@ class SanitizedModelsBatchInvariance : public ModelTest {
     s.rows = 300;
     Case batch;
     MakeCase(batch, s, SeedFor("batch " + Describe(s)));
-    ASSERT_TRUE(Solve(ctx_, batch));
-    ASSERT_TRUE(RunGpu(ctx_, batch));
+    ASSERT_TRUE(Solve(ctx, batch));
+    ASSERT_TRUE(RunGpu(ctx, batch));
     ASSERT_TRUE(CheckCase(batch, Describe(s) + ", the batch"));
     for (int64_t r : {0, 151, 299}) {
       Spec one = s;
@@ -1433,7 +1421,7 @@ class SanitizedModelsBatchInvariance : public ModelTest {
         const size_t ps = s.positions_i64 ? 8 : 4;
         memcpy(alone.positions.data(), batch.positions.data() + (size_t)r * ps, ps);
       }
-      ASSERT_TRUE(RunGpu(ctx_, alone));
+      ASSERT_TRUE(RunGpu(ctx, alone));
       const Operand &by = batch.op[batch.YSlot()], &ay = alone.op[alone.YSlot()];
       for (int64_t h = 0; h < s.heads; h++)
         for (int64_t i = 0; i < s.dim; i++)

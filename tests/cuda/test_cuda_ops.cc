@@ -374,7 +374,7 @@ std::string Locate(const DevOperand &d, int64_t view_rows, size_t i) {
 // while quiet, for callers that summarise many failures) and the functions return false.
 class GpuRunner {
  public:
-  explicit GpuRunner(tn_context *ctx) : ctx_(ctx) {}
+  explicit GpuRunner(tn_context *ctx) : ctx(ctx) {}
 
   void SetQuiet(bool quiet) { quiet_ = quiet; }
 
@@ -412,10 +412,10 @@ class GpuRunner {
       }
     }
     for (DevOperand *d : used) {
-      const tn_status st = d->buf.Reserve(ctx_, d->image.size());
+      const tn_status st = d->buf.Reserve(ctx, d->image.size());
       if (st != TN_OK) {
         Report(Where(p.rows) + ": tn_malloc of " + std::to_string(d->image.size()) + " bytes: " +
-               tn_status_name(st) + ": " + tn_context_last_error(ctx_));
+               tn_status_name(st) + ": " + tn_context_last_error(ctx));
         return false;
       }
       if (!Upload(*d, d->image.data(), d->image.size())) return false;
@@ -458,14 +458,14 @@ class GpuRunner {
   // Reset, run, synchronize, collect.
   bool Run(int64_t rows, std::vector<uint8_t> &y, std::vector<uint8_t> &r) {
     if (!Reset(rows)) return false;
-    tn_status st = tn_op_run(ctx_, &Args(rows));
+    tn_status st = tn_op_run(ctx, &Args(rows));
     if (st != TN_OK) {
-      Report(Where(rows) + ": tn_op_run: " + tn_status_name(st) + ": " + tn_context_last_error(ctx_));
+      Report(Where(rows) + ": tn_op_run: " + tn_status_name(st) + ": " + tn_context_last_error(ctx));
       return false;
     }
-    st = tn_synchronize(ctx_, Gpu());
+    st = tn_synchronize(ctx, Gpu());
     if (st != TN_OK) {
-      Report(Where(rows) + ": tn_synchronize: " + tn_status_name(st) + ": " + tn_context_last_error(ctx_));
+      Report(Where(rows) + ": tn_synchronize: " + tn_status_name(st) + ": " + tn_context_last_error(ctx));
       return false;
     }
     return Collect(rows, y, r);
@@ -510,17 +510,17 @@ class GpuRunner {
   DevOperand &ROut() { return g_.in_place ? res_ : rout_; }
 
   bool Upload(DevOperand &d, const uint8_t *src, size_t bytes) {
-    const tn_status st = tn_memcpy(ctx_, d.buf.data(), Gpu(), src, tn_cpu_device(), bytes);
+    const tn_status st = tn_memcpy(ctx, d.buf.data(), Gpu(), src, tn_cpu_device(), bytes);
     if (st != TN_OK)
-      Report(Where(p_->rows) + ": tn_memcpy to the device: " + tn_status_name(st) + ": " + tn_context_last_error(ctx_));
+      Report(Where(p_->rows) + ": tn_memcpy to the device: " + tn_status_name(st) + ": " + tn_context_last_error(ctx));
     return st == TN_OK;
   }
   bool Download(DevOperand &d, std::vector<uint8_t> &dst, size_t bytes) {
     dst.resize(bytes);
-    const tn_status st = tn_memcpy(ctx_, dst.data(), tn_cpu_device(), d.buf.data(), Gpu(), bytes);
+    const tn_status st = tn_memcpy(ctx, dst.data(), tn_cpu_device(), d.buf.data(), Gpu(), bytes);
     if (st != TN_OK)
       Report(Where(p_->rows) + ": tn_memcpy from the device: " + tn_status_name(st) + ": " +
-             tn_context_last_error(ctx_));
+             tn_context_last_error(ctx));
     return st == TN_OK;
   }
 
@@ -544,7 +544,7 @@ class GpuRunner {
     return false;
   }
 
-  tn_context *ctx_;
+  tn_context *ctx;
   const Problem *p_ = nullptr;
   Geometry g_;
   bool quiet_ = false;
@@ -712,23 +712,19 @@ class MaxUlpsPrinter : public ::testing::Environment {
 // freed before the context.
 // ------------------------------------------------------------------------------------------------
 
-class CudaTest : public ::testing::Test {
+class CudaTest : public CudaContextTest {
  protected:
-  void SetUp() override {
-    ASSERT_EQ(tn_context_create(&holder_.ctx), TN_OK);
-    ctx_ = holder_.ctx;
-    RecordProperty("seed", std::to_string(BaseSeed()));
-    const tn_status st = tn_device_available(ctx_, TN_DEVICE_CUDA);
-    ASSERT_EQ(st, TN_OK) << "these tests need a usable CUDA device: " << tn_status_name(st) << ": "
-                         << tn_context_last_error(ctx_);
+  void TearDown() override {
+    for (auto &r : runners_) r.reset();  // their device buffers go through the context
+    CudaContextTest::TearDown();
   }
 
   GpuRunner &Runner(int i) {
-    if (!runners_[i]) runners_[i].reset(new GpuRunner(ctx_));
+    if (!runners_[i]) runners_[i].reset(new GpuRunner(ctx));
     return *runners_[i];
   }
 
-  bool Solve(Problem &p) { return ::Solve(ctx_, p); }
+  bool Solve(Problem &p) { return ::Solve(ctx, p); }
 
   // Solves p, runs all its rows on the GPU in geometry g and checks them (and, if asked, that no input
   // changed). The GPU's outputs are left in out_y_ / out_r_.
@@ -741,14 +737,8 @@ class CudaTest : public ::testing::Test {
     return ok;
   }
 
-  std::string Last() const { return tn_context_last_error(ctx_); }
+  std::string Last() const { return tn_context_last_error(ctx); }
 
-  struct ContextHolder {
-    tn_context *ctx = nullptr;
-    ~ContextHolder() { tn_context_destroy(ctx); }
-  };
-  ContextHolder holder_;  // declared first, so destroyed last: the runners free their buffers through it
-  tn_context *ctx_ = nullptr;
   std::unique_ptr<GpuRunner> runners_[2];
   std::vector<uint8_t> out_y_, out_r_;
 };
@@ -756,12 +746,12 @@ class CudaTest : public ::testing::Test {
 #define EXPECT_TN_OK(expr)                                                                          \
   do {                                                                                              \
     const tn_status st_ = (expr);                                                                   \
-    EXPECT_EQ(st_, TN_OK) << #expr << ": " << tn_status_name(st_) << ": " << tn_context_last_error(ctx_); \
+    EXPECT_EQ(st_, TN_OK) << #expr << ": " << tn_status_name(st_) << ": " << tn_context_last_error(ctx); \
   } while (0)
 #define ASSERT_TN_OK(expr)                                                                          \
   do {                                                                                              \
     const tn_status st_ = (expr);                                                                   \
-    ASSERT_EQ(st_, TN_OK) << #expr << ": " << tn_status_name(st_) << ": " << tn_context_last_error(ctx_); \
+    ASSERT_EQ(st_, TN_OK) << #expr << ": " << tn_status_name(st_) << ": " << tn_context_last_error(ctx); \
   } while (0)
 #define ASSERT_CU_OK(expr)                                             \
   do {                                                                 \
@@ -1028,7 +1018,7 @@ class GpuErrors : public CudaTest {};
 
 TEST_F(GpuErrors, MissingDeviceIsRefusedAndNothingWritten) {
   int count = 0;
-  ASSERT_TN_OK(tn_device_count(ctx_, TN_DEVICE_CUDA, &count));
+  ASSERT_TN_OK(tn_device_count(ctx, TN_DEVICE_CUDA, &count));
   const int missing = count <= 7 ? 7 : count;
   Problem p;
   MakeProblem(p, VariantNamed("add_rms_norm_w"), TN_BF16, 4, 256, SeedFor("missing device"));
@@ -1038,17 +1028,17 @@ TEST_F(GpuErrors, MissingDeviceIsRefusedAndNothingWritten) {
   Call c;
   c.Assign(run.Args(p.rows));
   for (tn_tensor *t : {&c.x, &c.res, &c.w, &c.y, &c.rout}) t->device.index = missing;
-  tn_status st = tn_op_run(ctx_, &c.args);
+  tn_status st = tn_op_run(ctx, &c.args);
   EXPECT_EQ(st, TN_ERR_DEVICE) << tn_status_name(st) << ": " << Last();
   EXPECT_NE(Last(), "") << "a refused call says why";
-  st = tn_op_prepare(ctx_, &c.args);
+  st = tn_op_prepare(ctx, &c.args);
   EXPECT_EQ(st, TN_ERR_DEVICE) << tn_status_name(st) << ": " << Last();
   void *q = nullptr;
-  st = tn_malloc(ctx_, tn_cuda_device(missing), 256, &q);
+  st = tn_malloc(ctx, tn_cuda_device(missing), 256, &q);
   EXPECT_EQ(st, TN_ERR_DEVICE) << tn_status_name(st) << ": " << Last();
   EXPECT_EQ(q, nullptr);
   // Nothing was written (the buffers around the view included) and the inputs are as loaded.
-  ASSERT_TN_OK(tn_synchronize(ctx_, Gpu()));
+  ASSERT_TN_OK(tn_synchronize(ctx, Gpu()));
   ASSERT_TRUE(run.Collect(p.rows, out_y_, out_r_));
   ExpectAllPoison(out_y_, "y");
   ExpectAllPoison(out_r_, "residual_out");
@@ -1080,10 +1070,10 @@ TEST_F(GpuErrors, MixedDevicesAreRefusedAndNothingWritten) {
     Call c;
     c.Assign(run.Args(p.rows));
     m.change(c);
-    const tn_status st = tn_op_run(ctx_, &c.args);
+    const tn_status st = tn_op_run(ctx, &c.args);
     EXPECT_EQ(st, TN_ERR_DEVICE) << m.what << ": " << tn_status_name(st) << ": " << Last();
   }
-  ASSERT_TN_OK(tn_synchronize(ctx_, Gpu()));
+  ASSERT_TN_OK(tn_synchronize(ctx, Gpu()));
   ASSERT_TRUE(run.Collect(p.rows, out_y_, out_r_));
   ExpectAllPoison(out_y_, "device y");
   ExpectAllPoison(out_r_, "device residual_out");
@@ -1095,19 +1085,19 @@ TEST_F(GpuErrors, MixedDevicesAreRefusedAndNothingWritten) {
 TEST_F(GpuErrors, AbsurdAllocationIsOutOfMemory) {
   int sentinel = 0;
   void *p = &sentinel;
-  const tn_status st = tn_malloc(ctx_, Gpu(), (size_t)1 << 50, &p);
+  const tn_status st = tn_malloc(ctx, Gpu(), (size_t)1 << 50, &p);
   EXPECT_EQ(st, TN_ERR_NO_MEMORY) << tn_status_name(st) << ": " << Last();
   std::string message = Last();
   std::transform(message.begin(), message.end(), message.begin(),
                  [](unsigned char ch) { return (char)std::tolower(ch); });
   EXPECT_NE(message.find("cuda"), std::string::npos) << "the message should name CUDA: " << Last();
   EXPECT_EQ(p, (void *)&sentinel) << "a failed tn_malloc should leave *ptr alone";
-  if (st == TN_OK && p != &sentinel) tn_free(ctx_, Gpu(), p);
+  if (st == TN_OK && p != &sentinel) tn_free(ctx, Gpu(), p);
   // The context still works.
   void *q = nullptr;
-  ASSERT_TN_OK(tn_malloc(ctx_, Gpu(), 4096, &q));
+  ASSERT_TN_OK(tn_malloc(ctx, Gpu(), 4096, &q));
   EXPECT_NE(q, nullptr);
-  EXPECT_TN_OK(tn_free(ctx_, Gpu(), q));
+  EXPECT_TN_OK(tn_free(ctx, Gpu(), q));
 }
 
 // A stream made for a test: the context goes back to the default stream, a capture left open by a failed
@@ -1115,7 +1105,7 @@ TEST_F(GpuErrors, AbsurdAllocationIsOutOfMemory) {
 // PrimaryContextScope before it).
 class TestStream {
  public:
-  explicit TestStream(tn_context *ctx) : ctx_(ctx) { status_ = cuStreamCreate(&stream_, CU_STREAM_NON_BLOCKING); }
+  explicit TestStream(tn_context *ctx) : ctx(ctx) { status_ = cuStreamCreate(&stream_, CU_STREAM_NON_BLOCKING); }
   ~TestStream() {
     if (stream_ == nullptr) return;
     CUstreamCaptureStatus capturing = CU_STREAM_CAPTURE_STATUS_NONE;
@@ -1125,7 +1115,7 @@ class TestStream {
       if (g != nullptr) cuGraphDestroy(g);
     }
     cuStreamSynchronize(stream_);
-    tn_context_set_stream(ctx_, TN_DEVICE_CUDA, nullptr);
+    tn_context_set_stream(ctx, TN_DEVICE_CUDA, nullptr);
     cuStreamDestroy(stream_);
   }
   TestStream(const TestStream &) = delete;
@@ -1134,7 +1124,7 @@ class TestStream {
   CUresult status() const { return status_; }
 
  private:
-  tn_context *ctx_;
+  tn_context *ctx;
   CUstream stream_ = nullptr;
   CUresult status_;
 };
@@ -1142,9 +1132,9 @@ class TestStream {
 TEST_F(GpuErrors, OpsRunOnTheCallersStream) {
   PrimaryContextScope primary;
   ASSERT_TRUE(primary.ok()) << CuError(primary.status());
-  TestStream stream(ctx_);
+  TestStream stream(ctx);
   ASSERT_EQ(stream.status(), CUDA_SUCCESS) << "cuStreamCreate: " << CuError(stream.status());
-  ASSERT_TN_OK(tn_context_set_stream(ctx_, TN_DEVICE_CUDA, stream.get()));
+  ASSERT_TN_OK(tn_context_set_stream(ctx, TN_DEVICE_CUDA, stream.get()));
   struct Case {
     const char *variant;
     tn_dtype dt;
@@ -1161,15 +1151,15 @@ TEST_F(GpuErrors, OpsRunOnTheCallersStream) {
     ASSERT_TRUE(Solve(p));
     ASSERT_TRUE(run.Load(p, GeometryOf(k.layout)));
     ASSERT_TRUE(run.Reset(p.rows));
-    ASSERT_TN_OK(tn_op_run(ctx_, &run.Args(p.rows)));
-    ASSERT_TN_OK(tn_synchronize(ctx_, Gpu()));
+    ASSERT_TN_OK(tn_op_run(ctx, &run.Args(p.rows)));
+    ASSERT_TN_OK(tn_synchronize(ctx, Gpu()));
     // tn_synchronize waited for this (non-blocking) stream: nothing is left on it.
     EXPECT_EQ(cuStreamQuery(stream.get()), CUDA_SUCCESS) << run.Where(p.rows);
     ASSERT_TRUE(run.Collect(p.rows, out_y_, out_r_));
     EXPECT_TRUE(CheckOutputs(p, p.rows, out_y_, out_r_, run.Where(p.rows) + ", on the caller's stream"));
   }
   // Back on the default stream, ops still run.
-  ASSERT_TN_OK(tn_context_set_stream(ctx_, TN_DEVICE_CUDA, nullptr));
+  ASSERT_TN_OK(tn_context_set_stream(ctx, TN_DEVICE_CUDA, nullptr));
   Problem p;
   MakeProblem(p, VariantNamed("l2_norm"), TN_F16, 17, 4096, SeedFor("default stream again"));
   EXPECT_TRUE(RunAndCheck(p, GeometryOf(kContiguous)));
@@ -1186,9 +1176,9 @@ class GpuCapture : public CudaTest {};
 TEST_F(GpuCapture, PreparedOpsCaptureAndReplay) {
   PrimaryContextScope primary;
   ASSERT_TRUE(primary.ok()) << CuError(primary.status());
-  TestStream stream(ctx_);
+  TestStream stream(ctx);
   ASSERT_EQ(stream.status(), CUDA_SUCCESS) << "cuStreamCreate: " << CuError(stream.status());
-  ASSERT_TN_OK(tn_context_set_stream(ctx_, TN_DEVICE_CUDA, stream.get()));
+  ASSERT_TN_OK(tn_context_set_stream(ctx, TN_DEVICE_CUDA, stream.get()));
 
   Problem a, b;
   MakeProblem(a, VariantNamed("rms_norm_w"), TN_BF16, 8, 4096, SeedFor("capture a"));
@@ -1199,16 +1189,16 @@ TEST_F(GpuCapture, PreparedOpsCaptureAndReplay) {
   ASSERT_TRUE(ra.Load(a, GeometryOf(kContiguous)));
   ASSERT_TRUE(rb.Load(b, GeometryOf(kStrided)));
   const tn_op_args &args_a = ra.Args(a.rows), &args_b = rb.Args(b.rows);
-  ASSERT_TN_OK(tn_op_prepare(ctx_, &args_a));
-  ASSERT_TN_OK(tn_op_prepare(ctx_, &args_b));
-  ASSERT_TN_OK(tn_synchronize(ctx_, Gpu()));  // the loads' copies are done before the capture starts
+  ASSERT_TN_OK(tn_op_prepare(ctx, &args_a));
+  ASSERT_TN_OK(tn_op_prepare(ctx, &args_b));
+  ASSERT_TN_OK(tn_synchronize(ctx, Gpu()));  // the loads' copies are done before the capture starts
 
   tn_kernel_cache_stats before, after;
   tn_kernel_cache_stats_get(&before);
   ASSERT_CU_OK(cuStreamBeginCapture(stream.get(), CU_STREAM_CAPTURE_MODE_GLOBAL));
-  const tn_status sa = tn_op_run(ctx_, &args_a);
+  const tn_status sa = tn_op_run(ctx, &args_a);
   const std::string ea = Last();
-  const tn_status sb = tn_op_run(ctx_, &args_b);
+  const tn_status sb = tn_op_run(ctx, &args_b);
   const std::string eb = Last();
   CUgraph graph = nullptr;
   const CUresult ended = cuStreamEndCapture(stream.get(), &graph);
@@ -1239,7 +1229,7 @@ TEST_F(GpuCapture, PreparedOpsCaptureAndReplay) {
   ASSERT_CU_OK(cuGraphLaunch(exec, stream.get()));
   ASSERT_CU_OK(cuGraphLaunch(exec, stream.get()));
   ASSERT_CU_OK(cuStreamSynchronize(stream.get()));
-  ASSERT_TN_OK(tn_synchronize(ctx_, Gpu()));
+  ASSERT_TN_OK(tn_synchronize(ctx, Gpu()));
 
   ASSERT_TRUE(ra.Collect(a.rows, out_y_, out_r_));
   EXPECT_TRUE(CheckOutputs(a, a.rows, out_y_, out_r_, ra.Where(a.rows) + ", from a graph launched twice"));

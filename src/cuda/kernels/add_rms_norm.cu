@@ -18,17 +18,8 @@ struct tn_add_norm_op {
   /* s for chunk c, rounded to the dtype, also written to residual_out. */
   template <int DT, int MODE>
   static __device__ __forceinline__ tn_chunk produce(const tn_kernel_params &p, tn_i64 row, tn_i64 c) {
-    constexpr int V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
-    const tn_chunk xq = tn_load_chunk<DT, MODE>(tn_row(p.x, row, p.x_stride, S), c, p.dim);
-    const tn_chunk rq = tn_load_chunk<DT, MODE>(tn_row(p.residual, row, p.residual_stride, S), c, p.dim);
-    float xf[V], rf[V];
-    tn_chunk_to_f32<DT>(xq, xf);
-    tn_chunk_to_f32<DT>(rq, rf);
-#pragma unroll
-    for (int j = 0; j < V; j++) xf[j] = xf[j] + rf[j];
-    const tn_chunk s = tn_chunk_from_f32<DT>(xf);
-    tn_store_chunk<DT, MODE>((char *)tn_row(p.residual_out, row, p.residual_out_stride, S), c, p.dim, s);
-    return s;
+    const tn_chunk xq = tn_load_chunk<DT, MODE>(tn_row(p.x, row, p.x_stride, tn_dt<DT>::size), c, p.dim);
+    return tn_add_rounded_chunk<DT, MODE>(p, row, c, xq);
   }
 
   /* s again, from residual_out, which this thread wrote (staged rows read again). */

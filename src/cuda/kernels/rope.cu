@@ -42,18 +42,20 @@ TN_DEV float tn_rope_table(const tn_kernel_params &p, tn_i64 row, int i) {
   return tn_to_f32<DT>(tn_load_element<S, MODE>((const char *)p.cos_sin + (row * p.cos_sin_stride + i) * S));
 }
 
-/* The normalised value of an element from its x and weight: the input of the rotation. */
+/* The normalised value of an element, the input of the rotation, from its x and its weight factor (the
+ * weight plus offset, read only when `weighted`): ((x * pre) * inv) [* factor], each step rounded to the
+ * dtype with LLAMA casting (tn_norm_value's arithmetic for a weight alone, then the rope's own rounding). */
 template <int DT>
-TN_DEV float tn_rope_normed(const tn_kernel_params &p, float x, float w, const tn_row_stats &st) {
-  const float one = w;
-  float v = tn_norm_value<DT>(p, x, st, false, {p.has_weight != 0, false, false, false}, &one, nullptr, nullptr, 0);
-  return tn_flag(p, TN_KERNEL_FLAG_LLAMA) ? tn_round<DT>(v) : v;
+TN_DEV float tn_rope_normed(bool llama, bool weighted, float x, float factor, const tn_row_stats &st) {
+  float v = (x * st.pre) * st.inv;
+  if (llama) v = tn_round<DT>(v);
+  if (weighted) v *= factor;
+  return llama ? tn_round<DT>(v) : v;
 }
 
-/* Weight element e (f32 or x's dtype), 0 when there is none. */
+/* Weight element e (f32 or x's dtype); there is a weight. */
 template <int DT, int MODE>
 TN_DEV float tn_rope_weight(const tn_kernel_params &p, tn_i64 e) {
-  if (!p.has_weight) return 0.0f;
   if (p.weight_f32) return __uint_as_float(tn_load_element<4, MODE>((const char *)p.weight + e * 4));
   constexpr int S = tn_dt<DT>::size;
   return tn_to_f32<DT>(tn_load_element<S, MODE>((const char *)p.weight + e * S));
@@ -74,19 +76,6 @@ struct __align__(16) tn_f32x4 {
   float v[4];
 };
 
-/* A thread's chunks of a head in its group's slot, visited in the order of its first sum. */
-template <int G>
-struct tn_rope_slot_each {
-  using held = tn_chunk;
-  const tn_chunk *slot;
-  int t;
-  template <class F>
-  __device__ __forceinline__ void operator()(F fn) const {
-#pragma unroll
-    for (int k = 0; k < TN_KERNEL_REG_CHUNKS; k++) fn(slot[k * G + t], (tn_i64)k * G + t);
-  }
-};
-
 template <int DT, int G, int MODE>
 TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
   constexpr int K = TN_KERNEL_REG_CHUNKS, V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
@@ -100,15 +89,17 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
   tn_chunk *swap = reinterpret_cast<tn_chunk *>(tn_dynamic_smem) + (tn_i64)group * SWAP;
   float *cs = reinterpret_cast<float *>(tn_dynamic_smem + (size_t)groups * SWAP * sizeof(tn_chunk));
   float *inv_freq = cs + (size_t)tpb * rot;
-  /* The weight plus offset as float32, once per block, for the paired path (16-byte aligned there, where
-   * rotary_dim is a multiple of 8): each element then costs one shared-memory read instead of a global
-   * read, a conversion and an addition (measured on the H100, 8192 x 40 x 128 bf16: 64.2 -> 67.2% of the
-   * copy ceiling from a table, 56.0 -> 60.2% from theta). Reading cos and sin 16 bytes at a time gained
-   * nothing there. */
+  /* The weight plus offset as float32, once per block, the factor every path reads (16-byte aligned for the
+   * paired path, where rotary_dim is a multiple of 8): each element then costs one shared-memory read
+   * instead of a global read, a conversion and an addition (measured on the H100, 8192 x 40 x 128 bf16:
+   * 64.2 -> 67.2% of the copy ceiling from a table, 56.0 -> 60.2% from theta). Reading cos and sin 16
+   * bytes at a time gained nothing there. */
   float *w_staged = inv_freq + (((size_t)half + 3) & ~(size_t)3); /* backend.c's rope_smem sizes it alike */
   if (p.has_weight)
     for (int i = threadIdx.x; i < p.dim; i += blockDim.x)
       w_staged[i] = tn_rope_weight<DT, MODE>(p, i) + p.weight_offset;
+  /* Element e's factor in the slot path (its chunks may pass dim: whole chunks are staged). */
+  const auto factor = [&](int e) { return p.has_weight ? w_staged[e] : 0.0f; };
   const unsigned mask = tn_group_mask<G>();
   int turn = 0;
   float unused_partials[1]; /* G <= 32: the group's sums are shuffles alone */
@@ -166,7 +157,8 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
       __syncwarp(mask);
       const tn_row_stats st = tn_rms_reduce::finish<DT>(
           p, tn_group_sum<G>(acc, unused_partials, &turn),
-          [&](float u) { return tn_group_sum<G>(u, unused_partials, &turn); }, tn_rope_slot_each<G>{swap, t});
+          [&](float u) { return tn_group_sum<G>(u, unused_partials, &turn); },
+          tn_each_wide<tn_chunk, G, K>{swap, t, chunks});
 
       if (!gptj && half % (V * G) == 0) {
         /* NEOX with whole chunks of partners a multiple of G chunks apart: a chunk's partners are in one
@@ -182,18 +174,15 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
           tn_chunk_to_f32<DT>(swap[pc], b);
 #pragma unroll
           for (int e0 = 0; e0 < V; e0 += 4) {
-            tn_f32x4 wa, wb;
+            tn_f32x4 wa = {}, wb = {};
             if (p.has_weight) {
               wa = *reinterpret_cast<const tn_f32x4 *>(w_staged + first_e + e0);
               wb = *reinterpret_cast<const tn_f32x4 *>(w_staged + pc * V + e0);
             }
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-              float u = (a[e0 + e] * st.pre) * st.inv, v = (b[e0 + e] * st.pre) * st.inv;
-              if (llama) u = tn_round<DT>(u), v = tn_round<DT>(v);
-              if (p.has_weight) u *= wa.v[e], v *= wb.v[e];
-              a[e0 + e] = llama ? tn_round<DT>(u) : u;
-              b[e0 + e] = llama ? tn_round<DT>(v) : v;
+              a[e0 + e] = tn_rope_normed<DT>(llama, p.has_weight, a[e0 + e], wa.v[e], st);
+              b[e0 + e] = tn_rope_normed<DT>(llama, p.has_weight, b[e0 + e], wb.v[e], st);
             }
           }
           if (!rotated) {
@@ -214,12 +203,11 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
       }
 #pragma unroll 1
       for (tn_i64 c = t; c < chunks; c += G) {
-        float f[V], w[V], out[V];
-        tn_chunk_to_f32<DT>(swap[c], f);
-        if (p.has_weight) tn_load_vector<DT, MODE>(p.weight, p.weight_f32, c, p.dim, w);
-#pragma unroll
-        for (int e = 0; e < V; e++) f[e] = tn_rope_normed<DT>(p, f[e], p.has_weight ? w[e] : 0.0f, st);
+        float f[V], out[V];
         const int first_e = (int)c * V;
+        tn_chunk_to_f32<DT>(swap[c], f);
+#pragma unroll
+        for (int e = 0; e < V; e++) f[e] = tn_rope_normed<DT>(llama, p.has_weight, f[e], factor(first_e + e), st);
         if (first_e >= rot) {
 #pragma unroll
           for (int e = 0; e < V; e++) out[e] = f[e];
@@ -235,13 +223,12 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
           /* The partners of this chunk's elements fill one chunk, at the same places. */
           const bool first = first_e < half;
           const tn_i64 pc = first ? c + half / V : c - half / V;
-          float pf[V], pw[V];
+          float pf[V];
           tn_chunk_to_f32<DT>(swap[pc], pf);
-          if (p.has_weight) tn_load_vector<DT, MODE>(p.weight, p.weight_f32, pc, p.dim, pw);
           const int i0 = first ? first_e : first_e - half;
 #pragma unroll
           for (int e = 0; e < V; e++) {
-            const float partner = tn_rope_normed<DT>(p, pf[e], p.has_weight ? pw[e] : 0.0f, st);
+            const float partner = tn_rope_normed<DT>(llama, p.has_weight, pf[e], factor((int)pc * V + e), st);
             out[e] = tn_rope_rotate<DT>(llama, f[e], partner, cos_row[i0 + e], cos_row[half + i0 + e], first);
           }
         } else {
@@ -254,7 +241,7 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
             const bool first = at < half;
             const int pe = first ? at + half : at - half, i = first ? at : pe;
             const float px = tn_to_f32<DT>(tn_chunk_bits<DT>(swap[pe / V], pe % V));
-            const float partner = tn_rope_normed<DT>(p, px, tn_rope_weight<DT, MODE>(p, pe), st);
+            const float partner = tn_rope_normed<DT>(llama, p.has_weight, px, factor(pe), st);
             out[e] = tn_rope_rotate<DT>(llama, f[e], partner, cos_row[i], cos_row[half + i], first);
           }
         }

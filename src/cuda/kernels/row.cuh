@@ -184,6 +184,22 @@ TN_DEV void tn_store_chunk(char *row, tn_i64 c, tn_i64 dim, const tn_chunk &q) {
     if (first + j < dim) tn_store_element<S, MODE>(row + (first + j) * S, tn_chunk_bits<DT>(q, j));
 }
 
+/* Chunk c of row `row` of s = round(x + residual), each of x's dtype, also written to residual_out, from x's
+ * chunk xq: the input of add_rms_norm and add_layer_norm (the sum normalised as stored). */
+template <int DT, int MODE>
+TN_DEV tn_chunk tn_add_rounded_chunk(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &xq) {
+  constexpr int V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
+  const tn_chunk rq = tn_load_chunk<DT, MODE>(tn_row(p.residual, row, p.residual_stride, S), c, p.dim);
+  float xf[V], rf[V];
+  tn_chunk_to_f32<DT>(xq, xf);
+  tn_chunk_to_f32<DT>(rq, rf);
+#pragma unroll
+  for (int j = 0; j < V; j++) xf[j] = xf[j] + rf[j];
+  const tn_chunk s = tn_chunk_from_f32<DT>(xf);
+  tn_store_chunk<DT, MODE>((char *)tn_row(p.residual_out, row, p.residual_out_stride, S), c, p.dim, s);
+  return s;
+}
+
 /* The n = per_chunk(DT) elements of chunk c of a row of dtype WDT (f32 or DT: a weight or a
  * multiplicand), as float32; elements past dim read as 0. */
 template <int DT, int WDT, int MODE>
