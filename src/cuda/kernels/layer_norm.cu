@@ -6,10 +6,13 @@
  *   residual_out); weight and bias each optional. */
 #include "ops.cuh"
 
+/* COMMON_PATHS: the common row (no partial chunk, not rescaled, exact casting) has its own deviations and
+ * output loops, free of the per-element tests and of the multiply by pre; the rest take the general ones. */
+template <bool COMMON_PATHS>
 struct tn_layer_op {
   template <int DT>
   using held = tn_chunk;
-  using reduce = tn_layer_reduce;
+  using reduce = tn_layer_reduce_as<COMMON_PATHS>;
 
   template <int DT>
   static __device__ __forceinline__ tn_i64 locate(const tn_kernel_params &, tn_i64 row) {
@@ -39,11 +42,27 @@ struct tn_layer_op {
     const bool has_bias = tn_flag(p, TN_KERNEL_FLAG_BIAS);
     if (p.has_weight) tn_load_vector<DT, MODE>(p.weight, p.weight_f32, c, p.dim, w);
     if (has_bias) tn_load_vector<DT, MODE>(p.bias, p.bias_f32, c, p.dim, b);
+    const tn_factors has = {p.has_weight != 0, has_bias, false, false};
+    if (COMMON_PATHS && tn_plain_row(p, st)) {
 #pragma unroll
-    for (int j = 0; j < V; j++)
-      f[j] = tn_norm_value<DT>(p, f[j], st, true, {p.has_weight != 0, has_bias, false, false}, w, b, nullptr, j);
+      for (int j = 0; j < V; j++) f[j] = tn_norm_value<DT, true>(p, f[j], st, true, has, w, b, nullptr, j);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; j++) f[j] = tn_norm_value<DT>(p, f[j], st, true, has, w, b, nullptr, j);
+    }
     tn_store_chunk<DT, MODE>((char *)tn_row(p.y, row, p.y_stride, S), c, p.dim, tn_chunk_from_f32<DT>(f));
   }
 };
 
-TN_DEFINE_ROW_KERNELS(tn_layer, tn_layer_op)
+/* The common paths cost registers: with 64 a thread (1024 resident threads) they spill. They pay where the
+ * row is compute-bound, 2-byte dtypes, with G <= 128 and 896 resident threads (72 registers, no spill);
+ * measured on the H100 (% of the copy ceiling): bf16 32768x4096 82.0 -> 87.5, 65536x2048 82.3 -> 87.6,
+ * 327680x128 42.5 -> 46.7. They lose at G = 256 and 512, with 1024 resident threads (spills: 85.8 -> 84.3,
+ * 84.3 -> 83.0) and more so with fewer (78.6, 54.8), and in float32 (327680x128: 86.2 -> 81.1). */
+template <int DT, int G>
+struct tn_register_shape<tn_layer_op<false>, DT, G> {
+  enum { common = DT != TN_KERNEL_F32 && G <= 128, resident = common ? 896 : TN_KERNEL_MIN_RESIDENT };
+  using op = tn_layer_op<common>;
+};
+
+TN_DEFINE_ROW_KERNELS(tn_layer, tn_layer_op<false>)

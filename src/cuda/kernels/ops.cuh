@@ -108,18 +108,21 @@ TN_DEV float tn_chunk_sum(const H &q, float acc, float k) {
   return acc;
 }
 
-/* The squared deviations of chunk c's elements, those at or past dim left out (a chunk's padding reads as
- * zeros, whose deviation is the mean's, not zero). */
-template <int DT, class H>
+/* The squared deviations of chunk c's elements, those at or past dim left out (a chunk's padding, and the
+ * zero chunks a thread holds past the row's end, read as zeros, whose deviation is the mean's, not zero).
+ * WHOLE: the row has no partial chunk (dim a multiple of the chunk's elements), so a chunk is tested once
+ * instead of element by element (these are among the layer_norm's hottest instructions). */
+template <int DT, bool WHOLE, class H>
 TN_DEV float tn_chunk_deviations(const H &q, tn_i64 c, tn_i64 dim, float acc, float k, float mean) {
   constexpr int V = tn_dt<DT>::per_chunk;
   float f[V];
   tn_held<H>::template values<DT>(q, f);
   const tn_i64 left = dim - c * V; /* elements of this chunk inside the row */
+  if (WHOLE && left <= 0) return acc;
 #pragma unroll
   for (int j = 0; j < V; j++) {
     const float d = f[j] * k - mean;
-    if (j < left) acc += d * d;
+    if (WHOLE || j < left) acc += d * d;
   }
   return acc;
 }
@@ -131,8 +134,11 @@ TN_DEV float tn_chunk_deviations(const H &q, tn_i64 c, tn_i64 dim, float acc, fl
  * power of two, as for rms_norm): mean and variance of the scaled row, with eps * k^2; the output is then
  * (x * k - mean_k) * inv_k. A row whose scaled sums are not finite either has an Inf or NaN: the plain
  * statistics propagate it. Every branch depends on group sums alone, so the group takes it together.
- * (A sum of x that left float32's range counts as squares that did: k = 2^-80.) */
-struct tn_layer_reduce {
+ * (A sum of x that left float32's range counts as squares that did: k = 2^-80.)
+ * COMMON_PATHS: the deviations of a row without a partial chunk are written apart, without the per-element
+ * test (more code, and so more registers: layer_norm.cu says where it pays). */
+template <bool COMMON_PATHS>
+struct tn_layer_reduce_as {
   template <int DT, class H>
   TN_DEV float first(const tn_kernel_params &, const H &q, float acc) {
     return tn_chunk_sum<DT>(q, acc, 1.0f);
@@ -141,7 +147,10 @@ struct tn_layer_reduce {
   template <int DT, class GroupSum, class Each>
   TN_DEV float deviations(GroupSum group_sum, Each each, tn_i64 dim, float k, float mean) {
     float acc = 0.0f;
-    each([&](const typename Each::held &q, tn_i64 c) { acc = tn_chunk_deviations<DT>(q, c, dim, acc, k, mean); });
+    if (COMMON_PATHS && dim % tn_dt<DT>::per_chunk == 0)
+      each([&](const typename Each::held &q, tn_i64 c) { acc = tn_chunk_deviations<DT, true>(q, c, dim, acc, k, mean); });
+    else
+      each([&](const typename Each::held &q, tn_i64 c) { acc = tn_chunk_deviations<DT, false>(q, c, dim, acc, k, mean); });
     return group_sum(acc);
   }
 
@@ -177,6 +186,8 @@ struct tn_layer_reduce {
   }
 };
 
+using tn_layer_reduce = tn_layer_reduce_as<false>;
+
 /* rms_norm's or layer_norm's reduction by the LAYER flag (general.cu). */
 struct tn_either_reduce {
   template <int DT, class H>
@@ -192,6 +203,13 @@ struct tn_either_reduce {
 
 /* ---- a normalised element's output, in every casting mode ---- */
 
+/* Whether a row's output may take tn_norm_value's PLAIN form: the row was not rescaled and the casting is
+ * not llama. Uniform over the row's group; a family's output loop may then be written once for each
+ * answer (layer_norm.cu). */
+TN_DEV bool tn_plain_row(const tn_kernel_params &p, const tn_row_stats &st) {
+  return st.pre == 1.0f && !tn_flag(p, TN_KERNEL_FLAG_LLAMA);
+}
+
 /* Which factors an element's output has (tn_norm_value). */
 struct tn_factors {
   bool w, b, m, scale;
@@ -200,15 +218,18 @@ struct tn_factors {
 /* The value of one element before its final rounding, from the normed input f (x, or a residual sum) and
  * the row's statistics: n = (f * pre - mean) * inv (mean 0 but for layer_norm), rounded to the dtype first
  * with TN_CASTING_LLAMA; then * (w + offset), + b; rounded again before a multiplicand or scale with
- * round_before_last (a fused pair); then * m, * scale. Only the factors `has` names are read. The arrays
+ * round_before_last (a fused pair); then * m, * scale. Only the factors `has` names are read. PLAIN: the
+ * caller knows pre is 1 and the casting is not llama (tn_plain_row), so the multiply by pre, which would
+ * change no bit, and the per-element test of the flag are left out. The arrays
  * are always the caller's own (never a pointer chosen at run time, say w or NULL): a chosen pointer makes
  * the compiler keep the arrays in local memory instead of registers, which cost half the bandwidth. */
-template <int DT>
+template <int DT, bool PLAIN = false>
 TN_DEV float tn_norm_value(const tn_kernel_params &p, float f, const tn_row_stats &st, bool layer, tn_factors has,
                            const float *w, const float *b, const float *m, int j) {
-  float v = layer ? f * st.pre - st.mean : f * st.pre;
+  const float s = PLAIN ? f : f * st.pre;
+  float v = layer ? s - st.mean : s;
   v = v * st.inv;
-  if (tn_flag(p, TN_KERNEL_FLAG_LLAMA)) v = tn_round<DT>(v);
+  if (!PLAIN && tn_flag(p, TN_KERNEL_FLAG_LLAMA)) v = tn_round<DT>(v);
   if (has.w) v *= w[j] + p.weight_offset;
   if (has.b) v += b[j];
   if ((has.m || has.scale) && p.round_before_last) v = tn_round<DT>(v);

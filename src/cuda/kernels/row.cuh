@@ -399,7 +399,17 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
 #ifndef TN_KERNEL_MIN_RESIDENT
 #define TN_KERNEL_MIN_RESIDENT 1024
 #endif
-#define TN_MIN_BLOCKS_OF(G) (TN_KERNEL_BLOCK_OF(G) >= TN_KERNEL_MIN_RESIDENT ? 1 : TN_KERNEL_MIN_RESIDENT / TN_KERNEL_BLOCK_OF(G))
+#define TN_MIN_BLOCKS_AT(G, RESIDENT) (TN_KERNEL_BLOCK_OF(G) >= (RESIDENT) ? 1 : (RESIDENT) / TN_KERNEL_BLOCK_OF(G))
+#define TN_MIN_BLOCKS_OF(G) TN_MIN_BLOCKS_AT(G, TN_KERNEL_MIN_RESIDENT)
+
+/* What a family's register-shape kernel of dtype DT and G threads per row runs (op) and how many of its
+ * threads an SM must hold (resident, for the register budget): the family's Op and TN_KERNEL_MIN_RESIDENT,
+ * unless the family specializes this where another choice measured better (layer_norm.cu). */
+template <class Op, int DT, int G>
+struct tn_register_shape {
+  using op = Op;
+  enum { resident = TN_KERNEL_MIN_RESIDENT };
+};
 
 
 /* An op family (Op) gives the row shapes below:
@@ -614,16 +624,18 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
 
 /* Blocks per SM a kernel's registers must allow, for families whose rows need more registers than
  * TN_MIN_BLOCKS_OF grants (general.cu: float32 chunks): DIV times fewer, at least one. */
-#define TN_MIN_BLOCKS_DIV(G, DIV) (TN_MIN_BLOCKS_OF(G) / (DIV) > 0 ? TN_MIN_BLOCKS_OF(G) / (DIV) : 1)
+#define TN_MIN_BLOCKS_DIV(G, DIV, RESIDENT) \
+  (TN_MIN_BLOCKS_AT(G, RESIDENT) / (DIV) > 0 ? TN_MIN_BLOCKS_AT(G, RESIDENT) / (DIV) : 1)
 
 /* The kernels of one op family: Op's rows in registers (G threads per row), in the few-rows form, or
  * staged. MIN_DIV: 1, or the factor by which the family's register shapes allow fewer resident blocks. */
 #define TN_DEFINE_ROW_KERNELS_DIV(prefix, Op, MIN_DIV)                                                    \
   template <int DT, int G, int MODE>                                                                      \
-  __global__ void __launch_bounds__(TN_KERNEL_BLOCK_OF(G), TN_MIN_BLOCKS_DIV(G, MIN_DIV))                 \
+  __global__ void __launch_bounds__(TN_KERNEL_BLOCK_OF(G),                                                \
+                                    TN_MIN_BLOCKS_DIV(G, MIN_DIV, (tn_register_shape<Op, DT, G>::resident))) \
       prefix##_registers(const tn_kernel_params p) {                                                      \
     tn_pdl_wait();                                                                                        \
-    tn_rows_in_registers<DT, G, MODE, Op>(p);                                                             \
+    tn_rows_in_registers<DT, G, MODE, typename tn_register_shape<Op, DT, G>::op>(p);                      \
     tn_pdl_launch_dependents();                                                                           \
   }                                                                                                       \
   template <int DT, int G, int MODE>                                                                      \
