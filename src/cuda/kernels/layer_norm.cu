@@ -56,9 +56,10 @@ struct tn_layer_op {
 
 /* The common paths cost registers: with 64 a thread (1024 resident threads) they spill. They pay where the
  * row is compute-bound, 2-byte dtypes, with G <= 128 and 896 resident threads (72 registers, no spill);
- * measured on the H100 (% of the copy ceiling): bf16 32768x4096 82.0 -> 87.5, 65536x2048 82.3 -> 87.6,
- * 327680x128 42.5 -> 46.7. They lose at G = 256 and 512, with 1024 resident threads (spills: 85.8 -> 84.3,
- * 84.3 -> 83.0) and more so with fewer (78.6, 54.8), and in float32 (327680x128: 86.2 -> 81.1). */
+ * measured on the H100 (% of the copy ceiling): bf16 32768x4096 81.8 -> 86.8, 65536x2048 82.7 -> 87.0,
+ * 327680x128 42.5 -> 49.9 (add_layer_norm, the same kernels, loses 1.5-2 points at the first two). They
+ * lose at G = 256 and 512, with 1024 resident threads (spills: 85.8 -> 84.3, 84.3 -> 83.0) and more so
+ * with fewer (78.6, 54.8), and in float32 (327680x128: 86.2 -> 81.1). docs/performance.md has the runs. */
 template <int DT, int G>
 struct tn_register_shape<tn_layer_op<false>, DT, G> {
   enum { common = DT != TN_KERNEL_F32 && G <= 128, resident = common ? 896 : TN_KERNEL_MIN_RESIDENT };
