@@ -252,7 +252,7 @@ static tn_kernel_family family_for(const tn_op_args *a) {
     const int plain = a->residual->dtype == a->x->dtype &&
                       (a->residual_mode == TN_RESIDUAL_NORM_STORED || a->x->dtype == TN_F32);
     if (!plain) return TN_FAMILY_GENERAL;
-    if (a->op == TN_OP_ADD_LAYER_NORM) return TN_FAMILY_LAYER;
+    if (a->op == TN_OP_ADD_LAYER_NORM) return TN_FAMILY_ADD_LAYER;
     if (!llama) return a->mul != NULL ? TN_FAMILY_ADD_NORM_MUL : TN_FAMILY_ADD_NORM;
     return a->mul != NULL ? TN_FAMILY_GENERAL : TN_FAMILY_NORM_X;
   }

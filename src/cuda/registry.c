@@ -35,6 +35,7 @@ static const char *family_source(tn_kernel_family f) {
     case TN_FAMILY_NORM_X:
       return tn_cuda_source_norm_x_cu;
     case TN_FAMILY_LAYER:
+    case TN_FAMILY_ADD_LAYER:
       return tn_cuda_source_layer_norm_cu;
     case TN_FAMILY_GENERAL:
       return tn_cuda_source_general_cu;
@@ -47,7 +48,7 @@ static const char *family_source(tn_kernel_family f) {
 
 static const char *const family_prefix[TN_FAMILY_COUNT] = {
     "tn_norm", "tn_norm_mul", "tn_add_norm", "tn_add_norm_mul", "tn_elementwise",
-    "tn_normx", "tn_layer", "tn_general", "tn_rope"};
+    "tn_normx", "tn_layer", "tn_general", "tn_rope", "tn_add_layer"};
 
 /* Each family's shapes and access modes, in key order (see registry.h). The later families keep the
  * shapes their calls need (a row takes the family's smallest register shape that holds it, else a staged
@@ -63,6 +64,7 @@ static const signed char *family_shape_list(int f) {
     case TN_FAMILY_NORM_X:
       return normx_shapes;
     case TN_FAMILY_LAYER:
+    case TN_FAMILY_ADD_LAYER:
       return layer_shapes;
     case TN_FAMILY_GENERAL:
       return general_shapes;
@@ -78,6 +80,7 @@ static int family_shape_count(int f) {
     case TN_FAMILY_NORM_X:
       return (int)sizeof normx_shapes;
     case TN_FAMILY_LAYER:
+    case TN_FAMILY_ADD_LAYER:
       return (int)sizeof layer_shapes;
     case TN_FAMILY_GENERAL:
       return (int)sizeof general_shapes;

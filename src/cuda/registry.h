@@ -17,7 +17,8 @@
  * The families after them carry their rarer knobs as run-time flags (kernels/ops.cuh):
  * norm_x.cu: rms_norm and l2_norm on 3-D views, with TN_CASTING_LLAMA or max(norm, eps), and add_rms_norm
  * with TN_CASTING_LLAMA (a residual of x's dtype normalised as stored), none with a multiplicand;
- * layer_norm.cu: layer_norm, and add_layer_norm with a residual of x's dtype normalised as stored;
+ * layer_norm.cu: layer_norm (TN_FAMILY_LAYER), and add_layer_norm with a residual of x's dtype normalised
+ * as stored (TN_FAMILY_ADD_LAYER, the same shapes);
  * general.cu: the rest of the norms (a float32 residual stream, the unrounded sum, a multiplicand with
  * TN_CASTING_LLAMA or a 3-D view), the row held in float32;
  * rope.cu: rms_norm with a rope. */
@@ -31,7 +32,8 @@ typedef enum tn_kernel_family {
   TN_FAMILY_LAYER = 6,
   TN_FAMILY_GENERAL = 7,
   TN_FAMILY_ROPE = 8,
-  TN_FAMILY_COUNT = 9
+  TN_FAMILY_ADD_LAYER = 9,
+  TN_FAMILY_COUNT = 10
 } tn_kernel_family;
 
 /* Row shapes: 0 .. 10 keep rows in registers with G = 1 << shape threads per row; then the staged ones;
@@ -56,9 +58,9 @@ typedef struct tn_kernel_key {
  * one shape per op. The later families have two access modes (16-byte vectors, else bytes: element-aligned
  * calls, rare beside them, take the byte kernels) and the shapes their calls need (registry.c): norm_x
  * the register shapes from G = 2, the staged ones and the few-rows form of G = 128 and 256 (a decode
- * step's hidden sizes); layer_norm the register shapes from G = 16 and the staged ones; general G = 4, 32
- * and 256 and the staged ones; rope the register shapes up to G = 32 (heads of at most TN_ROPE_MAX_DIM
- * elements). A row takes its family's smallest register shape that holds it, else a staged one, so that
+ * step's hidden sizes); layer_norm and add_layer_norm the register shapes from G = 16 and the staged
+ * ones; general G = 4, 32 and 256 and the staged ones; rope the register shapes up to G = 32 (heads of at
+ * most TN_ROPE_MAX_DIM elements). A row takes its family's smallest register shape that holds it, else a staged one, so that
  * within a family the reduction order still depends on (dtype, dim) alone. */
 #define TN_NORM_X_SHAPE_COUNT 14
 #define TN_LAYER_SHAPE_COUNT 9
@@ -69,7 +71,7 @@ typedef struct tn_kernel_key {
   (4 * TN_DTYPE_COUNT * TN_SHAPE_COUNT * TN_KERNEL_MODE_COUNT +                                          \
    TN_DTYPE_COUNT * TN_KERNEL_ELEMENTWISE_COUNT * TN_KERNEL_MODE_COUNT +                                 \
    TN_DTYPE_COUNT * TN_LATER_MODE_COUNT *                                                                \
-       (TN_NORM_X_SHAPE_COUNT + TN_LAYER_SHAPE_COUNT + TN_GENERAL_SHAPE_COUNT + TN_ROPE_SHAPE_COUNT))
+       (TN_NORM_X_SHAPE_COUNT + 2 * TN_LAYER_SHAPE_COUNT + TN_GENERAL_SHAPE_COUNT + TN_ROPE_SHAPE_COUNT))
 
 /* Whether the family has a kernel of this shape and access mode (the backend asks only for those). */
 int tn_kernel_family_has(tn_kernel_family family, int shape, int mode);

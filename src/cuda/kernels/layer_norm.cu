@@ -1,14 +1,15 @@
 /* layer_norm, and add_layer_norm when the residual is of x's dtype and the sum is normalised as stored
- * (the ADD flag): the row held as chunks of x's dtype, in the row shapes of row.cuh (so every dim the rms
+ * (its own kernels, tn_add_layer_*: ADD at compile time): the row held as chunks of x's dtype, in the row shapes of row.cuh (so every dim the rms
  * kernels take, with the same G per (dtype, dim) and so a fixed reduction order), reduced by
  * tn_layer_reduce (the mean, then the squared deviations):
  *   y = round(round?((s * pre - mean) * inv) * (w + offset) + b), s = x, or round(x + r) (also written to
  *   residual_out); weight and bias each optional. */
 #include "ops.cuh"
 
-/* COMMON_PATHS: the common row (no partial chunk, not rescaled, exact casting) has its own deviations and
- * output loops, free of the per-element tests and of the multiply by pre; the rest take the general ones. */
-template <bool COMMON_PATHS>
+/* ADD: the residual is added first. COMMON_PATHS: the common row (no partial chunk, not rescaled, exact
+ * casting) has its own deviations and output loops, free of the per-element tests and of the multiply by
+ * pre; the rest take the general ones. */
+template <bool ADD, bool COMMON_PATHS>
 struct tn_layer_op {
   template <int DT>
   using held = tn_chunk;
@@ -22,14 +23,14 @@ struct tn_layer_op {
   template <int DT, int MODE>
   static __device__ __forceinline__ tn_chunk produce(const tn_kernel_params &p, tn_i64 row, tn_i64 c) {
     const tn_chunk xq = tn_load_chunk<DT, MODE>(tn_row(p.x, row, p.x_stride, tn_dt<DT>::size), c, p.dim);
-    return tn_flag(p, TN_KERNEL_FLAG_ADD) ? tn_add_rounded_chunk<DT, MODE>(p, row, c, xq) : xq;
+    return ADD ? tn_add_rounded_chunk<DT, MODE>(p, row, c, xq) : xq;
   }
 
   /* The chunk again, for rows staged by re-reading: x, or the sum from residual_out (this thread's). */
   template <int DT, int MODE>
   static __device__ __forceinline__ tn_chunk reread(const tn_kernel_params &p, tn_i64 row, tn_i64 c) {
     constexpr int S = tn_dt<DT>::size;
-    if (!tn_flag(p, TN_KERNEL_FLAG_ADD)) return tn_load_chunk<DT, MODE>(tn_row(p.x, row, p.x_stride, S), c, p.dim);
+    if (!ADD) return tn_load_chunk<DT, MODE>(tn_row(p.x, row, p.x_stride, S), c, p.dim);
     return tn_load_chunk<DT, MODE>(tn_row(p.residual_out, row, p.residual_out_stride, S), c, p.dim);
   }
 
@@ -55,15 +56,19 @@ struct tn_layer_op {
 };
 
 /* The common paths cost registers: with 64 a thread (1024 resident threads) they spill. They pay where the
- * row is compute-bound, 2-byte dtypes, with G <= 128 and 896 resident threads (72 registers, no spill);
- * measured on the H100 (% of the copy ceiling): bf16 32768x4096 81.8 -> 86.8, 65536x2048 82.7 -> 87.0,
- * 327680x128 42.5 -> 49.9 (add_layer_norm, the same kernels, loses 1.5-2 points at the first two). They
- * lose at G = 256 and 512, with 1024 resident threads (spills: 85.8 -> 84.3, 84.3 -> 83.0) and more so
- * with fewer (78.6, 54.8), and in float32 (327680x128: 86.2 -> 81.1). docs/performance.md has the runs. */
+ * row is compute-bound, layer_norm in 2-byte dtypes, with G <= 128 and 896 resident threads (72 registers,
+ * no spill); measured on the H100 (% of the copy ceiling): bf16 32768x4096 81.8 -> 86.8, 65536x2048
+ * 82.7 -> 87.0, 327680x128 42.5 -> 49.9. They lose at G = 256 and 512, with 1024 resident threads
+ * (spills: 85.8 -> 84.3, 84.3 -> 83.0) and more so with fewer (78.6, 54.8), in float32 (327680x128:
+ * 86.2 -> 81.1), and for add_layer_norm, which moves more bytes a row (32768x4096: 94.0 -> 91.9).
+ * docs/performance.md has the runs. */
 template <int DT, int G>
-struct tn_register_shape<tn_layer_op<false>, DT, G> {
+struct tn_register_shape<tn_layer_op<false, false>, DT, G> {
   enum { common = DT != TN_KERNEL_F32 && G <= 128, resident = common ? 896 : TN_KERNEL_MIN_RESIDENT };
-  using op = tn_layer_op<common>;
+  using op = tn_layer_op<false, common>;
 };
 
-TN_DEFINE_ROW_KERNELS(tn_layer, tn_layer_op<false>)
+using tn_layer_norm_op = tn_layer_op<false, false>; /* named: a macro argument cannot hold the comma */
+using tn_add_layer_norm_op = tn_layer_op<true, false>;
+TN_DEFINE_ROW_KERNELS(tn_layer, tn_layer_norm_op)
+TN_DEFINE_ROW_KERNELS(tn_add_layer, tn_add_layer_norm_op)

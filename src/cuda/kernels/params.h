@@ -48,7 +48,7 @@ typedef struct tn_kernel_params {
 /* Run-time knobs (tn_kernel_params.flags) of the families that carry them; each family reads only its own. */
 #define TN_KERNEL_FLAG_LLAMA 0x1         /* round the normalised value to the dtype before the weight */
 #define TN_KERNEL_FLAG_MAX_NORM 0x2      /* l2_norm: 1 / max(sqrt(sum), eps) */
-#define TN_KERNEL_FLAG_ADD 0x4           /* a residual is added first (add_rms_norm, add_layer_norm) */
+#define TN_KERNEL_FLAG_ADD 0x4           /* a residual is added first (norm_x.cu, general.cu) */
 #define TN_KERNEL_FLAG_RESIDUAL_F32 0x8  /* residual and residual_out are float32 (x is f16/bf16) */
 #define TN_KERNEL_FLAG_ROUND_SUM 0x10    /* the sum is normalised rounded to the residual's dtype */
 #define TN_KERNEL_FLAG_LAYER 0x20        /* layer_norm's row: mean first, then the deviations */

@@ -56,6 +56,7 @@ bool KernelOf(tn_kernel_key k, const tn_kernel_params &p, Kernel &fn) {
     case TN_FAMILY_ADD_NORM_MUL: TN_EMU_ROW_FAMILY(tn_add_norm_mul)
     case TN_FAMILY_NORM_X: TN_EMU_ROW_FAMILY(tn_normx)
     case TN_FAMILY_LAYER: TN_EMU_ROW_FAMILY(tn_layer)
+    case TN_FAMILY_ADD_LAYER: TN_EMU_ROW_FAMILY(tn_add_layer)
     case TN_FAMILY_GENERAL:
       switch (k.shape) {  // general.cu has no few-rows form (its staged row would not fit)
         case 2: fn = [p] { tn_general_registers<DT, 4, MODE>(p); }; return true;
