@@ -56,12 +56,12 @@ struct tn_layer_op {
 };
 
 /* The common paths cost registers: with 64 a thread (1024 resident threads) they spill. They pay where the
- * row is compute-bound, layer_norm in 2-byte dtypes, with G <= 128 and 896 resident threads (72 registers,
- * no spill); measured on the H100 (% of the copy ceiling): bf16 32768x4096 81.8 -> 86.8, 65536x2048
- * 82.7 -> 87.0, 327680x128 42.5 -> 49.9. They lose at G = 256 and 512, with 1024 resident threads
- * (spills: 85.8 -> 84.3, 84.3 -> 83.0) and more so with fewer (78.6, 54.8), in float32 (327680x128:
- * 86.2 -> 81.1), and for add_layer_norm, which moves more bytes a row (32768x4096: 94.0 -> 91.9).
- * docs/performance.md has the runs. */
+ * row is compute-bound, layer_norm in 2-byte dtypes, with G <= 128 and 896 resident threads (72 registers);
+ * measured on the H100 (% of the copy ceiling, with add_layer_norm's kernels apart): bf16 32768x4096
+ * 81.8 -> 90.5, 65536x2048 82.7 -> 85.7, 327680x128 42.5 -> 46.2. They lose at G = 256 and 512 (spills at
+ * 1024 resident threads, too few blocks below), in float32 (327680x128: 86.2 -> 81.1), with 768 resident
+ * threads for G <= 64 (80 registers: 86.2 -> 85.2 at 65536x2048), and for add_layer_norm, which moves more
+ * bytes a row (32768x4096: 94.0 -> 91.9). docs/performance.md has the runs. */
 template <int DT, int G>
 struct tn_register_shape<tn_layer_op<false, false>, DT, G> {
   enum { common = DT != TN_KERNEL_F32 && G <= 128, resident = common ? 896 : TN_KERNEL_MIN_RESIDENT };
