@@ -392,15 +392,15 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
 
 /* ---- the row shapes ---- */
 
-/* Threads per block for G threads per row, and the blocks per SM the register allocation must allow:
- * 1024 threads per SM, so at most 64 registers a thread. Measured on the H100: fewer resident rows lose
- * more to the last partial wave of rows (4096 rows on 792 slots take 6 waves for 5.2 waves of work) than
- * extra registers gain; with the multiplicand in its own kernels no kernel spills at this cap. */
+/* Threads per block for G threads per row, and the blocks per SM the register allocation must allow for
+ * RESIDENT threads an SM: by default 1024, so at most 64 registers a thread. Measured on the H100: fewer
+ * resident rows lose more to the last partial wave of rows (4096 rows on 792 slots take 6 waves for 5.2
+ * waves of work) than extra registers gain; with the multiplicand in its own kernels the default paths do
+ * not spill at this cap (layer_norm's common paths take 896, see tn_register_shape). */
 #ifndef TN_KERNEL_MIN_RESIDENT
 #define TN_KERNEL_MIN_RESIDENT 1024
 #endif
 #define TN_MIN_BLOCKS_AT(G, RESIDENT) (TN_KERNEL_BLOCK_OF(G) >= (RESIDENT) ? 1 : (RESIDENT) / TN_KERNEL_BLOCK_OF(G))
-#define TN_MIN_BLOCKS_OF(G) TN_MIN_BLOCKS_AT(G, TN_KERNEL_MIN_RESIDENT)
 
 /* What a family's register-shape kernel of dtype DT and G threads per row runs (op) and how many of its
  * threads an SM must hold (resident, for the register budget): the family's Op and TN_KERNEL_MIN_RESIDENT,
@@ -622,8 +622,8 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
   }
 }
 
-/* Blocks per SM a kernel's registers must allow, for families whose rows need more registers than
- * TN_MIN_BLOCKS_OF grants (general.cu: float32 chunks): DIV times fewer, at least one. */
+/* Blocks per SM a kernel's registers must allow for RESIDENT threads, DIV times fewer for families whose
+ * rows need more registers (general.cu: float32 chunks), at least one. */
 #define TN_MIN_BLOCKS_DIV(G, DIV, RESIDENT) \
   (TN_MIN_BLOCKS_AT(G, RESIDENT) / (DIV) > 0 ? TN_MIN_BLOCKS_AT(G, RESIDENT) / (DIV) : 1)
 
