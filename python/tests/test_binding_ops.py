@@ -258,3 +258,35 @@ def test_torch_tensor_requiring_grad_is_read(rng):
     w = torch.nn.Parameter(torch.from_numpy(N.uniform(rng, (64,), "f32")))
     y = tnorm.rms_norm(torch.from_numpy(x), w)
     N.assert_close(y.numpy(), N.reference("rms_norm", x, weight=w.detach().numpy())[0])
+
+
+def test_torch_negated_views_read_as_their_values(rng):
+    """A lazily negated torch view (torch._neg_view, .conj().imag) keeps its values un-negated in memory;
+    read, it counts as the values it shows; as an output it is refused, and nothing is written."""
+    torch = pytest.importorskip("torch")
+    x = N.normal(rng, (5, 64), "f32")
+    r = N.normal(rng, (5, 64), "f32")
+    w = N.uniform(rng, (64,), "f32")
+    neg = lambda a: torch._neg_view(torch.from_numpy(a.copy()))
+    assert neg(x).is_neg()
+    N.assert_close(tnorm.rms_norm(neg(x), neg(w)).numpy(), N.reference("rms_norm", -x, weight=-w)[0])
+    N.assert_close(tnorm.l2_norm(neg(x)).numpy(), N.reference("l2_norm", -x)[0])
+    y, s = tnorm.add_rms_norm(neg(x), neg(r), torch.from_numpy(w))
+    ref_y, ref_s = N.reference("add_rms_norm", -x, weight=w, residual=-r)
+    N.assert_close(y.numpy(), ref_y)
+    N.assert_close(s.numpy(), ref_s, "residual_out")
+    # The imaginary part of a conjugate: a negated view of a float tensor.
+    c = torch.complex(torch.from_numpy(x), torch.from_numpy(r))
+    im = c.conj().imag
+    assert im.is_neg()
+    N.assert_close(tnorm.rms_norm(im).numpy(), N.reference("rms_norm", -r)[0])
+    # Written: refused, the output untouched, in place or not.
+    out = torch._neg_view(torch.full((5, 64), float("nan")))
+    with pytest.raises(ValueError, match="out"):
+        tnorm.rms_norm(torch.from_numpy(x), out=out)
+    assert torch.isnan(out).all()
+    inplace = neg(x)
+    before = inplace.resolve_neg().clone()
+    with pytest.raises(ValueError, match="out"):
+        tnorm.rms_norm(inplace, out=inplace)
+    assert torch.equal(inplace.resolve_neg(), before)

@@ -308,8 +308,8 @@ def _torch_view(t, name, cuda_stream, stream_owner, heads=False):
     torch's DLPack export costs tens of microseconds a tensor (a decode step passes three or four); the
     tensor's pointer, shape and strides say the same. Left to DLPack (which refuses what tnorm cannot
     take, or orders torch's pending work on the tensor before our stream): layouts other than strided,
-    lazily negated views, devices other than CPU and CUDA, and CUDA tensors when the op does not run
-    on torch's current stream."""
+    devices other than CPU and CUDA, and CUDA tensors when the op does not run on torch's current stream.
+    (export resolves lazily negated views first.)"""
     global _torch_dtypes
     torch = sys.modules["torch"]
     if _torch_dtypes is None:
@@ -342,6 +342,13 @@ def export(obj, name, cuda_stream=None, stream_owner=None, device=None, heads=Fa
     with stream=-1 (no synchronisation): their pending work is already on that stream, and torch's
     cross-stream check costs more than the rest of the export. device: obj's device_of(), when known."""
     if _is_torch_tensor(obj):
+        if obj.is_neg():
+            # A lazily negated view (torch._neg_view, .conj().imag) holds its values un-negated in memory,
+            # and DLPack exports the memory as it is: read, it is resolved into a copy (kept until the call
+            # returns); as an output it is refused, since a result written there would be lost (`copied`).
+            view = export(obj.resolve_neg(), name, cuda_stream, stream_owner, device, heads)
+            view.copied = True
+            return view
         view = _torch_view(obj, name, cuda_stream, stream_owner, heads)
         if view is not None:
             return view
