@@ -46,15 +46,7 @@ TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat
 
 # ---- helpers ----
 
-@contextlib.contextmanager
-def general_way():
-    """Every call inside goes the general way (and prepares nothing)."""
-    saved = _ops._torch_tensor, _ops._enable_fast_path
-    _ops._torch_tensor, _ops._enable_fast_path = _ops._NotTorch, (lambda: None)
-    try:
-        yield
-    finally:
-        _ops._torch_tensor, _ops._enable_fast_path = saved
+general_way = _ops.general_way  # every call inside goes the general way (and prepares nothing)
 
 
 class _GeneralWayTaken(AssertionError):

@@ -17,6 +17,7 @@ form a key to the call's C structures, prepared by the first such call, and only
 written before tn_op_run. The library validates every call whichever road it came by.
 """
 
+import contextlib
 import ctypes
 import sys
 
@@ -204,6 +205,19 @@ _op_run = None  # tn_op_run without argument conversion (_lib.op_run_unchecked)
 _CALLS_LIMIT = 256  # prepared calls kept per thread before they are all dropped (shapes seldom vary that much)
 
 
+@contextlib.contextmanager
+def general_way():
+    """Every call inside goes the general way and prepares nothing: no torch tensor is recognised until the
+    block ends. For the tests and benchmarks that compare the two ways; it is process-wide."""
+    global _torch_tensor, _enable_fast_path
+    saved = _torch_tensor, _enable_fast_path
+    _torch_tensor, _enable_fast_path = _NotTorch, (lambda: None)
+    try:
+        yield
+    finally:
+        _torch_tensor, _enable_fast_path = saved
+
+
 def _enable_fast_path():
     global _torch_tensor, _fast_types, _empty_like, _raw_stream
     torch = sys.modules["torch"]
@@ -388,26 +402,16 @@ def rms_norm(x, weight=None, eps=1e-6, weight_offset=0.0, mul=None, out=None, *,
     before the weight multiplies it; HF LlamaRMSNorm, Qwen3RMSNorm).
     """
     key = None
-    if type(x) is _torch_tensor:
-        # The fast path (see above): the key written out here and in add_rms_norm and l2_norm, which a
-        # decode step calls several times a layer (a loop over the operands would cost a measurable part).
+    if type(x) is _torch_tensor:  # the fast path (see above)
         try:
-            ctx = _lib._local.ctx
-            key = ("rms_norm", x.dtype, x.shape, x.stride(), x.device, x.is_neg(),
-                   None if weight is None else (type(weight), weight.dtype, weight.shape, weight.stride(),
-                                                weight.device, weight.is_neg()),
-                   None if mul is None else (type(mul), mul.dtype, mul.shape, mul.stride(), mul.device,
-                                             mul.is_neg()),
-                   None if out is None else (type(out), out.dtype, out.shape, out.stride(), out.device,
-                                             out.is_neg()),
-                   eps, weight_offset, casting)
-            p = ctx.calls[key]
-        except KeyError:
-            p = None
-        except Exception:  # not a torch operand, an unhashable option, no context yet: the general way
-            p = key = None
-        if p is not None and not p.busy:
-            return p.run(ctx, x, weight, mul, out=out)
+            key = ("rms_norm", x.dtype, x.shape, x.stride(), x.device, x.is_neg(), _meta(weight), _meta(mul),
+                   _meta(out), eps, weight_offset, casting)
+        except Exception:  # not a torch operand: the general way
+            key = None
+        else:
+            p, ctx = _lookup(key)
+            if p is not None:
+                return p.run(ctx, x, weight, mul, out=out)
     c = _Call("rms_norm", x)
     w = c.input(weight, "weight", row_shaped=False)
     m = c.input(mul, "mul")
@@ -482,18 +486,14 @@ def l2_norm(x, eps=1e-6, scale=1.0, out=None, *, convention="rsqrt_eps", casting
     key = None
     if type(x) is _torch_tensor:  # the fast path, as in rms_norm
         try:
-            ctx = _lib._local.ctx
-            key = ("l2_norm", x.dtype, x.shape, x.stride(), x.device, x.is_neg(),
-                   None if out is None else (type(out), out.dtype, out.shape, out.stride(), out.device,
-                                             out.is_neg()),
-                   eps, scale, convention, casting)
-            p = ctx.calls[key]
-        except KeyError:
-            p = None
+            key = ("l2_norm", x.dtype, x.shape, x.stride(), x.device, x.is_neg(), _meta(out), eps, scale,
+                   convention, casting)
         except Exception:
-            p = key = None
-        if p is not None and not p.busy:
-            return p.run(ctx, x, out=out)
+            key = None
+        else:
+            p, ctx = _lookup(key)
+            if p is not None:
+                return p.run(ctx, x, out=out)
     c = _Call("l2_norm", x)
     y, result = c.output(out, "out")
     casting_code = _mode(_lib.CASTINGS, casting, "casting")  # before the convention, as _args did
@@ -567,27 +567,15 @@ def add_rms_norm(x, residual, weight, eps=1e-6, out=None, residual_out=None, *, 
     key = None
     if type(x) is _torch_tensor:  # the fast path, as in rms_norm
         try:
-            ctx = _lib._local.ctx
-            key = ("add_rms_norm", x.dtype, x.shape, x.stride(), x.device, x.is_neg(),
-                   (type(residual), residual.dtype, residual.shape, residual.stride(), residual.device,
-                    residual.is_neg()),
-                   None if weight is None else (type(weight), weight.dtype, weight.shape, weight.stride(),
-                                                weight.device, weight.is_neg()),
-                   None if mul is None else (type(mul), mul.dtype, mul.shape, mul.stride(), mul.device,
-                                             mul.is_neg()),
-                   None if out is None else (type(out), out.dtype, out.shape, out.stride(), out.device,
-                                             out.is_neg()),
-                   None if residual_out is None else (type(residual_out), residual_out.dtype, residual_out.shape,
-                                                      residual_out.stride(), residual_out.device,
-                                                      residual_out.is_neg()),
-                   eps, weight_offset, casting, residual_mode)
-            p = ctx.calls[key]
-        except KeyError:
-            p = None
+            key = ("add_rms_norm", x.dtype, x.shape, x.stride(), x.device, x.is_neg(), _meta(residual),
+                   _meta(weight), _meta(mul), _meta(out), _meta(residual_out), eps, weight_offset, casting,
+                   residual_mode)
         except Exception:
-            p = key = None
-        if p is not None and not p.busy:
-            return p.run(ctx, x, weight, mul, residual, out=out, residual_out=residual_out)
+            key = None
+        else:
+            p, ctx = _lookup(key)
+            if p is not None:
+                return p.run(ctx, x, weight, mul, residual, out=out, residual_out=residual_out)
     return _add_norm(_lib.TN_OP_ADD_RMS_NORM, "add_rms_norm", x, residual, weight, None, eps, out, residual_out,
                      weight_offset, mul, casting, residual_mode, key)
 
