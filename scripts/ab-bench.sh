@@ -31,14 +31,19 @@ for patch in "$@"; do
   dirs+=("$dir")
 done
 
-# Builds in parallel halves of the cores (each variant's kernels are its own: the disk cache keys on the
-# source, so variants never read each other's).
+# Each tree built in turn (each variant's kernels are its own: the disk cache keys on the source, so
+# variants never read each other's). The base is built in this shell, so that gpu-build.sh's
+# LD_LIBRARY_PATH (where it unpacked cJSON) stays set for every variant's binary; the others in subshells.
+build_tree() {
+  (cd "$1" && . scripts/gpu-build.sh tnorm_cli) > "$OUT/$2.build.txt" 2>&1 && return 0
+  echo "ab-bench: $2 does not build"
+  tail -20 "$OUT/$2.build.txt"
+  exit 1
+}
+. scripts/gpu-build.sh tnorm_cli > "$OUT/base.build.txt" 2>&1 || { echo "ab-bench: base does not build"; tail -20 "$OUT/base.build.txt"; exit 1; }
 for i in "${!dirs[@]}"; do
-  (cd "${dirs[$i]}" && . scripts/gpu-build.sh tnorm_cli > "$OUT/${names[$i]}.build.txt" 2>&1) || {
-    echo "ab-bench: ${names[$i]} does not build"; tail -20 "$OUT/${names[$i]}.build.txt"; exit 1; }
+  [ "$i" -eq 0 ] || build_tree "${dirs[$i]}" "${names[$i]}"
 done
-# The binaries find cJSON where gpu-build.sh unpacked it.
-. scripts/gpu-build.sh tnorm_cli > /dev/null 2>&1
 
 for r in $(seq 1 "$ROUNDS"); do
   for i in "${!dirs[@]}"; do

@@ -98,7 +98,8 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
   if (p.has_weight)
     for (int i = threadIdx.x; i < p.dim; i += blockDim.x)
       w_staged[i] = tn_rope_weight<DT, MODE>(p, i) + p.weight_offset;
-  /* Element e's factor in the slot path (its chunks may pass dim: whole chunks are staged). */
+  /* Element e's factor in the slot path. A chunk may pass dim: the host sizes the staged weight in whole
+   * chunks, but only the first dim are written, and the elements past dim are never stored. */
   const auto factor = [&](int e) { return p.has_weight ? w_staged[e] : 0.0f; };
   const unsigned mask = tn_group_mask<G>();
   int turn = 0;
