@@ -374,7 +374,7 @@ std::string Locate(const DevOperand &d, int64_t view_rows, size_t i) {
 // while quiet, for callers that summarise many failures) and the functions return false.
 class GpuRunner {
  public:
-  explicit GpuRunner(tn_context *ctx) : ctx(ctx) {}
+  explicit GpuRunner(tn_context *ctx) : ctx_(ctx) {}
 
   void SetQuiet(bool quiet) { quiet_ = quiet; }
 
@@ -412,10 +412,10 @@ class GpuRunner {
       }
     }
     for (DevOperand *d : used) {
-      const tn_status st = d->buf.Reserve(ctx, d->image.size());
+      const tn_status st = d->buf.Reserve(ctx_, d->image.size());
       if (st != TN_OK) {
         Report(Where(p.rows) + ": tn_malloc of " + std::to_string(d->image.size()) + " bytes: " +
-               tn_status_name(st) + ": " + tn_context_last_error(ctx));
+               tn_status_name(st) + ": " + tn_context_last_error(ctx_));
         return false;
       }
       if (!Upload(*d, d->image.data(), d->image.size())) return false;
@@ -458,14 +458,14 @@ class GpuRunner {
   // Reset, run, synchronize, collect.
   bool Run(int64_t rows, std::vector<uint8_t> &y, std::vector<uint8_t> &r) {
     if (!Reset(rows)) return false;
-    tn_status st = tn_op_run(ctx, &Args(rows));
+    tn_status st = tn_op_run(ctx_, &Args(rows));
     if (st != TN_OK) {
-      Report(Where(rows) + ": tn_op_run: " + tn_status_name(st) + ": " + tn_context_last_error(ctx));
+      Report(Where(rows) + ": tn_op_run: " + tn_status_name(st) + ": " + tn_context_last_error(ctx_));
       return false;
     }
-    st = tn_synchronize(ctx, Gpu());
+    st = tn_synchronize(ctx_, Gpu());
     if (st != TN_OK) {
-      Report(Where(rows) + ": tn_synchronize: " + tn_status_name(st) + ": " + tn_context_last_error(ctx));
+      Report(Where(rows) + ": tn_synchronize: " + tn_status_name(st) + ": " + tn_context_last_error(ctx_));
       return false;
     }
     return Collect(rows, y, r);
@@ -510,17 +510,17 @@ class GpuRunner {
   DevOperand &ROut() { return g_.in_place ? res_ : rout_; }
 
   bool Upload(DevOperand &d, const uint8_t *src, size_t bytes) {
-    const tn_status st = tn_memcpy(ctx, d.buf.data(), Gpu(), src, tn_cpu_device(), bytes);
+    const tn_status st = tn_memcpy(ctx_, d.buf.data(), Gpu(), src, tn_cpu_device(), bytes);
     if (st != TN_OK)
-      Report(Where(p_->rows) + ": tn_memcpy to the device: " + tn_status_name(st) + ": " + tn_context_last_error(ctx));
+      Report(Where(p_->rows) + ": tn_memcpy to the device: " + tn_status_name(st) + ": " + tn_context_last_error(ctx_));
     return st == TN_OK;
   }
   bool Download(DevOperand &d, std::vector<uint8_t> &dst, size_t bytes) {
     dst.resize(bytes);
-    const tn_status st = tn_memcpy(ctx, dst.data(), tn_cpu_device(), d.buf.data(), Gpu(), bytes);
+    const tn_status st = tn_memcpy(ctx_, dst.data(), tn_cpu_device(), d.buf.data(), Gpu(), bytes);
     if (st != TN_OK)
       Report(Where(p_->rows) + ": tn_memcpy from the device: " + tn_status_name(st) + ": " +
-             tn_context_last_error(ctx));
+             tn_context_last_error(ctx_));
     return st == TN_OK;
   }
 
@@ -544,7 +544,7 @@ class GpuRunner {
     return false;
   }
 
-  tn_context *ctx;
+  tn_context *ctx_;
   const Problem *p_ = nullptr;
   Geometry g_;
   bool quiet_ = false;
