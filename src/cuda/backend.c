@@ -274,6 +274,12 @@ static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
     return key;
   }
   key.family = family_for(a);
+  /* Rows without a partial chunk take the whole-chunk kernels where the family has them (every operand of a
+   * row kernel has x's dim, so x's says it for all). */
+  const int64_t per_chunk = a->x->dtype == TN_F32 ? 4 : 8;
+  if (key.mode == TN_KERNEL_MODE_VECTORS && a->x->dim % per_chunk == 0 &&
+      tn_kernel_family_has_mode(key.family, TN_KERNEL_MODE_WHOLE))
+    key.mode = TN_KERNEL_MODE_WHOLE;
   /* The later families have no element-access kernels: such calls take the byte ones. */
   if (!tn_kernel_family_has_mode(key.family, key.mode)) key.mode = TN_KERNEL_MODE_BYTES;
   /* The shape follows from (dtype, dim) alone, as does the reduction order; whether a staged row fits in

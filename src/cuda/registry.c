@@ -104,15 +104,22 @@ static int family_shape_index(int f, int shape) {
   return -1;
 }
 
-static int family_mode_count(int f) { return f >= TN_FAMILY_NORM_X ? TN_LATER_MODE_COUNT : TN_KERNEL_MODE_COUNT; }
-
-static int family_mode_at(int f, int i) {
-  return f >= TN_FAMILY_NORM_X && i == 1 ? TN_KERNEL_MODE_VECTORS : i;
+static int family_mode_count(int f) {
+  return f >= TN_FAMILY_NORM_X ? TN_LATER_MODE_COUNT : f == TN_FAMILY_ELEMENTWISE ? TN_ELEMENTWISE_MODE_COUNT
+                                                                                   : TN_KERNEL_MODE_COUNT;
 }
 
+/* The later families' modes: bytes, vectors, whole chunks (no element-access kernels). */
+static const signed char later_modes[TN_LATER_MODE_COUNT] = {TN_KERNEL_MODE_BYTES, TN_KERNEL_MODE_VECTORS,
+                                                             TN_KERNEL_MODE_WHOLE};
+
+static int family_mode_at(int f, int i) { return f >= TN_FAMILY_NORM_X ? later_modes[i] : i; }
+
 static int family_mode_index(int f, int mode) {
-  if (f < TN_FAMILY_NORM_X) return mode;
-  return mode == TN_KERNEL_MODE_BYTES ? 0 : mode == TN_KERNEL_MODE_VECTORS ? 1 : -1;
+  if (f < TN_FAMILY_NORM_X) return mode < family_mode_count(f) ? mode : -1;
+  for (int i = 0; i < TN_LATER_MODE_COUNT; i++)
+    if (later_modes[i] == mode) return i;
+  return -1;
 }
 
 static int family_first(int f) {

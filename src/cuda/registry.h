@@ -55,8 +55,9 @@ typedef struct tn_kernel_key {
 } tn_kernel_key;
 
 /* Keys per family: the first four row families have every shape and access mode; the elementwise family
- * one shape per op. The later families have two access modes (16-byte vectors, else bytes: element-aligned
- * calls, rare beside them, take the byte kernels) and the shapes their calls need (registry.c): norm_x
+ * one shape per op and every mode but whole chunks. The later families have three access modes (16-byte
+ * vectors, with whole chunks only or not, else bytes: element-aligned calls, rare beside them, take the
+ * byte kernels) and the shapes their calls need (registry.c): norm_x
  * the register shapes from G = 2, the staged ones and the few-rows form of G = 128 and 256 (a decode
  * step's hidden sizes); layer_norm and add_layer_norm the register shapes from G = 16 and the staged
  * ones; general G = 4, 32 and 256 and the staged ones; rope the register shapes up to G = 32 (heads of at
@@ -66,10 +67,11 @@ typedef struct tn_kernel_key {
 #define TN_LAYER_SHAPE_COUNT 9
 #define TN_GENERAL_SHAPE_COUNT 5
 #define TN_ROPE_SHAPE_COUNT 6
-#define TN_LATER_MODE_COUNT 2
+#define TN_LATER_MODE_COUNT 3
+#define TN_ELEMENTWISE_MODE_COUNT 3 /* every mode but TN_KERNEL_MODE_WHOLE */
 #define TN_KERNEL_VARIANTS                                                                               \
   (4 * TN_DTYPE_COUNT * TN_SHAPE_COUNT * TN_KERNEL_MODE_COUNT +                                          \
-   TN_DTYPE_COUNT * TN_KERNEL_ELEMENTWISE_COUNT * TN_KERNEL_MODE_COUNT +                                 \
+   TN_DTYPE_COUNT * TN_KERNEL_ELEMENTWISE_COUNT * TN_ELEMENTWISE_MODE_COUNT +                            \
    TN_DTYPE_COUNT * TN_LATER_MODE_COUNT *                                                                \
        (TN_NORM_X_SHAPE_COUNT + 2 * TN_LAYER_SHAPE_COUNT + TN_GENERAL_SHAPE_COUNT + TN_ROPE_SHAPE_COUNT))
 

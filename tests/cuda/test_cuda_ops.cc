@@ -5,7 +5,8 @@
 //   GpuOps                    every op variant x dtype over dims from 1 to 131072, row counts and layouts
 //                             (contiguous, strided, in place, offset by one element, offset by one byte),
 //                             which between them reach every row shape (G threads per row, staged in shared
-//                             memory, staged and read again) in every access mode (vectors, elements, bytes)
+//                             memory, staged and read again) in every access mode (whole chunks, vectors,
+//                             elements, bytes)
 //   GpuSpecial                zero rows, NaN/Inf rows, rows whose float32 sum of squares overflows or
 //                             vanishes, an outlier channel, f16 subnormals
 //   GpuErrors                 a missing device, mixed devices, an absurd allocation, a caller's stream

@@ -4,7 +4,7 @@
 #include "row.cuh"
 
 template <bool MUL>
-struct tn_add_norm_op {
+struct tn_add_norm_op : tn_add_split<true> {
   template <int DT>
   using held = tn_chunk;
   using reduce = tn_rms_reduce;
@@ -15,11 +15,10 @@ struct tn_add_norm_op {
     return row;
   }
 
-  /* s for chunk c, rounded to the dtype, also written to residual_out. */
+  /* s for chunk c, rounded to the dtype, also written to residual_out (tn_add_split's fetch and complete). */
   template <int DT, int MODE>
   static __device__ __forceinline__ tn_chunk produce(const tn_kernel_params &p, tn_i64 row, tn_i64 c) {
-    const tn_chunk xq = tn_load_chunk<DT, MODE>(tn_row(p.x, row, p.x_stride, tn_dt<DT>::size), c, p.dim);
-    return tn_add_rounded_chunk<DT, MODE>(p, row, c, xq);
+    return complete<DT, MODE>(p, row, c, fetch<DT, MODE>(p, row, c));
   }
 
   /* s again, from residual_out, which this thread wrote (staged rows read again). */

@@ -8,12 +8,15 @@
 
 /* ADD: the residual is added first. COMMON_PATHS: the common row (no partial chunk, not rescaled, exact
  * casting) has its own deviations and output loops, free of the per-element tests and of the multiply by
- * pre; the rest take the general ones. */
-template <bool ADD, bool COMMON_PATHS>
-struct tn_layer_op {
+ * pre; the rest take the general ones. SPLIT: x and the residual are read by tn_add_split's fetch and
+ * complete (every load of a thread's chunks before its first store). WHOLE: the kernel's access mode has
+ * no partial chunk, so only the common deviations are compiled. PLAIN_OUTPUT: the common output loop
+ * beside the general one (by default with the common paths). */
+template <bool ADD, bool COMMON_PATHS, bool SPLIT = ADD, bool WHOLE = false, bool PLAIN_OUTPUT = COMMON_PATHS>
+struct tn_layer_op : tn_add_split<SPLIT> {
   template <int DT>
   using held = tn_chunk;
-  using reduce = tn_layer_reduce_as<COMMON_PATHS>;
+  using reduce = tn_layer_reduce_as<COMMON_PATHS, WHOLE>;
 
   template <int DT>
   static __device__ __forceinline__ tn_i64 locate(const tn_kernel_params &, tn_i64 row) {
@@ -44,7 +47,7 @@ struct tn_layer_op {
     if (p.has_weight) tn_load_vector<DT, MODE>(p.weight, p.weight_f32, c, p.dim, w);
     if (has_bias) tn_load_vector<DT, MODE>(p.bias, p.bias_f32, c, p.dim, b);
     const tn_factors has = {p.has_weight != 0, has_bias, false, false};
-    if (COMMON_PATHS && tn_plain_row(p, st)) {
+    if (PLAIN_OUTPUT && tn_plain_row(p, st)) {
 #pragma unroll
       for (int j = 0; j < V; j++) f[j] = tn_norm_value<DT, true>(p, f[j], st, true, has, w, b, nullptr, j);
     } else {
@@ -61,11 +64,25 @@ struct tn_layer_op {
  * 81.8 -> 90.5, 65536x2048 82.7 -> 85.7, 327680x128 42.5 -> 46.2. They lose at G = 256 and 512 (spills at
  * 1024 resident threads, too few blocks below), in float32 (327680x128: 86.2 -> 81.1), with 768 resident
  * threads for G <= 64 (80 registers: 86.2 -> 85.2 at 65536x2048), and for add_layer_norm, which moves more
- * bytes a row (32768x4096: 94.0 -> 91.9). docs/performance.md has the runs. */
-template <int DT, int G>
-struct tn_register_shape<tn_layer_op<false, false>, DT, G> {
-  enum { common = DT != TN_KERNEL_F32 && G <= 128, resident = common ? 896 : TN_KERNEL_MIN_RESIDENT };
-  using op = tn_layer_op<false, common>;
+ * bytes a row (32768x4096: 94.0 -> 91.9). With whole chunks (MODE_WHOLE) the partial-chunk deviations are
+ * not compiled, which leaves room for the common deviations at every G (the common output loop still
+ * spills above G = 128): bf16 16384x8192 94.8 -> 96.6, 8192x16384 91.2 -> 93.0, 32768x4096 96.7 -> 97.9.
+ * add_layer_norm splits its reads (tn_add_split) above G = 32: below, the split spilled at 64 registers
+ * (131072x128 bf16 77.0% unsplit, 67.0% split). docs/performance.md has the runs. */
+template <int DT, int G, int MODE>
+struct tn_register_shape<tn_layer_op<false, false>, DT, G, MODE> {
+  enum {
+    whole = MODE == TN_KERNEL_MODE_WHOLE,
+    common = DT != TN_KERNEL_F32 && (G <= 128 || whole),
+    resident = common && G <= 128 ? 896 : TN_KERNEL_MIN_RESIDENT
+  };
+  using op = tn_layer_op<false, common, false, whole, common && G <= 128>;
+};
+
+template <int DT, int G, int MODE>
+struct tn_register_shape<tn_layer_op<true, false>, DT, G, MODE> {
+  enum { resident = TN_KERNEL_MIN_RESIDENT };
+  using op = tn_layer_op<true, false, (G > 32)>;
 };
 
 using tn_layer_norm_op = tn_layer_op<false, false>; /* named: a macro argument cannot hold the comma */

@@ -137,7 +137,7 @@ TN_DEV float tn_chunk_deviations(const H &q, tn_i64 c, tn_i64 dim, float acc, fl
  * (A sum of x that left float32's range counts as squares that did: k = 2^-80.)
  * COMMON_PATHS: the deviations of a row without a partial chunk are written apart, without the per-element
  * test (more code, and so more registers: layer_norm.cu says where it pays). */
-template <bool COMMON_PATHS>
+template <bool COMMON_PATHS, bool WHOLE = false>
 struct tn_layer_reduce_as {
   template <int DT, class H>
   TN_DEV float first(const tn_kernel_params &, const H &q, float acc) {
@@ -147,7 +147,7 @@ struct tn_layer_reduce_as {
   template <int DT, class GroupSum, class Each>
   TN_DEV float deviations(GroupSum group_sum, Each each, tn_i64 dim, float k, float mean) {
     float acc = 0.0f;
-    if (COMMON_PATHS && dim % tn_dt<DT>::per_chunk == 0)
+    if (COMMON_PATHS && (WHOLE || dim % tn_dt<DT>::per_chunk == 0))
       each([&](const typename Each::held &q, tn_i64 c) { acc = tn_chunk_deviations<DT, true>(q, c, dim, acc, k, mean); });
     else
       each([&](const typename Each::held &q, tn_i64 c) { acc = tn_chunk_deviations<DT, false>(q, c, dim, acc, k, mean); });

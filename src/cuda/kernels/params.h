@@ -95,11 +95,14 @@ typedef struct tn_kernel_params {
 #define TN_KERNEL_WIDE_MAX_GROUP 512
 #define TN_KERNEL_WIDE_BLOCK_OF(G) (4 * (G) < 1024 ? 4 * (G) : 1024)
 
-/* Access modes: how a kernel touches memory. */
+/* Access modes: how a kernel touches memory. A call whose every pointer and pitch allows 16-byte accesses
+ * takes WHOLE when its rows have no partial chunk, else VECTORS: WHOLE kernels leave out the tests of a
+ * chunk against the row's end and the element-by-element path, which the hottest loops otherwise carry. */
 #define TN_KERNEL_MODE_BYTES 0    /* pointers not aligned to their elements */
 #define TN_KERNEL_MODE_ELEMENTS 1 /* one element per access */
 #define TN_KERNEL_MODE_VECTORS 2  /* 16-byte accesses (a partial last chunk goes element by element) */
-#define TN_KERNEL_MODE_COUNT 3
+#define TN_KERNEL_MODE_WHOLE 3    /* 16-byte accesses, every chunk whole (dim a multiple of a chunk's elements) */
+#define TN_KERNEL_MODE_COUNT 4
 
 /* The elementwise kernels: their op, and their block size. */
 #define TN_KERNEL_ELEMENTWISE_ADD 0

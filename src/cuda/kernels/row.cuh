@@ -163,6 +163,7 @@ template <int DT, int MODE>
 TN_DEV tn_chunk tn_load_chunk(const char *row, tn_i64 c, tn_i64 dim) {
   constexpr int V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
   const tn_i64 first = c * V;
+  if constexpr (MODE == TN_KERNEL_MODE_WHOLE) return *(const tn_chunk *)(row + first * S);
   if (MODE == TN_KERNEL_MODE_VECTORS && first + V <= dim) return *(const tn_chunk *)(row + first * S);
   tn_chunk q = tn_chunk_zero();
 #pragma unroll
@@ -175,21 +176,23 @@ template <int DT, int MODE>
 TN_DEV void tn_store_chunk(char *row, tn_i64 c, tn_i64 dim, const tn_chunk &q) {
   constexpr int V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
   const tn_i64 first = c * V;
-  if (MODE == TN_KERNEL_MODE_VECTORS && first + V <= dim) {
+  if constexpr (MODE == TN_KERNEL_MODE_WHOLE) {
     *(tn_chunk *)(row + first * S) = q;
-    return;
-  }
+  } else if (MODE == TN_KERNEL_MODE_VECTORS && first + V <= dim) {
+    *(tn_chunk *)(row + first * S) = q;
+  } else {
 #pragma unroll
-  for (int j = 0; j < V; j++)
-    if (first + j < dim) tn_store_element<S, MODE>(row + (first + j) * S, tn_chunk_bits<DT>(q, j));
+    for (int j = 0; j < V; j++)
+      if (first + j < dim) tn_store_element<S, MODE>(row + (first + j) * S, tn_chunk_bits<DT>(q, j));
+  }
 }
 
 /* Chunk c of row `row` of s = round(x + residual), each of x's dtype, also written to residual_out, from x's
- * chunk xq: the input of add_rms_norm and add_layer_norm (the sum normalised as stored). */
+ * and the residual's chunks xq and rq (tn_add_rounded_chunk reads rq itself): the input of add_rms_norm
+ * and add_layer_norm (the sum normalised as stored). */
 template <int DT, int MODE>
-TN_DEV tn_chunk tn_add_rounded_chunk(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &xq) {
+TN_DEV tn_chunk tn_add_rounded_sum(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &xq, const tn_chunk &rq) {
   constexpr int V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
-  const tn_chunk rq = tn_load_chunk<DT, MODE>(tn_row(p.residual, row, p.residual_stride, S), c, p.dim);
   float xf[V], rf[V];
   tn_chunk_to_f32<DT>(xq, xf);
   tn_chunk_to_f32<DT>(rq, rf);
@@ -199,6 +202,41 @@ TN_DEV tn_chunk tn_add_rounded_chunk(const tn_kernel_params &p, tn_i64 row, tn_i
   tn_store_chunk<DT, MODE>((char *)tn_row(p.residual_out, row, p.residual_out_stride, S), c, p.dim, s);
   return s;
 }
+
+template <int DT, int MODE>
+TN_DEV tn_chunk tn_add_rounded_chunk(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &xq) {
+  const tn_chunk rq = tn_load_chunk<DT, MODE>(tn_row(p.residual, row, p.residual_stride, tn_dt<DT>::size), c, p.dim);
+  return tn_add_rounded_sum<DT, MODE>(p, row, c, xq, rq);
+}
+
+/* A 2-D row's s = round(x + residual) produced in two steps (tn_splits_production, below): fetch reads x's
+ * and the residual's chunk c, complete makes their sum and writes it to residual_out. The families of a
+ * residual of x's dtype normalised as stored derive from tn_add_split<true>. */
+struct tn_add_raw {
+  tn_chunk x, r;
+};
+
+template <bool ADD>
+struct tn_add_split {};
+
+template <>
+struct tn_add_split<true> {
+  template <int DT>
+  using raw = tn_add_raw;
+  template <int DT, int MODE>
+  static __device__ __forceinline__ tn_add_raw fetch(const tn_kernel_params &p, tn_i64 row, tn_i64 c) {
+    constexpr int S = tn_dt<DT>::size;
+    tn_add_raw r;
+    r.x = tn_load_chunk<DT, MODE>(tn_row(p.x, row, p.x_stride, S), c, p.dim);
+    r.r = tn_load_chunk<DT, MODE>(tn_row(p.residual, row, p.residual_stride, S), c, p.dim);
+    return r;
+  }
+  template <int DT, int MODE>
+  static __device__ __forceinline__ tn_chunk complete(const tn_kernel_params &p, tn_i64 row, tn_i64 c,
+                                                      const tn_add_raw &r) {
+    return tn_add_rounded_sum<DT, MODE>(p, row, c, r.x, r.r);
+  }
+};
 
 /* The n = per_chunk(DT) elements of chunk c of a row of dtype WDT (f32 or DT: a weight or a
  * multiplicand), as float32; elements past dim read as 0. */
@@ -402,10 +440,11 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
 #endif
 #define TN_MIN_BLOCKS_AT(G, RESIDENT) (TN_KERNEL_BLOCK_OF(G) >= (RESIDENT) ? 1 : (RESIDENT) / TN_KERNEL_BLOCK_OF(G))
 
-/* What a family's register-shape kernel of dtype DT and G threads per row runs (op) and how many of its
- * threads an SM must hold (resident, for the register budget): the family's Op and TN_KERNEL_MIN_RESIDENT,
- * unless the family specializes this where another choice measured better (layer_norm.cu). */
-template <class Op, int DT, int G>
+/* What a family's register-shape kernel of dtype DT, G threads per row and access mode MODE runs (op) and
+ * how many of its threads an SM must hold (resident, for the register budget): the family's Op and
+ * TN_KERNEL_MIN_RESIDENT, unless the family specializes this where another choice measured better
+ * (layer_norm.cu). */
+template <class Op, int DT, int G, int MODE>
 struct tn_register_shape {
   using op = Op;
   enum { resident = TN_KERNEL_MIN_RESIDENT };
@@ -470,6 +509,24 @@ struct tn_each_staged {
   }
 };
 
+/* Whether an Op splits the production of a chunk in two: fetch<DT, MODE>(p, at, c), the loads, returning
+ * Op::raw<DT>; complete<DT, MODE>(p, at, c, raw), the rest (add_rms_norm's sum and its store to
+ * residual_out). A store may alias a later load for all the compiler knows, so chunks produced one by one
+ * issue a chunk's loads only once the previous chunk's store is issued, that is once its loads are back:
+ * a row in registers then waits on memory once per chunk. Split, a thread issues every load first. */
+template <class... T>
+struct tn_void_of {
+  typedef void type;
+};
+template <class Op, class = void>
+struct tn_splits_production {
+  enum { value = 0 };
+};
+template <class Op>
+struct tn_splits_production<Op, typename tn_void_of<typename Op::template raw<0>>::type> {
+  enum { value = 1 };
+};
+
 /* G threads per row, each keeping TN_KERNEL_REG_CHUNKS chunks in registers; several rows per block
  * when G <= 32 (a row's group is then within a warp; above a warp a block is one row, since the group's
  * barrier and shared partial sums belong to the block); rows spread over a grid that strides (rows are never a grid dimension
@@ -487,10 +544,24 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
   for (tn_i64 row = (tn_i64)blockIdx.x * RPB + threadIdx.x / G; row < p.rows; row += (tn_i64)gridDim.x * RPB) {
     const auto at = Op::template locate<DT>(p, row);
     H q[K];
+    if constexpr (tn_splits_production<Op>::value) {
+      typename Op::template raw<DT> r[K];
 #pragma unroll
-    for (int k = 0; k < K; k++) {
-      const tn_i64 c = (tn_i64)k * G + t;
-      q[k] = c < chunks ? Op::template produce<DT, MODE>(p, at, c) : tn_held<H>::zero();
+      for (int k = 0; k < K; k++) {
+        const tn_i64 c = (tn_i64)k * G + t;
+        r[k] = c < chunks ? Op::template fetch<DT, MODE>(p, at, c) : typename Op::template raw<DT>{};
+      }
+#pragma unroll
+      for (int k = 0; k < K; k++) {
+        const tn_i64 c = (tn_i64)k * G + t;
+        q[k] = c < chunks ? Op::template complete<DT, MODE>(p, at, c, r[k]) : tn_held<H>::zero();
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < K; k++) {
+        const tn_i64 c = (tn_i64)k * G + t;
+        q[k] = c < chunks ? Op::template produce<DT, MODE>(p, at, c) : tn_held<H>::zero();
+      }
     }
     float acc = 0.0f;
 #pragma unroll
@@ -632,10 +703,10 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
 #define TN_DEFINE_ROW_KERNELS_DIV(prefix, Op, MIN_DIV)                                                    \
   template <int DT, int G, int MODE>                                                                      \
   __global__ void __launch_bounds__(TN_KERNEL_BLOCK_OF(G),                                                \
-                                    TN_MIN_BLOCKS_DIV(G, MIN_DIV, (tn_register_shape<Op, DT, G>::resident))) \
+                                    TN_MIN_BLOCKS_DIV(G, MIN_DIV, (tn_register_shape<Op, DT, G, MODE>::resident))) \
       prefix##_registers(const tn_kernel_params p) {                                                      \
     tn_pdl_wait();                                                                                        \
-    tn_rows_in_registers<DT, G, MODE, typename tn_register_shape<Op, DT, G>::op>(p);                      \
+    tn_rows_in_registers<DT, G, MODE, typename tn_register_shape<Op, DT, G, MODE>::op>(p);                      \
     tn_pdl_launch_dependents();                                                                           \
   }                                                                                                       \
   template <int DT, int G, int MODE>                                                                      \

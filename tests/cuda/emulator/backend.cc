@@ -84,6 +84,7 @@ bool KernelOf(tn_kernel_key k, const tn_kernel_params &p, Kernel &fn) {
 
 template <int DT>
 bool KernelOfDtype(tn_kernel_key k, const tn_kernel_params &p, Kernel &fn) {
+  if (k.mode == TN_KERNEL_MODE_WHOLE) return KernelOf<DT, TN_KERNEL_MODE_WHOLE>(k, p, fn);
   if (k.mode == TN_KERNEL_MODE_VECTORS) return KernelOf<DT, TN_KERNEL_MODE_VECTORS>(k, p, fn);
   if (k.mode == TN_KERNEL_MODE_ELEMENTS) return KernelOf<DT, TN_KERNEL_MODE_ELEMENTS>(k, p, fn);
   return KernelOf<DT, TN_KERNEL_MODE_BYTES>(k, p, fn);
