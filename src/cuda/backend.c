@@ -252,11 +252,12 @@ static tn_kernel_family family_for(const tn_op_args *a) {
     const int plain = a->residual->dtype == a->x->dtype &&
                       (a->residual_mode == TN_RESIDUAL_NORM_STORED || a->x->dtype == TN_F32);
     if (!plain) return TN_FAMILY_GENERAL;
-    if (a->op == TN_OP_ADD_LAYER_NORM) return TN_FAMILY_ADD_LAYER;
+    /* layer_norm.cu's kernels have no TN_CASTING_LLAMA (its rounding cost them a branch per element). */
+    if (a->op == TN_OP_ADD_LAYER_NORM) return llama ? TN_FAMILY_GENERAL : TN_FAMILY_ADD_LAYER;
     if (!llama) return a->mul != NULL ? TN_FAMILY_ADD_NORM_MUL : TN_FAMILY_ADD_NORM;
     return a->mul != NULL ? TN_FAMILY_GENERAL : TN_FAMILY_NORM_X;
   }
-  if (a->op == TN_OP_LAYER_NORM) return TN_FAMILY_LAYER;
+  if (a->op == TN_OP_LAYER_NORM) return llama ? TN_FAMILY_GENERAL : TN_FAMILY_LAYER;
   if (a->mul != NULL) return !llama && !heads ? TN_FAMILY_NORM_MUL : TN_FAMILY_GENERAL;
   return !llama && !heads && a->l2_mode == TN_L2_RSQRT_EPS ? TN_FAMILY_NORM : TN_FAMILY_NORM_X;
 }

@@ -18,9 +18,9 @@
  * norm_x.cu: rms_norm and l2_norm on 3-D views, with TN_CASTING_LLAMA or max(norm, eps), and add_rms_norm
  * with TN_CASTING_LLAMA (a residual of x's dtype normalised as stored), none with a multiplicand;
  * layer_norm.cu: layer_norm (TN_FAMILY_LAYER), and add_layer_norm with a residual of x's dtype normalised
- * as stored (TN_FAMILY_ADD_LAYER, the same shapes);
+ * as stored (TN_FAMILY_ADD_LAYER, the same shapes), both in exact casting;
  * general.cu: the rest of the norms (a float32 residual stream, the unrounded sum, a multiplicand with
- * TN_CASTING_LLAMA or a 3-D view), the row held in float32;
+ * TN_CASTING_LLAMA or a 3-D view, layer_norm with TN_CASTING_LLAMA), the row held in float32;
  * rope.cu: rms_norm with a rope. */
 typedef enum tn_kernel_family {
   TN_FAMILY_NORM = 0,

@@ -1,7 +1,8 @@
 /* Every norm combination the other families do not take, with each knob a run-time flag: add_rms_norm and
  * add_layer_norm whose residual stream is float32 beside f16/bf16 activations (RESIDUAL_F32) or whose
  * float32 sum is normalised unrounded (TN_RESIDUAL_NORM_F32: no ROUND_SUM); rms_norm and add_rms_norm with
- * a multiplicand and TN_CASTING_LLAMA or a 3-D view; layer_norm's reduction with the LAYER flag.
+ * a multiplicand and TN_CASTING_LLAMA or a 3-D view; layer_norm's reduction with the LAYER flag (and so
+ * layer_norm and add_layer_norm with TN_CASTING_LLAMA, which layer_norm.cu's kernels leave out).
  *
  * The normed row is held in float32 (tn_held32: the sum x + r need not be representable in x's dtype), so
  * a thread holds twice the registers of the other families' chunks; the register shapes allow half the

@@ -223,13 +223,13 @@ struct tn_factors {
  * change no bit, and the per-element test of the flag are left out. The arrays
  * are always the caller's own (never a pointer chosen at run time, say w or NULL): a chosen pointer makes
  * the compiler keep the arrays in local memory instead of registers, which cost half the bandwidth. */
-template <int DT, bool PLAIN = false>
+template <int DT, bool PLAIN = false, bool MAYBE_LLAMA = true>
 TN_DEV float tn_norm_value(const tn_kernel_params &p, float f, const tn_row_stats &st, bool layer, tn_factors has,
                            const float *w, const float *b, const float *m, int j) {
   const float s = PLAIN ? f : f * st.pre;
   float v = layer ? s - st.mean : s;
   v = v * st.inv;
-  if (!PLAIN && tn_flag(p, TN_KERNEL_FLAG_LLAMA)) v = tn_round<DT>(v);
+  if (!PLAIN && MAYBE_LLAMA && tn_flag(p, TN_KERNEL_FLAG_LLAMA)) v = tn_round<DT>(v);
   if (has.w) v *= w[j] + p.weight_offset;
   if (has.b) v += b[j];
   if ((has.m || has.scale) && p.round_before_last) v = tn_round<DT>(v);
