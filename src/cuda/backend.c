@@ -259,7 +259,9 @@ static tn_kernel_family family_for(const tn_op_args *a) {
   }
   if (a->op == TN_OP_LAYER_NORM) return llama ? TN_FAMILY_GENERAL : TN_FAMILY_LAYER;
   if (a->mul != NULL) return !llama && !heads ? TN_FAMILY_NORM_MUL : TN_FAMILY_GENERAL;
-  return !llama && !heads && a->l2_mode == TN_L2_RSQRT_EPS ? TN_FAMILY_NORM : TN_FAMILY_NORM_X;
+  /* An l2_norm scale other than 1 is norm_x's: the norm kernels have no per-element code for it. */
+  const int scaled = a->op == TN_OP_L2_NORM && a->scale != 1.0f;
+  return !llama && !heads && !scaled && a->l2_mode == TN_L2_RSQRT_EPS ? TN_FAMILY_NORM : TN_FAMILY_NORM_X;
 }
 
 /* Vectors a row kernel reduces: rows, or rows x heads of a 3-D view. */
@@ -342,7 +344,8 @@ static tn_kernel_params params_for(const tn_op_args *a) {
   p.scale = a->scale;
   p.weight_offset = a->weight_offset;
   p.count = a->op == TN_OP_L2_NORM ? 1.0f : (float)a->x->dim;
-  p.has_scale = a->op == TN_OP_L2_NORM || a->op == TN_OP_SCALE;
+  /* l2_norm's scale, unless it is 1 (a product by 1 changes no bit). */
+  p.has_scale = (a->op == TN_OP_L2_NORM && a->scale != 1.0f) || a->op == TN_OP_SCALE;
   if (a->weight != NULL) {
     p.weight = a->weight->data;
     p.has_weight = 1;

@@ -11,11 +11,13 @@
 #include "kernels/params.h"
 #include "tnorm.h"
 
-/* norm.cu: rms_norm and l2_norm, and rms_norm with a multiplicand; add_rms_norm.cu: add_rms_norm, and
- * add_rms_norm with a multiplicand (the default path of each: 2-D views, TN_CASTING_EXACT, the default
- * modes); elementwise.cu: add, mul and scale (whose key's shape is the op: TN_KERNEL_ELEMENTWISE_*).
- * The families after them carry their rarer knobs as run-time flags (kernels/ops.cuh):
- * norm_x.cu: rms_norm and l2_norm on 3-D views, with TN_CASTING_LLAMA or max(norm, eps), and add_rms_norm
+/* norm.cu: rms_norm and l2_norm (with a scale of 1), and rms_norm with a multiplicand; add_rms_norm.cu:
+ * add_rms_norm, and add_rms_norm with a multiplicand (the default path of each: 2-D views,
+ * TN_CASTING_EXACT, the default modes); elementwise.cu: add, mul and scale (whose key's shape is the op:
+ * TN_KERNEL_ELEMENTWISE_*). The families after them carry their rarer knobs as run-time flags
+ * (kernels/ops.cuh):
+ * norm_x.cu: rms_norm and l2_norm on 3-D views, with TN_CASTING_LLAMA or max(norm, eps), l2_norm with a
+ * scale other than 1, and add_rms_norm
  * with TN_CASTING_LLAMA (a residual of x's dtype normalised as stored), none with a multiplicand;
  * layer_norm.cu: layer_norm (TN_FAMILY_LAYER), and add_layer_norm with a residual of x's dtype normalised
  * as stored (TN_FAMILY_ADD_LAYER, the same shapes), both in exact casting;

@@ -402,11 +402,10 @@ TN_DEV void tn_pdl_launch_dependents() {
 /* ---- a norm's output chunk ---- */
 
 /* y for chunk c of a row from its chunk q of the normed input (x, or add_rms_norm's sum) and the row's
- * scale: round((((q * pre) * inv) * (w + offset)) [* m] [* scale]), each factor present only when the call
- * has it; with round_before_last (a fused pair) the product up to the weight is rounded to the dtype
- * before the multiplicand or the scale, as the pair did. SCALE: the op may have a scale (rms_norm and
- * l2_norm; add_rms_norm never does). */
-template <int DT, int MODE, bool MUL, bool SCALE>
+ * scale: round((((q * pre) * inv) * (w + offset)) [* m]), each factor present only when the call has it;
+ * with round_before_last (a fused rms_norm -> mul) the product up to the weight is rounded to the dtype
+ * before the multiplicand, as the pair did. (An l2_norm scale other than 1 is norm_x.cu's: backend.c.) */
+template <int DT, int MODE, bool MUL>
 TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &q, float pre, float inv) {
   constexpr int V = tn_dt<DT>::per_chunk;
   float f[V], w[V], m[V];
@@ -420,9 +419,8 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
   for (int j = 0; j < V; j++) {
     float v = (f[j] * pre) * inv;
     if (p.has_weight) v *= w[j] + p.weight_offset;
-    if ((MUL || SCALE) && p.round_before_last) v = tn_to_f32<DT>(tn_from_f32<DT>(v));
+    if (MUL && p.round_before_last) v = tn_to_f32<DT>(tn_from_f32<DT>(v));
     if (MUL) v *= m[j];
-    if (SCALE && p.has_scale) v *= p.scale;
     f[j] = v;
   }
   tn_store_chunk<DT, MODE>((char *)tn_row(p.y, row, p.y_stride, tn_dt<DT>::size), c, p.dim, tn_chunk_from_f32<DT>(f));
