@@ -408,6 +408,22 @@ TEST(KernelRegistry, KeysRoundTripAndNamesAreUnique) {
   EXPECT_EQ(KernelName(k), "tn_norm_registers<2,128,2>");
 }
 
+TEST(KernelRegistry, EveryRowFamilyHasWholeChunkKernels) {
+  // Rows without a partial chunk (every model's hidden and head sizes) take TN_KERNEL_MODE_WHOLE's kernels,
+  // which every row family has; the elementwise family has none. Vectors and bytes are everyone's.
+  for (int f = 0; f < TN_FAMILY_COUNT; f++) {
+    SCOPED_TRACE(f);
+    const tn_kernel_family family = (tn_kernel_family)f;
+    EXPECT_EQ((bool)tn_kernel_family_has_mode(family, TN_KERNEL_MODE_WHOLE), family != TN_FAMILY_ELEMENTWISE);
+    EXPECT_TRUE(tn_kernel_family_has_mode(family, TN_KERNEL_MODE_VECTORS));
+    EXPECT_TRUE(tn_kernel_family_has_mode(family, TN_KERNEL_MODE_BYTES));
+    EXPECT_FALSE(tn_kernel_family_has_mode(family, TN_KERNEL_MODE_COUNT));
+  }
+  tn_kernel_key k = {TN_FAMILY_LAYER, TN_BF16, 7, TN_KERNEL_MODE_WHOLE};
+  EXPECT_EQ(KernelName(k), "tn_layer_registers<2,128,3>");
+  EXPECT_EQ(tn_kernel_key_at(tn_kernel_key_index(k)).mode, TN_KERNEL_MODE_WHOLE);
+}
+
 TEST(KernelRegistry, RowShapeDependsOnDtypeAndDimOnly) {
   // The threads per row fix the reduction order, so a row's bytes must not depend on the device: for one
   // (dtype, dim) the group size is the same whatever shared memory the device offers, and rows held in
