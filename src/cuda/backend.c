@@ -239,6 +239,10 @@ static int access_mode(const tn_op_args *a) {
   return vectors && elements ? TN_KERNEL_MODE_VECTORS : elements ? TN_KERNEL_MODE_ELEMENTS : TN_KERNEL_MODE_BYTES;
 }
 
+/* Whether the call is an l2_norm with a scale other than 1 (a product by 1 changes no bit, so a scale of 1
+ * is no scale): norm_x's kernels multiply by it, the norm family's have no code for it. */
+static int l2_scaled(const tn_op_args *a) { return a->op == TN_OP_L2_NORM && a->scale != 1.0f; }
+
 /* The family of an op (registry.h): the default path of each op to the first four, whose kernels carry no
  * run-time knob; the rest by what the call needs. */
 static tn_kernel_family family_for(const tn_op_args *a) {
@@ -259,9 +263,7 @@ static tn_kernel_family family_for(const tn_op_args *a) {
   }
   if (a->op == TN_OP_LAYER_NORM) return llama ? TN_FAMILY_GENERAL : TN_FAMILY_LAYER;
   if (a->mul != NULL) return !llama && !heads ? TN_FAMILY_NORM_MUL : TN_FAMILY_GENERAL;
-  /* An l2_norm scale other than 1 is norm_x's: the norm kernels have no per-element code for it. */
-  const int scaled = a->op == TN_OP_L2_NORM && a->scale != 1.0f;
-  return !llama && !heads && !scaled && a->l2_mode == TN_L2_RSQRT_EPS ? TN_FAMILY_NORM : TN_FAMILY_NORM_X;
+  return !llama && !heads && !l2_scaled(a) && a->l2_mode == TN_L2_RSQRT_EPS ? TN_FAMILY_NORM : TN_FAMILY_NORM_X;
 }
 
 /* Vectors a row kernel reduces: rows, or rows x heads of a 3-D view. */
@@ -279,8 +281,7 @@ static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
   key.family = family_for(a);
   /* Rows without a partial chunk take the whole-chunk kernels where the family has them (every operand of a
    * row kernel has x's dim, so x's says it for all). */
-  const int64_t per_chunk = a->x->dtype == TN_F32 ? 4 : 8;
-  if (key.mode == TN_KERNEL_MODE_VECTORS && a->x->dim % per_chunk == 0 &&
+  if (key.mode == TN_KERNEL_MODE_VECTORS && a->x->dim % tn_kernel_chunk_elements(a->x->dtype) == 0 &&
       tn_kernel_family_has_mode(key.family, TN_KERNEL_MODE_WHOLE))
     key.mode = TN_KERNEL_MODE_WHOLE;
   /* The later families have no element-access kernels: such calls take the byte ones. */
@@ -344,8 +345,7 @@ static tn_kernel_params params_for(const tn_op_args *a) {
   p.scale = a->scale;
   p.weight_offset = a->weight_offset;
   p.count = a->op == TN_OP_L2_NORM ? 1.0f : (float)a->x->dim;
-  /* l2_norm's scale, unless it is 1 (a product by 1 changes no bit). */
-  p.has_scale = (a->op == TN_OP_L2_NORM && a->scale != 1.0f) || a->op == TN_OP_SCALE;
+  p.has_scale = l2_scaled(a) || a->op == TN_OP_SCALE;
   if (a->weight != NULL) {
     p.weight = a->weight->data;
     p.has_weight = 1;
@@ -444,7 +444,7 @@ static tn_status plan_launch(tn_context *ctx, const device_info *d, const tn_op_
   int64_t blocks;
   unsigned dynamic_smem = 0;
   if (key.family == TN_FAMILY_ELEMENTWISE) { /* one thread per 16-byte chunk of every row */
-    const int64_t per_chunk = a->x->dtype == TN_F32 ? 4 : 8;
+    const int64_t per_chunk = tn_kernel_chunk_elements(a->x->dtype);
     blocks = (a->x->rows * ((a->x->dim + per_chunk - 1) / per_chunk) + block - 1) / block;
     /* A grid that strides over the chunks: at most what is resident at once. */
     const int64_t resident = (int64_t)blocks_per_sm * d->sms;

@@ -171,8 +171,10 @@ void tn_kernel_name(tn_kernel_key k, char *out, size_t capacity) {
              k.shape == TN_SHAPE_SHARED ? TN_KERNEL_STAGE_SHARED : TN_KERNEL_STAGE_REREAD, k.mode);
 }
 
+int64_t tn_kernel_chunk_elements(tn_dtype dtype) { return dtype == TN_F32 ? 4 : 8; }
+
 int tn_kernel_row_shape(tn_dtype dtype, int64_t dim, size_t max_stage_bytes) {
-  const int64_t per_chunk = dtype == TN_F32 ? 4 : 8;
+  const int64_t per_chunk = tn_kernel_chunk_elements(dtype);
   const int64_t chunks = (dim + per_chunk - 1) / per_chunk;
   if (chunks <= (int64_t)TN_KERNEL_REG_CHUNKS * TN_KERNEL_MAX_GROUP) {
     /* The fewest threads that hold the row in TN_KERNEL_REG_CHUNKS chunks each, a power of two. */
@@ -210,7 +212,7 @@ int tn_kernel_key_block_threads(tn_kernel_key key) {
 }
 
 size_t tn_kernel_stage_bytes(tn_kernel_family family, tn_dtype dtype, int64_t dim) {
-  const int64_t per_chunk = dtype == TN_F32 ? 4 : 8;
+  const int64_t per_chunk = tn_kernel_chunk_elements(dtype);
   const size_t held = family == TN_FAMILY_GENERAL ? (size_t)per_chunk * 4 : 16;
   return (size_t)((dim + per_chunk - 1) / per_chunk) * held;
 }

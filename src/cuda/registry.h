@@ -86,6 +86,9 @@ tn_kernel_key tn_kernel_key_at(int index);
 /* The kernel's C++ name expression, e.g. "tn_norm_registers<2,128,2>". */
 void tn_kernel_name(tn_kernel_key key, char *out, size_t capacity);
 
+/* Elements of a 16-byte chunk of dtype: 4 (f32) or 8 (f16, bf16). */
+int64_t tn_kernel_chunk_elements(tn_dtype dtype);
+
 /* The row shape for rows of dim elements of dtype: the threads per row (and so the reduction order)
  * follow from (dtype, dim) alone. max_stage_bytes: the most dynamic shared memory a block may have. */
 int tn_kernel_row_shape(tn_dtype dtype, int64_t dim, size_t max_stage_bytes);

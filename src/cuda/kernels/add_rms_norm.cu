@@ -34,13 +34,8 @@ struct tn_add_norm_op : tn_add_split<true> {
   }
 };
 
-/* Short rows of 2-byte dtypes (G <= 16): 72 registers, 896 resident threads; at 64 they spilled 24
- * bytes (H100, bf16 131072x128: 87.9 -> 92.0%). */
 template <bool MUL, int DT, int G, int MODE>
-struct tn_register_shape<tn_add_norm_op<MUL>, DT, G, MODE> {
-  using op = tn_add_norm_op<MUL>;
-  enum { resident = DT != TN_KERNEL_F32 && G <= 16 ? 896 : TN_KERNEL_MIN_RESIDENT };
-};
+struct tn_register_shape<tn_add_norm_op<MUL>, DT, G, MODE> : tn_short_rows_shape<tn_add_norm_op<MUL>, DT, G> {};
 
 TN_DEFINE_ROW_KERNELS(tn_add_norm, tn_add_norm_op<false>)
 TN_DEFINE_ROW_KERNELS(tn_add_norm_mul, tn_add_norm_op<true>)

@@ -8,8 +8,8 @@
  *   output (H100, bf16 8192x16384 93.0 -> 94.9%, 16384x8192 96.6 -> 98.7% without it). */
 #include "ops.cuh"
 
-/* ADD: the residual is added first. COMMON_PATHS: the common row (no partial chunk, not rescaled, exact
- * casting) has its own deviations and output loops, free of the per-element tests and of the multiply by
+/* ADD: the residual is added first. COMMON_PATHS: the common row (no partial chunk, not rescaled) has its
+ * own deviations and output loops, free of the per-element tests and of the multiply by
  * pre; the rest take the general ones. SPLIT: x and the residual are read by tn_add_split's fetch and
  * complete (every load of a thread's chunks before its first store). WHOLE: the kernel's access mode has
  * no partial chunk, so only the common deviations are compiled. PLAIN_OUTPUT: the common output loop

@@ -203,13 +203,6 @@ struct tn_either_reduce {
 
 /* ---- a normalised element's output, in every casting mode ---- */
 
-/* Whether a row's output may take tn_norm_value's PLAIN form: the row was not rescaled and the casting is
- * not llama. Uniform over the row's group; a family's output loop may then be written once for each
- * answer (layer_norm.cu). */
-TN_DEV bool tn_plain_row(const tn_kernel_params &p, const tn_row_stats &st) {
-  return st.pre == 1.0f && !tn_flag(p, TN_KERNEL_FLAG_LLAMA);
-}
-
 /* Which factors an element's output has (tn_norm_value). */
 struct tn_factors {
   bool w, b, m, scale;
@@ -219,8 +212,10 @@ struct tn_factors {
  * the row's statistics: n = (f * pre - mean) * inv (mean 0 but for layer_norm), rounded to the dtype first
  * with TN_CASTING_LLAMA; then * (w + offset), + b; rounded again before a multiplicand or scale with
  * round_before_last (a fused pair); then * m, * scale. Only the factors `has` names are read. PLAIN: the
- * caller knows pre is 1 and the casting is not llama (tn_plain_row), so the multiply by pre, which would
- * change no bit, and the per-element test of the flag are left out. The arrays
+ * caller knows pre is 1 and the casting is not llama (a test uniform over the row's group, so a family's
+ * output loop may be written once for each answer: layer_norm.cu), so the multiply by pre, which would
+ * change no bit, and the per-element test of the flag are left out. MAYBE_LLAMA false: the family never
+ * has TN_CASTING_LLAMA (backend.c sends it elsewhere), so the flag's test is left out too. The arrays
  * are always the caller's own (never a pointer chosen at run time, say w or NULL): a chosen pointer makes
  * the compiler keep the arrays in local memory instead of registers, which cost half the bandwidth. */
 template <int DT, bool PLAIN = false, bool MAYBE_LLAMA = true>
