@@ -207,7 +207,8 @@ int tn_kernel_rows_per_block(int shape) {
 }
 
 int tn_kernel_key_block_threads(tn_kernel_key key) {
-  if (key.family == TN_FAMILY_ROPE) return TN_KERNEL_ROPE_MAX_BLOCK;
+  if (key.family == TN_FAMILY_ROPE)
+    return key.mode == TN_KERNEL_MODE_WHOLE ? TN_KERNEL_BLOCK_OF(tn_kernel_group_threads(key.shape)) : TN_KERNEL_ROPE_MAX_BLOCK;
   return key.family == TN_FAMILY_ELEMENTWISE ? TN_KERNEL_ELEMENTWISE_BLOCK : tn_kernel_block_threads(key.shape);
 }
 

@@ -23,7 +23,8 @@
  * as stored (TN_FAMILY_ADD_LAYER, the same shapes), both in exact casting;
  * general.cu: the rest of the norms (a float32 residual stream, the unrounded sum, a multiplicand with
  * TN_CASTING_LLAMA or a 3-D view, layer_norm with TN_CASTING_LLAMA), the row held in float32;
- * rope.cu: rms_norm with a rope. */
+ * rope.cu: rms_norm with a rope (its whole-chunk kernels are the paired ones, which backend.c takes only
+ * where every pair lies in one thread's chunks; other whole-chunk calls take its vector kernels). */
 typedef enum tn_kernel_family {
   TN_FAMILY_NORM = 0,
   TN_FAMILY_NORM_MUL = 1,
@@ -100,7 +101,7 @@ int tn_kernel_rows_per_block(int shape);
 /* The wide shape of register shape `shape`, or -1 when it has none. */
 int tn_kernel_wide_shape(int shape);
 int tn_kernel_shape_is_wide(int shape);
-/* Threads per block of any kernel (rope.cu's: the most it is launched with). */
+/* Threads per block of any kernel (rope.cu's slot kernels: the most they are launched with). */
 int tn_kernel_key_block_threads(tn_kernel_key key);
 /* Bytes of shared memory a staged row of dim elements takes in the family's kernels (what it holds of a
  * chunk: 16 bytes, or general.cu's float32 elements). */

@@ -40,9 +40,9 @@ typedef struct tn_kernel_params {
   long long cos_sin_stride;
   long long cos_sin_rows;
   int rotary_dim;
-  int tokens_per_block;
+  int tokens_per_block; /* the slot kernels: tokens a block takes; the paired ones: the most a block touches */
   float theta;
-  int pad_;
+  int rope_ahead; /* rope.cu's paired kernels: blocks between a block and the one whose table rows it fetches */
 } tn_kernel_params;
 
 /* Run-time knobs (tn_kernel_params.flags) of the families that carry them; each family reads only its own. */
@@ -60,8 +60,8 @@ typedef struct tn_kernel_params {
 #define TN_KERNEL_FLAG_TABLE_F32 0x800   /* the table is float32 (else x's dtype) */
 #define TN_KERNEL_FLAG_POS_I64 0x1000    /* positions are int64 (else int32) */
 
-/* rope.cu: threads per block at most (a block takes whole tokens, each token's heads G threads apiece), and
- * the threads a block aims at when a token has fewer. */
+/* rope.cu's slot kernels: threads per block at most (a block takes whole tokens, each token's heads G
+ * threads apiece), and the threads a block aims at when a token has fewer. */
 #define TN_KERNEL_ROPE_MAX_BLOCK 256
 #define TN_KERNEL_ROPE_MIN_BLOCK 128
 /* rope.cu's shared memory: each group's slot for its head's chunks (TN_KERNEL_REG_CHUNKS * G, padded so
