@@ -1367,6 +1367,31 @@ TEST_F(SanitizedSmallModels, RopeNeoxTheta) {
   EXPECT_TRUE(Check(s, "small"));
 }
 
+// rope.cu's paired kernels: blocks whose heads straddle tokens (12 heads, 32 heads a block of bf16 dim
+// 128), both NEOX pair distances (rotary 128 and 64 of 128), GPTJ with a partial rotary from theta,
+// positions outside the table.
+TEST_F(SanitizedSmallModels, RopePairedBlocksStraddleTokens) {
+  Spec s;
+  s.dim = 128;
+  s.heads = 12;
+  s.rows = 7;
+  s.weight = kF32;
+  s.rope = TN_ROPE_NEOX;
+  s.table = kTableF32;
+  s.out_of_table = true;
+  EXPECT_TRUE(Check(s, "small paired neox"));
+  s.rotary_dim = 64;
+  s.table = kTableX;
+  s.casting = TN_CASTING_LLAMA;
+  EXPECT_TRUE(Check(s, "small paired neox half rotary llama"));
+  s.rope = TN_ROPE_GPTJ;
+  s.rotary_dim = 32;
+  s.table = kTheta;
+  s.out_of_table = false;  // a table's clamp: theta takes every position as it is
+  s.casting = TN_CASTING_EXACT;
+  EXPECT_TRUE(Check(s, "small paired gptj partial"));
+}
+
 TEST_F(SanitizedSmallModels, RopeGptjTablePartial) {
   Spec s;
   s.dt = TN_F16;
