@@ -478,9 +478,6 @@ static tn_status plan_launch(tn_context *ctx, const device_info *d, const tn_op_
                        "rms_norm: a rope over heads of %lld elements needs %zu bytes of shared memory a block; "
                        "this device has %zu", (long long)a->x->dim, smem, max_stage_bytes(d));
     dynamic_smem = (unsigned)smem;
-    /* A block fetches to L2 the table rows of the block half a wave of resident blocks on (rope.cu; half
-     * a wave measured better than a whole one on the H100: 88.2 against 86.6% of the copy ceiling). */
-    p.rope_ahead = blocks_per_sm * d->sms / 2;
   } else if (key.family == TN_FAMILY_ROPE) {
     const int g = tn_kernel_group_threads(key.shape);
     int tokens_per_block;
@@ -506,6 +503,11 @@ static tn_status plan_launch(tn_context *ctx, const device_info *d, const tn_op_
      * reducing, storing) overlap on each SM, where a striding block waits on its own row's loads. */
     if (blocks > TN_MAX_GRID_BLOCKS) blocks = TN_MAX_GRID_BLOCKS;
   }
+  /* The kernels that fetch ahead (rope.cu's paired ones their table rows, layer_norm.cu's of G >= 256 their
+   * rows of x) do so for the block half a wave of resident blocks on; measured on the H100, bf16: rope
+   * 8192x40x128 88.2% of the copy ceiling against 86.6 a whole wave on; layer_norm 8192x16384 97.3 against
+   * 91.8. */
+  p.ahead_blocks = (int)(blocks_per_sm * d->sms / 2);
   plan->p = p;
   plan->block = block;
   plan->blocks = blocks;

@@ -42,7 +42,8 @@ typedef struct tn_kernel_params {
   int rotary_dim;
   int tokens_per_block; /* the slot kernels: tokens a block takes; the paired ones: the most a block touches */
   float theta;
-  int rope_ahead; /* rope.cu's paired kernels: blocks between a block and the one whose table rows it fetches */
+  int ahead_blocks; /* blocks between a block and the one whose reads it fetches to L2 (rope.cu's paired
+                       kernels: table rows; layer_norm.cu's rows of G >= 256: x) */
 } tn_kernel_params;
 
 /* Run-time knobs (tn_kernel_params.flags) of the families that carry them; each family reads only its own. */

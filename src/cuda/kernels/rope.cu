@@ -507,10 +507,10 @@ TN_DEV void tn_rope_paired(const tn_kernel_params &p) {
     const int ntok = (int)(token_of(last) - tok0 + 1);
     __syncthreads();
     if (table) {
-      const tn_i64 ahead = first + (tn_i64)p.rope_ahead * RPB;
+      const tn_i64 ahead = first + (tn_i64)p.ahead_blocks * RPB;
       tn_i64 ahead0 = 0;
       int ahead_tokens = 0;
-      if (p.rope_ahead > 0 && ahead < vectors) {
+      if (p.ahead_blocks > 0 && ahead < vectors) {
         ahead0 = token_of(ahead);
         ahead_tokens = (int)(token_of((ahead + RPB < vectors ? ahead + RPB : vectors) - 1) - ahead0 + 1);
       }
