@@ -8,28 +8,13 @@
  *   output (H100, bf16 8192x16384 93.0 -> 94.9%, 16384x8192 96.6 -> 98.7% without it). */
 #include "ops.cuh"
 
-/* Chunk c of row `row` + p.ahead_blocks of x to L2 (a row a block: G > 32), so that the block that takes that
- * row about half a wave later finds it there. A row of two reductions waits on them between its loads and
- * its stores, and two blocks an SM (G = 512) leave too few loads in flight meanwhile; its loads from L2 are
- * the shorter wait (H100, bf16 8192x16384 94.7 -> 97.3%, 16384x8192 98.7 -> 100.5% of the copy ceiling;
- * shorter rows, at more blocks an SM, lost 0.3-2 points). */
-TN_DEV void tn_fetch_ahead(const tn_kernel_params &p, tn_i64 row, tn_i64 c, int size) {
-  const tn_i64 ahead = row + p.ahead_blocks;
-  if (ahead >= p.rows) return;
-#if defined(__CUDA_ARCH__)
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(tn_row(p.x, ahead, p.x_stride, size) + c * 16));
-#endif
-}
-
 /* ADD: the residual is added first. COMMON_PATHS: the common row (no partial chunk, not rescaled) has its
  * own deviations and output loops, free of the per-element tests and of the multiply by
  * pre; the rest take the general ones. SPLIT: x and the residual are read by tn_add_split's fetch and
  * complete (every load of a thread's chunks before its first store). WHOLE: the kernel's access mode has
  * no partial chunk, so only the common deviations are compiled. PLAIN_OUTPUT: the common output loop
- * beside the general one (by default with the common paths). AHEAD: x's rows are fetched ahead
- * (tn_fetch_ahead; one row a block). */
-template <bool ADD, bool COMMON_PATHS, bool SPLIT = ADD, bool WHOLE = false, bool PLAIN_OUTPUT = COMMON_PATHS,
-          bool AHEAD = false>
+ * beside the general one (by default with the common paths). */
+template <bool ADD, bool COMMON_PATHS, bool SPLIT = ADD, bool WHOLE = false, bool PLAIN_OUTPUT = COMMON_PATHS>
 struct tn_layer_op : tn_add_split<SPLIT> {
   template <int DT>
   using held = tn_chunk;
@@ -43,7 +28,6 @@ struct tn_layer_op : tn_add_split<SPLIT> {
   template <int DT, int MODE>
   static __device__ __forceinline__ tn_chunk produce(const tn_kernel_params &p, tn_i64 row, tn_i64 c) {
     const tn_chunk xq = tn_load_chunk<DT, MODE>(tn_row(p.x, row, p.x_stride, tn_dt<DT>::size), c, p.dim);
-    if constexpr (AHEAD) tn_fetch_ahead(p, row, c, tn_dt<DT>::size);
     return ADD ? tn_add_rounded_chunk<DT, MODE>(p, row, c, xq) : xq;
   }
 
@@ -92,14 +76,15 @@ struct tn_register_shape<tn_layer_op<false, false>, DT, G, MODE> {
   enum {
     whole = MODE == TN_KERNEL_MODE_WHOLE,
     common = DT != TN_KERNEL_F32 && (G <= 128 || whole),
-    resident = common && G <= 128 ? 896 : TN_KERNEL_MIN_RESIDENT
+    resident = common && G <= 128 ? 896 : TN_KERNEL_MIN_RESIDENT,
+    ahead = G >= 256 /* row.cuh's tn_fetch_ahead: two reductions hold a row, two or one block an SM */
   };
-  using op = tn_layer_op<false, common, false, whole, common && G <= 128, (G >= 256)>;
+  using op = tn_layer_op<false, common, false, whole, common && G <= 128>;
 };
 
 template <int DT, int G, int MODE>
 struct tn_register_shape<tn_layer_op<true, false>, DT, G, MODE> {
-  enum { resident = TN_KERNEL_MIN_RESIDENT };
+  enum { resident = TN_KERNEL_MIN_RESIDENT, ahead = 0 };
   using op = tn_layer_op<true, false, (G > 32)>;
 };
 

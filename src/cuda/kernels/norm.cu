@@ -38,8 +38,9 @@ struct tn_norm_op {
   }
 };
 
+/* rms_norm and l2_norm fetch x's rows ahead (row.cuh's tn_fetch_ahead); with a multiplicand not measured. */
 template <bool MUL, int DT, int G, int MODE>
-struct tn_register_shape<tn_norm_op<MUL>, DT, G, MODE> : tn_short_rows_shape<tn_norm_op<MUL>, DT, G> {};
+struct tn_register_shape<tn_norm_op<MUL>, DT, G, MODE> : tn_short_rows_shape<tn_norm_op<MUL>, DT, G, !MUL> {};
 
 TN_DEFINE_ROW_KERNELS(tn_norm, tn_norm_op<false>)
 TN_DEFINE_ROW_KERNELS(tn_norm_mul, tn_norm_op<true>)

@@ -438,24 +438,40 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
 #endif
 #define TN_MIN_BLOCKS_AT(G, RESIDENT) (TN_KERNEL_BLOCK_OF(G) >= (RESIDENT) ? 1 : (RESIDENT) / TN_KERNEL_BLOCK_OF(G))
 
-/* What a family's register-shape kernel of dtype DT, G threads per row and access mode MODE runs (op) and
- * how many of its threads an SM must hold (resident, for the register budget): the family's Op and
- * TN_KERNEL_MIN_RESIDENT, unless the family specializes this where another choice measured better
- * (layer_norm.cu). */
+/* What a family's register-shape kernel of dtype DT, G threads per row and access mode MODE runs (op), how
+ * many of its threads an SM must hold (resident, for the register budget), and whether it fetches x's rows
+ * ahead (ahead, tn_fetch_ahead): the family's Op, TN_KERNEL_MIN_RESIDENT and no, unless the family
+ * specializes this where another choice measured better (norm.cu, layer_norm.cu). */
 template <class Op, int DT, int G, int MODE>
 struct tn_register_shape {
   using op = Op;
-  enum { resident = TN_KERNEL_MIN_RESIDENT };
+  enum { resident = TN_KERNEL_MIN_RESIDENT, ahead = 0 };
 };
 
 /* The register shape of rms_norm's and add_rms_norm's families (norm.cu, add_rms_norm.cu): short rows of
  * 2-byte dtypes (G <= 16) at 72 registers, 896 resident threads; at 64 they spilled 20-24 bytes (H100,
  * bf16 131072x128: rms_norm 85.4 -> 88.3%, l2_norm 88.5 -> 91.3%, add_rms_norm 87.9 -> 92.0%). */
-template <class Op, int DT, int G>
+template <class Op, int DT, int G, bool AHEAD = false>
 struct tn_short_rows_shape {
   using op = Op;
-  enum { resident = DT != TN_KERNEL_F32 && G <= 16 ? 896 : TN_KERNEL_MIN_RESIDENT };
+  enum { resident = DT != TN_KERNEL_F32 && G <= 16 ? 896 : TN_KERNEL_MIN_RESIDENT, ahead = AHEAD };
 };
+
+/* Chunk c of x's row `row` + p.ahead_blocks * RPB (the row the block half a wave of resident blocks on
+ * takes: backend.c) to L2, so that block's loads wait on L2 instead of memory. A row kernel's block waits
+ * on its loads, then on its reductions, before its stores; rows read from L2 shorten the wait where too
+ * few blocks an SM keep loads in flight meanwhile. Measured on the H100 (% of the copy ceiling, bf16):
+ * rms_norm 4096x4096 89.0 -> 92.8, 131072x128 89.2 -> 91.4, the largest shapes 99.4 -> 100.2; layer_norm
+ * (two reductions) at G >= 256: 8192x16384 94.7 -> 97.3, 16384x8192 98.7 -> 100.5, while its shorter
+ * rows lost 0.3-2 points; add_rms_norm, fetching the residual too, lost 9-11 points. */
+template <int RPB>
+TN_DEV void tn_fetch_ahead(const tn_kernel_params &p, tn_i64 row, tn_i64 c, int size) {
+  const tn_i64 ahead = row + (tn_i64)p.ahead_blocks * RPB;
+  if (ahead >= p.rows) return;
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(tn_row(p.x, ahead, p.x_stride, size) + c * 16));
+#endif
+}
 
 
 /* An op family (Op) gives the row shapes below:
@@ -538,7 +554,7 @@ struct tn_splits_production<Op, typename tn_void_of<typename Op::template raw<0>
  * when G <= 32 (a row's group is then within a warp; above a warp a block is one row, since the group's
  * barrier and shared partial sums belong to the block); rows spread over a grid that strides (rows are never a grid dimension
  * with a 65535 cap; every offset is 64-bit). */
-template <int DT, int G, int MODE, class Op>
+template <int DT, int G, int MODE, class Op, bool AHEAD = false>
 TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
   using H = typename Op::template held<DT>;
   using R = typename Op::reduce;
@@ -568,6 +584,13 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
       for (int k = 0; k < K; k++) {
         const tn_i64 c = (tn_i64)k * G + t;
         q[k] = c < chunks ? Op::template produce<DT, MODE>(p, at, c) : tn_held<H>::zero();
+      }
+    }
+    if constexpr (AHEAD) {
+#pragma unroll
+      for (int k = 0; k < K; k++) {
+        const tn_i64 c = (tn_i64)k * G + t;
+        if (c < chunks) tn_fetch_ahead<RPB>(p, row, c, tn_dt<DT>::size);
       }
     }
     float acc = 0.0f;
@@ -713,7 +736,8 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
                                     TN_MIN_BLOCKS_DIV(G, MIN_DIV, (tn_register_shape<Op, DT, G, MODE>::resident))) \
       prefix##_registers(const tn_kernel_params p) {                                                      \
     tn_pdl_wait();                                                                                        \
-    tn_rows_in_registers<DT, G, MODE, typename tn_register_shape<Op, DT, G, MODE>::op>(p);                      \
+    tn_rows_in_registers<DT, G, MODE, typename tn_register_shape<Op, DT, G, MODE>::op,                     \
+                         (tn_register_shape<Op, DT, G, MODE>::ahead != 0)>(p);                                 \
     tn_pdl_launch_dependents();                                                                           \
   }                                                                                                       \
   template <int DT, int G, int MODE>                                                                      \
