@@ -77,14 +77,15 @@ struct tn_register_shape<tn_layer_op<false, false>, DT, G, MODE> {
     whole = MODE == TN_KERNEL_MODE_WHOLE,
     common = DT != TN_KERNEL_F32 && (G <= 128 || whole),
     resident = common && G <= 128 ? 896 : TN_KERNEL_MIN_RESIDENT,
-    ahead = G >= 256 /* row.cuh's tn_fetch_ahead: two reductions hold a row, two or one block an SM */
+    ahead = G >= 256, /* row.cuh's tn_fetch_ahead: two reductions hold a row, two or one block an SM */
+    weight_first = 0
   };
   using op = tn_layer_op<false, common, false, whole, common && G <= 128>;
 };
 
 template <int DT, int G, int MODE>
 struct tn_register_shape<tn_layer_op<true, false>, DT, G, MODE> {
-  enum { resident = TN_KERNEL_MIN_RESIDENT, ahead = 0 };
+  enum { resident = TN_KERNEL_MIN_RESIDENT, ahead = 0, weight_first = 0 };
   using op = tn_layer_op<true, false, (G > 32)>;
 };
 

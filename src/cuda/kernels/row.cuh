@@ -406,15 +406,11 @@ TN_DEV void tn_pdl_launch_dependents() {
  * with round_before_last (a fused rms_norm -> mul) the product up to the weight is rounded to the dtype
  * before the multiplicand, as the pair did. (An l2_norm scale other than 1 is norm_x.cu's: backend.c.) */
 template <int DT, int MODE, bool MUL>
-TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &q, float pre, float inv) {
+TN_DEV void tn_norm_store(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &q, const float *w,
+                          const float *m, float pre, float inv) {
   constexpr int V = tn_dt<DT>::per_chunk;
-  float f[V], w[V], m[V];
+  float f[V];
   tn_chunk_to_f32<DT>(q, f);
-  if (p.has_weight) {
-    if (p.weight_f32) tn_load_f32<DT, TN_KERNEL_F32, MODE>((const char *)p.weight, c, p.dim, w);
-    else tn_load_f32<DT, DT, MODE>((const char *)p.weight, c, p.dim, w);
-  }
-  if (MUL) tn_load_f32<DT, DT, MODE>(tn_row(p.mul, row, p.mul_stride, tn_dt<DT>::size), c, p.dim, m);
 #pragma unroll
   for (int j = 0; j < V; j++) {
     float v = (f[j] * pre) * inv;
@@ -424,6 +420,18 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
     f[j] = v;
   }
   tn_store_chunk<DT, MODE>((char *)tn_row(p.y, row, p.y_stride, tn_dt<DT>::size), c, p.dim, tn_chunk_from_f32<DT>(f));
+}
+
+template <int DT, int MODE, bool MUL>
+TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &q, float pre, float inv) {
+  constexpr int V = tn_dt<DT>::per_chunk;
+  float w[V], m[V];
+  if (p.has_weight) {
+    if (p.weight_f32) tn_load_f32<DT, TN_KERNEL_F32, MODE>((const char *)p.weight, c, p.dim, w);
+    else tn_load_f32<DT, DT, MODE>((const char *)p.weight, c, p.dim, w);
+  }
+  if (MUL) tn_load_f32<DT, DT, MODE>(tn_row(p.mul, row, p.mul_stride, tn_dt<DT>::size), c, p.dim, m);
+  tn_norm_store<DT, MODE, MUL>(p, row, c, q, w, m, pre, inv);
 }
 
 /* ---- the row shapes ---- */
@@ -439,22 +447,23 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
 #define TN_MIN_BLOCKS_AT(G, RESIDENT) (TN_KERNEL_BLOCK_OF(G) >= (RESIDENT) ? 1 : (RESIDENT) / TN_KERNEL_BLOCK_OF(G))
 
 /* What a family's register-shape kernel of dtype DT, G threads per row and access mode MODE runs (op), how
- * many of its threads an SM must hold (resident, for the register budget), and whether it fetches x's rows
- * ahead (ahead, tn_fetch_ahead): the family's Op, TN_KERNEL_MIN_RESIDENT and no, unless the family
- * specializes this where another choice measured better (norm.cu, layer_norm.cu). */
+ * many of its threads an SM must hold (resident, for the register budget), whether it fetches x's rows
+ * ahead (ahead, tn_fetch_ahead), and whether a weight of x's dtype is read whole before the first output
+ * store (weight_first: Op::emit_weighted): the family's Op, TN_KERNEL_MIN_RESIDENT, no and no, unless the
+ * family specializes this where another choice measured better (norm.cu, layer_norm.cu). */
 template <class Op, int DT, int G, int MODE>
 struct tn_register_shape {
   using op = Op;
-  enum { resident = TN_KERNEL_MIN_RESIDENT, ahead = 0 };
+  enum { resident = TN_KERNEL_MIN_RESIDENT, ahead = 0, weight_first = 0 };
 };
 
 /* The register shape of rms_norm's and add_rms_norm's families (norm.cu, add_rms_norm.cu): short rows of
  * 2-byte dtypes (G <= 16) at 72 registers, 896 resident threads; at 64 they spilled 20-24 bytes (H100,
  * bf16 131072x128: rms_norm 85.4 -> 88.3%, l2_norm 88.5 -> 91.3%, add_rms_norm 87.9 -> 92.0%). */
-template <class Op, int DT, int G, bool AHEAD = false>
+template <class Op, int DT, int G, bool AHEAD = false, bool WEIGHT_FIRST = false>
 struct tn_short_rows_shape {
   using op = Op;
-  enum { resident = DT != TN_KERNEL_F32 && G <= 16 ? 896 : TN_KERNEL_MIN_RESIDENT, ahead = AHEAD };
+  enum { resident = DT != TN_KERNEL_F32 && G <= 16 ? 896 : TN_KERNEL_MIN_RESIDENT, ahead = AHEAD, weight_first = WEIGHT_FIRST };
 };
 
 /* Chunk c of x's row `row` + p.ahead_blocks * RPB (the row the block half a wave of resident blocks on
@@ -554,7 +563,7 @@ struct tn_splits_production<Op, typename tn_void_of<typename Op::template raw<0>
  * when G <= 32 (a row's group is then within a warp; above a warp a block is one row, since the group's
  * barrier and shared partial sums belong to the block); rows spread over a grid that strides (rows are never a grid dimension
  * with a 65535 cap; every offset is 64-bit). */
-template <int DT, int G, int MODE, class Op, bool AHEAD = false>
+template <int DT, int G, int MODE, class Op, bool AHEAD = false, bool WEIGHT_FIRST = false>
 TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
   using H = typename Op::template held<DT>;
   using R = typename Op::reduce;
@@ -599,6 +608,24 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
     const float sum = tn_group_sum<G>(acc, partials, &turn);
     const tn_row_stats st = R::template finish<DT>(
         p, sum, [&](float v) { return tn_group_sum<G>(v, partials, &turn); }, tn_each_in_registers<H, G, K>{q, t});
+    if constexpr (WEIGHT_FIRST) {
+      /* Every weight chunk of the thread read before its first store: a store may alias a later load as far
+       * as the compiler knows, so each chunk's weight read otherwise waits for the previous chunk's store. */
+      if (p.has_weight && !p.weight_f32) {
+        tn_chunk w[K];
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+          const tn_i64 c = (tn_i64)k * G + t;
+          w[k] = c < chunks ? tn_load_chunk<DT, MODE>((const char *)p.weight, c, p.dim) : tn_chunk_zero();
+        }
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+          const tn_i64 c = (tn_i64)k * G + t;
+          if (c < chunks) Op::template emit_weighted<DT, MODE>(p, at, c, q[k], w[k], st);
+        }
+        continue;
+      }
+    }
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const tn_i64 c = (tn_i64)k * G + t;
@@ -737,7 +764,8 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
       prefix##_registers(const tn_kernel_params p) {                                                      \
     tn_pdl_wait();                                                                                        \
     tn_rows_in_registers<DT, G, MODE, typename tn_register_shape<Op, DT, G, MODE>::op,                     \
-                         (tn_register_shape<Op, DT, G, MODE>::ahead != 0)>(p);                                 \
+                         (tn_register_shape<Op, DT, G, MODE>::ahead != 0),                                     \
+                         (tn_register_shape<Op, DT, G, MODE>::weight_first != 0)>(p);                          \
     tn_pdl_launch_dependents();                                                                           \
   }                                                                                                       \
   template <int DT, int G, int MODE>                                                                      \
