@@ -88,9 +88,6 @@ struct __align__(16) tn_f32x4 {
 struct __align__(8) tn_f32x2 {
   float v[2];
 };
-struct __align__(8) tn_u32x2 {
-  tn_u32 w[2];
-};
 
 template <int DT, int G, int MODE>
 TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
