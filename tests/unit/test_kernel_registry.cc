@@ -424,6 +424,25 @@ TEST(KernelRegistry, EveryRowFamilyHasWholeChunkKernels) {
   EXPECT_EQ(tn_kernel_key_at(tn_kernel_key_index(k)).mode, TN_KERNEL_MODE_WHOLE);
 }
 
+TEST(KernelRegistry, RopeWholeChunkKernelsAreThePairedOnes) {
+  // rope.cu's whole-chunk kernels are the paired ones, launched as a register row kernel of the same G
+  // (TN_KERNEL_BLOCK_OF(G) threads, their __launch_bounds__); its slot kernels take up to
+  // TN_KERNEL_ROPE_MAX_BLOCK threads. The occupancy the backend asks for uses these block sizes.
+  for (int shape = 0; shape < TN_ROPE_SHAPE_COUNT; shape++) {
+    SCOPED_TRACE(shape);
+    const int g = tn_kernel_group_threads(shape);
+    for (int mode : {TN_KERNEL_MODE_BYTES, TN_KERNEL_MODE_VECTORS, TN_KERNEL_MODE_WHOLE}) {
+      const tn_kernel_key k = {TN_FAMILY_ROPE, TN_BF16, shape, mode};
+      ASSERT_TRUE(tn_kernel_family_has(TN_FAMILY_ROPE, shape, mode));
+      EXPECT_EQ(tn_kernel_key_block_threads(k),
+                mode == TN_KERNEL_MODE_WHOLE ? TN_KERNEL_BLOCK_OF(g) : TN_KERNEL_ROPE_MAX_BLOCK);
+    }
+  }
+  EXPECT_FALSE(tn_kernel_family_has(TN_FAMILY_ROPE, TN_ROPE_SHAPE_COUNT, TN_KERNEL_MODE_WHOLE));  // G <= 32
+  tn_kernel_key k = {TN_FAMILY_ROPE, TN_BF16, 2, TN_KERNEL_MODE_WHOLE};
+  EXPECT_EQ(KernelName(k), "tn_rope_registers<2,4,3>");
+}
+
 TEST(KernelRegistry, RowShapeDependsOnDtypeAndDimOnly) {
   // The threads per row fix the reduction order, so a row's bytes must not depend on the device: for one
   // (dtype, dim) the group size is the same whatever shared memory the device offers, and rows held in
