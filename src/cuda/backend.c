@@ -268,14 +268,13 @@ static tn_kernel_family family_for(const tn_op_args *a) {
 
 static int64_t rotary_dim_of(const tn_op_args *a) { return a->rope.rotary_dim != 0 ? a->rope.rotary_dim : a->x->dim; }
 
-/* Whether a rope with whole chunks can take rope.cu's paired kernels: rotary_dim / 2 a whole number of
- * chunks, and every pair in one thread's chunks (GPTJ's always are; NEOX's when the halves are D * G
- * chunks apart, D = 1 or 2 of a thread's four chunks). */
-static int rope_paired(const tn_op_args *a) {
+/* Whether a rope with whole chunks, g threads a head, can take rope.cu's paired kernels: rotary_dim / 2 a
+ * whole number of chunks, and every pair in one thread's chunks (GPTJ's always are; NEOX's when the halves
+ * are D * g chunks apart, D = 1 or 2 of a thread's four chunks). */
+static int rope_paired(const tn_op_args *a, int64_t g) {
   const int64_t v = tn_kernel_chunk_elements(a->x->dtype), half = rotary_dim_of(a) / 2;
   if (half % v != 0) return 0;
   if (a->rope.style == TN_ROPE_GPTJ) return 1;
-  const int64_t g = tn_kernel_group_threads(tn_kernel_row_shape(a->x->dtype, a->x->dim, 0));
   const int64_t apart = half / v; /* chunks */
   return apart % g == 0 && (apart / g == 1 || apart / g == TN_KERNEL_REG_CHUNKS / 2);
 }
@@ -300,8 +299,6 @@ static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
     key.mode = TN_KERNEL_MODE_WHOLE;
   /* The later families have no element-access kernels: such calls take the byte ones. */
   if (!tn_kernel_family_has_mode(key.family, key.mode)) key.mode = TN_KERNEL_MODE_BYTES;
-  /* A rope's whole-chunk kernels are the paired ones (rope.cu): the rest take its vector kernels. */
-  if (key.family == TN_FAMILY_ROPE && key.mode == TN_KERNEL_MODE_WHOLE && !rope_paired(a)) key.mode = TN_KERNEL_MODE_VECTORS;
   /* The shape follows from (dtype, dim) alone, as does the reduction order; whether a staged row fits in
    * shared memory depends on what the family holds of a chunk. */
   const size_t stage_limit = max_stage_bytes(d), stage = tn_kernel_stage_bytes(key.family, a->x->dtype, a->x->dim);
@@ -314,6 +311,11 @@ static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
    * serial work per thread; what a decode step's one-row calls are bound by). */
   const int wide = tn_kernel_wide_shape(key.shape);
   if (wide >= 0 && tn_kernel_family_has(key.family, wide, key.mode) && vectors_of(a->x) <= d->sms) key.shape = wide;
+  /* A rope's whole-chunk kernels are the paired ones (rope.cu): the rest take its vector kernels, of the same
+   * shapes. */
+  if (key.family == TN_FAMILY_ROPE && key.mode == TN_KERNEL_MODE_WHOLE &&
+      !rope_paired(a, tn_kernel_group_threads(key.shape)))
+    key.mode = TN_KERNEL_MODE_VECTORS;
   return key;
 }
 
@@ -344,6 +346,13 @@ static size_t rope_smem(const tn_op_args *a, int g, int block, int tokens_per_bl
   bytes += (rotary / 2 + 3) / 4 * 16;          /* inv_freq, padded to a multiple of 4 floats */
   bytes += ((size_t)a->x->dim + 7) / 8 * 8 * 4; /* the staged weight, whole chunks */
   return bytes;
+}
+
+/* A paired rope launch's (rope.cu: tn_rope_paired): the staged weight, inv_freq padded to a multiple of 4
+ * floats, then tokens_per_block rows of rotary_dim floats. */
+static size_t rope_paired_smem(const tn_op_args *a, int tokens_per_block) {
+  const size_t rotary = (size_t)rotary_dim_of(a);
+  return ((size_t)a->x->dim + (rotary / 2 + 3) / 4 * 4 + (size_t)tokens_per_block * rotary) * 4;
 }
 
 static tn_kernel_params params_for(const tn_op_args *a) {
@@ -463,33 +472,28 @@ static tn_status plan_launch(tn_context *ctx, const device_info *d, const tn_op_
     /* A grid that strides over the chunks: at most what is resident at once. */
     const int64_t resident = (int64_t)blocks_per_sm * d->sms;
     if (blocks > resident) blocks = resident;
-  } else if (key.family == TN_FAMILY_ROPE && key.mode == TN_KERNEL_MODE_WHOLE) {
-    /* The paired kernels: the vectors of the 3-D view, as a register row kernel of the same G takes them. */
-    const int g = tn_kernel_group_threads(key.shape);
-    const int64_t per_block = TN_KERNEL_BLOCK_OF(g) / g, heads = tn_tensor_head_count(a->x);
-    const int64_t rotary = rotary_dim_of(a);
-    block = TN_KERNEL_BLOCK_OF(g);
-    blocks = (vectors_of(a->x) + per_block - 1) / per_block;
-    if (blocks > TN_MAX_GRID_BLOCKS) blocks = TN_MAX_GRID_BLOCKS;
-    /* The most tokens per_block heads in a row can touch; the weight, inv_freq and their cos and sin rows. */
-    p.tokens_per_block = (int)((per_block - 1 + heads - 1) / heads + 1);
-    const size_t smem = ((size_t)a->x->dim + (size_t)(rotary / 2 + 3) / 4 * 4 + (size_t)p.tokens_per_block * rotary) * 4;
-    TN_RETURN_ERROR_IF(smem > (size_t)max_stage_bytes(d), ctx, TN_ERR_SHAPE,
-                       "rms_norm: a rope over heads of %lld elements needs %zu bytes of shared memory a block; "
-                       "this device has %zu", (long long)a->x->dim, smem, max_stage_bytes(d));
-    dynamic_smem = (unsigned)smem;
   } else if (key.family == TN_FAMILY_ROPE) {
-    const int g = tn_kernel_group_threads(key.shape);
-    int tokens_per_block;
-    rope_geometry(a, g, &block, &tokens_per_block);
-    p.tokens_per_block = tokens_per_block;
-    const size_t smem = rope_smem(a, g, block, tokens_per_block);
+    const int64_t heads = tn_tensor_head_count(a->x);
+    size_t smem;
+    if (key.mode == TN_KERNEL_MODE_WHOLE) {
+      /* The paired kernels take the vectors of the 3-D view as a register row kernel of the same G does;
+       * tokens_per_block: the most tokens a block's heads in a row can touch. */
+      const int64_t per_block = tn_kernel_rows_per_block(key.shape);
+      p.tokens_per_block = (int)((per_block - 1 + heads - 1) / heads + 1);
+      blocks = (vectors_of(a->x) + per_block - 1) / per_block;
+      smem = rope_paired_smem(a, p.tokens_per_block);
+    } else {
+      const int g = tn_kernel_group_threads(key.shape);
+      int tokens_per_block;
+      rope_geometry(a, g, &block, &tokens_per_block);
+      p.tokens_per_block = tokens_per_block;
+      blocks = (a->x->rows + tokens_per_block - 1) / tokens_per_block;
+      smem = rope_smem(a, g, block, tokens_per_block);
+    }
     TN_RETURN_ERROR_IF(smem > (size_t)max_stage_bytes(d), ctx, TN_ERR_SHAPE,
                        "rms_norm: a rope over %lld heads of %lld elements needs %zu bytes of shared memory a block; "
-                       "this device has %zu", (long long)tn_tensor_head_count(a->x), (long long)a->x->dim, smem,
-                       max_stage_bytes(d));
+                       "this device has %zu", (long long)heads, (long long)a->x->dim, smem, max_stage_bytes(d));
     dynamic_smem = (unsigned)smem;
-    blocks = (a->x->rows + tokens_per_block - 1) / tokens_per_block;
     if (blocks > TN_MAX_GRID_BLOCKS) blocks = TN_MAX_GRID_BLOCKS;
   } else {
     const int64_t rows_per_block = tn_kernel_rows_per_block(key.shape);

@@ -72,20 +72,16 @@ struct tn_layer_op : tn_add_split<SPLIT> {
  * add_layer_norm splits its reads (tn_add_split) above G = 32: below, the split spilled at 64 registers
  * (131072x128 bf16 77.0% unsplit, 67.0% split). docs/performance.md has the runs. */
 template <int DT, int G, int MODE>
-struct tn_register_shape<tn_layer_op<false, false>, DT, G, MODE> {
-  enum {
-    whole = MODE == TN_KERNEL_MODE_WHOLE,
-    common = DT != TN_KERNEL_F32 && (G <= 128 || whole),
-    resident = common && G <= 128 ? 896 : TN_KERNEL_MIN_RESIDENT,
-    ahead = G >= 256, /* row.cuh's tn_fetch_ahead: two reductions hold a row, two or one block an SM */
-    weight_first = 0
-  };
+struct tn_register_shape<tn_layer_op<false, false>, DT, G, MODE>
+    /* 896 resident threads with the common output loop (2-byte dtypes, G <= 128); x's rows fetched ahead
+     * from G = 256 (row.cuh's tn_fetch_ahead: two reductions hold a row, two or one block an SM) */
+    : tn_shape_choices<(DT != TN_KERNEL_F32 && G <= 128 ? 896 : TN_KERNEL_MIN_RESIDENT), (G >= 256)> {
+  enum { whole = MODE == TN_KERNEL_MODE_WHOLE, common = DT != TN_KERNEL_F32 && (G <= 128 || whole) };
   using op = tn_layer_op<false, common, false, whole, common && G <= 128>;
 };
 
 template <int DT, int G, int MODE>
-struct tn_register_shape<tn_layer_op<true, false>, DT, G, MODE> {
-  enum { resident = TN_KERNEL_MIN_RESIDENT, ahead = 0, weight_first = 0 };
+struct tn_register_shape<tn_layer_op<true, false>, DT, G, MODE> : tn_shape_choices<> {
   using op = tn_layer_op<true, false, (G > 32)>;
 };
 

@@ -42,6 +42,11 @@ TN_DEV tn_i64 tn_rope_position(const tn_kernel_params &p, tn_i64 token) {
   return (tn_i64)(int)tn_load_element<4, MODE>((const char *)p.positions + token * 4);
 }
 
+/* The table row of a position: clamped to the table's rows (the host cannot read positions to check them). */
+TN_DEV tn_i64 tn_rope_table_row(const tn_kernel_params &p, tn_i64 pos) {
+  return pos < 0 ? 0 : pos >= p.cos_sin_rows ? p.cos_sin_rows - 1 : pos;
+}
+
 /* Element i of the table's row `row`, as float32 (the table is f32 or x's dtype). */
 template <int DT, int MODE>
 TN_DEV float tn_rope_table(const tn_kernel_params &p, tn_i64 row, int i) {
@@ -68,6 +73,19 @@ TN_DEV float tn_rope_weight(const tn_kernel_params &p, tn_i64 e) {
   if (p.weight_f32) return __uint_as_float(tn_load_element<4, MODE>((const char *)p.weight + e * 4));
   constexpr int S = tn_dt<DT>::size;
   return tn_to_f32<DT>(tn_load_element<S, MODE>((const char *)p.weight + e * S));
+}
+
+/* The block's staged weight plus offset (float32), and inv_freq from theta (in double, as the spec says):
+ * both rope kernels stage them once per block. */
+template <int DT, int MODE>
+TN_DEV void tn_rope_stage_weight(const tn_kernel_params &p, float *w_staged) {
+  if (p.has_weight)
+    for (int i = threadIdx.x; i < p.dim; i += blockDim.x) w_staged[i] = tn_rope_weight<DT, MODE>(p, i) + p.weight_offset;
+}
+
+TN_DEV void tn_rope_stage_inv_freq(const tn_kernel_params &p, float *inv_freq, int rot, int half) {
+  for (int i = threadIdx.x; i < half; i += blockDim.x)
+    inv_freq[i] = (float)(1.0 / pow((double)p.theta, (double)(2 * i) / (double)rot));
 }
 
 /* The rotation of a pair's element: `self` and its partner normalised, c and s the cosine and sine of the
@@ -108,9 +126,7 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
    * 64.2 -> 67.2% of the copy ceiling from a table, 56.0 -> 60.2% from theta). Reading cos and sin 16
    * bytes at a time gained nothing there. */
   float *w_staged = inv_freq + (((size_t)half + 3) & ~(size_t)3); /* backend.c's rope_smem sizes it alike */
-  if (p.has_weight)
-    for (int i = threadIdx.x; i < p.dim; i += blockDim.x)
-      w_staged[i] = tn_rope_weight<DT, MODE>(p, i) + p.weight_offset;
+  tn_rope_stage_weight<DT, MODE>(p, w_staged);
   /* Element e's factor in the slot path. A chunk may pass dim: the host sizes the staged weight in whole
    * chunks, but only the first dim are written, and the elements past dim are never stored. */
   const auto factor = [&](int e) { return p.has_weight ? w_staged[e] : 0.0f; };
@@ -118,9 +134,7 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
   int turn = 0;
   float unused_partials[1]; /* G <= 32: the group's sums are shuffles alone */
 
-  if (!table)
-    for (int i = threadIdx.x; i < half; i += blockDim.x)
-      inv_freq[i] = (float)(1.0 / pow((double)p.theta, (double)(2 * i) / (double)rot));
+  if (!table) tn_rope_stage_inv_freq(p, inv_freq, rot, half);
 
   for (tn_i64 tok0 = (tn_i64)blockIdx.x * tpb; tok0 < tokens; tok0 += (tn_i64)gridDim.x * tpb) {
     const int ntok = (int)(tokens - tok0 < tpb ? tokens - tok0 : tpb);
@@ -130,7 +144,7 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
       const tn_i64 pos = tn_rope_position<MODE>(p, tok0 + tt);
       float c, s;
       if (table) {
-        const tn_i64 row = pos < 0 ? 0 : pos >= p.cos_sin_rows ? p.cos_sin_rows - 1 : pos;
+        const tn_i64 row = tn_rope_table_row(p, pos);
         c = tn_rope_table<DT, MODE>(p, row, j);
         s = tn_rope_table<DT, MODE>(p, row, half + j);
       } else {
@@ -425,20 +439,15 @@ TN_DEV void tn_rope_stage_table(const tn_kernel_params &p, float *cs, tn_i64 tok
   for (int i = threadIdx.x; i < ntok * quads; i += blockDim.x) {
     const int tt = i / quads, j = (i - tt * quads) * 4;
     const tn_i64 pos = tn_rope_position<MODE>(p, tok0 + tt);
-    const tn_i64 row = pos < 0 ? 0 : pos >= p.cos_sin_rows ? p.cos_sin_rows - 1 : pos;
+    const tn_i64 row = tn_rope_table_row(p, pos);
     tn_f32x4 f;
 #pragma unroll
     for (int e = 0; e < 4; e++) f.v[e] = tn_rope_table<DT, MODE>(p, row, j + e);
     *reinterpret_cast<tn_f32x4 *>(cs + tt * rot + j) = f;
   }
   if (fetch_ahead) {
-    const tn_i64 row = ahead_pos < 0 ? 0 : ahead_pos >= p.cos_sin_rows ? p.cos_sin_rows - 1 : ahead_pos;
-    const char *line = (const char *)p.cos_sin + (row * p.cos_sin_stride * size + (threadIdx.x % lines) * 128);
-#if defined(__CUDA_ARCH__)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
-#else
-    (void)line; /* the host emulator has no cache to fill */
-#endif
+    const tn_i64 row = tn_rope_table_row(p, ahead_pos);
+    tn_prefetch_l2((const char *)p.cos_sin + (row * p.cos_sin_stride * size + (threadIdx.x % lines) * 128));
   }
 }
 
@@ -476,11 +485,8 @@ TN_DEV void tn_rope_paired(const tn_kernel_params &p) {
   float *w_staged = reinterpret_cast<float *>(tn_dynamic_smem);
   float *inv_freq = w_staged + p.dim;
   float *cs = inv_freq + ((half + 3) & ~3);
-  if (p.has_weight)
-    for (int i = threadIdx.x; i < p.dim; i += blockDim.x) w_staged[i] = tn_rope_weight<DT, MODE>(p, i) + p.weight_offset;
-  if (!table)
-    for (int i = threadIdx.x; i < half; i += blockDim.x)
-      inv_freq[i] = (float)(1.0 / pow((double)p.theta, (double)(2 * i) / (double)rot));
+  tn_rope_stage_weight<DT, MODE>(p, w_staged);
+  if (!table) tn_rope_stage_inv_freq(p, inv_freq, rot, half);
   int turn = 0;
   float unused_partials[1]; /* G <= 32: the group's sums are shuffles alone */
   const auto token_of = [&](tn_i64 v) {

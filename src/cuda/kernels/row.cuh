@@ -450,21 +450,35 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
  * many of its threads an SM must hold (resident, for the register budget), whether it fetches x's rows
  * ahead (ahead, tn_fetch_ahead), and whether a weight of x's dtype is read whole before the first output
  * store (weight_first: Op::emit_weighted): the family's Op, TN_KERNEL_MIN_RESIDENT, no and no, unless the
- * family specializes this where another choice measured better (norm.cu, layer_norm.cu). */
+ * family specializes this where another choice measured better (norm.cu, layer_norm.cu), naming only the
+ * choices it makes (tn_shape_choices' defaults are the rest). */
+template <int RESIDENT = TN_KERNEL_MIN_RESIDENT, bool AHEAD = false, bool WEIGHT_FIRST = false>
+struct tn_shape_choices {
+  enum { resident = RESIDENT, ahead = AHEAD, weight_first = WEIGHT_FIRST };
+};
+
 template <class Op, int DT, int G, int MODE>
-struct tn_register_shape {
+struct tn_register_shape : tn_shape_choices<> {
   using op = Op;
-  enum { resident = TN_KERNEL_MIN_RESIDENT, ahead = 0, weight_first = 0 };
 };
 
 /* The register shape of rms_norm's and add_rms_norm's families (norm.cu, add_rms_norm.cu): short rows of
  * 2-byte dtypes (G <= 16) at 72 registers, 896 resident threads; at 64 they spilled 20-24 bytes (H100,
  * bf16 131072x128: rms_norm 85.4 -> 88.3%, l2_norm 88.5 -> 91.3%, add_rms_norm 87.9 -> 92.0%). */
 template <class Op, int DT, int G, bool AHEAD = false, bool WEIGHT_FIRST = false>
-struct tn_short_rows_shape {
+struct tn_short_rows_shape
+    : tn_shape_choices<(DT != TN_KERNEL_F32 && G <= 16 ? 896 : TN_KERNEL_MIN_RESIDENT), AHEAD, WEIGHT_FIRST> {
   using op = Op;
-  enum { resident = DT != TN_KERNEL_F32 && G <= 16 ? 896 : TN_KERNEL_MIN_RESIDENT, ahead = AHEAD, weight_first = WEIGHT_FIRST };
 };
+
+/* The line holding `at` fetched to L2, nothing waiting on it (the host emulator has no cache to fill). */
+TN_DEV void tn_prefetch_l2(const void *at) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(at));
+#else
+  (void)at;
+#endif
+}
 
 /* Chunk c of x's row `row` + p.ahead_blocks * RPB (the row the block half a wave of resident blocks on
  * takes: backend.c) to L2, so that block's loads wait on L2 instead of memory. A row kernel's block waits
@@ -476,10 +490,7 @@ struct tn_short_rows_shape {
 template <int RPB>
 TN_DEV void tn_fetch_ahead(const tn_kernel_params &p, tn_i64 row, tn_i64 c, int size) {
   const tn_i64 ahead = row + (tn_i64)p.ahead_blocks * RPB;
-  if (ahead >= p.rows) return;
-#if defined(__CUDA_ARCH__)
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(tn_row(p.x, ahead, p.x_stride, size) + c * 16));
-#endif
+  if (ahead < p.rows) tn_prefetch_l2(tn_row(p.x, ahead, p.x_stride, size) + c * 16);
 }
 
 
