@@ -268,15 +268,22 @@ static tn_kernel_family family_for(const tn_op_args *a) {
 
 static int64_t rotary_dim_of(const tn_op_args *a) { return a->rope.rotary_dim != 0 ? a->rope.rotary_dim : a->x->dim; }
 
-/* Whether a rope with whole chunks, g threads a head, can take rope.cu's paired kernels: rotary_dim / 2 a
- * whole number of chunks, and every pair in one thread's chunks (GPTJ's always are; NEOX's when the halves
- * are D * g chunks apart, D = 1 or 2 of a thread's four chunks). */
-static int rope_paired(const tn_op_args *a, int64_t g) {
+/* Threads a head of rope.cu's paired kernels, for a row shape of g threads. */
+static int rope_paired_group(const tn_op_args *a, int g) {
+  const int64_t v = tn_kernel_chunk_elements(a->x->dtype);
+  return TN_KERNEL_ROPE_PAIRED_GROUP(g, (a->x->dim + v - 1) / v);
+}
+
+/* Whether a rope with whole chunks, a row shape of g threads, can take rope.cu's paired kernels: rotary_dim
+ * / 2 a whole number of chunks, and every pair in one thread's chunks (GPTJ's always are; NEOX's when the
+ * halves are D * rope_paired_group chunks apart, D = 1 or 2 of a thread's four chunks). */
+static int rope_paired(const tn_op_args *a, int g) {
   const int64_t v = tn_kernel_chunk_elements(a->x->dtype), half = rotary_dim_of(a) / 2;
+  const int64_t threads = rope_paired_group(a, g);
   if (half % v != 0) return 0;
   if (a->rope.style == TN_ROPE_GPTJ) return 1;
   const int64_t apart = half / v; /* chunks */
-  return apart % g == 0 && (apart / g == 1 || apart / g == TN_KERNEL_REG_CHUNKS / 2);
+  return apart % threads == 0 && (apart / threads == 1 || apart / threads == TN_KERNEL_REG_CHUNKS / 2);
 }
 
 /* Vectors a row kernel reduces: rows, or rows x heads of a 3-D view. */
@@ -476,9 +483,9 @@ static tn_status plan_launch(tn_context *ctx, const device_info *d, const tn_op_
     const int64_t heads = tn_tensor_head_count(a->x);
     size_t smem;
     if (key.mode == TN_KERNEL_MODE_WHOLE) {
-      /* The paired kernels take the vectors of the 3-D view as a register row kernel of the same G does;
-       * tokens_per_block: the most tokens a block's heads in a row can touch. */
-      const int64_t per_block = tn_kernel_rows_per_block(key.shape);
+      /* The paired kernels take the vectors of the 3-D view as a register row kernel does, each head on
+       * rope_paired_group threads; tokens_per_block: the most tokens a block's heads in a row can touch. */
+      const int64_t per_block = block / rope_paired_group(a, tn_kernel_group_threads(key.shape));
       p.tokens_per_block = (int)((per_block - 1 + heads - 1) / heads + 1);
       blocks = (vectors_of(a->x) + per_block - 1) / per_block;
       smem = rope_paired_smem(a, p.tokens_per_block);

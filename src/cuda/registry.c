@@ -177,10 +177,9 @@ int tn_kernel_row_shape(tn_dtype dtype, int64_t dim, size_t max_stage_bytes) {
   const int64_t per_chunk = tn_kernel_chunk_elements(dtype);
   const int64_t chunks = (dim + per_chunk - 1) / per_chunk;
   if (chunks <= (int64_t)TN_KERNEL_REG_CHUNKS * TN_KERNEL_MAX_GROUP) {
-    /* The fewest threads that hold the row in TN_KERNEL_REG_CHUNKS chunks each, a power of two. */
-    const int64_t per_thread = (chunks + TN_KERNEL_REG_CHUNKS - 1) / TN_KERNEL_REG_CHUNKS;
+    /* The fewest threads that hold the row, a power of two, each TN_KERNEL_CHUNKS_OF(G) chunks. */
     int shape = 0;
-    while (((int64_t)1 << shape) < per_thread) shape++;
+    while (((int64_t)1 << shape) * TN_KERNEL_CHUNKS_OF(1 << shape) < chunks) shape++;
     return shape;
   }
   return (uint64_t)chunks * 16u <= max_stage_bytes ? TN_SHAPE_SHARED : TN_SHAPE_REREAD;

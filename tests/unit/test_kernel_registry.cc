@@ -483,17 +483,23 @@ TEST(KernelRegistry, RowShapesGrowWithDim) {
       previous = s;
       if (dim <= c.register_max) {
         ASSERT_LT(s, TN_SHAPE_REGISTER_COUNT) << "dim " << dim;
-        // The group holds the row in TN_KERNEL_REG_CHUNKS chunks per thread, and half of it would not.
-        const int64_t capacity = (int64_t)tn_kernel_group_threads(s) * TN_KERNEL_REG_CHUNKS * c.per_chunk;
-        ASSERT_GE(capacity, dim) << "dim " << dim;
+        // The group holds the row in TN_KERNEL_CHUNKS_OF(G) chunks per thread, and half of it would not.
+        const int g = tn_kernel_group_threads(s);
+        ASSERT_GE((int64_t)g * TN_KERNEL_CHUNKS_OF(g) * c.per_chunk, dim) << "dim " << dim;
         if (s > 0) {
-          ASSERT_LT(capacity / 2, dim) << "dim " << dim;
+          ASSERT_LT((int64_t)(g / 2) * TN_KERNEL_CHUNKS_OF(g / 2) * c.per_chunk, dim) << "dim " << dim;
         }
       } else {
         ASSERT_EQ(s, TN_SHAPE_SHARED) << "dim " << dim;
       }
     }
     EXPECT_EQ(tn_kernel_row_shape(c.dtype, 1, big), 0);
+    // Two chunks a thread up to G = 16, four from G = 32: rows of 16 and 32 chunks on 8 and 16 threads,
+    // of 33 .. 128 on 32.
+    EXPECT_EQ(tn_kernel_group_threads(tn_kernel_row_shape(c.dtype, 16 * c.per_chunk, big)), 8);
+    EXPECT_EQ(tn_kernel_group_threads(tn_kernel_row_shape(c.dtype, 32 * c.per_chunk, big)), 16);
+    EXPECT_EQ(tn_kernel_group_threads(tn_kernel_row_shape(c.dtype, 32 * c.per_chunk + 1, big)), 32);
+    EXPECT_EQ(tn_kernel_group_threads(tn_kernel_row_shape(c.dtype, 128 * c.per_chunk, big)), 32);
     EXPECT_EQ(tn_kernel_row_shape(c.dtype, c.register_max, big), TN_SHAPE_REGISTER_COUNT - 1);
     EXPECT_EQ(tn_kernel_group_threads(TN_SHAPE_REGISTER_COUNT - 1), TN_KERNEL_MAX_GROUP);
 

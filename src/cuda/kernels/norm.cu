@@ -47,13 +47,15 @@ struct tn_norm_op {
   }
 };
 
-/* rms_norm and l2_norm fetch x's rows ahead (row.cuh's tn_fetch_ahead), and above G = 16 read a weight of
- * x's dtype before their first store (weight_first; H100 bf16 4096x4096 92.4 -> 95.0%, the largest shapes
- * +0.7-1.2 points of the copy ceiling; at G <= 16 its registers spilled: 131072x128 89.7 -> 82.0%). With a
- * multiplicand neither was measured. */
+/* rms_norm and l2_norm fetch x's rows ahead (row.cuh's tn_fetch_ahead), and read a weight of x's dtype
+ * before their first store (weight_first; H100 bf16 4096x4096 92.4 -> 95.0%, the largest shapes +0.7-1.2
+ * points of the copy ceiling; with two chunks a thread at G <= 16, 131072x128 92.6 -> 93.6, 65536x256
+ * 92.7 -> 93.6, where four chunks a thread had spilled: 89.7 -> 82.0). Not at G = 32, where it spilled 80
+ * bytes (bf16 65536x512: 54.7% of the copy ceiling with it, 93.1 without). With a multiplicand neither
+ * was measured. */
 template <bool MUL, int DT, int G, int MODE>
 struct tn_register_shape<tn_norm_op<MUL>, DT, G, MODE>
-    : tn_short_rows_shape<tn_norm_op<MUL>, DT, G, !MUL, !MUL && G >= 64 && MODE == TN_KERNEL_MODE_WHOLE> {};
+    : tn_short_rows_shape<tn_norm_op<MUL>, DT, G, !MUL, !MUL && G != 32 && MODE == TN_KERNEL_MODE_WHOLE> {};
 
 TN_DEFINE_ROW_KERNELS(tn_norm, tn_norm_op<false>)
 TN_DEFINE_ROW_KERNELS(tn_norm_mul, tn_norm_op<true>)

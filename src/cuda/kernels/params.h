@@ -65,10 +65,20 @@ typedef struct tn_kernel_params {
  * threads apiece), and the threads a block aims at when a token has fewer. */
 #define TN_KERNEL_ROPE_MAX_BLOCK 256
 #define TN_KERNEL_ROPE_MIN_BLOCK 128
-/* rope.cu's shared memory: each group's slot for its head's chunks (TN_KERNEL_REG_CHUNKS * G, padded so
- * that a quarter warp's 16-byte accesses fall in 8 different bank groups), then tokens_per_block rows of
- * rotary_dim floats (the cosines, then the sines), then rotary_dim / 2 floats of inv_freq (theta only). */
-#define TN_KERNEL_ROPE_SLOT_CHUNKS(G) (TN_KERNEL_REG_CHUNKS * (G) + (8 - (3 * (G)) % 8) % 8)
+/* rope.cu's paired kernels hold TN_KERNEL_REG_CHUNKS chunks a thread at every G: a head of `chunks` chunks
+ * has TN_KERNEL_ROPE_PAIRED_GROUP(G, chunks) threads, the fewest that hold it so. Where that is G / 2 (the
+ * register shape holds at most two chunks a lane there: G = 2 .. 16, or G = 32 with at most 64 chunks),
+ * a thread takes the chunks of two of the G lanes, t and t + G / 2, and does the first step of the
+ * G-lane butterfly itself: the same sums, in the same order. Measured on the H100 at bf16 8192 x 40 x 128,
+ * a table: 92.8% of the copy ceiling so, 84.9 with two heads of two chunks a thread, 74.5 with one. */
+#define TN_KERNEL_ROPE_PAIRED_GROUP(G, CHUNKS) \
+  ((G) > 1 && (TN_KERNEL_CHUNKS_OF(G) < TN_KERNEL_REG_CHUNKS || (CHUNKS) <= 2 * (G)) ? (G) / 2 : (G))
+/* rope.cu's shared memory: each group's slot for its head's chunks (TN_KERNEL_CHUNKS_OF(G) * G, padded to
+ * G more than a multiple of 8, so that a quarter warp's 16-byte accesses fall in 8 different bank groups),
+ * then tokens_per_block rows of rotary_dim floats (the cosines, then the sines), then rotary_dim / 2 floats
+ * of inv_freq (theta only). */
+#define TN_KERNEL_ROPE_SLOT_CHUNKS(G) \
+  (TN_KERNEL_CHUNKS_OF(G) * (G) + (8 - ((TN_KERNEL_CHUNKS_OF(G) - 1) * (G)) % 8) % 8)
 
 /* dtype codes, as tn_dtype */
 #define TN_KERNEL_F32 0
@@ -84,7 +94,19 @@ typedef struct tn_kernel_params {
  * t, t + G, t + 2G, ... and sums their squares in that order, element by element; the group then adds its
  * G partial sums as a fixed butterfly (and, above one warp, the warps' sums in warp order). Every kernel
  * of one (op, dtype, dim) uses the same G, so every path reduces a row in the same order. */
-#define TN_KERNEL_REG_CHUNKS 4      /* chunks per thread kept in registers */
+#define TN_KERNEL_REG_CHUNKS 4      /* chunks per thread kept in registers, at most */
+/* Chunks per thread of the register shape with G threads per row: two up to G = 16 (rows of at most 32
+ * chunks: 256 elements of f16/bf16, 128 of f32), so that short rows get twice the threads, half the work
+ * and registers a thread, and more rows resident; four from G = 32. Measured on the H100 against four
+ * chunks at every G (% of the copy ceiling): bf16 131072 x 128 rms_norm 89.9 -> 92.6, add_rms_norm 93.8
+ * -> 95.5, layer_norm 50.8 -> 62.7, add_layer_norm 77.7 -> 92.7; f32 layer_norm 91.0 -> 96.4; bf16
+ * 65536 x 256 rms_norm 90.6 -> 93.2, layer_norm 71.1 -> 78.6. The cost: rows of 33 .. 64 chunks go to
+ * G = 32 with two of their four chunks zeros (bf16 65536 x 512: layer_norm 87.0 -> 75.4, rms_norm 96.4 ->
+ * 93.1, add_rms_norm 98.6 -> 97.1). Holding those two a thread in the G = 32 kernels beside the rows of
+ * four (a branch on dim) spilled the four-chunk path (add_rms_norm bf16 x 1024: 96.4 -> 90.5), as a
+ * two-chunk path in the G = 16 kernels did. */
+#define TN_KERNEL_TWO_CHUNKS_MAX_GROUP 16
+#define TN_KERNEL_CHUNKS_OF(G) ((G) <= TN_KERNEL_TWO_CHUNKS_MAX_GROUP ? 2 : TN_KERNEL_REG_CHUNKS)
 #define TN_KERNEL_MAX_GROUP 1024    /* threads per row, at most */
 #define TN_KERNEL_MIN_BLOCK 128     /* threads per block when G <= 32 (several rows per block); else G */
 /* Threads per block of a row kernel with G threads per row: one row per block above one warp (the group's
@@ -113,7 +135,7 @@ typedef struct tn_kernel_params {
 #define TN_KERNEL_ELEMENTWISE_BLOCK 256
 
 /* Where a long row waits between its reduction and its output. */
-#define TN_KERNEL_STAGE_REGISTERS 0 /* rows of at most G * TN_KERNEL_REG_CHUNKS chunks */
+#define TN_KERNEL_STAGE_REGISTERS 0 /* rows of at most G * TN_KERNEL_CHUNKS_OF(G) chunks */
 #define TN_KERNEL_STAGE_SHARED 1    /* one row per block, in dynamic shared memory */
 #define TN_KERNEL_STAGE_REREAD 2    /* one row per block, read again (from L2) for the output */
 

@@ -1,18 +1,20 @@
 /* rms_norm with a rotary position embedding after it, on every head (a 3-D view [tokens, heads, dim], or a
  * 2-D one whose rows are the heads, each its own token): Q or K normalised and rotated in one pass. Each
  * head is reduced as rms_norm's register shape of the same G for (dtype, dim) reduces a row of dim
- * elements (dim <= TN_ROPE_MAX_DIM keeps G <= 32: a head's group is inside a warp), G threads a head, each
- * holding TN_KERNEL_REG_CHUNKS chunks in registers. Two kinds of kernel:
+ * elements (dim <= TN_ROPE_MAX_DIM keeps G <= 32: a head's group is inside a warp). Two kinds of kernel:
  *
  * - The paired kernels (access mode TN_KERNEL_MODE_WHOLE; backend.c takes them for whole chunks where
- *   every pair lies in one thread's chunks: GPTJ, and NEOX with halves a multiple of G chunks apart).
- *   A block takes TN_KERNEL_BLOCK_OF(G) / G heads in a row of the view, whatever their tokens, as
+ *   every pair lies in one thread's chunks: GPTJ, and NEOX with halves a multiple of GR chunks apart).
+ *   A head has GR = TN_KERNEL_ROPE_PAIRED_GROUP(G, chunks) threads of TN_KERNEL_REG_CHUNKS chunks each (G
+ *   or G / 2: a thread then takes two lanes' chunks, params.h).
+ *   A block takes TN_KERNEL_BLOCK_OF(G) / GR heads in a row of the view, whatever their tokens, as
  *   rms_norm's kernels take the vectors of a 3-D view; its threads issue their heads' loads, then stage
  *   the cos and sin of the block's few tokens in shared memory (from the table, or from theta) while those
  *   loads are in flight, then one barrier; each pair is rotated from the registers. H100, 8192 x 40 x 128
  *   bf16: 77.8 -> 93.1% of the copy ceiling from a table, 68.8 -> 90.4% from theta.
- * - The slot kernels (the other modes): a block takes whole tokens, stages their cos and sin first, and
- *   the pairs meet in a shared-memory slot of the head's group (below).
+ * - The slot kernels (the other modes): G threads a head, each holding TN_KERNEL_CHUNKS_OF(G) chunks; a
+ *   block takes whole tokens, stages their cos and sin first, and the pairs meet in a shared-memory slot of
+ *   the head's group (below).
  *
  * The cos and sin are staged once per token for all heads: read from the table (the position clamped to
  * its rows), or computed from theta (inv_freq once per block, in double as the spec says, then sincos in
@@ -109,7 +111,7 @@ struct __align__(8) tn_f32x2 {
 
 template <int DT, int G, int MODE>
 TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
-  constexpr int K = TN_KERNEL_REG_CHUNKS, V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
+  constexpr int K = TN_KERNEL_CHUNKS_OF(G), V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
   constexpr int SWAP = TN_KERNEL_ROPE_SLOT_CHUNKS(G);
   const int rot = p.rotary_dim, half = rot / 2, tpb = p.tokens_per_block;
   const bool gptj = tn_flag(p, TN_KERNEL_FLAG_ROPE_GPTJ), table = tn_flag(p, TN_KERNEL_FLAG_ROPE_TABLE),
@@ -472,14 +474,19 @@ TN_DEV void tn_rope_stage_theta(const tn_kernel_params &p, float *cs, const floa
  * rms_norm's kernels take its vectors: its threads load their heads first, then stage the cos and sin
  * of the block's few tokens (p.tokens_per_block rows at most: backend.c) and the weight plus offset in
  * shared memory while those loads are in flight, then one barrier. */
-template <int DT, int G>
+template <int DT, int G, int GR>
 TN_DEV void tn_rope_paired(const tn_kernel_params &p) {
+  /* GR threads a head, each holding chunks k * GR + t (k < K); with FOLD = 2 those of k even are lane t's of
+   * the G-lane order, those of k odd lane t + GR's (a lane's chunks past those are zeros, whose squares
+   * add exactly nothing). */
+  constexpr int FOLD = G / GR;
   constexpr int K = TN_KERNEL_REG_CHUNKS, V = tn_dt<DT>::per_chunk, S = tn_dt<DT>::size;
-  constexpr int MODE = TN_KERNEL_MODE_WHOLE, RPB = TN_KERNEL_BLOCK_OF(G) / G;
+  constexpr int MODE = TN_KERNEL_MODE_WHOLE, RPB = TN_KERNEL_BLOCK_OF(G) / GR;
+  static_assert(FOLD == 1 || FOLD == 2, "a thread holds one lane's chunks or two lanes'");
   const bool gptj = tn_flag(p, TN_KERNEL_FLAG_ROPE_GPTJ), llama = tn_flag(p, TN_KERNEL_FLAG_LLAMA),
              table = tn_flag(p, TN_KERNEL_FLAG_ROPE_TABLE);
   const tn_i64 heads = p.heads, vectors = p.rows * heads, chunks = p.dim / V;
-  const int rot = p.rotary_dim, half = rot / 2, t = threadIdx.x % G, d = half / (V * G);
+  const int rot = p.rotary_dim, half = rot / 2, t = threadIdx.x % GR, d = half / (V * GR);
   /* Dynamic shared memory: the weight plus offset (dim floats), inv_freq (theta: half floats, padded to
    * 4), then tokens_per_block rows of rot floats. */
   float *w_staged = reinterpret_cast<float *>(tn_dynamic_smem);
@@ -495,14 +502,14 @@ TN_DEV void tn_rope_paired(const tn_kernel_params &p) {
                : v / heads;
   };
   for (tn_i64 first = (tn_i64)blockIdx.x * RPB; first < vectors; first += (tn_i64)gridDim.x * RPB) {
-    const tn_i64 v = first + threadIdx.x / G, last = (first + RPB < vectors ? first + RPB : vectors) - 1;
+    const tn_i64 v = first + threadIdx.x / GR, last = (first + RPB < vectors ? first + RPB : vectors) - 1;
     const bool active = v < vectors;
     const tn_i64 tok = token_of(active ? v : last), tok0 = token_of(first);
     const char *x = (const char *)p.x + (tok * p.x_stride + (v - tok * heads) * p.x_head_stride) * S;
     tn_chunk q[K];
 #pragma unroll
     for (int k = 0; k < K; k++) {
-      const tn_i64 c = (tn_i64)k * G + t;
+      const tn_i64 c = (tn_i64)k * GR + t;
       q[k] = active && c < chunks ? tn_load_chunk<DT, MODE>(x, c, p.dim) : tn_chunk_zero();
     }
     /* The block's tokens' cos and sin (the barrier first: inv_freq is written, and the previous heads'
@@ -523,20 +530,42 @@ TN_DEV void tn_rope_paired(const tn_kernel_params &p) {
     }
     __syncthreads();
     if (!active) continue;
-    float acc = 0.0f;
+    /* This thread's part of the head's sum of (x * k)^2 in the order of G lanes: its lane's (or, folded,
+     * lane t's plus lane t + GR's, the butterfly's first step), for tn_group_sum<GR> to finish. */
+    const auto squares = [&](float k) {
+      float lane[FOLD] = {};
 #pragma unroll
-    for (int k = 0; k < K; k++) acc = tn_chunk_sum_squares<DT>(q[k], acc, 1.0f);
-    const tn_row_stats st = tn_rms_reduce::finish<DT>(
-        p, tn_group_sum<G>(acc, unused_partials, &turn),
-        [&](float u) { return tn_group_sum<G>(u, unused_partials, &turn); }, tn_each_in_registers<tn_chunk, G, K>{q, t});
+      for (int i = 0; i < K; i++) lane[i % FOLD] = tn_chunk_sum_squares<DT>(q[i], lane[i % FOLD], k);
+      return FOLD == 1 ? lane[0] : lane[0] + lane[FOLD - 1];
+    };
+    const auto group_sum = [&](float u) { return tn_group_sum<GR>(u, unused_partials, &turn); };
+    tn_row_stats st;
+    st.mean = 0.0f;
+    st.inv = tn_row_inv(group_sum(squares(1.0f)), p, &st.pre, group_sum, squares);
     char *y = (char *)p.y + (tok * p.y_stride + (v - tok * heads) * p.y_head_stride) * S;
     const tn_rope_staged in = {cs + (tok - tok0) * rot, w_staged};
     /* The casting chosen once (its per-element branches kept the compiler from scheduling across them). */
-    if (llama) tn_rope_paired_out<DT, G, true>(p, gptj, d, in, y, q, t, st);
-    else tn_rope_paired_out<DT, G, false>(p, gptj, d, in, y, q, t, st);
+    if (llama) tn_rope_paired_out<DT, GR, true>(p, gptj, d, in, y, q, t, st);
+    else tn_rope_paired_out<DT, GR, false>(p, gptj, d, in, y, q, t, st);
   }
 }
 static_assert(TN_KERNEL_REG_CHUNKS == 4, "tn_rope_paired names the pair distances of four chunks: 1 and 2");
+
+/* The paired kernel of G for the head's chunks (params.h's TN_KERNEL_ROPE_PAIRED_GROUP, which backend.c
+ * plans the launch by): G / 2 threads a head or G, a run-time choice only at G = 32. */
+template <int DT, int G>
+TN_DEV void tn_rope_paired_of(const tn_kernel_params &p) {
+  if constexpr (G == 1) {
+    tn_rope_paired<DT, 1, 1>(p);
+  } else if constexpr (TN_KERNEL_CHUNKS_OF(G) < TN_KERNEL_REG_CHUNKS) {
+    tn_rope_paired<DT, G, G / 2>(p);
+  } else if constexpr (G == 2 * TN_KERNEL_TWO_CHUNKS_MAX_GROUP) {
+    if (TN_KERNEL_ROPE_PAIRED_GROUP(G, p.dim / tn_dt<DT>::per_chunk) == G / 2) tn_rope_paired<DT, G, G / 2>(p);
+    else tn_rope_paired<DT, G, G>(p);
+  } else {
+    tn_rope_paired<DT, G, G>(p);
+  }
+}
 
 /* G <= 32 threads per head. The slot kernels: blocks of at most TN_KERNEL_ROPE_MAX_BLOCK threads, with
  * the register cap of the other row kernels (64 a thread); the paired ones: TN_KERNEL_BLOCK_OF(G)
@@ -550,7 +579,7 @@ __global__ void __launch_bounds__(MODE == TN_KERNEL_MODE_WHOLE ? TN_KERNEL_BLOCK
                                                                : TN_KERNEL_MIN_RESIDENT / TN_KERNEL_ROPE_MAX_BLOCK)
     tn_rope_registers(const tn_kernel_params p) {
   tn_pdl_wait();
-  if constexpr (MODE == TN_KERNEL_MODE_WHOLE) tn_rope_paired<DT, G>(p);
+  if constexpr (MODE == TN_KERNEL_MODE_WHOLE) tn_rope_paired_of<DT, G>(p);
   else tn_rope_rows<DT, G, MODE>(p);
   tn_pdl_launch_dependents();
 }

@@ -463,8 +463,9 @@ struct tn_register_shape : tn_shape_choices<> {
 };
 
 /* The register shape of rms_norm's and add_rms_norm's families (norm.cu, add_rms_norm.cu): short rows of
- * 2-byte dtypes (G <= 16) at 72 registers, 896 resident threads; at 64 they spilled 20-24 bytes (H100,
- * bf16 131072x128: rms_norm 85.4 -> 88.3%, l2_norm 88.5 -> 91.3%, add_rms_norm 87.9 -> 92.0%). */
+ * 2-byte dtypes (G <= 16) at 72 registers, 896 resident threads; at 64 they spilled 20-24 bytes when a
+ * thread held four chunks there (H100, bf16 131072x128: rms_norm 85.4 -> 88.3%, l2_norm 88.5 -> 91.3%,
+ * add_rms_norm 87.9 -> 92.0%). With two (params.h's TN_KERNEL_CHUNKS_OF) they take 55-64 registers. */
 template <class Op, int DT, int G, bool AHEAD = false, bool WEIGHT_FIRST = false>
 struct tn_short_rows_shape
     : tn_shape_choices<(DT != TN_KERNEL_F32 && G <= 16 ? 896 : TN_KERNEL_MIN_RESIDENT), AHEAD, WEIGHT_FIRST> {
@@ -570,7 +571,7 @@ struct tn_splits_production<Op, typename tn_void_of<typename Op::template raw<0>
   enum { value = 1 };
 };
 
-/* G threads per row, each keeping TN_KERNEL_REG_CHUNKS chunks in registers; several rows per block
+/* G threads per row, each keeping TN_KERNEL_CHUNKS_OF(G) chunks in registers; several rows per block
  * when G <= 32 (a row's group is then within a warp; above a warp a block is one row, since the group's
  * barrier and shared partial sums belong to the block); rows spread over a grid that strides (rows are never a grid dimension
  * with a 65535 cap; every offset is 64-bit). */
@@ -578,7 +579,7 @@ template <int DT, int G, int MODE, class Op, bool AHEAD = false, bool WEIGHT_FIR
 TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
   using H = typename Op::template held<DT>;
   using R = typename Op::reduce;
-  constexpr int K = TN_KERNEL_REG_CHUNKS, V = tn_dt<DT>::per_chunk;
+  constexpr int K = TN_KERNEL_CHUNKS_OF(G), V = tn_dt<DT>::per_chunk;
   constexpr int BLOCK = TN_KERNEL_BLOCK_OF(G), RPB = BLOCK / G; /* one row per block above one warp */
   __shared__ float partials[2 * (G > 32 ? G / 32 : 1)];
   int turn = 0;
@@ -672,7 +673,7 @@ template <int DT, int G, int MODE, class Op>
 TN_DEV void tn_rows_wide(const tn_kernel_params &p) {
   using H = typename Op::template held<DT>;
   using R = typename Op::reduce;
-  constexpr int K = TN_KERNEL_REG_CHUNKS, W = TN_KERNEL_WIDE_BLOCK_OF(G), PER = G * K / W;
+  constexpr int K = TN_KERNEL_CHUNKS_OF(G), W = TN_KERNEL_WIDE_BLOCK_OF(G), PER = G * K / W;
   __shared__ H staged[G * K];
   __shared__ float partials[2 * (G / 32)];
   int turn = 0;
