@@ -1495,6 +1495,50 @@ TEST_F(SanitizedModelsBatchInvariance, HeadsLlamaAndStreams) {
   }
 }
 
+// rope.cu's paired kernels hold a head on half the threads of rms_norm's shape where that shape holds at most
+// two chunks a lane (each thread two lanes' chunks, params.h's TN_KERNEL_ROPE_PAIRED_GROUP) and must reduce
+// in its order all the same: the elements past rotary_dim, normalised and not rotated, come out with the
+// bytes rms_norm gives the same heads. Heads of 4 .. 64 chunks (G = 2 .. 32), rows rescaled (x near 3e19,
+// their squares past float32's range) and not.
+TEST_F(SanitizedModelsBatchInvariance, RopeNormsAsRmsNorm) {
+  for (tn_dtype dt : {TN_F32, TN_BF16})
+    for (int64_t chunks : {4, 8, 16, 32, 64})
+      for (double x_scale : {0.0, 3e19}) {
+        const int64_t per_chunk = dt == TN_F32 ? 4 : 8;
+        Spec plain;
+        plain.dt = dt;
+        plain.dim = chunks * per_chunk;
+        plain.heads = 3;
+        plain.rows = 40;
+        plain.weight = kXDtype;
+        plain.weight_offset = 1.0f;
+        plain.x_scale = x_scale;
+        Spec roped = plain;
+        roped.rope = TN_ROPE_GPTJ;  // whole chunks: the paired kernels
+        roped.rotary_dim = 2 * per_chunk;
+        roped.table = kTheta;
+        Case r, n;
+        MakeCase(r, roped, SeedFor("rope as rms_norm " + Describe(roped)));
+        ASSERT_TRUE(Solve(ctx, r));
+        ASSERT_TRUE(RunGpu(ctx, r));
+        ASSERT_TRUE(CheckCase(r, Describe(roped)));
+        MakeCase(n, plain, 1);
+        for (Slot slot : {kX, kW}) {
+          ASSERT_EQ(n.op[slot].image.size(), r.op[slot].image.size()) << kSlotNames[slot];
+          n.op[slot].image = r.op[slot].image;
+        }
+        ASSERT_TRUE(RunGpu(ctx, n));
+        const Operand &ry = r.op[r.YSlot()], &ny = n.op[n.YSlot()];
+        for (int64_t row = 0; row < plain.rows; row++)
+          for (int64_t h = 0; h < plain.heads; h++)
+            for (int64_t i = roped.rotary_dim; i < plain.dim; i++)
+              ASSERT_EQ(0, memcmp(r.gpu[r.YSlot()].data() + ry.At(row, h, i), n.gpu[n.YSlot()].data() + ny.At(row, h, i),
+                                  ry.es()))
+                  << Describe(roped) << ": row " << row << " head " << h << " column " << i
+                  << " differs from rms_norm's";
+      }
+}
+
 TEST_F(SanitizedModelsBatchInvariance, Rope) {
   for (tn_dtype dt : {TN_F32, TN_BF16}) {
     Spec s;

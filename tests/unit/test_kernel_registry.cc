@@ -443,6 +443,28 @@ TEST(KernelRegistry, RopeWholeChunkKernelsAreThePairedOnes) {
   EXPECT_EQ(KernelName(k), "tn_rope_registers<2,4,3>");
 }
 
+TEST(KernelRegistry, RopePairedGroupHoldsAHeadInFourChunksAThread) {
+  // rope.cu's paired kernels put a head of `chunks` chunks on TN_KERNEL_ROPE_PAIRED_GROUP(G, chunks)
+  // threads of four chunks: the fewest that hold it so, and G or G / 2, where G is rms_norm's row shape
+  // for the head (the kernel folds two lanes of G into a thread, so a lane's chunks must fit two).
+  for (tn_dtype dt : {TN_F32, TN_BF16}) {
+    const int64_t per_chunk = tn_kernel_chunk_elements(dt);
+    for (int64_t dim = per_chunk; dim <= TN_ROPE_MAX_DIM; dim += per_chunk) {
+      SCOPED_TRACE(std::string(tn_dtype_name(dt)) + " dim " + std::to_string(dim));
+      const int64_t chunks = dim / per_chunk;
+      const int g = tn_kernel_group_threads(tn_kernel_row_shape(dt, dim, (size_t)1 << 30));
+      const int gr = TN_KERNEL_ROPE_PAIRED_GROUP(g, chunks);
+      int fewest = 1;
+      while ((int64_t)fewest * TN_KERNEL_REG_CHUNKS < chunks) fewest *= 2;
+      EXPECT_EQ(gr, fewest);
+      EXPECT_TRUE(gr == g || 2 * gr == g) << "G " << g;
+      if (2 * gr == g) {
+        EXPECT_LE(chunks, (int64_t)2 * g) << "two lanes of G fold into one thread's four chunks";
+      }
+    }
+  }
+}
+
 TEST(KernelRegistry, RowShapeDependsOnDtypeAndDimOnly) {
   // The threads per row fix the reduction order, so a row's bytes must not depend on the device: for one
   // (dtype, dim) the group size is the same whatever shared memory the device offers, and rows held in
