@@ -268,10 +268,10 @@ static tn_kernel_family family_for(const tn_op_args *a) {
 
 static int64_t rotary_dim_of(const tn_op_args *a) { return a->rope.rotary_dim != 0 ? a->rope.rotary_dim : a->x->dim; }
 
-/* Threads a head of rope.cu's paired kernels, for a row shape of g threads. */
+/* Threads a head of rope.cu's paired kernels, for a row shape of g threads (whole chunks: the kernel's
+ * count of them is the same). */
 static int rope_paired_group(const tn_op_args *a, int g) {
-  const int64_t v = tn_kernel_chunk_elements(a->x->dtype);
-  return TN_KERNEL_ROPE_PAIRED_GROUP(g, (a->x->dim + v - 1) / v);
+  return TN_KERNEL_ROPE_PAIRED_GROUP(g, a->x->dim / tn_kernel_chunk_elements(a->x->dtype));
 }
 
 /* Whether a rope with whole chunks, a row shape of g threads, can take rope.cu's paired kernels: rotary_dim
@@ -279,10 +279,9 @@ static int rope_paired_group(const tn_op_args *a, int g) {
  * halves are D * rope_paired_group chunks apart, D = 1 or 2 of a thread's four chunks). */
 static int rope_paired(const tn_op_args *a, int g) {
   const int64_t v = tn_kernel_chunk_elements(a->x->dtype), half = rotary_dim_of(a) / 2;
-  const int64_t threads = rope_paired_group(a, g);
   if (half % v != 0) return 0;
   if (a->rope.style == TN_ROPE_GPTJ) return 1;
-  const int64_t apart = half / v; /* chunks */
+  const int64_t apart = half / v, threads = rope_paired_group(a, g); /* chunks; threads a head */
   return apart % threads == 0 && (apart / threads == 1 || apart / threads == TN_KERNEL_REG_CHUNKS / 2);
 }
 

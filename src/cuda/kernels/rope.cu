@@ -551,20 +551,17 @@ TN_DEV void tn_rope_paired(const tn_kernel_params &p) {
 }
 static_assert(TN_KERNEL_REG_CHUNKS == 4, "tn_rope_paired names the pair distances of four chunks: 1 and 2");
 
-/* The paired kernel of G for the head's chunks (params.h's TN_KERNEL_ROPE_PAIRED_GROUP, which backend.c
- * plans the launch by): G / 2 threads a head or G, a run-time choice only at G = 32. */
+/* The paired kernel of G for the head's chunks: G / 2 threads a head or G, as params.h's
+ * TN_KERNEL_ROPE_PAIRED_GROUP says (backend.c plans the launch by it); only the variants it can name for
+ * this G are compiled (G / 2 alone where G's shape holds two chunks a thread, G alone at G = 1). */
 template <int DT, int G>
 TN_DEV void tn_rope_paired_of(const tn_kernel_params &p) {
-  if constexpr (G == 1) {
-    tn_rope_paired<DT, 1, 1>(p);
-  } else if constexpr (TN_KERNEL_CHUNKS_OF(G) < TN_KERNEL_REG_CHUNKS) {
-    tn_rope_paired<DT, G, G / 2>(p);
-  } else if constexpr (G == 2 * TN_KERNEL_TWO_CHUNKS_MAX_GROUP) {
-    if (TN_KERNEL_ROPE_PAIRED_GROUP(G, p.dim / tn_dt<DT>::per_chunk) == G / 2) tn_rope_paired<DT, G, G / 2>(p);
-    else tn_rope_paired<DT, G, G>(p);
-  } else {
-    tn_rope_paired<DT, G, G>(p);
+  constexpr bool FOLDED_ONLY = G > 1 && TN_KERNEL_CHUNKS_OF(G) < TN_KERNEL_REG_CHUNKS;
+  if constexpr (G > 1) {
+    if (FOLDED_ONLY || TN_KERNEL_ROPE_PAIRED_GROUP(G, p.dim / tn_dt<DT>::per_chunk) == G / 2)
+      return tn_rope_paired<DT, G, G / 2>(p);
   }
+  if constexpr (!FOLDED_ONLY) tn_rope_paired<DT, G, G>(p);
 }
 
 /* G <= 32 threads per head. The slot kernels: blocks of at most TN_KERNEL_ROPE_MAX_BLOCK threads, with
