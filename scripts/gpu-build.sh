@@ -16,4 +16,4 @@ for t in "$@"; do gpu_targets+=(--target "$t"); done
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DTNORM_CUDA=ON -DTNORM_GPU_TESTS=ON "${gpu_cmake_extra[@]}" \
   > /tmp/tnorm-configure.log 2>&1 &&
   cmake --build build-gpu -j"$(nproc)" "${gpu_targets[@]}" > /tmp/tnorm-build.log 2>&1 ||
-  { tail -30 /tmp/tnorm-configure.log /tmp/tnorm-build.log; false; }
+  { tail -n 30 /tmp/tnorm-configure.log /tmp/tnorm-build.log; false; }

@@ -32,7 +32,7 @@ t0=$(date +%s)
 if . scripts/gpu-build.sh all > "$OUT/build.log" 2>&1; then  # "all": else it would see our arguments
   row "build" "ok ($(( $(date +%s) - t0 )) s)"
 else
-  tail -30 "$OUT/build.log"
+  tail -n 30 "$OUT/build.log"
   row "build" "FAILED"
   printf '%s\n' "${rows[@]}"
   exit 1
@@ -97,7 +97,7 @@ if wants bench quick; then
   # heads: 8192 tokens x 40 heads x 128 is the per-head goal's shape.
   ops=rms_norm,l2_norm,add_rms_norm,layer_norm,add_layer_norm,rms_norm_rope,rms_norm_rope_theta
   timeout 200 $TNORM bench --device cuda --ops $ops --dtypes bf16,f32 --shapes $shapes --csv "$OUT/bench_cuda.csv" \
-    > "$OUT/bench_cuda.txt" 2>&1 || tail -3 "$OUT/bench_cuda.txt"
+    > "$OUT/bench_cuda.txt" 2>&1 || tail -n 3 "$OUT/bench_cuda.txt"
   timeout 60 $TNORM bench-graph --device cuda > "$OUT/bench_graph.txt" 2>&1
   cat "$OUT/bench_graph.txt"
   echo
