@@ -287,8 +287,10 @@ TN_API tn_status tn_add_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const 
                                      float eps, const tn_tensor *y, const tn_tensor *residual_out);
 
 /* y = (x - mean(x)) * rsqrt(mean((x - mean(x))^2) + eps) * weight + bias (BERT, ViT, Whisper); weight and
- * bias each optional. The mean is taken first, then the variance of the deviations (two passes over the
- * row in float32, never E[x^2] - E[x]^2). */
+ * bias each optional. Statistics in float32: the CPU takes the mean first, then the variance of the
+ * deviations (two passes over the row); the CUDA kernels reduce the sums of x and x^2 together and take
+ * var = E[x^2] - mean^2 where mean^2 <= var (the subtraction cancels at most one bit), the two passes for
+ * any other row (one shifted far from zero), so that no row loses precision to cancellation. */
 TN_API tn_status tn_layer_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight,
                                const tn_tensor *bias, float eps, const tn_tensor *y);
 

@@ -88,8 +88,9 @@ struct Spec {
   Table table = kTableF32;
   bool positions_i64 = false, out_of_table = false;
   float theta = 10000.0f;
-  // Data: x (and the residual) N(0, 1) times a per-row scale from {1e-3, 1, 30}, or this fixed one.
-  double x_scale = 0.0;
+  // Data: x (and the residual) N(0, 1) times a per-row scale from {1e-3, 1, 30}, or this fixed one; x
+  // shifted by x_shift.
+  double x_scale = 0.0, x_shift = 0.0;
 
   bool adds() const { return op == TN_OP_ADD_RMS_NORM || op == TN_OP_ADD_LAYER_NORM; }
   bool roped() const { return rope != TN_ROPE_NONE; }
@@ -115,6 +116,8 @@ std::string Describe(const Spec &s) {
   if (s.adds()) o << " residual " << tn_dtype_name(s.rdt()) << (s.residual_mode == TN_RESIDUAL_NORM_F32 ? " norm_f32" : "");
   if (s.casting == TN_CASTING_LLAMA) o << " llama";
   if (s.op == TN_OP_L2_NORM) o << " scale " << s.scale << (s.l2_mode == TN_L2_MAX_NORM_EPS ? " max_norm_eps" : "");
+  if (s.x_scale > 0) o << " x scale " << s.x_scale;
+  if (s.x_shift != 0) o << " x shift " << s.x_shift;
   o << " eps " << s.eps;
   if (s.roped()) {
     o << " rope " << (s.rope == TN_ROPE_NEOX ? "neox" : "gptj") << " rotary " << s.Rotary() << " "
@@ -287,7 +290,7 @@ void MakeCase(Case &c, const Spec &s, uint64_t seed) {
   };
   const int64_t heads = s.heads;
   row_operand(kX, s.dt, heads);
-  FillView(c.op[kX], rng, s.x_scale);
+  FillView(c.op[kX], rng, s.x_scale, s.x_shift);
   if (s.adds()) {
     row_operand(kRes, s.rdt(), 1);
     FillView(c.op[kRes], rng, s.x_scale);
@@ -821,14 +824,25 @@ TEST_F(GpuModelOps, LayerNorm) {
         s.bias = kXDtype;
         specs.push_back(WithLayout(s, l));
       }
-  // Rows offset far from zero: the mean is taken first, then the deviations.
-  Spec far;
-  far.op = TN_OP_LAYER_NORM;
-  far.dt = TN_F32;
-  far.dim = 4096;
-  far.rows = 9;
-  far.x_scale = 1.0;
-  specs.push_back(far);
+  // Rows shifted from zero: N(0, 1) + shift. At 0.9 the mean's square is about 0.8 of the variance, where
+  // E[x^2] - mean^2 still stands (the kernels' one-reduction path, up to a bit of cancellation); at 1.1 and
+  // beyond, the mean first, then the deviations (the two-reduction path); at 1000, the cancellation that
+  // E[x^2] - mean^2 could not survive.
+  for (tn_dtype dt : kAllDtypes)
+    for (double shift : {0.9, 1.1, 1000.0})
+      for (int64_t dim : {128, 4096, 16384})
+        for (tn_op op : {TN_OP_LAYER_NORM, TN_OP_ADD_LAYER_NORM}) {
+          Spec far;
+          far.op = op;
+          far.dt = dt;
+          far.dim = dim;
+          far.rows = 9;
+          far.x_scale = 1.0;
+          far.x_shift = shift;
+          far.weight = kXDtype;
+          far.bias = kF32;
+          specs.push_back(far);
+        }
   CheckAll(specs, "layer_norm");
 }
 

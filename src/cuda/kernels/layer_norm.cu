@@ -1,7 +1,8 @@
 /* layer_norm, and add_layer_norm when the residual is of x's dtype and the sum is normalised as stored
  * (its own kernels, tn_add_layer_*: ADD at compile time): the row held as chunks of x's dtype, in the row shapes of row.cuh (so every dim the rms
  * kernels take, with the same G per (dtype, dim) and so a fixed reduction order), reduced by
- * tn_layer_reduce (the mean, then the squared deviations):
+ * tn_layer_reduce_as with one reduction (ops.cuh: E[x^2] - mean^2 where it cannot cancel, else the mean, then
+ * the squared deviations):
  *   y = round(((s * pre - mean) * inv) * (w + offset) + b), s = x, or round(x + r) (also written to
  *   residual_out); weight and bias each optional. TN_CASTING_LLAMA's layer_norm in f16/bf16 is general.cu's
  *   (backend.c): these kernels have no code for its rounding, which took one branch per element of the
@@ -18,7 +19,7 @@ template <bool ADD, bool COMMON_PATHS, bool SPLIT = ADD, bool WHOLE = false, boo
 struct tn_layer_op : tn_add_split<SPLIT> {
   template <int DT>
   using held = tn_chunk;
-  using reduce = tn_layer_reduce_as<COMMON_PATHS, WHOLE>;
+  using reduce = tn_layer_reduce_as<COMMON_PATHS, WHOLE, true>;
 
   template <int DT>
   static __device__ __forceinline__ tn_i64 locate(const tn_kernel_params &, tn_i64 row) {

@@ -264,21 +264,46 @@ TN_DEV unsigned tn_group_mask() {
  * shared memory: partials holds two sets of G / 32 floats used in turn (*turn flips on every call, the
  * same in every thread), so one barrier per reduction suffices: a set is written again only after the
  * next reduction's barrier, which every thread reaches after reading it. */
-template <int G>
-TN_DEV float tn_group_sum(float v, float *partials, int *turn) {
+/* Two sums reduced together (layer_norm's x and x^2): one barrier for both. */
+struct tn_sum2 {
+  float s, q;
+};
+TN_DEV tn_sum2 operator+(tn_sum2 a, tn_sum2 b) { return {a.s + b.s, a.q + b.q}; }
+TN_DEV float tn_shfl_xor(unsigned mask, float v, int o) { return __shfl_xor_sync(mask, v, o); }
+TN_DEV tn_sum2 tn_shfl_xor(unsigned mask, tn_sum2 v, int o) {
+  return {__shfl_xor_sync(mask, v.s, o), __shfl_xor_sync(mask, v.q, o)};
+}
+
+/* What a reduction's first sum is: float, or R::acc where R declares one. */
+template <class...>
+using tn_void_t = void;
+template <class R, class = void>
+struct tn_acc_of {
+  using type = float;
+};
+template <class R>
+struct tn_acc_of<R, tn_void_t<typename R::acc>> {
+  using type = typename R::acc;
+};
+
+/* A reduction's shared partials: two sets of G / 32 sums of up to two floats. */
+#define TN_PARTIALS_OF(G) (4 * ((G) > 32 ? (G) / 32 : 1))
+
+template <int G, class T>
+TN_DEV T tn_group_sum(T v, float *partials, int *turn) {
   const unsigned mask = tn_group_mask<G>();
   constexpr int width = G < 32 ? G : 32;
 #pragma unroll
-  for (int o = width / 2; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o);
+  for (int o = width / 2; o > 0; o >>= 1) v = v + tn_shfl_xor(mask, v, o);
   if (G <= 32) return v;
   constexpr int warps = G > 32 ? G / 32 : 1;
-  float *set = partials + (*turn) * warps;
+  T *set = reinterpret_cast<T *>(partials) + (*turn) * warps;
   *turn ^= 1;
   if ((threadIdx.x & 31u) == 0) set[threadIdx.x >> 5] = v;
   __syncthreads();
-  float s = set[0];
+  T s = set[0];
 #pragma unroll
-  for (int w = 1; w < warps; w++) s += set[w];
+  for (int w = 1; w < warps; w++) s = s + set[w];
   return s;
 }
 
@@ -581,7 +606,7 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
   using R = typename Op::reduce;
   constexpr int K = TN_KERNEL_CHUNKS_OF(G), V = tn_dt<DT>::per_chunk;
   constexpr int BLOCK = TN_KERNEL_BLOCK_OF(G), RPB = BLOCK / G; /* one row per block above one warp */
-  __shared__ float partials[2 * (G > 32 ? G / 32 : 1)];
+  __shared__ float partials[TN_PARTIALS_OF(G)];
   int turn = 0;
   const int t = threadIdx.x % G;
   const tn_i64 chunks = (p.dim + V - 1) / V;
@@ -614,10 +639,10 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
         if (c < chunks) tn_fetch_ahead<RPB>(p, row, c, tn_dt<DT>::size);
       }
     }
-    float acc = 0.0f;
+    typename tn_acc_of<R>::type acc{};
 #pragma unroll
     for (int k = 0; k < K; k++) acc = R::template first<DT>(p, q[k], acc);
-    const float sum = tn_group_sum<G>(acc, partials, &turn);
+    const auto sum = tn_group_sum<G>(acc, partials, &turn);
     const tn_row_stats st = R::template finish<DT>(
         p, sum, [&](float v) { return tn_group_sum<G>(v, partials, &turn); }, tn_each_in_registers<H, G, K>{q, t});
     if constexpr (WEIGHT_FIRST) {
@@ -649,18 +674,18 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
 /* The sum over a G-thread group (G >= 64) whose block has more threads than the group: the same
  * arithmetic as tn_group_sum<G> for threads 0 .. G - 1, and every thread of the block takes part (the
  * barrier is the block's). */
-template <int G>
-TN_DEV float tn_wide_group_sum(float v, float *partials, int *turn) {
+template <int G, class T>
+TN_DEV T tn_wide_group_sum(T v, float *partials, int *turn) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = v + tn_shfl_xor(0xffffffffu, v, o);
   constexpr int warps = G / 32;
-  float *set = partials + (*turn) * warps;
+  T *set = reinterpret_cast<T *>(partials) + (*turn) * warps;
   *turn ^= 1;
   if ((threadIdx.x & 31u) == 0 && (threadIdx.x >> 5) < (unsigned)warps) set[threadIdx.x >> 5] = v;
   __syncthreads();
-  float s = set[0];
+  T s = set[0];
 #pragma unroll
-  for (int w = 1; w < warps; w++) s += set[w];
+  for (int w = 1; w < warps; w++) s = s + set[w];
   return s;
 }
 
@@ -675,7 +700,7 @@ TN_DEV void tn_rows_wide(const tn_kernel_params &p) {
   using R = typename Op::reduce;
   constexpr int K = TN_KERNEL_CHUNKS_OF(G), W = TN_KERNEL_WIDE_BLOCK_OF(G), PER = G * K / W;
   __shared__ H staged[G * K];
-  __shared__ float partials[2 * (G / 32)];
+  __shared__ float partials[TN_PARTIALS_OF(G)];
   int turn = 0;
   const int t = threadIdx.x;
   const tn_i64 chunks = (p.dim + tn_dt<DT>::per_chunk - 1) / tn_dt<DT>::per_chunk;
@@ -687,7 +712,7 @@ TN_DEV void tn_rows_wide(const tn_kernel_params &p) {
       if (c < chunks) staged[c] = Op::template produce<DT, MODE>(p, at, c);
     }
     __syncthreads();
-    float acc = 0.0f;
+    typename tn_acc_of<R>::type acc{};
     if (t < G) {
 #pragma unroll
       for (int k = 0; k < K; k++) {
@@ -695,7 +720,7 @@ TN_DEV void tn_rows_wide(const tn_kernel_params &p) {
         acc = R::template first<DT>(p, c < chunks ? staged[c] : tn_held<H>::zero(), acc);
       }
     }
-    const float sum = tn_wide_group_sum<G>(acc, partials, &turn);
+    const auto sum = tn_wide_group_sum<G>(acc, partials, &turn);
     const tn_row_stats st = R::template finish<DT>(
         p, sum, [&](float v) { return tn_wide_group_sum<G>(v, partials, &turn); },
         tn_each_wide<H, G, K>{staged, t, chunks});
@@ -722,13 +747,13 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
   /* BATCH chunks in flight per thread: 64 bytes (held float32 chunks are twice the size). */
   constexpr int G = TN_KERNEL_MAX_GROUP, V = tn_dt<DT>::per_chunk, BATCH = sizeof(H) > 16 ? 2 : 4;
   H *staged = reinterpret_cast<H *>(tn_dynamic_smem);
-  __shared__ float partials[2 * (G / 32)];
+  __shared__ float partials[TN_PARTIALS_OF(G)];
   int turn = 0;
   const int t = threadIdx.x;
   const tn_i64 chunks = (p.dim + V - 1) / V;
   for (tn_i64 row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const auto at = Op::template locate<DT>(p, row);
-    float acc = 0.0f;
+    typename tn_acc_of<R>::type acc{};
     /* BATCH chunks loaded, then summed in chunk order. */
     for (tn_i64 c0 = t; c0 < chunks; c0 += (tn_i64)BATCH * G) {
       H q[BATCH];
@@ -741,7 +766,7 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
 #pragma unroll
       for (int b = 0; b < BATCH; b++) acc = R::template first<DT>(p, q[b], acc);
     }
-    const float sum = tn_group_sum<G>(acc, partials, &turn);
+    const auto sum = tn_group_sum<G>(acc, partials, &turn);
     const tn_row_stats st = R::template finish<DT>(
         p, sum, [&](float v) { return tn_group_sum<G>(v, partials, &turn); },
         tn_each_staged<DT, STAGE, MODE, Op, decltype(at)>{p, at, staged, t, chunks});
