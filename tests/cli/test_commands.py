@@ -75,6 +75,26 @@ def test_bench_cpu_csv(tmp_path):
     assert any("rms_norm" in ",".join(r) for r in rows), f"no rms_norm measurement in the CSV:\n{text}"
 
 
+def test_bench_cpu_f32_stream_and_gated_heads(tmp_path):
+    """The bench's cases of the general kernels: add_rms_norm with an f32 residual stream (bytes counted at
+    4 a residual element) and rms_norm of every head times a multiplicand."""
+    csv_path = tmp_path / "bench.csv"
+    ops = ["add_rms_norm_f32_stream", "rms_norm_gated_heads"]
+    proc = T.run_tnorm(["bench", "--device", "cpu", "--csv", csv_path, "--shapes", "64x4x128", "--iters", "3",
+                        "--ops", ",".join(ops), "--dtypes", "bf16"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, T.describe(proc)
+    header, rows, text = _parse_csv(csv_path)
+    col = {h.strip(): i for i, h in enumerate(header)}
+    assert sorted(r[col["op"]] for r in rows) == ops, text
+    for r in rows:
+        assert r[col["dtype"]] == "bf16" and int(r[col["rows"]]) == 256 and int(r[col["dim"]]) == 128, text
+        assert float(r[col["pct_ceiling"]]) > 0, text
+    # GB/s over time: the f32 stream moves x and y (2 bytes) and the residual in and out (4 bytes each).
+    f32_stream = next(r for r in rows if r[col["op"]] == "add_rms_norm_f32_stream")
+    moved = float(f32_stream[col["gbps"]]) * 1e9 * float(f32_stream[col["time_us"]]) * 1e-6
+    assert abs(moved - (256 * 128 * (2 + 2 + 4 + 4) + 128 * 2)) < 0.01 * moved, text
+
+
 def test_bench_cpu_prints_without_csv(tmp_path):
     proc = T.run_tnorm(["bench", "--device", "cpu", *QUICK], cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, T.describe(proc)

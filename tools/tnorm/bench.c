@@ -27,12 +27,16 @@
 #define BATCHES 9 /* timed batches per measurement; the median is reported */
 
 /* The bench's ops: the library's, then rms_norm with a rope (a NEOX rotation of every head, positions
- * one per token) with its cos/sin from an f32 table or computed from theta. */
-enum { BENCH_ROPE_TABLE = TN_OP_COUNT, BENCH_ROPE_THETA, BENCH_OP_COUNT };
-static const char *const bench_rope_names[] = {"rms_norm_rope", "rms_norm_rope_theta"};
+ * one per token) with its cos/sin from an f32 table or computed from theta; add_rms_norm with a float32
+ * residual stream (residual and residual_out f32 beside x and y of the dtype); rms_norm of every head
+ * times a multiplicand of x's shape (a gated per-head norm, as Gated DeltaNet's output norm). */
+enum { BENCH_ROPE_TABLE = TN_OP_COUNT, BENCH_ROPE_THETA, BENCH_ADD_F32_STREAM, BENCH_GATED_HEADS, BENCH_OP_COUNT };
+static const char *const bench_extra_names[] = {"rms_norm_rope", "rms_norm_rope_theta", "add_rms_norm_f32_stream",
+                                                "rms_norm_gated_heads"};
+static int bench_is_rope(int op) { return op == BENCH_ROPE_TABLE || op == BENCH_ROPE_THETA; }
 #define ROPE_TABLE_ROWS 4096 /* positions in the table; token t is at position t % ROPE_TABLE_ROWS */
 
-static const char *bench_op_name(int op) { return op < TN_OP_COUNT ? tn_op_name((tn_op)op) : bench_rope_names[op - TN_OP_COUNT]; }
+static const char *bench_op_name(int op) { return op < TN_OP_COUNT ? tn_op_name((tn_op)op) : bench_extra_names[op - TN_OP_COUNT]; }
 
 typedef struct bench_options {
   cli_device device;
@@ -131,16 +135,16 @@ typedef struct bench_call {
   tn_op_args *a;
   tn_tensor *xt, *yt, *rt, *rot;
   char *x, *y, *r, *ro;
-  size_t sets, set_bytes;
+  size_t sets, set_bytes, r_set_bytes; /* one set of x (and y), of the residual (or mul) */
   tn_event *start, *end;
 } bench_call;
 
 static void use_set(bench_call *c, long long k) {
-  size_t off = ((size_t)k % c->sets) * c->set_bytes;
+  size_t off = ((size_t)k % c->sets) * c->set_bytes, r_off = ((size_t)k % c->sets) * c->r_set_bytes;
   c->xt->data = c->x + off;
   c->yt->data = c->y + off;
-  if (c->r != NULL) c->rt->data = c->r + off;
-  if (c->ro != NULL) c->rot->data = c->ro + off;
+  if (c->r != NULL) c->rt->data = c->r + r_off;
+  if (c->ro != NULL) c->rot->data = c->ro + r_off;
 }
 
 static int time_batch(bench_call *c, long long n, long long first, double *seconds) {
@@ -175,15 +179,19 @@ static double time_copy(bench_call *c, cpu_copier *copier, int streaming) {
 static int measure(tn_context *ctx, tn_device dev, int bench_op, tn_dtype dtype, int64_t rows, int64_t heads,
                    int64_t dim, long long iters, cpu_copier *copier, measurement *out) {
   tn_rng rng = {0x5eed ^ (uint64_t)(rows * 31 + dim)};
-  const int rope = bench_op >= TN_OP_COUNT;
-  const tn_op op = rope ? TN_OP_RMS_NORM : (tn_op)bench_op;
-  size_t elems = (size_t)rows * (size_t)heads * (size_t)dim, es = tn_dtype_size(dtype);
-  /* add_rms_norm, add_layer_norm: x, residual, y, residual_out; add and mul: x, b, y; the others: x, y. */
-  int is_add = op == TN_OP_ADD_RMS_NORM || op == TN_OP_ADD_LAYER_NORM, has_b = op == TN_OP_ADD || op == TN_OP_MUL;
+  const int rope = bench_is_rope(bench_op), gated = bench_op == BENCH_GATED_HEADS;
+  const tn_op op = rope || gated ? TN_OP_RMS_NORM : bench_op == BENCH_ADD_F32_STREAM ? TN_OP_ADD_RMS_NORM : (tn_op)bench_op;
+  /* The residual's dtype (f32 for the f32 stream), also the multiplicand's (x's) for the gated norm. */
+  const tn_dtype rdtype = bench_op == BENCH_ADD_F32_STREAM ? TN_F32 : dtype;
+  size_t elems = (size_t)rows * (size_t)heads * (size_t)dim, es = tn_dtype_size(dtype), res = tn_dtype_size(rdtype);
+  /* add_rms_norm, add_layer_norm: x, residual, y, residual_out; add and mul (and the gated norm): x, b, y;
+   * the others: x, y. */
+  int is_add = op == TN_OP_ADD_RMS_NORM || op == TN_OP_ADD_LAYER_NORM;
+  int has_b = op == TN_OP_ADD || op == TN_OP_MUL || gated;
   int is_layer = op == TN_OP_LAYER_NORM || op == TN_OP_ADD_LAYER_NORM;
   int has_weight = op == TN_OP_RMS_NORM || op == TN_OP_ADD_RMS_NORM || is_layer;
-  double row_operands = is_add ? 4 : has_b ? 3 : 2;
-  double set_bytes = (double)elems * (double)es * row_operands;
+  double r_operands = is_add ? 2 : has_b ? 1 : 0;
+  double set_bytes = (double)elems * ((double)es * 2 + (double)res * r_operands);
   size_t sets = (size_t)(ROTATION_BYTES / set_bytes) + 1;
   if (sets > MAX_SETS) sets = MAX_SETS;
   int failed = 0;
@@ -203,16 +211,17 @@ static int measure(tn_context *ctx, tn_device dev, int bench_op, tn_dtype dtype,
     if (!failed && bench_op == BENCH_ROPE_TABLE)
       table = alloc_random(ctx, dev, TN_F32, (size_t)ROPE_TABLE_ROWS * (size_t)dim, 1, &rng, 0.0, &failed);
   }
-  char *r = failed || !(is_add || has_b) ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
-  char *ro = failed || !is_add ? NULL : alloc_random(ctx, dev, dtype, elems, sets, &rng, 0.0, &failed);
+  char *r = failed || !(is_add || has_b) ? NULL : alloc_random(ctx, dev, rdtype, elems, sets, &rng, 0.0, &failed);
+  char *ro = failed || !is_add ? NULL : alloc_random(ctx, dev, rdtype, elems, sets, &rng, 0.0, &failed);
   double times[BATCHES], memcpy_bw[BATCHES], stream_bw[BATCHES];
   tn_event *start = NULL, *end = NULL;
   int rc = -1;
   if (failed || tn_event_create(ctx, dev, &start) != TN_OK || tn_event_create(ctx, dev, &end) != TN_OK) goto out;
   /* [rows, heads, dim], contiguous: a 3-D view for the rope (its positions are per token), else rows of dim. */
-  tn_tensor xt = tn_tensor_on(rope ? tn_tensor_heads(x, dtype, rows, heads, dim, heads * dim, dim)
-                                   : tn_tensor_2d(x, dtype, rows * heads, dim), dev);
+  tn_tensor xt = tn_tensor_on(rope || gated ? tn_tensor_heads(x, dtype, rows, heads, dim, heads * dim, dim)
+                                             : tn_tensor_2d(x, dtype, rows * heads, dim), dev);
   tn_tensor yt = xt, rt = xt, rot = xt;
+  rt.dtype = rot.dtype = rdtype; /* contiguous: the same strides in elements */
   tn_tensor wt = tn_tensor_on(tn_tensor_vector(w, dtype, dim), dev);
   tn_tensor bt = tn_tensor_on(tn_tensor_vector(bias, dtype, dim), dev);
   tn_tensor cs = tn_tensor_on(tn_tensor_2d(table, TN_F32, ROPE_TABLE_ROWS, dim), dev);
@@ -230,9 +239,9 @@ static int measure(tn_context *ctx, tn_device dev, int bench_op, tn_dtype dtype,
     a.rope.cos_sin = table != NULL ? &cs : NULL;
   }
   a.residual = is_add || op == TN_OP_ADD ? &rt : NULL;
-  a.mul = op == TN_OP_MUL ? &rt : NULL;
+  a.mul = op == TN_OP_MUL || gated ? &rt : NULL;
   a.residual_out = is_add ? &rot : NULL;
-  bench_call c = {ctx, dev, &a, &xt, &yt, &rt, &rot, x, y, r, ro, sets, elems * es, start, end};
+  bench_call c = {ctx, dev, &a, &xt, &yt, &rt, &rot, x, y, r, ro, sets, elems * es, elems * res, start, end};
 
   rc = -2;
   double per_call = 0;
@@ -459,7 +468,7 @@ int cli_bench_main(int argc, char **argv) {
            "times are CUDA events over batches of back-to-back calls (median of %d batches)\n\n",
            dev.index, COPY_BYTES >> 20, ceiling * 1e-9, BATCHES);
   if (dev.kind != TN_DEVICE_CPU) threads = 0;
-  printf("%-19s %-5s %15s %12s %10s %9s %9s\n", "op", "dtype", "shape", "time (us)", "GB/s", "% ceiling", "% memcpy");
+  printf("%-23s %-5s %15s %12s %10s %9s %9s\n", "op", "dtype", "shape", "time (us)", "GB/s", "% ceiling", "% memcpy");
   if (csv != NULL)
     fprintf(csv, "device,op,dtype,rows,dim,threads,time_us,gbps,ceiling_gbps,pct_ceiling,memcpy_gbps,pct_memcpy\n");
   for (int op = 0; op < BENCH_OP_COUNT && rc == CLI_OK; op++) {
@@ -469,7 +478,7 @@ int cli_bench_main(int argc, char **argv) {
       for (int si = 0; si < o.shape_count; si++) {
         measurement m;
         int64_t rows = o.shapes[si][0], heads = o.shapes[si][1], dim = o.shapes[si][2];
-        if (op >= TN_OP_COUNT && dim > TN_ROPE_MAX_DIM) continue; /* a rope's heads are short */
+        if (bench_is_rope(op) && dim > TN_ROPE_MAX_DIM) continue; /* a rope's heads are short */
         int mr = measure(ctx, dev, op, (tn_dtype)d, rows, heads, dim, o.iters, copier, &m);
         if (mr == -1) {
           rc = cli_fail("bench: out of memory for %s %s %" PRId64 " x %" PRId64 " x %" PRId64, bench_op_name(op),
@@ -486,7 +495,7 @@ int cli_bench_main(int argc, char **argv) {
         char shape[64];
         if (heads > 1) snprintf(shape, sizeof shape, "%" PRId64 "x%" PRId64 "x%" PRId64, rows, heads, dim);
         else snprintf(shape, sizeof shape, "%" PRId64 "x%" PRId64, rows, dim);
-        printf("%-19s %-5s %15s %12.2f %10.1f %8.1f%% %8.1f%%\n", bench_op_name(op), tn_dtype_name((tn_dtype)d),
+        printf("%-23s %-5s %15s %12.2f %10.1f %8.1f%% %8.1f%%\n", bench_op_name(op), tn_dtype_name((tn_dtype)d),
                shape, m.seconds * 1e6, gbps, pct, pct_memcpy);
         if (csv != NULL)
           fprintf(csv, "%s,%s,%s,%" PRId64 ",%" PRId64 ",%d,%.3f,%.3f,%.3f,%.2f,%.3f,%.2f\n", cli_device_name(dev),
