@@ -20,7 +20,7 @@
  * scale other than 1, and add_rms_norm
  * with TN_CASTING_LLAMA (a residual of x's dtype normalised as stored), none with a multiplicand;
  * layer_norm.cu: layer_norm (TN_FAMILY_LAYER), and add_layer_norm with a residual of x's dtype normalised
- * as stored (TN_FAMILY_ADD_LAYER, the same shapes), both in exact casting;
+ * as stored (TN_FAMILY_ADD_LAYER), both in exact casting;
  * general.cu: the rest of the norms (a float32 residual stream, the unrounded sum, a multiplicand with
  * TN_CASTING_LLAMA or a 3-D view, layer_norm with TN_CASTING_LLAMA), the row held in float32;
  * rope.cu: rms_norm with a rope (its whole-chunk kernels are the paired ones, which backend.c takes only
@@ -62,12 +62,13 @@ typedef struct tn_kernel_key {
  * vectors, with whole chunks only or not, else bytes: element-aligned calls, rare beside them, take the
  * byte kernels) and the shapes their calls need (registry.c): norm_x
  * the register shapes from G = 2, the staged ones and the few-rows form of G = 128 and 256 (a decode
- * step's hidden sizes); layer_norm and add_layer_norm the register shapes from G = 16 and the staged
- * ones; general G = 4, 32 and 256 and the staged ones; rope the register shapes up to G = 32 (heads of at
+ * step's hidden sizes); layer_norm the register shapes from G = 8, add_layer_norm from G = 16, and the
+ * staged ones; general G = 8, 32 and 256 and the staged ones; rope the register shapes up to G = 32 (heads of at
  * most TN_ROPE_MAX_DIM elements). A row takes its family's smallest register shape that holds it, else a staged one, so that
  * within a family the reduction order still depends on (dtype, dim) alone. */
 #define TN_NORM_X_SHAPE_COUNT 14
-#define TN_LAYER_SHAPE_COUNT 9
+#define TN_LAYER_SHAPE_COUNT 10
+#define TN_ADD_LAYER_SHAPE_COUNT 9
 #define TN_GENERAL_SHAPE_COUNT 5
 #define TN_ROPE_SHAPE_COUNT 6
 #define TN_LATER_MODE_COUNT 3
@@ -76,7 +77,8 @@ typedef struct tn_kernel_key {
   (4 * TN_DTYPE_COUNT * TN_SHAPE_COUNT * TN_KERNEL_MODE_COUNT +                                          \
    TN_DTYPE_COUNT * TN_KERNEL_ELEMENTWISE_COUNT * TN_ELEMENTWISE_MODE_COUNT +                            \
    TN_DTYPE_COUNT * TN_LATER_MODE_COUNT *                                                                \
-       (TN_NORM_X_SHAPE_COUNT + 2 * TN_LAYER_SHAPE_COUNT + TN_GENERAL_SHAPE_COUNT + TN_ROPE_SHAPE_COUNT))
+       (TN_NORM_X_SHAPE_COUNT + TN_LAYER_SHAPE_COUNT + TN_ADD_LAYER_SHAPE_COUNT + TN_GENERAL_SHAPE_COUNT + \
+        TN_ROPE_SHAPE_COUNT))
 
 /* Whether the family has a kernel of this shape and access mode (the backend asks only for those). */
 int tn_kernel_family_has(tn_kernel_family family, int shape, int mode);
