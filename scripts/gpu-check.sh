@@ -98,11 +98,16 @@ if wants bench quick; then
   ops=rms_norm,l2_norm,add_rms_norm,layer_norm,add_layer_norm,rms_norm_rope,rms_norm_rope_theta
   timeout 200 $TNORM bench --device cuda --ops $ops --dtypes bf16,f32 --shapes $shapes --csv "$OUT/bench_cuda.csv" \
     > "$OUT/bench_cuda.txt" 2>&1 || tail -n 3 "$OUT/bench_cuda.txt"
+  # general.cu's kernels: add_rms_norm with an f32 residual stream, rms_norm of every head times a multiplicand.
+  timeout 60 $TNORM bench --device cuda --ops add_rms_norm_f32_stream,rms_norm_gated_heads --dtypes bf16,f32 \
+    --shapes 32768x4096,131072x128,8192x40x128 --csv "$OUT/bench_general.csv" \
+    > "$OUT/bench_general.txt" 2>&1 || tail -n 3 "$OUT/bench_general.txt"
   timeout 60 $TNORM bench-graph --device cuda > "$OUT/bench_graph.txt" 2>&1
   cat "$OUT/bench_graph.txt"
   echo
   echo "bench (% of the device-to-device copy measured in the same run):"
-  awk -F, 'NR > 1 { printf "  %-19s %-5s %13s %9.2f us %7.1f%%\n", $2, $3, $4 "x" $5, $7, $10 }' "$OUT/bench_cuda.csv"
+  awk -F, 'FNR > 1 { printf "  %-23s %-5s %13s %9.2f us %7.1f%%\n", $2, $3, $4 "x" $5, $7, $10 }' \
+    "$OUT/bench_cuda.csv" "$OUT/bench_general.csv"
   # The binding's decode calls (plain launches, Python's cost included), torch's beside them.
   if [ "$MODE" != quick ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
     TNORM_LIBRARY=$PWD/$BUILD/libtnorm.so timeout 120 python3 bench/call_overhead.py --device cuda --calls 20000 \
