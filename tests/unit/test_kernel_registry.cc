@@ -465,6 +465,29 @@ TEST(KernelRegistry, RopePairedGroupHoldsAHeadInFourChunksAThread) {
   }
 }
 
+// A 128-element f16/bf16 row (a head, 16 chunks) has a register shape of its own G = 8 in the families that
+// measured faster so: layer_norm and general.cu's (whose G = 4 would send it to G = 32), not add_layer_norm,
+// which keeps it on G = 16 (registry.c). The backend takes the family's smallest shape at or above the row's.
+TEST(KernelRegistry, ShortRowShapesOfTheLaterFamilies) {
+  const int head = tn_kernel_row_shape(TN_BF16, 128, (size_t)1 << 30);
+  ASSERT_EQ(tn_kernel_group_threads(head), 8);
+  const int mode = TN_KERNEL_MODE_WHOLE;
+  EXPECT_TRUE(tn_kernel_family_has(TN_FAMILY_LAYER, head, mode));
+  EXPECT_TRUE(tn_kernel_family_has(TN_FAMILY_GENERAL, head, mode));
+  EXPECT_FALSE(tn_kernel_family_has(TN_FAMILY_GENERAL, head - 1, mode));
+  EXPECT_FALSE(tn_kernel_family_has(TN_FAMILY_GENERAL, head + 1, mode));
+  EXPECT_FALSE(tn_kernel_family_has(TN_FAMILY_ADD_LAYER, head, mode));
+  EXPECT_TRUE(tn_kernel_family_has(TN_FAMILY_ADD_LAYER, head + 1, mode));
+  EXPECT_EQ(tn_kernel_group_threads(head + 1), 16);
+  // Every shape a family has is in the key space and named once (KeysRoundTripAndNamesAreUnique).
+  int layer = 0, add_layer = 0;
+  for (int s = 0; s < TN_SHAPE_COUNT; s++) {
+    layer += tn_kernel_family_has(TN_FAMILY_LAYER, s, mode);
+    add_layer += tn_kernel_family_has(TN_FAMILY_ADD_LAYER, s, mode);
+  }
+  EXPECT_EQ(layer, add_layer + 1);
+}
+
 TEST(KernelRegistry, RowShapeDependsOnDtypeAndDimOnly) {
   // The threads per row fix the reduction order, so a row's bytes must not depend on the device: for one
   // (dtype, dim) the group size is the same whatever shared memory the device offers, and rows held in
