@@ -260,11 +260,7 @@ TN_DEV unsigned tn_group_mask() {
   return ((1u << width) - 1u) << (lane & ~(width - 1u));
 }
 
-/* The sum of v over the group, identical in every thread of it. Above one warp the warps' sums meet in
- * shared memory: partials holds two sets of G / 32 floats used in turn (*turn flips on every call, the
- * same in every thread), so one barrier per reduction suffices: a set is written again only after the
- * next reduction's barrier, which every thread reaches after reading it. */
-/* Two sums reduced together (layer_norm's x and x^2): one barrier for both. */
+/* Two sums reduced together (layer_norm's: s of x, q of x^2), one barrier for both. */
 struct tn_sum2 {
   float s, q;
 };
@@ -289,6 +285,11 @@ struct tn_acc_of<R, tn_void_t<typename R::acc>> {
 /* A reduction's shared partials: two sets of G / 32 sums of up to two floats. */
 #define TN_PARTIALS_OF(G) (4 * ((G) > 32 ? (G) / 32 : 1))
 
+/* The sum of v (a float, or a tn_sum2 pair) over the group, identical in every thread of it. Above one
+ * warp the warps' sums meet in shared memory: partials (TN_PARTIALS_OF(G) floats) holds two sets of G / 32
+ * sums used in turn (*turn flips on every call, the same in every thread), so one barrier per reduction
+ * suffices: a set is written again only after the next reduction's barrier, which every thread reaches
+ * after reading it. A pair's two sums take the same order as a float's. */
 template <int G, class T>
 TN_DEV T tn_group_sum(T v, float *partials, int *turn) {
   const unsigned mask = tn_group_mask<G>();
