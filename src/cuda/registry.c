@@ -60,8 +60,9 @@ static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {1, 2, 3, 4, 5, 6
 static const signed char layer_shapes[TN_LAYER_SHAPE_COUNT] = {3, 4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD};
 static const signed char add_layer_shapes[TN_ADD_LAYER_SHAPE_COUNT] = {4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED,
                                                                        TN_SHAPE_REREAD};
-/* G = 8 holds the 16 chunks of a 128-element f16/bf16 head (its G = 4 held 8, sending them to G = 32). */
-static const signed char general_shapes[TN_GENERAL_SHAPE_COUNT] = {3, 5, 8, TN_SHAPE_SHARED, TN_SHAPE_REREAD};
+/* G = 8 holds the 16 chunks of a 128-element f16/bf16 head (a G = 4 held 8, sending them to G = 32), G = 16
+ * the 32 of a float32 one or of a 256-element f16/bf16 one (else on G = 32, three lanes in four idle). */
+static const signed char general_shapes[TN_GENERAL_SHAPE_COUNT] = {3, 4, 5, 8, TN_SHAPE_SHARED, TN_SHAPE_REREAD};
 
 /* The family's list of shapes, or NULL when it has shapes 0 .. family_shape_count - 1. */
 static const signed char *family_shape_list(int f) {

@@ -63,13 +63,13 @@ typedef struct tn_kernel_key {
  * byte kernels) and the shapes their calls need (registry.c): norm_x
  * the register shapes from G = 2, the staged ones and the few-rows form of G = 128 and 256 (a decode
  * step's hidden sizes); layer_norm the register shapes from G = 8, add_layer_norm from G = 16, and the
- * staged ones; general G = 8, 32 and 256 and the staged ones; rope the register shapes up to G = 32 (heads of at
+ * staged ones; general G = 8, 16, 32 and 256 and the staged ones; rope the register shapes up to G = 32 (heads of at
  * most TN_ROPE_MAX_DIM elements). A row takes its family's smallest register shape that holds it, else a staged one, so that
  * within a family the reduction order still depends on (dtype, dim) alone. */
 #define TN_NORM_X_SHAPE_COUNT 14
 #define TN_LAYER_SHAPE_COUNT 10
 #define TN_ADD_LAYER_SHAPE_COUNT 9
-#define TN_GENERAL_SHAPE_COUNT 5
+#define TN_GENERAL_SHAPE_COUNT 6
 #define TN_ROPE_SHAPE_COUNT 6
 #define TN_LATER_MODE_COUNT 3
 #define TN_ELEMENTWISE_MODE_COUNT 3 /* every mode but TN_KERNEL_MODE_WHOLE */

@@ -467,7 +467,8 @@ TEST(KernelRegistry, RopePairedGroupHoldsAHeadInFourChunksAThread) {
 
 // A 128-element f16/bf16 row (a head, 16 chunks) has a register shape of its own G = 8 in the families that
 // measured faster so: layer_norm and general.cu's (whose G = 4 would send it to G = 32), not add_layer_norm,
-// which keeps it on G = 16 (registry.c). The backend takes the family's smallest shape at or above the row's.
+// which keeps it on G = 16 (registry.c); general.cu's G = 16 holds a float32 head of 128 (32 chunks). The
+// backend takes the family's smallest shape at or above the row's.
 TEST(KernelRegistry, ShortRowShapesOfTheLaterFamilies) {
   const int head = tn_kernel_row_shape(TN_BF16, 128, (size_t)1 << 30);
   ASSERT_EQ(tn_kernel_group_threads(head), 8);
@@ -475,7 +476,8 @@ TEST(KernelRegistry, ShortRowShapesOfTheLaterFamilies) {
   EXPECT_TRUE(tn_kernel_family_has(TN_FAMILY_LAYER, head, mode));
   EXPECT_TRUE(tn_kernel_family_has(TN_FAMILY_GENERAL, head, mode));
   EXPECT_FALSE(tn_kernel_family_has(TN_FAMILY_GENERAL, head - 1, mode));
-  EXPECT_FALSE(tn_kernel_family_has(TN_FAMILY_GENERAL, head + 1, mode));
+  EXPECT_TRUE(tn_kernel_family_has(TN_FAMILY_GENERAL, head + 1, mode));
+  EXPECT_EQ(tn_kernel_row_shape(TN_F32, 128, (size_t)1 << 30), head + 1);
   EXPECT_FALSE(tn_kernel_family_has(TN_FAMILY_ADD_LAYER, head, mode));
   EXPECT_TRUE(tn_kernel_family_has(TN_FAMILY_ADD_LAYER, head + 1, mode));
   EXPECT_EQ(tn_kernel_group_threads(head + 1), 16);
