@@ -270,42 +270,37 @@ TN_DEV tn_sum2 tn_shfl_xor(unsigned mask, tn_sum2 v, int o) {
   return {__shfl_xor_sync(mask, v.s, o), __shfl_xor_sync(mask, v.q, o)};
 }
 
-/* What a reduction's first sum is: float, or R::acc where R declares one. */
-template <class...>
-using tn_void_t = void;
-template <class R, class = void>
-struct tn_acc_of {
-  using type = float;
-};
-template <class R>
-struct tn_acc_of<R, tn_void_t<typename R::acc>> {
-  using type = typename R::acc;
-};
-
 /* A reduction's shared partials: two sets of G / 32 sums of up to two floats. */
 #define TN_PARTIALS_OF(G) (4 * ((G) > 32 ? (G) / 32 : 1))
 
-/* The sum of v (a float, or a tn_sum2 pair) over the group, identical in every thread of it. Above one
- * warp the warps' sums meet in shared memory: partials (TN_PARTIALS_OF(G) floats) holds two sets of G / 32
+/* The sum over warps 0 .. WARPS - 1 of each one's sum v (its lane 0's), identical in every thread of the
+ * block, through shared memory (BLOCK_WIDER: the block has more warps, which take part in the barrier but
+ * write nothing): partials (TN_PARTIALS_OF(G) floats) holds two sets of WARPS
  * sums used in turn (*turn flips on every call, the same in every thread), so one barrier per reduction
  * suffices: a set is written again only after the next reduction's barrier, which every thread reaches
- * after reading it. A pair's two sums take the same order as a float's. */
+ * after reading it. */
+template <int WARPS, bool BLOCK_WIDER, class T>
+TN_DEV T tn_warps_meet(T v, float *partials, int *turn) {
+  T *set = reinterpret_cast<T *>(partials) + (*turn) * WARPS;
+  *turn ^= 1;
+  if ((threadIdx.x & 31u) == 0 && (!BLOCK_WIDER || (threadIdx.x >> 5) < (unsigned)WARPS)) set[threadIdx.x >> 5] = v;
+  __syncthreads();
+  T s = set[0];
+#pragma unroll
+  for (int w = 1; w < WARPS; w++) s = s + set[w];
+  return s;
+}
+
+/* The sum of v (a float, or a tn_sum2 pair, whose two sums take a float's order) over the group, identical
+ * in every thread of it: shuffles within a warp, above one warp then tn_warps_meet. */
 template <int G, class T>
 TN_DEV T tn_group_sum(T v, float *partials, int *turn) {
   const unsigned mask = tn_group_mask<G>();
   constexpr int width = G < 32 ? G : 32;
 #pragma unroll
   for (int o = width / 2; o > 0; o >>= 1) v = v + tn_shfl_xor(mask, v, o);
-  if (G <= 32) return v;
-  constexpr int warps = G > 32 ? G / 32 : 1;
-  T *set = reinterpret_cast<T *>(partials) + (*turn) * warps;
-  *turn ^= 1;
-  if ((threadIdx.x & 31u) == 0) set[threadIdx.x >> 5] = v;
-  __syncthreads();
-  T s = set[0];
-#pragma unroll
-  for (int w = 1; w < warps; w++) s = s + set[w];
-  return s;
+  if constexpr (G <= 32) return v;
+  else return tn_warps_meet<G / 32, false>(v, partials, turn);
 }
 
 /* What a row kernel holds of a chunk between its reduction and its output: the chunk itself (tn_chunk), or
@@ -597,6 +592,16 @@ struct tn_splits_production<Op, typename tn_void_of<typename Op::template raw<0>
   enum { value = 1 };
 };
 
+/* What a reduction's first sum is: float, or R::acc where R declares one (layer_norm's tn_sum2). */
+template <class R, class = void>
+struct tn_acc_of {
+  using type = float;
+};
+template <class R>
+struct tn_acc_of<R, typename tn_void_of<typename R::acc>::type> {
+  using type = typename R::acc;
+};
+
 /* G threads per row, each keeping TN_KERNEL_CHUNKS_OF(G) chunks in registers; several rows per block
  * when G <= 32 (a row's group is then within a warp; above a warp a block is one row, since the group's
  * barrier and shared partial sums belong to the block); rows spread over a grid that strides (rows are never a grid dimension
@@ -679,15 +684,7 @@ template <int G, class T>
 TN_DEV T tn_wide_group_sum(T v, float *partials, int *turn) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = v + tn_shfl_xor(0xffffffffu, v, o);
-  constexpr int warps = G / 32;
-  T *set = reinterpret_cast<T *>(partials) + (*turn) * warps;
-  *turn ^= 1;
-  if ((threadIdx.x & 31u) == 0 && (threadIdx.x >> 5) < (unsigned)warps) set[threadIdx.x >> 5] = v;
-  __syncthreads();
-  T s = set[0];
-#pragma unroll
-  for (int w = 1; w < warps; w++) s = s + set[w];
-  return s;
+  return tn_warps_meet<G / 32, true>(v, partials, turn);
 }
 
 /* Few rows (one block each, the decode regime): a row of the G-thread register shape (G >= 64), with the
