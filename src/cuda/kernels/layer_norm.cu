@@ -75,7 +75,7 @@ struct tn_layer_op : tn_add_split<SPLIT> {
 template <int DT, int G, int MODE>
 struct tn_register_shape<tn_layer_op<false, false>, DT, G, MODE>
     /* 896 resident threads with the common output loop (2-byte dtypes, G <= 128); x's rows fetched ahead
-     * from G = 256 (row.cuh's tn_fetch_ahead: two reductions hold a row, two or one block an SM) */
+     * from G = 256 (row.cuh's tn_fetch_row_ahead: two reductions hold a row, two or one block an SM) */
     : tn_shape_choices<(DT != TN_KERNEL_F32 && G <= 128 ? 896 : TN_KERNEL_MIN_RESIDENT), (G >= 256)> {
   enum { whole = MODE == TN_KERNEL_MODE_WHOLE, common = DT != TN_KERNEL_F32 && (G <= 128 || whole) };
   using op = tn_layer_op<false, common, false, whole, common && G <= 128>;

@@ -47,7 +47,7 @@ struct tn_norm_op {
   }
 };
 
-/* rms_norm and l2_norm fetch x's rows ahead (row.cuh's tn_fetch_ahead), and read a weight of x's dtype
+/* rms_norm and l2_norm fetch x's rows ahead (row.cuh's tn_fetch_row_ahead), and read a weight of x's dtype
  * before their first store (weight_first; H100 bf16 4096x4096 92.4 -> 95.0%, the largest shapes +0.7-1.2
  * points of the copy ceiling; with two chunks a thread at G <= 16, 131072x128 92.6 -> 93.6, 65536x256
  * 92.7 -> 93.6, where four chunks a thread had spilled: 89.7 -> 82.0). Not at G = 32, where it spilled 80

@@ -469,7 +469,7 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
 
 /* What a family's register-shape kernel of dtype DT, G threads per row and access mode MODE runs (op), how
  * many of its threads an SM must hold (resident, for the register budget), whether it fetches x's rows
- * ahead (ahead, tn_fetch_ahead), and whether a weight of x's dtype is read whole before the first output
+ * ahead (ahead, tn_fetch_row_ahead), and whether a weight of x's dtype is read whole before the first output
  * store (weight_first: Op::emit_weighted): the family's Op, TN_KERNEL_MIN_RESIDENT, no and no, unless the
  * family specializes this where another choice measured better (norm.cu, layer_norm.cu), naming only the
  * choices it makes (tn_shape_choices' defaults are the rest). */
@@ -515,9 +515,10 @@ TN_DEV void tn_prefetch_row_l2(const void *, unsigned) {}
 #endif
 
 /* Chunk c of x's row `row` + p.ahead_blocks * RPB (the row the block half a wave of resident blocks on
- * takes: backend.c) to L2, so that block's loads wait on L2 instead of memory. A row kernel's block waits
- * on its loads, then on its reductions, before its stores; rows read from L2 shorten the wait where too
- * few blocks an SM keep loads in flight meanwhile. Measured on the H100 (% of the copy ceiling, bf16):
+ * takes: backend.c) to L2, so that block's loads wait on L2 instead of memory: for rows without 16-byte
+ * access and devices before sm_90 (else tn_fetch_row_ahead, below). A row kernel's block waits on its
+ * loads, then on its reductions, before its stores; rows read from L2 shorten the wait where too few
+ * blocks an SM keep loads in flight meanwhile. Measured on the H100 (% of the copy ceiling, bf16):
  * rms_norm 4096x4096 89.0 -> 92.8, 131072x128 89.2 -> 91.4, the largest shapes 99.4 -> 100.2; layer_norm
  * (two reductions) at G >= 256: 8192x16384 94.7 -> 97.3, 16384x8192 98.7 -> 100.5, while its shorter
  * rows lost 0.3-2 points; add_rms_norm, fetching the residual too, lost 9-11 points. */
@@ -535,14 +536,18 @@ TN_DEV void tn_fetch_ahead(const tn_kernel_params &p, tn_i64 row, tn_i64 c, int 
  * -> 102.7 (the per-chunk prefetch moved after the first sum alone: 102.1), l2_norm alike; bf16 131072x128
  * 93.3 -> 92.8 and 4096x4096 94.5 -> 94.3 the cost. Issued with the loads, the bulk request lost 1-2 points
  * in float32: the row's own reads and the fetch then compete while the row is waited on. */
-template <int DT, int MODE, int RPB>
+template <int DT, int MODE, int RPB, bool RESIDUAL>
 TN_DEV void tn_fetch_row_ahead(const tn_kernel_params &p, tn_i64 row) {
   const tn_i64 ahead = row + (tn_i64)p.ahead_blocks * RPB;
   const unsigned bytes = (unsigned)(p.dim * tn_dt<DT>::size);
   if (MODE == TN_KERNEL_MODE_WHOLE) {
-    if (ahead < p.rows) tn_prefetch_row_l2(tn_row(p.x, ahead, p.x_stride, tn_dt<DT>::size), bytes);
+    if (ahead < p.rows) {
+      tn_prefetch_row_l2(tn_row(p.x, ahead, p.x_stride, tn_dt<DT>::size), bytes);
+      if (RESIDUAL) tn_prefetch_row_l2(tn_row(p.residual, ahead, p.residual_stride, tn_dt<DT>::size), bytes);
+    }
   } else if (ahead < p.rows && bytes >= 16) {
     tn_prefetch_row_l2(tn_row(p.x, ahead, p.x_stride, tn_dt<DT>::size), bytes & ~15u);
+    if (RESIDUAL) tn_prefetch_row_l2(tn_row(p.residual, ahead, p.residual_stride, tn_dt<DT>::size), bytes & ~15u);
   }
 }
 
@@ -550,7 +555,6 @@ TN_DEV void tn_fetch_row_ahead(const tn_kernel_params &p, tn_i64 row) {
  * ahead waits (a NaN row skips it: a fetch is only a hint). */
 TN_DEV bool tn_summed(float v) { return v == v; }
 TN_DEV bool tn_summed(const tn_sum2 &v) { return v.q == v.q; }
-
 
 
 /* An op family (Op) gives the row shapes below:
@@ -675,7 +679,10 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
         q[k] = c < chunks ? Op::template produce<DT, MODE>(p, at, c) : tn_held<H>::zero();
       }
     }
-    constexpr bool BULK_AHEAD = AHEAD && TN_BULK_PREFETCH && MODE >= TN_KERNEL_MODE_VECTORS;
+    /* Not in the f16/bf16 kernels of G = 32, the most crowded at the 64-register cap: there it spilled 40
+     * bytes, 16 with the prefetch per chunk. */
+    constexpr bool BULK_AHEAD =
+        AHEAD && TN_BULK_PREFETCH && MODE >= TN_KERNEL_MODE_VECTORS && (DT == TN_KERNEL_F32 || G != 32);
     if constexpr (AHEAD && !BULK_AHEAD) {
 #pragma unroll
       for (int k = 0; k < K; k++) {
@@ -687,7 +694,9 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
 #pragma unroll
     for (int k = 0; k < K; k++) acc = R::template first<DT>(p, q[k], acc);
     if constexpr (BULK_AHEAD) {
-      if (t == 0 && tn_summed(acc)) tn_fetch_row_ahead<DT, MODE, RPB>(p, row);
+      /* The families whose production splits (tn_add_split) read a residual row beside x's. */
+      constexpr bool RESIDUAL = tn_splits_production<Op>::value != 0;
+      if (t == 0 && tn_summed(acc)) tn_fetch_row_ahead<DT, MODE, RPB, RESIDUAL>(p, row);
     }
     const auto sum = tn_group_sum<G>(acc, partials, &turn);
     const tn_row_stats st = R::template finish<DT>(
