@@ -64,51 +64,43 @@ static const signed char add_layer_shapes[TN_ADD_LAYER_SHAPE_COUNT] = {4, 5, 6, 
  * the 32 of a float32 one or of a 256-element f16/bf16 one (else on G = 32, three lanes in four idle). */
 static const signed char general_shapes[TN_GENERAL_SHAPE_COUNT] = {3, 4, 5, 8, TN_SHAPE_SHARED, TN_SHAPE_REREAD};
 
-/* The family's list of shapes, or NULL when it has shapes 0 .. family_shape_count - 1. */
-static const signed char *family_shape_list(int f) {
-  switch (f) {
-    case TN_FAMILY_NORM_X:
-      return normx_shapes;
-    case TN_FAMILY_LAYER:
-      return layer_shapes;
-    case TN_FAMILY_ADD_LAYER:
-      return add_layer_shapes;
-    case TN_FAMILY_GENERAL:
-      return general_shapes;
-    default:
-      return NULL;
-  }
-}
+/* A family's shapes: `count` of them, listed in `list`, or 0 .. count - 1 where list is NULL. */
+typedef struct {
+  const signed char *list;
+  int count;
+} shape_set;
 
-static int family_shape_count(int f) {
+static shape_set family_shapes(int f) {
   switch (f) {
     case TN_FAMILY_ELEMENTWISE:
-      return TN_KERNEL_ELEMENTWISE_COUNT;
+      return (shape_set){NULL, TN_KERNEL_ELEMENTWISE_COUNT};
     case TN_FAMILY_NORM_X:
-      return (int)sizeof normx_shapes;
+      return (shape_set){normx_shapes, (int)sizeof normx_shapes};
     case TN_FAMILY_LAYER:
-      return (int)sizeof layer_shapes;
+      return (shape_set){layer_shapes, (int)sizeof layer_shapes};
     case TN_FAMILY_ADD_LAYER:
-      return (int)sizeof add_layer_shapes;
+      return (shape_set){add_layer_shapes, (int)sizeof add_layer_shapes};
     case TN_FAMILY_GENERAL:
-      return (int)sizeof general_shapes;
+      return (shape_set){general_shapes, (int)sizeof general_shapes};
     case TN_FAMILY_ROPE:
-      return TN_ROPE_SHAPE_COUNT;
+      return (shape_set){NULL, TN_ROPE_SHAPE_COUNT};
     default:
-      return TN_SHAPE_COUNT;
+      return (shape_set){NULL, TN_SHAPE_COUNT};
   }
 }
 
+static int family_shape_count(int f) { return family_shapes(f).count; }
+
 static int family_shape_at(int f, int i) {
-  const signed char *list = family_shape_list(f);
-  return list != NULL ? list[i] : i;
+  const shape_set set = family_shapes(f);
+  return set.list != NULL ? set.list[i] : i;
 }
 
 static int family_shape_index(int f, int shape) {
-  const signed char *list = family_shape_list(f);
-  if (list == NULL) return shape >= 0 && shape < family_shape_count(f) ? shape : -1;
-  for (int i = 0; i < family_shape_count(f); i++)
-    if (list[i] == shape) return i;
+  const shape_set set = family_shapes(f);
+  if (set.list == NULL) return shape >= 0 && shape < set.count ? shape : -1;
+  for (int i = 0; i < set.count; i++)
+    if (set.list[i] == shape) return i;
   return -1;
 }
 
