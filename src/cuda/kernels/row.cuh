@@ -538,17 +538,14 @@ TN_DEV void tn_fetch_ahead(const tn_kernel_params &p, tn_i64 row, tn_i64 c, int 
  * in float32: the row's own reads and the fetch then compete while the row is waited on. */
 template <int DT, int MODE, int RPB, bool RESIDUAL>
 TN_DEV void tn_fetch_row_ahead(const tn_kernel_params &p, tn_i64 row) {
+  constexpr int S = tn_dt<DT>::size;
   const tn_i64 ahead = row + (tn_i64)p.ahead_blocks * RPB;
-  const unsigned bytes = (unsigned)(p.dim * tn_dt<DT>::size);
-  if (MODE == TN_KERNEL_MODE_WHOLE) {
-    if (ahead < p.rows) {
-      tn_prefetch_row_l2(tn_row(p.x, ahead, p.x_stride, tn_dt<DT>::size), bytes);
-      if (RESIDUAL) tn_prefetch_row_l2(tn_row(p.residual, ahead, p.residual_stride, tn_dt<DT>::size), bytes);
-    }
-  } else if (ahead < p.rows && bytes >= 16) {
-    tn_prefetch_row_l2(tn_row(p.x, ahead, p.x_stride, tn_dt<DT>::size), bytes & ~15u);
-    if (RESIDUAL) tn_prefetch_row_l2(tn_row(p.residual, ahead, p.residual_stride, tn_dt<DT>::size), bytes & ~15u);
-  }
+  const unsigned bytes = (unsigned)(p.dim * S);
+  /* The whole chunks (a WHOLE row has no partial chunk, and at least one whole one). */
+  if (ahead >= p.rows || (MODE != TN_KERNEL_MODE_WHOLE && bytes < 16)) return;
+  const unsigned whole = MODE == TN_KERNEL_MODE_WHOLE ? bytes : bytes & ~15u;
+  tn_prefetch_row_l2(tn_row(p.x, ahead, p.x_stride, S), whole);
+  if (RESIDUAL) tn_prefetch_row_l2(tn_row(p.residual, ahead, p.residual_stride, S), whole);
 }
 
 /* Whether a thread's first sum is a number: a test that needs the row's loads back, on which the fetch
