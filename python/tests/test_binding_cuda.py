@@ -149,16 +149,16 @@ def _hf_module(name):
         pytest.skip(f"{module_path}.{cls} is not importable: {e}")
 
 
-def assert_near(dtype, got, expected, what):
-    """bf16/f16: at most 1 ulp apart (at the larger magnitude of the two); f32: the project's 2e-5 relative
-    (float32 results differ in their last bits with the summation order and rsqrt's own error)."""
+def assert_near(dtype, got, expected, what, ulps=1):
+    """bf16/f16: at most `ulps` ulps apart (at the larger magnitude of the two); f32: the project's 2e-5
+    relative (float32 results differ in their last bits with the summation order and rsqrt's own error)."""
     g = CUDA.to_numpy(got).astype(np.float64)
     e = CUDA.to_numpy(expected).astype(np.float64)
     if dtype == "f32":
         err = N.error_in_tolerances("f32", g, e)
     else:
         err = np.abs(g - e) / N.ulp(dtype, np.maximum(np.abs(g), np.abs(e)))
-    bad = int((~(err <= 1.0)).sum())
+    bad = int((~(err <= ulps)).sum())
     assert bad == 0, f"{what}: {bad} of {g.size} elements out of tolerance; worst {float(np.max(err)):.3g}"
 
 
@@ -389,7 +389,10 @@ def test_hf_casting_bit_exact(gen, model, dim, dtype):
     assert_bits(got, expected, model)
     with torch.no_grad():
         on_cuda = module.cuda()(x)
-    assert_near(dtype, got, on_cuda, f"{model} on CUDA")
+    # llama casting rounds twice (the normalised row to x's dtype, then its product with the weight): torch's
+    # own order and approximate rsqrt on CUDA can move the first rounding by an ulp, which the weight's
+    # product carries into up to two ulps of the result (seen: qwen3 f16 x 128, 4 of 8192 elements).
+    assert_near(dtype, got, on_cuda, f"{model} on CUDA", ulps=1 if model == "gemma3" else 2)
 
 
 def _qwen3_rotary(head_dim, theta, positions, dtype):

@@ -53,8 +53,18 @@ static const char *const family_prefix[TN_FAMILY_COUNT] = {
 /* Each family's shapes and access modes, in key order (see registry.h). The later families keep the
  * shapes their calls need (a row takes the family's smallest register shape that holds it, else a staged
  * one: the reduction order still depends on (dtype, dim) alone within a family). */
+/* rms_norm's, l2_norm's and add_rms_norm's families (with and without a multiplicand): every register and
+ * staged shape, the pair shapes of G = 32 .. 128 (rows of 33 .. 256 chunks; norm.cu says what that
+ * measured), and the few-rows forms of G = 128 .. 512 (G = 64's rows take a pair shape). norm_x.cu's
+ * family has the same pairs: a graph fuses an add and an rms_norm into an add_rms_norm, an rms_norm and a
+ * mul into an rms_norm with a multiplicand, an l2_norm and a scale into norm_x.cu's l2_norm with a scale,
+ * and the fused op must reduce a row as the ops it replaces did. */
+#define TN_PAIR_SHAPES TN_SHAPE_PAIR_FIRST, TN_SHAPE_PAIR_FIRST + 1, TN_SHAPE_PAIR_FIRST + 2
+static const signed char norm_shapes[TN_NORM_SHAPE_COUNT] = {
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD, TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2,
+    TN_SHAPE_WIDE_FIRST + 3, TN_PAIR_SHAPES};
 static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD,
-                                           TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2};
+                                           TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2, TN_PAIR_SHAPES};
 /* layer_norm from G = 8 (bf16 x 128: 16 chunks on 8 threads, none idle); add_layer_norm from G = 16, where
  * its rows of 9 .. 16 chunks ran faster than at G = 8 (H100, bf16 131072x128 95.6% against 92.0%). */
 static const signed char layer_shapes[TN_LAYER_SHAPE_COUNT] = {3, 4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD};
@@ -84,8 +94,8 @@ static shape_set family_shapes(int f) {
       return (shape_set){general_shapes, (int)sizeof general_shapes};
     case TN_FAMILY_ROPE:
       return (shape_set){NULL, TN_ROPE_SHAPE_COUNT};
-    default:
-      return (shape_set){NULL, TN_SHAPE_COUNT};
+    default: /* the first four: rms_norm and add_rms_norm, with and without a multiplicand */
+      return (shape_set){norm_shapes, (int)sizeof norm_shapes};
   }
 }
 
@@ -163,6 +173,9 @@ void tn_kernel_name(tn_kernel_key k, char *out, size_t capacity) {
     snprintf(out, capacity, "%s<%d,%d,%d>", family_prefix[k.family], (int)k.dtype, k.shape, k.mode);
   else if (k.shape < TN_SHAPE_REGISTER_COUNT)
     snprintf(out, capacity, "%s_registers<%d,%d,%d>", family_prefix[k.family], (int)k.dtype, 1 << k.shape, k.mode);
+  else if (tn_kernel_shape_is_pair(k.shape))
+    snprintf(out, capacity, "%s_registers<%d,%d,%d,%d>", family_prefix[k.family], (int)k.dtype,
+             tn_kernel_group_threads(k.shape), k.mode, TN_KERNEL_PAIR_CHUNKS);
   else if (tn_kernel_shape_is_wide(k.shape))
     snprintf(out, capacity, "%s_wide<%d,%d,%d>", family_prefix[k.family], (int)k.dtype,
              tn_kernel_group_threads(k.shape), k.mode);
@@ -185,7 +198,19 @@ int tn_kernel_row_shape(tn_dtype dtype, int64_t dim, size_t max_stage_bytes) {
   return (uint64_t)chunks * 16u <= max_stage_bytes ? TN_SHAPE_SHARED : TN_SHAPE_REREAD;
 }
 
-int tn_kernel_shape_is_wide(int shape) { return shape >= TN_SHAPE_WIDE_FIRST && shape < TN_SHAPE_COUNT; }
+int tn_kernel_shape_is_wide(int shape) { return shape >= TN_SHAPE_WIDE_FIRST && shape < TN_SHAPE_PAIR_FIRST; }
+
+int tn_kernel_shape_is_pair(int shape) { return shape >= TN_SHAPE_PAIR_FIRST && shape < TN_SHAPE_COUNT; }
+
+int tn_kernel_pair_shape(tn_dtype dtype, int64_t dim) {
+  const int64_t per_chunk = tn_kernel_chunk_elements(dtype);
+  const int64_t chunks = (dim + per_chunk - 1) / per_chunk;
+  if (chunks <= (int64_t)TN_KERNEL_PAIR_MIN_GROUP || chunks > (int64_t)TN_KERNEL_PAIR_CHUNKS * TN_KERNEL_MAX_GROUP)
+    return -1;
+  int shape = TN_SHAPE_PAIR_FIRST, g = TN_KERNEL_PAIR_MIN_GROUP;
+  while ((int64_t)g * TN_KERNEL_PAIR_CHUNKS < chunks) g *= 2, shape++;
+  return shape;
+}
 
 int tn_kernel_wide_shape(int shape) {
   if (shape >= TN_SHAPE_REGISTER_COUNT) return -1;
@@ -198,6 +223,7 @@ int tn_kernel_wide_shape(int shape) {
 
 int tn_kernel_group_threads(int shape) {
   if (tn_kernel_shape_is_wide(shape)) return TN_KERNEL_WIDE_MIN_GROUP << (shape - TN_SHAPE_WIDE_FIRST);
+  if (tn_kernel_shape_is_pair(shape)) return TN_KERNEL_PAIR_MIN_GROUP << (shape - TN_SHAPE_PAIR_FIRST);
   return shape < TN_SHAPE_REGISTER_COUNT ? 1 << shape : TN_KERNEL_MAX_GROUP;
 }
 

@@ -42,12 +42,14 @@ typedef enum tn_kernel_family {
 /* Row shapes: 0 .. 10 keep rows in registers with G = 1 << shape threads per row; then the staged ones;
  * then the few-rows ("wide") form of the register shapes with G = 64, 128, 256 and 512, which the backend
  * picks for those G when every row gets a block of its own (it reduces a row exactly as the register
- * shape of the same G). */
+ * shape of the same G); then the pair shapes of G = 32 .. 1024 (params.h), which only some families have
+ * (a few-rows call of theirs takes the pair shape itself: its threads hold two chunks, not four). */
 #define TN_SHAPE_REGISTER_COUNT 11
 #define TN_SHAPE_SHARED 11
 #define TN_SHAPE_REREAD 12
 #define TN_SHAPE_WIDE_FIRST 13 /* G = TN_KERNEL_WIDE_MIN_GROUP */
-#define TN_SHAPE_COUNT 17
+#define TN_SHAPE_PAIR_FIRST 17 /* G = TN_KERNEL_PAIR_MIN_GROUP */
+#define TN_SHAPE_COUNT 23
 /* Access modes and elementwise ops: TN_KERNEL_MODE_* and TN_KERNEL_ELEMENTWISE_* (kernels/params.h). */
 
 typedef struct tn_kernel_key {
@@ -57,16 +59,21 @@ typedef struct tn_kernel_key {
   int mode;
 } tn_kernel_key;
 
-/* Keys per family: the first four row families have every shape and access mode; the elementwise family
+/* Keys per family: the first four row families have every access mode, every register and staged shape,
+ * the pair shapes of G = 32 .. 128 (TN_NORM_PAIR_COUNT) and the few-rows form of G = 128 .. 512 (rows of
+ * G = 64 take a pair shape); the elementwise family
  * one shape per op and every mode but whole chunks. The later families have three access modes (16-byte
  * vectors, with whole chunks only or not, else bytes: element-aligned calls, rare beside them, take the
  * byte kernels) and the shapes their calls need (registry.c): norm_x
- * the register shapes from G = 2, the staged ones and the few-rows form of G = 128 and 256 (a decode
- * step's hidden sizes); layer_norm the register shapes from G = 8, add_layer_norm from G = 16, and the
+ * the register shapes from G = 2, the staged ones, the few-rows form of G = 128 and 256 (a decode
+ * step's hidden sizes) and the first four's pair shapes; layer_norm the register shapes from G = 8, add_layer_norm from G = 16, and the
  * staged ones; general G = 8, 16, 32 and 256 and the staged ones; rope the register shapes up to G = 32 (heads of at
- * most TN_ROPE_MAX_DIM elements). A row takes its family's smallest register shape that holds it, else a staged one, so that
- * within a family the reduction order still depends on (dtype, dim) alone. */
-#define TN_NORM_X_SHAPE_COUNT 14
+ * most TN_ROPE_MAX_DIM elements). A row takes its family's pair shape where the family has it, else the family's smallest
+ * register shape that holds it, else a staged one, so that within a family the reduction order still depends on (dtype,
+ * dim) alone, and it is the same in the first four families and norm_x's (a graph's fusions move an op between them). */
+#define TN_NORM_PAIR_COUNT 3
+#define TN_NORM_SHAPE_COUNT (16 + TN_NORM_PAIR_COUNT)
+#define TN_NORM_X_SHAPE_COUNT (14 + TN_NORM_PAIR_COUNT)
 #define TN_LAYER_SHAPE_COUNT 10
 #define TN_ADD_LAYER_SHAPE_COUNT 9
 #define TN_GENERAL_SHAPE_COUNT 6
@@ -74,7 +81,7 @@ typedef struct tn_kernel_key {
 #define TN_LATER_MODE_COUNT 3
 #define TN_ELEMENTWISE_MODE_COUNT 3 /* every mode but TN_KERNEL_MODE_WHOLE */
 #define TN_KERNEL_VARIANTS                                                                               \
-  (4 * TN_DTYPE_COUNT * TN_SHAPE_COUNT * TN_KERNEL_MODE_COUNT +                                          \
+  (4 * TN_DTYPE_COUNT * TN_NORM_SHAPE_COUNT * TN_KERNEL_MODE_COUNT +                                     \
    TN_DTYPE_COUNT * TN_KERNEL_ELEMENTWISE_COUNT * TN_ELEMENTWISE_MODE_COUNT +                            \
    TN_DTYPE_COUNT * TN_LATER_MODE_COUNT *                                                                \
        (TN_NORM_X_SHAPE_COUNT + TN_LAYER_SHAPE_COUNT + TN_ADD_LAYER_SHAPE_COUNT + TN_GENERAL_SHAPE_COUNT + \
@@ -103,6 +110,10 @@ int tn_kernel_rows_per_block(int shape);
 /* The wide shape of register shape `shape`, or -1 when it has none. */
 int tn_kernel_wide_shape(int shape);
 int tn_kernel_shape_is_wide(int shape);
+/* The pair shape of rows of dim elements of dtype (G threads, G + 1 .. 2 G chunks, G >= 32), or -1 where
+ * they have none; whether a shape is a pair shape. */
+int tn_kernel_pair_shape(tn_dtype dtype, int64_t dim);
+int tn_kernel_shape_is_pair(int shape);
 /* Threads per block of any kernel (rope.cu's slot kernels: the most they are launched with). */
 int tn_kernel_key_block_threads(tn_kernel_key key);
 /* Bytes of shared memory a staged row of dim elements takes in the family's kernels (what it holds of a

@@ -364,7 +364,7 @@ TEST(KernelRegistry, KeysRoundTripAndNamesAreUnique) {
   std::set<std::string> names;
   std::set<std::tuple<int, int, int, int>> keys;
   std::map<int, std::string> family_prefix;
-  const std::regex name_form("(tn_[a-z_]+)_(registers|staged|wide)<[0-9]+,([0-9]+),[0-9]+>");
+  const std::regex name_form("(tn_[a-z_]+)_(registers|staged|wide)<[0-9]+,([0-9]+),[0-9]+(,2)?>");
   const std::regex elementwise_form("(tn_elementwise)<[0-9]+,([0-9]+),[0-9]+>");
   for (int i = 0; i < TN_KERNEL_VARIANTS; i++) {
     SCOPED_TRACE(i);
@@ -389,7 +389,9 @@ TEST(KernelRegistry, KeysRoundTripAndNamesAreUnique) {
       EXPECT_EQ(std::stoi(m[2].str()), k.shape) << name;
     } else {
       ASSERT_TRUE(std::regex_match(name, m, name_form)) << name;
-      EXPECT_EQ(m[2] == "registers", k.shape < TN_SHAPE_REGISTER_COUNT) << name;
+      const bool pair = tn_kernel_shape_is_pair(k.shape);
+      EXPECT_EQ(m[2] == "registers", k.shape < TN_SHAPE_REGISTER_COUNT || pair) << name;
+      EXPECT_EQ(m[4] == ",2", pair) << name;  // a pair shape names its two chunks a thread
       EXPECT_EQ(m[2] == "wide", (bool)tn_kernel_shape_is_wide(k.shape)) << name;
       if (m[2] != "staged") EXPECT_EQ(std::stoi(m[3].str()), tn_kernel_group_threads(k.shape)) << name;
     }
@@ -586,7 +588,43 @@ TEST(KernelRegistry, RowShapesGrowWithDim) {
     EXPECT_TRUE(tn_kernel_shape_is_wide(w));
     EXPECT_EQ(tn_kernel_group_threads(w), tn_kernel_group_threads(s));
   }
-  EXPECT_EQ(wide_forms, TN_SHAPE_COUNT - TN_SHAPE_WIDE_FIRST);
+  EXPECT_EQ(wide_forms, TN_SHAPE_PAIR_FIRST - TN_SHAPE_WIDE_FIRST);
+}
+
+// The pair shapes: G = 32 .. 1024 threads of two chunks each, for rows of G + 1 .. 2 G chunks (the fewest
+// threads that hold the row so). The first four families and norm_x's have those of G = 32 .. 128, all
+// alike (a graph's fusions move an op between them, and the fused op must reduce a row as before); the
+// other families none (their rows keep four chunks a thread from G = 32).
+TEST(KernelRegistry, PairShapes) {
+  for (tn_dtype dt : {TN_F32, TN_F16, TN_BF16}) {
+    const int64_t per_chunk = tn_kernel_chunk_elements(dt);
+    for (int64_t dim = 1; dim <= 2 * TN_KERNEL_MAX_GROUP * per_chunk + 3 * per_chunk; dim++) {
+      const int64_t chunks = (dim + per_chunk - 1) / per_chunk;
+      const int s = tn_kernel_pair_shape(dt, dim);
+      if (chunks <= 32 || chunks > 2 * TN_KERNEL_MAX_GROUP) {
+        ASSERT_EQ(s, -1) << tn_dtype_name(dt) << " dim " << dim;
+        continue;
+      }
+      ASSERT_TRUE(tn_kernel_shape_is_pair(s)) << tn_dtype_name(dt) << " dim " << dim;
+      const int g = tn_kernel_group_threads(s);
+      ASSERT_GE(2 * (int64_t)g, chunks) << "dim " << dim;
+      ASSERT_LT((int64_t)g, chunks) << "dim " << dim;
+      ASSERT_EQ(tn_kernel_block_threads(s), g > 32 ? g : TN_KERNEL_MIN_BLOCK);
+      ASSERT_EQ(tn_kernel_wide_shape(s), -1);  // few rows take the pair shape itself
+      for (tn_kernel_family f : {TN_FAMILY_NORM, TN_FAMILY_NORM_MUL, TN_FAMILY_ADD_NORM, TN_FAMILY_ADD_NORM_MUL,
+                                 TN_FAMILY_NORM_X}) {
+        for (int mode : {TN_KERNEL_MODE_BYTES, TN_KERNEL_MODE_VECTORS, TN_KERNEL_MODE_WHOLE}) {
+          ASSERT_EQ((bool)tn_kernel_family_has(f, s, mode), g <= 128) << "family " << (int)f << " dim " << dim;
+        }
+      }
+      for (tn_kernel_family f : {TN_FAMILY_LAYER, TN_FAMILY_ADD_LAYER, TN_FAMILY_GENERAL, TN_FAMILY_ROPE}) {
+        ASSERT_FALSE(tn_kernel_family_has(f, s, TN_KERNEL_MODE_WHOLE)) << "family " << (int)f << " dim " << dim;
+      }
+    }
+  }
+  const tn_kernel_key k = {TN_FAMILY_ADD_NORM, TN_BF16, tn_kernel_pair_shape(TN_BF16, 2048), TN_KERNEL_MODE_WHOLE};
+  EXPECT_EQ(KernelName(k), "tn_add_norm_registers<2,128,3,2>");
+  EXPECT_EQ(tn_kernel_key_index(tn_kernel_key_at(tn_kernel_key_index(k))), tn_kernel_key_index(k));
 }
 
 // A cheap kernel to build: bf16 rows of at most 32 elements, one thread each, byte access.

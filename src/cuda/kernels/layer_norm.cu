@@ -72,8 +72,8 @@ struct tn_layer_op : tn_add_split<SPLIT> {
  * spills above G = 128): bf16 16384x8192 94.8 -> 96.6, 8192x16384 91.2 -> 93.0, 32768x4096 96.7 -> 97.9.
  * add_layer_norm splits its reads (tn_add_split) above G = 32: below, the split spilled at 64 registers
  * (131072x128 bf16 77.0% unsplit, 67.0% split). docs/performance.md has the runs. */
-template <int DT, int G, int MODE>
-struct tn_register_shape<tn_layer_op<false, false>, DT, G, MODE>
+template <int DT, int G, int MODE, int K>
+struct tn_register_shape<tn_layer_op<false, false>, DT, G, MODE, K>
     /* 896 resident threads with the common output loop (2-byte dtypes, G <= 128); x's rows fetched ahead
      * from G = 256 (row.cuh's tn_fetch_row_ahead: two reductions hold a row, two or one block an SM) */
     : tn_shape_choices<(DT != TN_KERNEL_F32 && G <= 128 ? 896 : TN_KERNEL_MIN_RESIDENT), (G >= 256)> {
@@ -81,8 +81,8 @@ struct tn_register_shape<tn_layer_op<false, false>, DT, G, MODE>
   using op = tn_layer_op<false, common, false, whole, common && G <= 128>;
 };
 
-template <int DT, int G, int MODE>
-struct tn_register_shape<tn_layer_op<true, false>, DT, G, MODE> : tn_shape_choices<> {
+template <int DT, int G, int MODE, int K>
+struct tn_register_shape<tn_layer_op<true, false>, DT, G, MODE, K> : tn_shape_choices<> {
   using op = tn_layer_op<true, false, (G > 32)>;
 };
 

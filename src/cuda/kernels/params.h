@@ -107,6 +107,13 @@ typedef struct tn_kernel_params {
  * two-chunk path in the G = 16 kernels did. */
 #define TN_KERNEL_TWO_CHUNKS_MAX_GROUP 16
 #define TN_KERNEL_CHUNKS_OF(G) ((G) <= TN_KERNEL_TWO_CHUNKS_MAX_GROUP ? 2 : TN_KERNEL_REG_CHUNKS)
+/* The pair shapes: G = TN_KERNEL_PAIR_MIN_GROUP .. TN_KERNEL_MAX_GROUP threads per row holding two chunks
+ * each, beside the register shapes of the same G (four a thread from G = 32). A family that has the pair
+ * shape of G (registry.c) takes it for rows of G + 1 .. 2 G chunks: twice the threads of the register shape
+ * a row would take, each with half the work and registers. Which families have which was measured (the
+ * family's source says). */
+#define TN_KERNEL_PAIR_CHUNKS 2
+#define TN_KERNEL_PAIR_MIN_GROUP 32
 #define TN_KERNEL_MAX_GROUP 1024    /* threads per row, at most */
 #define TN_KERNEL_MIN_BLOCK 128     /* threads per block when G <= 32 (several rows per block); else G */
 /* Threads per block of a row kernel with G threads per row: one row per block above one warp (the group's

@@ -478,7 +478,7 @@ struct tn_shape_choices {
   enum { resident = RESIDENT, ahead = AHEAD, weight_first = WEIGHT_FIRST };
 };
 
-template <class Op, int DT, int G, int MODE>
+template <class Op, int DT, int G, int MODE, int K>
 struct tn_register_shape : tn_shape_choices<> {
   using op = Op;
 };
@@ -640,15 +640,16 @@ struct tn_acc_of<R, typename tn_void_of<typename R::acc>::type> {
   using type = typename R::acc;
 };
 
-/* G threads per row, each keeping TN_KERNEL_CHUNKS_OF(G) chunks in registers; several rows per block
+/* G threads per row, each keeping K chunks in registers (TN_KERNEL_CHUNKS_OF(G), or two in the pair
+ * shapes); several rows per block
  * when G <= 32 (a row's group is then within a warp; above a warp a block is one row, since the group's
  * barrier and shared partial sums belong to the block); rows spread over a grid that strides (rows are never a grid dimension
  * with a 65535 cap; every offset is 64-bit). */
-template <int DT, int G, int MODE, class Op, bool AHEAD = false, bool WEIGHT_FIRST = false>
+template <int DT, int G, int K, int MODE, class Op, bool AHEAD = false, bool WEIGHT_FIRST = false>
 TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
   using H = typename Op::template held<DT>;
   using R = typename Op::reduce;
-  constexpr int K = TN_KERNEL_CHUNKS_OF(G), V = tn_dt<DT>::per_chunk;
+  constexpr int V = tn_dt<DT>::per_chunk;
   constexpr int BLOCK = TN_KERNEL_BLOCK_OF(G), RPB = BLOCK / G; /* one row per block above one warp */
   __shared__ float partials[TN_PARTIALS_OF(G)];
   int turn = 0;
@@ -676,10 +677,10 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
         q[k] = c < chunks ? Op::template produce<DT, MODE>(p, at, c) : tn_held<H>::zero();
       }
     }
-    /* Not in the f16/bf16 kernels of G = 32, the most crowded at the 64-register cap: there it spilled 40
-     * bytes, 16 with the prefetch per chunk. */
-    constexpr bool BULK_AHEAD =
-        AHEAD && TN_BULK_PREFETCH && MODE >= TN_KERNEL_MODE_VECTORS && (DT == TN_KERNEL_F32 || G != 32);
+    /* Not in the f16/bf16 kernels of G = 32 and four chunks, the most crowded at the 64-register cap: there
+     * it spilled 40 bytes, 16 with the prefetch per chunk. */
+    constexpr bool BULK_AHEAD = AHEAD && TN_BULK_PREFETCH && MODE >= TN_KERNEL_MODE_VECTORS &&
+                                (DT == TN_KERNEL_F32 || G != 32 || K == TN_KERNEL_PAIR_CHUNKS);
     if constexpr (AHEAD && !BULK_AHEAD) {
 #pragma unroll
       for (int k = 0; k < K; k++) {
@@ -837,17 +838,18 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
 #define TN_MIN_BLOCKS_DIV(G, DIV, RESIDENT) \
   (TN_MIN_BLOCKS_AT(G, RESIDENT) / (DIV) > 0 ? TN_MIN_BLOCKS_AT(G, RESIDENT) / (DIV) : 1)
 
-/* The kernels of one op family: Op's rows in registers (G threads per row), in the few-rows form, or
- * staged. MIN_DIV: 1, or the factor by which the family's register shapes allow fewer resident blocks. */
+/* The kernels of one op family: Op's rows in registers (G threads per row, K chunks a thread: the pair
+ * shapes name K, TN_KERNEL_PAIR_CHUNKS), in the few-rows form, or staged. MIN_DIV: 1, or the factor by
+ * which the family's register shapes allow fewer resident blocks. */
 #define TN_DEFINE_ROW_KERNELS_DIV(prefix, Op, MIN_DIV)                                                    \
-  template <int DT, int G, int MODE>                                                                      \
+  template <int DT, int G, int MODE, int K = TN_KERNEL_CHUNKS_OF(G)>                                      \
   __global__ void __launch_bounds__(TN_KERNEL_BLOCK_OF(G),                                                \
-                                    TN_MIN_BLOCKS_DIV(G, MIN_DIV, (tn_register_shape<Op, DT, G, MODE>::resident))) \
+                                    TN_MIN_BLOCKS_DIV(G, MIN_DIV, (tn_register_shape<Op, DT, G, MODE, K>::resident))) \
       prefix##_registers(const tn_kernel_params p) {                                                      \
     tn_pdl_wait();                                                                                        \
-    tn_rows_in_registers<DT, G, MODE, typename tn_register_shape<Op, DT, G, MODE>::op,                     \
-                         (tn_register_shape<Op, DT, G, MODE>::ahead != 0),                                     \
-                         (tn_register_shape<Op, DT, G, MODE>::weight_first != 0)>(p);                          \
+    tn_rows_in_registers<DT, G, K, MODE, typename tn_register_shape<Op, DT, G, MODE, K>::op,               \
+                         (tn_register_shape<Op, DT, G, MODE, K>::ahead != 0),                                  \
+                         (tn_register_shape<Op, DT, G, MODE, K>::weight_first != 0)>(p);                       \
     tn_pdl_launch_dependents();                                                                           \
   }                                                                                                       \
   template <int DT, int G, int MODE>                                                                      \

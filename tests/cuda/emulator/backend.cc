@@ -49,12 +49,19 @@ bool KernelOf(tn_kernel_key k, const tn_kernel_params &p, Kernel &fn) {
     case 16: fn = [p] { prefix##_wide<DT, 512, MODE>(p); }; return true;               \
   }                                                                                   \
   return false;
+// The pair shapes (two chunks a thread), in the families that have them; then the family's other shapes.
+#define TN_EMU_PAIR_SHAPES(prefix)                                                                   \
+  switch (k.shape) {                                                                                 \
+    case TN_SHAPE_PAIR_FIRST: fn = [p] { prefix##_registers<DT, 32, MODE, 2>(p); }; return true;     \
+    case TN_SHAPE_PAIR_FIRST + 1: fn = [p] { prefix##_registers<DT, 64, MODE, 2>(p); }; return true;  \
+    case TN_SHAPE_PAIR_FIRST + 2: fn = [p] { prefix##_registers<DT, 128, MODE, 2>(p); }; return true; \
+  }
   switch (k.family) {
-    case TN_FAMILY_NORM: TN_EMU_ROW_FAMILY(tn_norm)
-    case TN_FAMILY_NORM_MUL: TN_EMU_ROW_FAMILY(tn_norm_mul)
-    case TN_FAMILY_ADD_NORM: TN_EMU_ROW_FAMILY(tn_add_norm)
-    case TN_FAMILY_ADD_NORM_MUL: TN_EMU_ROW_FAMILY(tn_add_norm_mul)
-    case TN_FAMILY_NORM_X: TN_EMU_ROW_FAMILY(tn_normx)
+    case TN_FAMILY_NORM: TN_EMU_PAIR_SHAPES(tn_norm) TN_EMU_ROW_FAMILY(tn_norm)
+    case TN_FAMILY_NORM_MUL: TN_EMU_PAIR_SHAPES(tn_norm_mul) TN_EMU_ROW_FAMILY(tn_norm_mul)
+    case TN_FAMILY_ADD_NORM: TN_EMU_PAIR_SHAPES(tn_add_norm) TN_EMU_ROW_FAMILY(tn_add_norm)
+    case TN_FAMILY_ADD_NORM_MUL: TN_EMU_PAIR_SHAPES(tn_add_norm_mul) TN_EMU_ROW_FAMILY(tn_add_norm_mul)
+    case TN_FAMILY_NORM_X: TN_EMU_PAIR_SHAPES(tn_normx) TN_EMU_ROW_FAMILY(tn_normx)
     case TN_FAMILY_LAYER: TN_EMU_ROW_FAMILY(tn_layer)
     case TN_FAMILY_ADD_LAYER: TN_EMU_ROW_FAMILY(tn_add_layer)
     case TN_FAMILY_GENERAL:
@@ -80,6 +87,7 @@ bool KernelOf(tn_kernel_key k, const tn_kernel_params &p, Kernel &fn) {
       return false;
   }
 #undef TN_EMU_ROW_FAMILY
+#undef TN_EMU_PAIR_SHAPES
 }
 
 template <int DT>
