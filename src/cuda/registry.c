@@ -53,17 +53,18 @@ static const char *const family_prefix[TN_FAMILY_COUNT] = {
 /* Each family's shapes and access modes, in key order (see registry.h). The later families keep the
  * shapes their calls need (a row takes the family's smallest register shape that holds it, else a staged
  * one: the reduction order still depends on (dtype, dim) alone within a family). */
-/* rms_norm's, l2_norm's and add_rms_norm's families (with and without a multiplicand): every register and
- * staged shape, the pair shapes of G = 32 .. 128 (rows of 33 .. 256 chunks; norm.cu says what that
- * measured), and the few-rows forms of G = 128 .. 512 (G = 64's rows take a pair shape). norm_x.cu's
+/* rms_norm's, l2_norm's and add_rms_norm's families (with and without a multiplicand): the pair shapes of
+ * G = 32 .. 128 (rows of 33 .. 256 chunks; norm.cu says what that measured), the register shapes of G = 1
+ * .. 16 and 128 .. 1024 (those of G = 32 and 64 held the rows the pair shapes take), the staged ones, and
+ * the few-rows forms of G = 128 .. 512. norm_x.cu's
  * family has the same pairs: a graph fuses an add and an rms_norm into an add_rms_norm, an rms_norm and a
  * mul into an rms_norm with a multiplicand, an l2_norm and a scale into norm_x.cu's l2_norm with a scale,
  * and the fused op must reduce a row as the ops it replaces did. */
 #define TN_PAIR_SHAPES TN_SHAPE_PAIR_FIRST, TN_SHAPE_PAIR_FIRST + 1, TN_SHAPE_PAIR_FIRST + 2
 static const signed char norm_shapes[TN_NORM_SHAPE_COUNT] = {
-    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD, TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2,
+    0, 1, 2, 3, 4, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD, TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2,
     TN_SHAPE_WIDE_FIRST + 3, TN_PAIR_SHAPES};
-static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD,
+static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {1, 2, 3, 4, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD,
                                            TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2, TN_PAIR_SHAPES};
 /* layer_norm from G = 8 (bf16 x 128: 16 chunks on 8 threads, none idle); add_layer_norm from G = 16, where
  * its rows of 9 .. 16 chunks ran faster than at G = 8 (H100, bf16 131072x128 95.6% against 92.0%). */

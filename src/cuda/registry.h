@@ -59,21 +59,21 @@ typedef struct tn_kernel_key {
   int mode;
 } tn_kernel_key;
 
-/* Keys per family: the first four row families have every access mode, every register and staged shape,
- * the pair shapes of G = 32 .. 128 (TN_NORM_PAIR_COUNT) and the few-rows form of G = 128 .. 512 (rows of
- * G = 64 take a pair shape); the elementwise family
+/* Keys per family: the first four row families have every access mode, the pair shapes of G = 32 .. 128
+ * (TN_NORM_PAIR_COUNT), the register shapes but G = 32 and 64 (their rows take the pair shapes), the staged
+ * ones and the few-rows form of G = 128 .. 512; the elementwise family
  * one shape per op and every mode but whole chunks. The later families have three access modes (16-byte
  * vectors, with whole chunks only or not, else bytes: element-aligned calls, rare beside them, take the
  * byte kernels) and the shapes their calls need (registry.c): norm_x
- * the register shapes from G = 2, the staged ones, the few-rows form of G = 128 and 256 (a decode
+ * the register shapes from G = 2 but G = 32 and 64, the staged ones, the few-rows form of G = 128 and 256 (a decode
  * step's hidden sizes) and the first four's pair shapes; layer_norm the register shapes from G = 8, add_layer_norm from G = 16, and the
  * staged ones; general G = 8, 16, 32 and 256 and the staged ones; rope the register shapes up to G = 32 (heads of at
  * most TN_ROPE_MAX_DIM elements). A row takes its family's pair shape where the family has it, else the family's smallest
  * register shape that holds it, else a staged one, so that within a family the reduction order still depends on (dtype,
  * dim) alone, and it is the same in the first four families and norm_x's (a graph's fusions move an op between them). */
 #define TN_NORM_PAIR_COUNT 3
-#define TN_NORM_SHAPE_COUNT (16 + TN_NORM_PAIR_COUNT)
-#define TN_NORM_X_SHAPE_COUNT (14 + TN_NORM_PAIR_COUNT)
+#define TN_NORM_SHAPE_COUNT (14 + TN_NORM_PAIR_COUNT)
+#define TN_NORM_X_SHAPE_COUNT (12 + TN_NORM_PAIR_COUNT)
 #define TN_LAYER_SHAPE_COUNT 10
 #define TN_ADD_LAYER_SHAPE_COUNT 9
 #define TN_GENERAL_SHAPE_COUNT 6

@@ -622,6 +622,13 @@ TEST(KernelRegistry, PairShapes) {
       }
     }
   }
+  // The four-chunk shapes of G = 32 and 64 held rows of 33 .. 256 chunks: the pair families have none.
+  for (tn_kernel_family f : {TN_FAMILY_NORM, TN_FAMILY_NORM_MUL, TN_FAMILY_ADD_NORM, TN_FAMILY_ADD_NORM_MUL,
+                             TN_FAMILY_NORM_X}) {
+    EXPECT_FALSE(tn_kernel_family_has(f, 5, TN_KERNEL_MODE_WHOLE)) << "family " << (int)f;
+    EXPECT_FALSE(tn_kernel_family_has(f, 6, TN_KERNEL_MODE_WHOLE)) << "family " << (int)f;
+    EXPECT_TRUE(tn_kernel_family_has(f, 7, TN_KERNEL_MODE_WHOLE)) << "family " << (int)f;
+  }
   const tn_kernel_key k = {TN_FAMILY_ADD_NORM, TN_BF16, tn_kernel_pair_shape(TN_BF16, 2048), TN_KERNEL_MODE_WHOLE};
   EXPECT_EQ(KernelName(k), "tn_add_norm_registers<2,128,3,2>");
   EXPECT_EQ(tn_kernel_key_index(tn_kernel_key_at(tn_kernel_key_index(k))), tn_kernel_key_index(k));
