@@ -305,22 +305,10 @@ static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
     key.mode = TN_KERNEL_MODE_WHOLE;
   /* The later families have no element-access kernels: such calls take the byte ones. */
   if (!tn_kernel_family_has_mode(key.family, key.mode)) key.mode = TN_KERNEL_MODE_BYTES;
-  /* The shape follows from (family, dtype, dim) alone, as does the reduction order; whether a staged row fits in
-   * shared memory depends on what the family holds of a chunk. */
-  const size_t stage_limit = max_stage_bytes(d), stage = tn_kernel_stage_bytes(key.family, a->x->dtype, a->x->dim);
-  key.shape = tn_kernel_row_shape(a->x->dtype, a->x->dim, stage_limit);
-  /* The later families keep some register shapes: the smallest G of the family that holds the row, else
-   * staged (G = 1024, the order of the largest register shape). */
-  while (key.shape < TN_SHAPE_REGISTER_COUNT && !tn_kernel_family_has(key.family, key.shape, key.mode)) key.shape++;
-  if (key.shape >= TN_SHAPE_REGISTER_COUNT) key.shape = stage <= stage_limit ? TN_SHAPE_SHARED : TN_SHAPE_REREAD;
-  /* A family that has the row's pair shape (two chunks a thread, twice the threads) takes it, few rows or
-   * many: the order is still the family's, (dtype, dim)'s alone. */
-  const int pair = tn_kernel_pair_shape(a->x->dtype, a->x->dim);
-  if (pair >= 0 && tn_kernel_family_has(key.family, pair, key.mode)) key.shape = pair;
-  /* Rows few enough for a block each: the wide form of the same G (the same bits, a quarter of the
-   * serial work per thread; what a decode step's one-row calls are bound by). */
-  const int wide = tn_kernel_wide_shape(key.shape);
-  if (wide >= 0 && tn_kernel_family_has(key.family, wide, key.mode) && vectors_of(a->x) <= d->sms) key.shape = wide;
+  /* The shape follows from (family, dtype, dim) alone, as does the reduction order (registry.c); rows few
+   * enough for a block each take the family's few-rows form of it, where it has one. */
+  key.shape = tn_kernel_call_shape(key.family, a->x->dtype, a->x->dim, key.mode, max_stage_bytes(d),
+                                   vectors_of(a->x) <= d->sms);
   /* A rope's whole-chunk kernels are the paired ones (rope.cu): the rest take its vector kernels, of the same
    * shapes. */
   if (key.family == TN_FAMILY_ROPE && key.mode == TN_KERNEL_MODE_WHOLE &&

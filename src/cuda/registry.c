@@ -51,20 +51,21 @@ static const char *const family_prefix[TN_FAMILY_COUNT] = {
     "tn_normx", "tn_layer", "tn_general", "tn_rope", "tn_add_layer"};
 
 /* Each family's shapes and access modes, in key order (see registry.h). The later families keep the
- * shapes their calls need (a row takes the family's smallest register shape that holds it, else a staged
- * one: the reduction order still depends on (dtype, dim) alone within a family). */
+ * shapes their calls need (a row takes the family's pair shape where it has one, else its smallest register
+ * shape that holds it, else a staged one: tn_kernel_call_shape; the reduction order still depends on
+ * (dtype, dim) alone within a family). */
 /* rms_norm's, l2_norm's and add_rms_norm's families (with and without a multiplicand): the pair shapes of
- * G = 32 .. 128 (rows of 33 .. 256 chunks; norm.cu says what that measured), the register shapes of G = 1
- * .. 16 and 128 .. 1024 (those of G = 32 and 64 held the rows the pair shapes take), the staged ones, and
- * the few-rows forms of G = 128 .. 512. norm_x.cu's
- * family has the same pairs: a graph fuses an add and an rms_norm into an add_rms_norm, an rms_norm and a
- * mul into an rms_norm with a multiplicand, an l2_norm and a scale into norm_x.cu's l2_norm with a scale,
- * and the fused op must reduce a row as the ops it replaces did. */
+ * G = 32 .. 128 (rows of 33 .. 256 chunks; norm.cu says what that measured), the register shapes but G = 64
+ * (whose rows take a pair shape; G = 32 keeps float32 rows of 65 .. 128 chunks, tn_kernel_pair_shape), the
+ * staged ones, and the few-rows forms of G = 128 .. 512. norm_x.cu's family has the same G for every row
+ * (its G = 1 too): a graph fuses an add and an rms_norm into an add_rms_norm, an rms_norm and a mul into an
+ * rms_norm with a multiplicand, an l2_norm and a scale into norm_x.cu's l2_norm with a scale, and the fused
+ * op must reduce a row as the ops it replaces did (the reduction order is G's). */
 #define TN_PAIR_SHAPES TN_SHAPE_PAIR_FIRST, TN_SHAPE_PAIR_FIRST + 1, TN_SHAPE_PAIR_FIRST + 2
 static const signed char norm_shapes[TN_NORM_SHAPE_COUNT] = {
-    0, 1, 2, 3, 4, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD, TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2,
+    0, 1, 2, 3, 4, 5, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD, TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2,
     TN_SHAPE_WIDE_FIRST + 3, TN_PAIR_SHAPES};
-static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {1, 2, 3, 4, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD,
+static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD,
                                            TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2, TN_PAIR_SHAPES};
 /* layer_norm from G = 8 (bf16 x 128: 16 chunks on 8 threads, none idle); add_layer_norm from G = 16, where
  * its rows of 9 .. 16 chunks ran faster than at G = 8 (H100, bf16 131072x128 95.6% against 92.0%). */
@@ -72,8 +73,12 @@ static const signed char layer_shapes[TN_LAYER_SHAPE_COUNT] = {3, 4, 5, 6, 7, 8,
 static const signed char add_layer_shapes[TN_ADD_LAYER_SHAPE_COUNT] = {4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED,
                                                                        TN_SHAPE_REREAD};
 /* G = 8 holds the 16 chunks of a 128-element f16/bf16 head (a G = 4 held 8, sending them to G = 32), G = 16
- * the 32 of a float32 one or of a 256-element f16/bf16 one (else on G = 32, three lanes in four idle). */
-static const signed char general_shapes[TN_GENERAL_SHAPE_COUNT] = {3, 4, 5, 8, TN_SHAPE_SHARED, TN_SHAPE_REREAD};
+ * the 32 of a float32 one or of a 256-element f16/bf16 one (else on G = 32, three lanes in four idle). The
+ * pair shape of G = 64 takes f16/bf16 rows of 65 .. 128 chunks, as norm_x's family does: an rms_norm in
+ * TN_CASTING_LLAMA or on a 3-D view runs there, and fused with a mul here (the other rows where the two
+ * differ in G are open: docs/performance.md). */
+static const signed char general_shapes[TN_GENERAL_SHAPE_COUNT] = {3, 4, 5, 8, TN_SHAPE_SHARED, TN_SHAPE_REREAD,
+                                                                   TN_SHAPE_PAIR_FIRST + 1};
 
 /* A family's shapes: `count` of them, listed in `list`, or 0 .. count - 1 where list is NULL. */
 typedef struct {
@@ -199,6 +204,26 @@ int tn_kernel_row_shape(tn_dtype dtype, int64_t dim, size_t max_stage_bytes) {
   return (uint64_t)chunks * 16u <= max_stage_bytes ? TN_SHAPE_SHARED : TN_SHAPE_REREAD;
 }
 
+int tn_kernel_call_shape(tn_kernel_family family, tn_dtype dtype, int64_t dim, int mode, size_t max_stage_bytes,
+                         int few_rows) {
+  /* Whether a staged row fits in shared memory depends on what the family holds of a chunk. */
+  const size_t stage = tn_kernel_stage_bytes(family, dtype, dim);
+  int shape = tn_kernel_row_shape(dtype, dim, max_stage_bytes);
+  /* The smallest register shape of the family that holds the row, else staged (G = 1024, the order of the
+   * largest register shape). */
+  while (shape < TN_SHAPE_REGISTER_COUNT && !tn_kernel_family_has(family, shape, mode)) shape++;
+  if (shape >= TN_SHAPE_REGISTER_COUNT) shape = stage <= max_stage_bytes ? TN_SHAPE_SHARED : TN_SHAPE_REREAD;
+  /* A family that has the row's pair shape (two chunks a thread, twice the threads) takes it, few rows or
+   * many. */
+  const int pair = tn_kernel_pair_shape(dtype, dim);
+  if (pair >= 0 && tn_kernel_family_has(family, pair, mode)) shape = pair;
+  /* Rows few enough for a block each: the wide form of the same G (the same bits, a quarter of the serial
+   * work per thread; what a decode step's one-row calls are bound by). */
+  const int wide = tn_kernel_wide_shape(shape);
+  if (few_rows && wide >= 0 && tn_kernel_family_has(family, wide, mode)) shape = wide;
+  return shape;
+}
+
 int tn_kernel_shape_is_wide(int shape) { return shape >= TN_SHAPE_WIDE_FIRST && shape < TN_SHAPE_PAIR_FIRST; }
 
 int tn_kernel_shape_is_pair(int shape) { return shape >= TN_SHAPE_PAIR_FIRST && shape < TN_SHAPE_COUNT; }
@@ -207,6 +232,11 @@ int tn_kernel_pair_shape(tn_dtype dtype, int64_t dim) {
   const int64_t per_chunk = tn_kernel_chunk_elements(dtype);
   const int64_t chunks = (dim + per_chunk - 1) / per_chunk;
   if (chunks <= (int64_t)TN_KERNEL_PAIR_MIN_GROUP || chunks > (int64_t)TN_KERNEL_PAIR_CHUNKS * TN_KERNEL_MAX_GROUP)
+    return -1;
+  /* float32 rows of 65 .. 128 chunks (257 .. 512 elements) stay on G = 32, four chunks a thread: rope.cu
+   * reduces a head of up to TN_ROPE_MAX_DIM elements as rms_norm does, on at most 32 threads (and pairs
+   * measured level for f32 there: l2_norm 65536x512 100.7 -> 100.9% of the copy ceiling). */
+  if (dtype == TN_F32 && chunks > 2 * (int64_t)TN_KERNEL_PAIR_MIN_GROUP && chunks <= (int64_t)TN_ROPE_MAX_DIM / 4)
     return -1;
   int shape = TN_SHAPE_PAIR_FIRST, g = TN_KERNEL_PAIR_MIN_GROUP;
   while ((int64_t)g * TN_KERNEL_PAIR_CHUNKS < chunks) g *= 2, shape++;

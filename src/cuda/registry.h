@@ -40,7 +40,8 @@ typedef enum tn_kernel_family {
 } tn_kernel_family;
 
 /* Row shapes: 0 .. 10 keep rows in registers with G = 1 << shape threads per row; then the staged ones;
- * then the few-rows ("wide") form of the register shapes with G = 64, 128, 256 and 512, which the backend
+ * then the few-rows ("wide") form of the register shapes with G = 64, 128, 256 and 512 (no family keeps
+ * G = 64's: its rows take the pair shapes where a family has a few-rows form), which the backend
  * picks for those G when every row gets a block of its own (it reduces a row exactly as the register
  * shape of the same G); then the pair shapes of G = 32 .. 1024 (params.h), which only some families have
  * (a few-rows call of theirs takes the pair shape itself: its threads hold two chunks, not four). */
@@ -60,23 +61,23 @@ typedef struct tn_kernel_key {
 } tn_kernel_key;
 
 /* Keys per family: the first four row families have every access mode, the pair shapes of G = 32 .. 128
- * (TN_NORM_PAIR_COUNT), the register shapes but G = 32 and 64 (their rows take the pair shapes), the staged
- * ones and the few-rows form of G = 128 .. 512; the elementwise family
+ * (TN_NORM_PAIR_COUNT), the register shapes but G = 64 (its rows take a pair shape), the staged ones and
+ * the few-rows form of G = 128 .. 512; the elementwise family
  * one shape per op and every mode but whole chunks. The later families have three access modes (16-byte
  * vectors, with whole chunks only or not, else bytes: element-aligned calls, rare beside them, take the
  * byte kernels) and the shapes their calls need (registry.c): norm_x
- * the register shapes from G = 2 but G = 32 and 64, the staged ones, the few-rows form of G = 128 and 256 (a decode
+ * the register shapes but G = 64, the staged ones, the few-rows form of G = 128 and 256 (a decode
  * step's hidden sizes) and the first four's pair shapes; layer_norm the register shapes from G = 8, add_layer_norm from G = 16, and the
- * staged ones; general G = 8, 16, 32 and 256 and the staged ones; rope the register shapes up to G = 32 (heads of at
+ * staged ones; general G = 8, 16, 32 and 256, the staged ones and the pair shape of G = 64; rope the register shapes up to G = 32 (heads of at
  * most TN_ROPE_MAX_DIM elements). A row takes its family's pair shape where the family has it, else the family's smallest
  * register shape that holds it, else a staged one, so that within a family the reduction order still depends on (dtype,
  * dim) alone, and it is the same in the first four families and norm_x's (a graph's fusions move an op between them). */
 #define TN_NORM_PAIR_COUNT 3
-#define TN_NORM_SHAPE_COUNT (14 + TN_NORM_PAIR_COUNT)
-#define TN_NORM_X_SHAPE_COUNT (12 + TN_NORM_PAIR_COUNT)
+#define TN_NORM_SHAPE_COUNT (15 + TN_NORM_PAIR_COUNT)
+#define TN_NORM_X_SHAPE_COUNT (14 + TN_NORM_PAIR_COUNT)
 #define TN_LAYER_SHAPE_COUNT 10
 #define TN_ADD_LAYER_SHAPE_COUNT 9
-#define TN_GENERAL_SHAPE_COUNT 6
+#define TN_GENERAL_SHAPE_COUNT 7
 #define TN_ROPE_SHAPE_COUNT 6
 #define TN_LATER_MODE_COUNT 3
 #define TN_ELEMENTWISE_MODE_COUNT 3 /* every mode but TN_KERNEL_MODE_WHOLE */
@@ -102,6 +103,13 @@ int64_t tn_kernel_chunk_elements(tn_dtype dtype);
 /* The row shape for rows of dim elements of dtype: the threads per row (and so the reduction order)
  * follow from (dtype, dim) alone. max_stage_bytes: the most dynamic shared memory a block may have. */
 int tn_kernel_row_shape(tn_dtype dtype, int64_t dim, size_t max_stage_bytes);
+/* The shape a row kernel of `family` takes for rows of dim elements of dtype in access mode `mode` (one the
+ * family has): its pair shape where it has one, else its smallest register shape that holds the row, else
+ * a staged one; then, for few_rows (every row a block of its own), that shape's few-rows form where the
+ * family has it. The threads per row G follow from (family, dtype, dim), and with them the reduction order
+ * (thread t sums chunks t, t + G, ...: how many a thread can hold does not change it). */
+int tn_kernel_call_shape(tn_kernel_family family, tn_dtype dtype, int64_t dim, int mode, size_t max_stage_bytes,
+                         int few_rows);
 /* Threads per row of a row shape (the reduction's group), threads per block of a row shape, and rows a
  * block takes at a time. */
 int tn_kernel_group_threads(int shape);

@@ -592,8 +592,8 @@ class ModelTest : public CudaContextTest {
 
 const tn_dtype kAllDtypes[] = {TN_F32, TN_F16, TN_BF16};
 
-// Dims reaching each row shape: G = 1, 2, 8, 32 (several rows a block), 64 .. 1024 (a block a row), the
-// few-rows form (rows <= SMs, G >= 64), staged in shared memory (bf16 70000) and read again (f32 70000).
+// Dims reaching each row shape: G = 1, 2, 8, 32 (several rows a block), 64 .. 1024 (a block a row; two
+// chunks a thread up to G = 128 in rms_norm's families), the few-rows form (rows <= SMs, G >= 128), staged in shared memory (bf16 70000) and read again (f32 70000).
 const int64_t kShapeDims[] = {1, 7, 33, 128, 1000, 4096, 5120, 16384, 70000};
 
 // Rows for a dim: many short rows, few long ones (the reference's time), 3 rows past 16384 (so that the
@@ -1512,13 +1512,14 @@ TEST_F(SanitizedModelsBatchInvariance, HeadsLlamaAndStreams) {
 // rope.cu's paired kernels hold a head on half the threads of rms_norm's shape where that shape holds at most
 // two chunks a lane (each thread two lanes' chunks, params.h's TN_KERNEL_ROPE_PAIRED_GROUP) and must reduce
 // in its order all the same: the elements past rotary_dim, normalised and not rotated, come out with the
-// bytes rms_norm gives the same heads. Heads of 4 .. 64 chunks (G = 2 .. 32), rows rescaled (x near 3e19,
-// their squares past float32's range) and not.
+// bytes rms_norm gives the same heads. Heads of 4 .. 64 chunks (G = 2 .. 32; 128, float32 heads of
+// TN_ROPE_MAX_DIM, on G = 32 in both), rows rescaled (x near 3e19, their squares past float32's range) and not.
 TEST_F(SanitizedModelsBatchInvariance, RopeNormsAsRmsNorm) {
   for (tn_dtype dt : {TN_F32, TN_BF16})
-    for (int64_t chunks : {4, 8, 16, 32, 64})
+    for (int64_t chunks : {4, 8, 16, 32, 64, 128})
       for (double x_scale : {0.0, 3e19}) {
         const int64_t per_chunk = dt == TN_F32 ? 4 : 8;
+        if (chunks * per_chunk > TN_ROPE_MAX_DIM) continue;
         Spec plain;
         plain.dt = dt;
         plain.dim = chunks * per_chunk;

@@ -53,8 +53,9 @@ struct tn_norm_op {
  * 92.7 -> 93.6, where four chunks a thread had spilled: 89.7 -> 82.0). Not at G = 32 with four chunks a
  * thread, where it spilled 80 bytes (bf16 65536x512: 54.7% of the copy ceiling with it, 93.1 without).
  * With a multiplicand neither was measured.
- * Rows of 33 .. 256 chunks take the pair shapes (G = 32 .. 128, two chunks a thread: registry.c), the
- * rows the four-chunk shapes left on G = 32 and 64 (with a multiplicand too, unmeasured: a graph's fusions
+ * Rows of 33 .. 256 chunks take the pair shapes (G = 32 .. 128, two chunks a thread: registry.c; float32
+ * rows of 65 .. 128 chunks stay on G = 32, as rope.cu's heads), the rows the four-chunk shapes left on G =
+ * 32 and 64 (with a multiplicand too, unmeasured: a graph's fusions
  * need the order of the op without one). H100, l2_norm, % of the copy ceiling, best of two
  * rounds (scripts/ab-bench.sh): bf16 65536x512 94.9 -> 98.1, 65536x1024 99.5 -> 101.1, 65536x2048 101.7
  * -> 102.4; f32 level (100.7 -> 100.9, 102.2 -> 102.2, 102.7 -> 102.9). Longer rows stay on four chunks a

@@ -92,8 +92,10 @@ typedef struct tn_kernel_params {
 
 /* Row-kernel shapes. A row is cut into 16-byte chunks; thread t of a row's group of G threads owns chunks
  * t, t + G, t + 2G, ... and sums their squares in that order, element by element; the group then adds its
- * G partial sums as a fixed butterfly (and, above one warp, the warps' sums in warp order). Every kernel
- * of one (op, dtype, dim) uses the same G, so every path reduces a row in the same order. */
+ * G partial sums as a fixed butterfly (and, above one warp, the warps' sums in warp order). The order is
+ * G's alone (how many chunks a thread can hold does not change it). Every kernel of one (family, dtype,
+ * dim) uses the same G, so every path reduces a row in the same order, and the families a graph's fusions
+ * move an op between keep the same G (registry.c). */
 #define TN_KERNEL_REG_CHUNKS 4      /* chunks per thread kept in registers, at most */
 /* Chunks per thread of the register shape with G threads per row: two up to G = 16 (rows of at most 32
  * chunks: 256 elements of f16/bf16, 128 of f32), so that short rows get twice the threads, half the work
