@@ -72,13 +72,15 @@ static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {0, 1, 2, 3, 4, 5
 static const signed char layer_shapes[TN_LAYER_SHAPE_COUNT] = {3, 4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD};
 static const signed char add_layer_shapes[TN_ADD_LAYER_SHAPE_COUNT] = {4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED,
                                                                        TN_SHAPE_REREAD};
-/* G = 8 holds the 16 chunks of a 128-element f16/bf16 head (a G = 4 held 8, sending them to G = 32), G = 16
- * the 32 of a float32 one or of a 256-element f16/bf16 one (else on G = 32, three lanes in four idle). The
- * pair shape of G = 64 takes f16/bf16 rows of 65 .. 128 chunks, as norm_x's family does: an rms_norm in
- * TN_CASTING_LLAMA or on a 3-D view runs there, and fused with a mul here (the other rows where the two
- * differ in G are open: docs/performance.md). */
-static const signed char general_shapes[TN_GENERAL_SHAPE_COUNT] = {3, 4, 5, 8, TN_SHAPE_SHARED, TN_SHAPE_REREAD,
-                                                                   TN_SHAPE_PAIR_FIRST + 1};
+/* general.cu's family takes the G of norm_x's for every row: an rms_norm (or add_rms_norm) in
+ * TN_CASTING_LLAMA or on a 3-D view runs there, and fused with a mul here, and the fused op must reduce a
+ * row as the two ops did. So: the register shapes of G = 1 .. 32, 128, 256 and 512 (G = 64's rows take the
+ * pair shape of G = 64, as f16/bf16 rows of 65 .. 128 chunks do in norm_x's; the rows of G = 1024's are
+ * staged here, on the same 1024 threads), the staged ones and that pair shape; no few-rows form (its
+ * staged row would not fit). Rows of 129 .. 256 chunks, pairs in norm_x's family, take the four-chunk
+ * G = 128 here: the same G, so the same order. */
+static const signed char general_shapes[TN_GENERAL_SHAPE_COUNT] = {0, 1, 2, 3, 4, 5, 7, 8, 9, TN_SHAPE_SHARED,
+                                                                   TN_SHAPE_REREAD, TN_SHAPE_PAIR_FIRST + 1};
 
 /* A family's shapes: `count` of them, listed in `list`, or 0 .. count - 1 where list is NULL. */
 typedef struct {

@@ -68,7 +68,7 @@ typedef struct tn_kernel_key {
  * byte kernels) and the shapes their calls need (registry.c): norm_x
  * the register shapes but G = 64, the staged ones, the few-rows form of G = 128 and 256 (a decode
  * step's hidden sizes) and the first four's pair shapes; layer_norm the register shapes from G = 8, add_layer_norm from G = 16, and the
- * staged ones; general G = 8, 16, 32 and 256, the staged ones and the pair shape of G = 64; rope the register shapes up to G = 32 (heads of at
+ * staged ones; general the register shapes but G = 64 and 1024, the staged ones and the pair shape of G = 64 (the G of norm_x's for every row); rope the register shapes up to G = 32 (heads of at
  * most TN_ROPE_MAX_DIM elements). A row takes its family's pair shape where the family has it, else the family's smallest
  * register shape that holds it, else a staged one, so that within a family the reduction order still depends on (dtype,
  * dim) alone, and it is the same in the first four families and norm_x's (a graph's fusions move an op between them). */
@@ -77,7 +77,7 @@ typedef struct tn_kernel_key {
 #define TN_NORM_X_SHAPE_COUNT (14 + TN_NORM_PAIR_COUNT)
 #define TN_LAYER_SHAPE_COUNT 10
 #define TN_ADD_LAYER_SHAPE_COUNT 9
-#define TN_GENERAL_SHAPE_COUNT 7
+#define TN_GENERAL_SHAPE_COUNT 12
 #define TN_ROPE_SHAPE_COUNT 6
 #define TN_LATER_MODE_COUNT 3
 #define TN_ELEMENTWISE_MODE_COUNT 3 /* every mode but TN_KERNEL_MODE_WHOLE */

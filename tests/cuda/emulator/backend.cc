@@ -65,10 +65,15 @@ bool KernelOf(tn_kernel_key k, const tn_kernel_params &p, Kernel &fn) {
     case TN_FAMILY_ADD_LAYER: TN_EMU_ROW_FAMILY(tn_add_layer)
     case TN_FAMILY_GENERAL:
       switch (k.shape) {  // general.cu has no few-rows form (its staged row would not fit)
+        case 0: fn = [p] { tn_general_registers<DT, 1, MODE>(p); }; return true;
+        case 1: fn = [p] { tn_general_registers<DT, 2, MODE>(p); }; return true;
+        case 2: fn = [p] { tn_general_registers<DT, 4, MODE>(p); }; return true;
         case 3: fn = [p] { tn_general_registers<DT, 8, MODE>(p); }; return true;
         case 4: fn = [p] { tn_general_registers<DT, 16, MODE>(p); }; return true;
         case 5: fn = [p] { tn_general_registers<DT, 32, MODE>(p); }; return true;
+        case 7: fn = [p] { tn_general_registers<DT, 128, MODE>(p); }; return true;
         case 8: fn = [p] { tn_general_registers<DT, 256, MODE>(p); }; return true;
+        case 9: fn = [p] { tn_general_registers<DT, 512, MODE>(p); }; return true;
         case TN_SHAPE_PAIR_FIRST + 1: fn = [p] { tn_general_registers<DT, 64, MODE, 2>(p); }; return true;
         case TN_SHAPE_SHARED: fn = [p] { tn_general_staged<DT, 1, MODE>(p); }; return true;
         case TN_SHAPE_REREAD: fn = [p] { tn_general_staged<DT, 2, MODE>(p); }; return true;
