@@ -614,7 +614,8 @@ TEST(KernelRegistry, PairShapes) {
       ASSERT_EQ(tn_kernel_wide_shape(s), -1);  // few rows take the pair shape itself
       for (tn_kernel_family f : {TN_FAMILY_NORM, TN_FAMILY_NORM_MUL, TN_FAMILY_ADD_NORM, TN_FAMILY_ADD_NORM_MUL,
                                  TN_FAMILY_NORM_X}) {
-        for (int mode : {TN_KERNEL_MODE_BYTES, TN_KERNEL_MODE_VECTORS, TN_KERNEL_MODE_WHOLE}) {
+        for (int mode : {TN_KERNEL_MODE_BYTES, TN_KERNEL_MODE_ELEMENTS, TN_KERNEL_MODE_VECTORS, TN_KERNEL_MODE_WHOLE}) {
+          if (!tn_kernel_family_has_mode(f, mode)) continue;  // norm_x's has no element-access kernels
           ASSERT_EQ((bool)tn_kernel_family_has(f, s, mode), g <= 128) << "family " << (int)f << " dim " << dim;
         }
       }
@@ -648,9 +649,11 @@ TEST(KernelRegistry, FusedFamiliesTakeTheSameThreadsPerRow) {
     const int64_t per_chunk = tn_kernel_chunk_elements(dt);
     for (int64_t dim = 1; dim <= 40000; dim += dim < 4200 ? 1 : 37) {
       const int64_t chunks = (dim + per_chunk - 1) / per_chunk;
+      // The element-access calls of the later families take their byte kernels (backend.c): the same G.
       for (int mode : {TN_KERNEL_MODE_BYTES, TN_KERNEL_MODE_VECTORS, TN_KERNEL_MODE_WHOLE}) {
         for (int few : {0, 1}) {
           const int g = threads(TN_FAMILY_NORM, dt, dim, mode, few);
+          ASSERT_EQ(threads(TN_FAMILY_NORM, dt, dim, TN_KERNEL_MODE_ELEMENTS, few), g) << "dim " << dim;
           for (tn_kernel_family f : {TN_FAMILY_NORM_MUL, TN_FAMILY_ADD_NORM, TN_FAMILY_ADD_NORM_MUL, TN_FAMILY_NORM_X}) {
             ASSERT_EQ(threads(f, dt, dim, mode, few), g)
                 << "family " << (int)f << " " << tn_dtype_name(dt) << " dim " << dim << " mode " << mode;
