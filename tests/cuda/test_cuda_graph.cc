@@ -18,6 +18,9 @@ namespace {
 using namespace tn_cuda_test;
 
 constexpr int64_t kRows = 9, kDim = 4096 + 8, kStride = 4096 + 16;
+// The random chains' dims: rows on every kind of row shape a fusion moves between families (pairs of G =
+// 32 .. 128, four chunks from G = 128, G = 8 and 16), in both the vector and the element access modes.
+const int64_t kChainDims[] = {kDim, 2048, 1000, 520, 264, 130, 16};
 constexpr int kBuffers = 6, kAll = kBuffers + 2;  // then one weight row and one broadcast row
 
 struct Op {
@@ -32,9 +35,9 @@ class GpuGraph : public CudaContextTest {
     for (void *p : dev) tn_free(ctx, tn_cuda_device(0), p);
     CudaContextTest::TearDown();
   }
-  size_t Bytes() const { return (size_t)(kRows * kStride) * tn_dtype_size(dt); }
+  size_t Bytes() const { return (size_t)(kRows * stride) * tn_dtype_size(dt); }
   tn_tensor View(int b) {
-    return tn_tensor_on(tn_tensor_strided(dev[(size_t)(base + b)], dt, b >= kBuffers ? 1 : kRows, kDim, kStride),
+    return tn_tensor_on(tn_tensor_strided(dev[(size_t)(base + b)], dt, b >= kBuffers ? 1 : kRows, dim, stride),
                         tn_cuda_device(0));
   }
   void Load(const std::vector<std::vector<uint8_t>> &host) {
@@ -69,9 +72,9 @@ class GpuGraph : public CudaContextTest {
   std::vector<std::vector<uint8_t>> RandomInit(Random &rng) {
     std::vector<std::vector<uint8_t>> init(kAll, std::vector<uint8_t>(Bytes(), 0x5a));
     for (int b = 0; b < kAll; b++) {
-      tn_tensor t = tn_tensor_strided(init[(size_t)b].data(), dt, b >= kBuffers ? 1 : kRows, kDim, kStride);
+      tn_tensor t = tn_tensor_strided(init[(size_t)b].data(), dt, b >= kBuffers ? 1 : kRows, dim, stride);
       for (int64_t r = 0; r < t.rows; r++)
-        for (int64_t i = 0; i < kDim; i++) tn_reference_store(&t, r, i, (float)(0.5 + rng.Normal()));
+        for (int64_t i = 0; i < dim; i++) tn_reference_store(&t, r, i, (float)(0.5 + rng.Normal()));
     }
     return init;
   }
@@ -83,6 +86,7 @@ class GpuGraph : public CudaContextTest {
     return g;
   }
   tn_dtype dt = TN_BF16;
+  int64_t dim = kDim, stride = kStride;  // the rows of every buffer
   std::vector<void *> dev;
   int base = 0;  // the buffer set View, Load and Save work on (dev[base .. base + kAll))
 };
@@ -90,8 +94,10 @@ class GpuGraph : public CudaContextTest {
 TEST_F(GpuGraph, RandomChainsGiveTheSameBytes) {
   Random rng(SeedFor("gpu graph chains"));
   int fused_total = 0;
-  for (int chain = 0; chain < 60; chain++) {
+  for (int chain = 0; chain < 63; chain++) {
     dt = (tn_dtype)(chain % 3);
+    dim = kChainDims[(chain / 3) % (sizeof kChainDims / sizeof kChainDims[0])];
+    stride = (dim + 7) / 8 * 8 + 8;  // 16-byte rows apart in every dtype: the vector kernels (partial chunks too)
     for (void *p : dev) tn_free(ctx, tn_cuda_device(0), p);
     dev.assign(kAll, nullptr);
     for (int b = 0; b < kAll; b++) ASSERT_EQ(tn_malloc(ctx, tn_cuda_device(0), Bytes(), &dev[(size_t)b]), TN_OK);
@@ -156,7 +162,7 @@ TEST_F(GpuGraph, RandomChainsGiveTheSameBytes) {
       size_t diff = 0, first = SIZE_MAX;
       for (size_t i = 0; i < fused[(size_t)b].size(); i++)
         if (fused[(size_t)b][i] != one[(size_t)b][i]) diff++, first = std::min(first, i);
-      EXPECT_TRUE(dead) << "chain " << chain << " " << tn_dtype_name(dt) << ": buffer " << b << " differs in "
+      EXPECT_TRUE(dead) << "chain " << chain << " " << tn_dtype_name(dt) << " dim " << dim << ": buffer " << b << " differs in "
                         << diff << " bytes from byte " << first << "; ops:" << listing
                         << "; fusions: " << tn_graph_fusions(g);
     }
