@@ -65,8 +65,9 @@ static const char *const family_prefix[TN_FAMILY_COUNT] = {
 static const signed char norm_shapes[TN_NORM_SHAPE_COUNT] = {
     0, 1, 2, 3, 4, 5, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD, TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2,
     TN_SHAPE_WIDE_FIRST + 3, TN_PAIR_SHAPES};
-static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD,
-                                           TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2, TN_PAIR_SHAPES};
+static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {
+    0, 1, 2, 3, 4, 5, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD, TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2,
+    TN_PAIR_SHAPES};
 /* layer_norm from G = 8 (bf16 x 128: 16 chunks on 8 threads, none idle); add_layer_norm from G = 16, where
  * its rows of 9 .. 16 chunks ran faster than at G = 8 (H100, bf16 131072x128 95.6% against 92.0%). */
 static const signed char layer_shapes[TN_LAYER_SHAPE_COUNT] = {3, 4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD};

@@ -50,21 +50,21 @@ struct tn_norm_op {
 /* rms_norm and l2_norm fetch x's rows ahead (row.cuh's tn_fetch_row_ahead), and read a weight of x's dtype
  * before their first store (weight_first; H100 bf16 4096x4096 92.4 -> 95.0%, the largest shapes +0.7-1.2
  * points of the copy ceiling; with two chunks a thread at G <= 16, 131072x128 92.6 -> 93.6, 65536x256
- * 92.7 -> 93.6, where four chunks a thread had spilled: 89.7 -> 82.0). Not at G = 32 with four chunks a
- * thread, where it spilled 80 bytes (bf16 65536x512: 54.7% of the copy ceiling with it, 93.1 without).
- * With a multiplicand neither was measured.
+ * 92.7 -> 93.6, where four chunks a thread had spilled: 89.7 -> 82.0). Not in TN_FOUR_CHUNKS_ON_A_WARP,
+ * where it spilled 80 bytes (bf16 65536x512: 54.7% of the copy ceiling with it, 93.1 without). With a
+ * multiplicand neither was measured.
  * Rows of 33 .. 256 chunks take the pair shapes (G = 32 .. 128, two chunks a thread: registry.c; float32
- * rows of 65 .. 128 chunks stay on G = 32, as rope.cu's heads), the rows the four-chunk shapes left on G =
- * 32 and 64 (with a multiplicand too, unmeasured: a graph's fusions
- * need the order of the op without one). H100, l2_norm, % of the copy ceiling, best of two
- * rounds (scripts/ab-bench.sh): bf16 65536x512 94.9 -> 98.1, 65536x1024 99.5 -> 101.1, 65536x2048 101.7
- * -> 102.4; f32 level (100.7 -> 100.9, 102.2 -> 102.2, 102.7 -> 102.9). Longer rows stay on four chunks a
- * thread: pairs from G = 256 lost 1-7 points (bf16 32768x4096 101.8 -> 100.1, 8192x16384 102.0 -> 95.0; f32
- * 32768x4096 102.8 -> 100.0), and 1-4 more without the fetch ahead. */
+ * rows of 65 .. 128 chunks stay on G = 32, as rope.cu's heads), the rows the four-chunk shapes left on
+ * G = 32 and 64; with a multiplicand too, unmeasured (a graph's fusions need the order of the op without
+ * one). H100, l2_norm, % of the copy ceiling, best of two rounds (scripts/ab-bench.sh): bf16 65536x512
+ * 94.9 -> 98.1, 65536x1024 99.5 -> 101.1, 65536x2048 101.7 -> 102.4; f32 level (100.7 -> 100.9, 102.2 ->
+ * 102.2, 102.7 -> 102.9). Longer rows stay on four chunks a thread: pairs from G = 256 lost 1-7 points
+ * (bf16 32768x4096 101.8 -> 100.1, 8192x16384 102.0 -> 95.0; f32 32768x4096 102.8 -> 100.0), and 1-4 more
+ * without the fetch ahead. */
 template <bool MUL, int DT, int G, int MODE, int K>
 struct tn_register_shape<tn_norm_op<MUL>, DT, G, MODE, K>
     : tn_short_rows_shape<tn_norm_op<MUL>, DT, G, !MUL,
-                          !MUL && (G != 32 || K == TN_KERNEL_PAIR_CHUNKS) && MODE == TN_KERNEL_MODE_WHOLE> {};
+                          !MUL && !TN_FOUR_CHUNKS_ON_A_WARP(G, K) && MODE == TN_KERNEL_MODE_WHOLE> {};
 
 TN_DEFINE_ROW_KERNELS(tn_norm, tn_norm_op<false>)
 TN_DEFINE_ROW_KERNELS(tn_norm_mul, tn_norm_op<true>)

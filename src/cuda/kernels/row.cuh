@@ -483,6 +483,11 @@ struct tn_register_shape : tn_shape_choices<> {
   using op = Op;
 };
 
+/* Whether a register shape is the four-chunk one of G = 32: at the 64-register cap the most crowded, whose
+ * f16/bf16 kernels spilled with the fetch ahead in one request (40 bytes) and with the weight read first
+ * (80 bytes). Its pair shape (two chunks a thread) has the room. */
+#define TN_FOUR_CHUNKS_ON_A_WARP(G, K) ((G) == 32 && (K) == TN_KERNEL_REG_CHUNKS)
+
 /* The register shape of rms_norm's and add_rms_norm's families (norm.cu, add_rms_norm.cu): short rows of
  * 2-byte dtypes (G <= 16) at 72 registers, 896 resident threads; at 64 they spilled 20-24 bytes when a
  * thread held four chunks there (H100, bf16 131072x128: rms_norm 85.4 -> 88.3%, l2_norm 88.5 -> 91.3%,
@@ -677,10 +682,10 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
         q[k] = c < chunks ? Op::template produce<DT, MODE>(p, at, c) : tn_held<H>::zero();
       }
     }
-    /* Not in the f16/bf16 kernels of G = 32 and four chunks, the most crowded at the 64-register cap: there
-     * it spilled 40 bytes, 16 with the prefetch per chunk. */
+    /* Not in the f16/bf16 kernels of TN_FOUR_CHUNKS_ON_A_WARP (spilled: 40 bytes, 16 with the prefetch per
+     * chunk). */
     constexpr bool BULK_AHEAD = AHEAD && TN_BULK_PREFETCH && MODE >= TN_KERNEL_MODE_VECTORS &&
-                                (DT == TN_KERNEL_F32 || G != 32 || K == TN_KERNEL_PAIR_CHUNKS);
+                                (DT == TN_KERNEL_F32 || !TN_FOUR_CHUNKS_ON_A_WARP(G, K));
     if constexpr (AHEAD && !BULK_AHEAD) {
 #pragma unroll
       for (int k = 0; k < K; k++) {
