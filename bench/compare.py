@@ -7,9 +7,11 @@ in all, as `tnorm bench` does, at most 8192 copies: even a 1 x 4096 step rotates
 they run from memory rather than the 50-60 MB L2 cache.
 A batch of calls is captured once into a CUDA graph and replayed between two CUDA events, so the Python
 cost of a call is not timed (--eager times plain launches instead); the time per call is the median over
-batches. Each figure is also given as a % of a device-to-device copy ceiling measured in the same run
-(torch dst.copy_(src) of 512 MiB, bytes read + written), with the bytes an op must move: x and y
-(add_rms_norm: x, residual, y, residual_out) and the weight once. Before timing, each peer's result is
+batches, and the implementations' batches take turns (round b times each one's batch b, starting from a
+different one each round), so that a drift of the device over a case weighs on all of them alike. Each
+figure is also given as a % of a device-to-device copy ceiling measured in the same run (torch
+dst.copy_(src) of 512 MiB, bytes read + written), with the bytes an op must move: x and y (add_rms_norm:
+x, residual, y, residual_out) and the weight once. Before timing, each peer's result is
 compared with tnorm's (a loose tolerance: they round differently), so that no peer is timed doing
 something else; a '!' marks a disagreement.
 
@@ -223,8 +225,9 @@ class Bench:
             worst = max(worst, err)
         return worst
 
-    def time_calls(self, fn, copies):
-        """Median seconds per call, and how it was timed ('graph' or 'eager')."""
+    def timer(self, fn, copies):
+        """A function timing one batch of calls of fn (seconds per call), and how it times ('graph' or
+        'eager'): warmed up, its batch size chosen and, unless --eager, captured into a CUDA graph."""
         torch = self.torch
         ring = [None] * copies  # results of the last `copies` calls stay alive: allocating peers rotate too
 
@@ -245,9 +248,7 @@ class Bench:
         per_call = eager_batch(copies)
         n = copies * max(1, math.ceil(BATCH_SECONDS / (per_call * copies)))
         n = min(n, max(copies, MAX_BATCH_CALLS // copies * copies))
-        mode = "eager" if self.args.eager else "graph"
-        graph = None
-        if mode == "graph":
+        if not self.args.eager:
             try:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -257,26 +258,21 @@ class Bench:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     run(n)
+                graph.replay()  # the first replay uploads the graph: not timed
+
+                def graph_batch():
+                    start.record()
+                    graph.replay()
+                    end.record()
+                    end.synchronize()
+                    return start.elapsed_time(end) * 1e-3 / n
+                return graph_batch, "graph"
             except Exception as e:  # a peer that cannot be captured is timed as launched
                 print(f"compare.py: graph capture failed ({type(e).__name__}: {e}); timing launches",
                       file=sys.stderr)
                 torch.cuda.synchronize()
-                graph, mode = None, "eager"
-        times = []
-        if graph is not None:
-            graph.replay()  # the first replay uploads the graph: not timed
-        for b in range(self.args.batches):
-            if graph is not None:
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e-3 / n)
-            else:
-                times.append(eager_batch(n, b * n))
-        del graph
-        ring.clear()
-        return statistics.median(times), mode
+        batches = iter(range(1, 1 << 30))
+        return (lambda: eager_batch(n, next(batches) * n)), "eager"
 
     def case(self, op, dtype_name, rows, dim):
         torch = self.torch
@@ -285,17 +281,29 @@ class Bench:
         fns = self.implementations(op, o)
         ref = fns["tnorm"](0)
         ref = tuple(t.clone() for t in ref) if isinstance(ref, tuple) else ref.clone()
-        results = {}
+        timers, results = {}, {}
         for name, fn in fns.items():
             try:
                 err = 0.0 if name == "tnorm" else self.agreement(dtype, fn(0), ref)
-                seconds, mode = self.time_calls(fn, o["copies"])
+                timers[name] = self.timer(fn, o["copies"])
             except Exception as e:
                 print(f"compare.py: {name} failed on {op} {dtype_name} {rows}x{dim}: {type(e).__name__}: {e}",
                       file=sys.stderr)
                 torch.cuda.synchronize()
                 continue
-            results[name] = {"seconds": seconds, "mode": mode, "err": err, "bytes": o["bytes"]}
+            results[name] = {"mode": timers[name][1], "err": err, "bytes": o["bytes"]}
+        # Interleaved: batch b of every implementation, in an order that turns each round, then batch b + 1,
+        # so that a drift of the device over the run (clocks, temperature) weighs on all alike.
+        times = {name: [] for name in timers}
+        names = list(timers)
+        for b in range(self.args.batches):
+            k = b % len(names)
+            for name in names[k:] + names[:k]:
+                times[name].append(timers[name][0]())
+        for name in timers:
+            results[name]["seconds"] = statistics.median(times[name])
+            results[name]["batches"] = times[name]
+        del timers
         del o, fns, ref
         torch.cuda.empty_cache()
         return results
@@ -342,11 +350,20 @@ def print_table(rows, impls, ceiling, device_name, args):
         peers = {n: m for n, m in r["results"].items() if n != "tnorm" and m["err"] <= 1.0}
         if t is not None and peers:
             best = min(peers, key=lambda n: peers[n]["seconds"])
-            verdict = f"{peers[best]['seconds'] / t['seconds']:5.2f}x ({best})"
+            verdict = f"{peers[best]['seconds'] / t['seconds']:6.3f}x {paired_verdict(t, peers[best]):<6} ({best})"
         else:
             verdict = "-"
         print(f"{r['op']:<13} {r['dtype']:<5} {r['rows']:>5}x{r['dim']:<5}  " + "".join(cells) + "   " + verdict)
-    print("\ntnorm vs best peer: the best agreeing peer's time / tnorm's time (above 1: tnorm is faster)")
+    print("\ntnorm vs best peer: the best agreeing peer's median time / tnorm's (above 1: tnorm is faster); "
+          "'ahead' or 'behind' when\nevery round agrees (each round's batch of the peer against tnorm's batch of "
+          "the same round), else 'level'")
+
+
+def paired_verdict(tnorm, peer):
+    """'ahead' when tnorm's batch was faster than the peer's in every round (the batches of a round run
+    back to back: bench.case), 'behind' when slower in every one, else 'level'."""
+    ratios = [p / t for t, p in zip(tnorm["batches"], peer["batches"])]
+    return "ahead" if min(ratios) > 1.0 else "behind" if max(ratios) < 1.0 else "level"
 
 
 def write_csv(path, rows, impls, ceiling, device_name, args):
