@@ -68,11 +68,12 @@ static const signed char norm_shapes[TN_NORM_SHAPE_COUNT] = {
 static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {
     0, 1, 2, 3, 4, 5, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD, TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2,
     TN_PAIR_SHAPES};
-/* layer_norm from G = 8 (bf16 x 128: 16 chunks on 8 threads, none idle); add_layer_norm from G = 16, where
- * its rows of 9 .. 16 chunks ran faster than at G = 8 (H100, bf16 131072x128 95.6% against 92.0%). */
+/* layer_norm's and add_layer_norm's families: the register shapes from G = 8 (bf16 x 128: 16 chunks on 8
+ * threads, none idle; G = 16 ran layer_norm's rows of 9 .. 16 chunks at 67.2% of the copy ceiling against
+ * 81.6%, H100 bf16 131072x128) and the staged ones. The same list for both: a graph fuses an add and a
+ * layer_norm into an add_layer_norm, which must reduce a row as layer_norm did. add_layer_norm alone ran
+ * those rows faster on G = 16 (95.6% against 92.0%), but then gave other bytes than the two ops. */
 static const signed char layer_shapes[TN_LAYER_SHAPE_COUNT] = {3, 4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD};
-static const signed char add_layer_shapes[TN_ADD_LAYER_SHAPE_COUNT] = {4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED,
-                                                                       TN_SHAPE_REREAD};
 /* general.cu's family takes the G of norm_x's for every row: an rms_norm (or add_rms_norm) in
  * TN_CASTING_LLAMA or on a 3-D view runs there, and fused with a mul here, and the fused op must reduce a
  * row as the two ops did. So: the register shapes of G = 1 .. 32, 128, 256 and 512 (G = 64's rows take the
@@ -96,9 +97,8 @@ static shape_set family_shapes(int f) {
     case TN_FAMILY_NORM_X:
       return (shape_set){normx_shapes, (int)sizeof normx_shapes};
     case TN_FAMILY_LAYER:
-      return (shape_set){layer_shapes, (int)sizeof layer_shapes};
     case TN_FAMILY_ADD_LAYER:
-      return (shape_set){add_layer_shapes, (int)sizeof add_layer_shapes};
+      return (shape_set){layer_shapes, (int)sizeof layer_shapes};
     case TN_FAMILY_GENERAL:
       return (shape_set){general_shapes, (int)sizeof general_shapes};
     case TN_FAMILY_ROPE:

@@ -66,18 +66,19 @@ typedef struct tn_kernel_key {
  * chunks. The later families have three access modes (16-byte vectors, with whole chunks only or not,
  * else bytes: element-aligned calls, rare beside them, take the byte kernels) and the shapes their calls
  * need (registry.c): norm_x the register shapes but G = 64, the staged ones, the few-rows form of G = 128
- * and 256 (a decode step's hidden sizes) and the first four's pair shapes; layer_norm the register shapes
- * from G = 8, add_layer_norm from G = 16, and the staged ones; general the register shapes but G = 64 and
+ * and 256 (a decode step's hidden sizes) and the first four's pair shapes; layer_norm and add_layer_norm
+ * the register shapes from G = 8 and the staged ones; general the register shapes but G = 64 and
  * 1024, the staged ones and the pair shape of G = 64 (the G of norm_x's for every row); rope the register
  * shapes up to G = 32 (heads of at most TN_ROPE_MAX_DIM elements). A row takes its family's pair shape
  * where the family has it, else the family's smallest register shape that holds it, else a staged one, so
  * that within a family the reduction order still depends on (dtype, dim) alone, and it is the same in the
- * first four families, norm_x's and general's (a graph's fusions move an op between them). */
+ * first four families, norm_x's and general's, and in layer_norm's and add_layer_norm's (a graph's fusions
+ * move an op between them). */
 #define TN_NORM_PAIR_COUNT 3
 #define TN_NORM_SHAPE_COUNT (15 + TN_NORM_PAIR_COUNT)
 #define TN_NORM_X_SHAPE_COUNT (14 + TN_NORM_PAIR_COUNT)
 #define TN_LAYER_SHAPE_COUNT 10
-#define TN_ADD_LAYER_SHAPE_COUNT 9
+#define TN_ADD_LAYER_SHAPE_COUNT TN_LAYER_SHAPE_COUNT
 #define TN_GENERAL_SHAPE_COUNT 12
 #define TN_ROPE_SHAPE_COUNT 6
 #define TN_LATER_MODE_COUNT 3

@@ -1,4 +1,4 @@
-// Graphs on the GPU: random chains of add, mul, scale, rms_norm, l2_norm and add_rms_norm over a pool of
+// Graphs on the GPU: random chains of add, mul, scale, rms_norm, l2_norm, add_rms_norm and layer_norm over a pool of
 // device buffers give the same bytes recorded, fused and replayed as run one by one on the GPU (the fused
 // kernels round where the pair did), except an intermediate a fusion no longer writes.
 #include <gtest/gtest.h>
@@ -19,8 +19,9 @@ using namespace tn_cuda_test;
 
 constexpr int64_t kRows = 9, kDim = 4096 + 8, kStride = 4096 + 16;
 // The random chains' dims: rows on every kind of row shape a fusion moves between families (pairs of G =
-// 32 .. 128, four chunks from G = 128, G = 8 and 16), in both the vector and the element access modes.
-const int64_t kChainDims[] = {kDim, 2048, 1000, 520, 264, 130, 16};
+// 32 .. 128, four chunks from G = 128, G = 8 and 16; 120 and 60: rows of 9 .. 16 chunks, which layer_norm's
+// family holds on G = 8), in both the vector and the element access modes.
+const int64_t kChainDims[] = {kDim, 2048, 1000, 520, 264, 130, 120, 60, 16};
 constexpr int kBuffers = 6, kAll = kBuffers + 2;  // then one weight row and one broadcast row
 
 struct Op {
@@ -57,7 +58,7 @@ class GpuGraph : public CudaContextTest {
   }
   tn_status RunOp(const Op &o) {
     tn_tensor x = View(o.x), y = View(o.y), b = o.b >= 0 ? View(o.b) : tn_tensor{},
-              ro = o.r_out >= 0 ? View(o.r_out) : tn_tensor{};
+              ro = o.r_out >= 0 ? View(o.r_out) : tn_tensor{}, bias = View(kBuffers + 1);
     tn_op_args a = tn_op_args_init(o.op);
     a.x = &x;
     a.y = &y;
@@ -65,6 +66,7 @@ class GpuGraph : public CudaContextTest {
     if (o.op == TN_OP_MUL) a.mul = &b;
     if (o.op == TN_OP_SCALE || o.op == TN_OP_L2_NORM) a.scale = o.scale;
     if (o.op == TN_OP_RMS_NORM && o.b >= 0) a.weight = &b;
+    if (o.op == TN_OP_LAYER_NORM && o.b >= 0) a.weight = &b, a.bias = &bias;
     if (o.op == TN_OP_ADD_RMS_NORM) a.residual = &b, a.residual_out = &ro;
     return tn_op_run(ctx, &a);
   }
@@ -93,8 +95,8 @@ class GpuGraph : public CudaContextTest {
 
 TEST_F(GpuGraph, RandomChainsGiveTheSameBytes) {
   Random rng(SeedFor("gpu graph chains"));
-  int fused_total = 0;
-  for (int chain = 0; chain < 63; chain++) {
+  int fused_total = 0, fused_layer = 0;
+  for (int chain = 0; chain < 81; chain++) {
     dt = (tn_dtype)(chain % 3);
     dim = kChainDims[(chain / 3) % (sizeof kChainDims / sizeof kChainDims[0])];
     stride = (dim + 7) / 8 * 8 + 8;  // 16-byte rows apart in every dtype: the vector kernels (partial chunks too)
@@ -108,19 +110,21 @@ TEST_F(GpuGraph, RandomChainsGiveTheSameBytes) {
     std::vector<int> last_kind(kAll, -1);
     // Per buffer, its bytes before each norm write since its last other write (see the CPU test).
     std::vector<std::vector<std::vector<uint8_t>>> before(kAll);
-    const tn_op kinds[] = {TN_OP_ADD, TN_OP_MUL, TN_OP_SCALE, TN_OP_RMS_NORM, TN_OP_L2_NORM, TN_OP_ADD_RMS_NORM};
+    const tn_op kinds[] = {TN_OP_ADD, TN_OP_MUL, TN_OP_SCALE, TN_OP_RMS_NORM, TN_OP_L2_NORM, TN_OP_ADD_RMS_NORM,
+                           TN_OP_LAYER_NORM};
     while ((int)ops.size() < 6) {
-      Op o{kinds[rng.Below(6)], (int)rng.Below(kBuffers), -1, 0, -1, 1.0f};
+      Op o{kinds[rng.Below(7)], (int)rng.Below(kBuffers), -1, 0, -1, 1.0f};
       o.y = rng.Below(4) == 0 ? o.x : (int)rng.Below(kBuffers);
       if (o.op == TN_OP_ADD || o.op == TN_OP_MUL) o.b = rng.Below(6) == 0 ? kBuffers + 1 : (int)rng.Below(kBuffers);
-      if (o.op == TN_OP_RMS_NORM && rng.Below(4) != 0) o.b = kBuffers;
+      if ((o.op == TN_OP_RMS_NORM || o.op == TN_OP_LAYER_NORM) && rng.Below(4) != 0) o.b = kBuffers;
       if (o.op == TN_OP_SCALE) o.scale = 0.75f;
       if (o.op == TN_OP_ADD_RMS_NORM) o.b = (int)rng.Below(kBuffers), o.r_out = (int)rng.Below(kBuffers);
       // Half the time the op consumes the previous one's output in a pattern a fusion pass looks for, so
       // the chains do exercise the fusions (whether one applies still depends on the later ops).
       const Op *prev = ops.empty() ? nullptr : &ops.back();
       if (prev != nullptr && rng.Below(2) == 0) {
-        if (prev->op == TN_OP_ADD) o = {TN_OP_RMS_NORM, prev->y, kBuffers, o.y, -1, 1.0f};
+        if (prev->op == TN_OP_ADD)
+          o = {rng.Below(3) == 0 ? TN_OP_LAYER_NORM : TN_OP_RMS_NORM, prev->y, kBuffers, o.y, -1, 1.0f};
         if (prev->op == TN_OP_RMS_NORM || prev->op == TN_OP_ADD_RMS_NORM)
           o = {TN_OP_MUL, prev->y, (int)rng.Below(kBuffers), o.y, -1, 1.0f};
         if (prev->op == TN_OP_L2_NORM) o = {TN_OP_SCALE, prev->y, -1, o.y, -1, 0.75f};
@@ -149,6 +153,7 @@ TEST_F(GpuGraph, RandomChainsGiveTheSameBytes) {
     EXPECT_EQ(info.device_graph, 1);
     EXPECT_EQ(info.instantiations, 1);
     fused_total += info.recorded_ops - info.ops;
+    fused_layer += std::strstr(tn_graph_fusions(g), "add_layer_norm") != nullptr;
     for (int b = 0; b < kAll; b++) {
       if (fused[(size_t)b] == one[(size_t)b]) continue;
       const int kind = last_kind[(size_t)b];
@@ -170,6 +175,7 @@ TEST_F(GpuGraph, RandomChainsGiveTheSameBytes) {
     if (HasFailure()) return;
   }
   EXPECT_GT(fused_total, 12);  // the chains do exercise the fusions
+  EXPECT_GT(fused_layer, 2);
 }
 
 // A graph is captured and instantiated once; a new recording of the same chain over other buffers updates

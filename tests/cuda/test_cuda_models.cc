@@ -1297,6 +1297,26 @@ TEST_F(SanitizedSmallModels, LayerNormBf16OneRow) {
   EXPECT_TRUE(Check(s, "small"));
 }
 
+// Rows off layer_norm's one-reduction path, on groups of several warps (G = 64 and 128): shifted far from
+// zero (mean^2 > var: the mean, then the deviations) and huge (x near 3e19: rescaled), so that a row's
+// reductions differ in type (the pair of sums, then floats); their shared partial sums once overlapped,
+// which racecheck reports and which gave a row of NaN now and then.
+TEST_F(SanitizedSmallModels, LayerNormRowsOffTheOneReductionPath) {
+  for (tn_op op : {TN_OP_LAYER_NORM, TN_OP_ADD_LAYER_NORM})
+    for (int64_t dim : {2048, 4096})
+      for (bool huge : {false, true}) {
+        Spec s;
+        s.op = op;
+        s.dim = dim;
+        s.rows = 3;
+        s.weight = kXDtype;
+        s.bias = kF32;
+        if (huge) s.x_scale = 3e19;
+        else s.x_shift = 1000.0;
+        EXPECT_TRUE(Check(s, "small"));
+      }
+}
+
 // 70000 bf16 elements: staged in shared memory; 70000 f32: read again.
 TEST_F(SanitizedSmallModels, LayerNormStaged) {
   for (tn_dtype dt : {TN_BF16, TN_F32}) {
@@ -1551,6 +1571,44 @@ TEST_F(SanitizedModelsBatchInvariance, RopeNormsAsRmsNorm) {
                                   ry.es()))
                   << Describe(roped) << ": row " << row << " head " << h << " column " << i
                   << " differs from rms_norm's";
+      }
+}
+
+// A graph fuses add + layer_norm into add_layer_norm, which must give the bytes of the two: its y is
+// layer_norm's of the sum it writes (residual_out), bit for bit. Rows of 1 .. 1025 chunks, on the register
+// shapes of G = 8 .. 512 (rows of 9 .. 16 chunks had taken G = 16 in add_layer_norm's family and G = 8 in
+// layer_norm's), partial last chunks among them, rescaled (x near 3e19) and not.
+TEST_F(SanitizedModelsBatchInvariance, AddLayerNormAsLayerNorm) {
+  for (tn_dtype dt : {TN_F32, TN_BF16})
+    for (int64_t dim : {3, 8, 36, 60, 64, 72, 100, 128, 136, 520, 4096, 4100})
+      for (double x_scale : {0.0, 3e19}) {
+        const int64_t d = dt == TN_F32 ? dim : 2 * dim;  // bf16: the same chunks as f32's dim
+        Spec fused;
+        fused.op = TN_OP_ADD_LAYER_NORM;
+        fused.dt = dt;
+        fused.dim = d;
+        fused.rows = 24;
+        fused.weight = kXDtype;
+        fused.bias = kF32;
+        fused.x_scale = x_scale;
+        Spec plain = fused;
+        plain.op = TN_OP_LAYER_NORM;
+        Case f, n;
+        MakeCase(f, fused, SeedFor("add_layer_norm as layer_norm " + Describe(fused)));
+        ASSERT_TRUE(Solve(ctx, f));
+        ASSERT_TRUE(RunGpu(ctx, f));
+        ASSERT_TRUE(CheckCase(f, Describe(fused)));
+        MakeCase(n, plain, 1);
+        ASSERT_EQ(n.op[kX].image.size(), f.gpu[f.RSlot()].size());
+        n.op[kX].image = f.gpu[f.RSlot()];  // the sum as add_layer_norm wrote it
+        for (Slot slot : {kW, kBias}) n.op[slot].image = f.op[slot].image;
+        ASSERT_TRUE(RunGpu(ctx, n));
+        const Operand &fy = f.op[f.YSlot()], &ny = n.op[n.YSlot()];
+        for (int64_t row = 0; row < plain.rows; row++)
+          for (int64_t i = 0; i < plain.dim; i++)
+            ASSERT_EQ(0, memcmp(f.gpu[f.YSlot()].data() + fy.At(row, 0, i), n.gpu[n.YSlot()].data() + ny.At(row, 0, i),
+                                fy.es()))
+                << Describe(fused) << ": row " << row << " column " << i << " differs from layer_norm's of the sum";
       }
 }
 

@@ -1,4 +1,4 @@
-// Graphs on the CPU: random chains of add, mul, scale, rms_norm, l2_norm and add_rms_norm over a small
+// Graphs on the CPU: random chains of add, mul, scale, rms_norm, l2_norm, add_rms_norm and layer_norm over a small
 // pool of buffers (in place, reused, broadcast rows, strided views) give the same bytes recorded, fused
 // and replayed as run one by one; the fusions apply where the rules allow and not elsewhere
 // (intermediate read later, a partial overlap, a broadcast operand, an input rewritten in between), and
@@ -55,13 +55,15 @@ struct Pool {
 
 struct Op {
   tn_op op;
-  int x, b, y, r_out;  // buffer indices (b: second operand, weight for the norms; -1 when none)
+  int x, b, y, r_out;  // buffer indices (b: second operand, weight for the norms, layer_norm's bias the
+                       // broadcast row beside it; -1 when none)
   float scale;
 };
 
 // Runs op on the pool (one by one, or recorded when ctx is recording).
 tn_status RunOp(tn_context *ctx, Pool &p, const Op &o) {
-  tn_tensor x = p.View(o.x), y = p.View(o.y), b = o.b >= 0 ? p.View(o.b) : tn_tensor{}, ro = o.r_out >= 0 ? p.View(o.r_out) : tn_tensor{};
+  tn_tensor x = p.View(o.x), y = p.View(o.y), b = o.b >= 0 ? p.View(o.b) : tn_tensor{}, ro = o.r_out >= 0 ? p.View(o.r_out) : tn_tensor{},
+            bias = p.View(kBuffers + 1);
   tn_op_args a = tn_op_args_init(o.op);
   a.x = &x;
   a.y = &y;
@@ -70,6 +72,9 @@ tn_status RunOp(tn_context *ctx, Pool &p, const Op &o) {
     case TN_OP_MUL: a.mul = &b; break;
     case TN_OP_SCALE: a.scale = o.scale; break;
     case TN_OP_RMS_NORM: a.weight = o.b >= 0 ? &b : nullptr; break;
+    case TN_OP_LAYER_NORM:
+      if (o.b >= 0) a.weight = &b, a.bias = &bias;
+      break;
     case TN_OP_L2_NORM: a.scale = o.scale; break;
     case TN_OP_ADD_RMS_NORM: a.residual = &b, a.residual_out = &ro; break;
   }
@@ -79,9 +84,9 @@ tn_status RunOp(tn_context *ctx, Pool &p, const Op &o) {
 // A random op over the pool; the caller drops it when validation refuses it (an overlap, say).
 Op RandomOp(tn_rng *rng) {
   const tn_op ops[] = {TN_OP_ADD, TN_OP_MUL, TN_OP_SCALE, TN_OP_RMS_NORM, TN_OP_L2_NORM, TN_OP_ADD_RMS_NORM,
-                       TN_OP_RMS_NORM, TN_OP_ADD};
+                       TN_OP_RMS_NORM, TN_OP_ADD, TN_OP_LAYER_NORM, TN_OP_ADD};
   Op o;
-  o.op = ops[tn_rng_next(rng) % 8];
+  o.op = ops[tn_rng_next(rng) % 10];
   o.x = (int)(tn_rng_next(rng) % kBuffers);
   o.y = tn_rng_next(rng) % 4 == 0 ? o.x : (int)(tn_rng_next(rng) % kBuffers);
   o.b = -1;
@@ -89,7 +94,7 @@ Op RandomOp(tn_rng *rng) {
   o.scale = o.op == TN_OP_SCALE ? 0.75f : 1.0f;
   const uint64_t pick = tn_rng_next(rng) % 8;
   if (o.op == TN_OP_ADD || o.op == TN_OP_MUL) o.b = pick == 0 ? kBuffers + 1 : (int)(pick % kBuffers);
-  if (o.op == TN_OP_RMS_NORM && pick < 6) o.b = kBuffers;  // the weight row
+  if ((o.op == TN_OP_RMS_NORM || o.op == TN_OP_LAYER_NORM) && pick < 6) o.b = kBuffers;  // the weight row
   if (o.op == TN_OP_ADD_RMS_NORM) {
     o.b = (int)(pick % kBuffers);
     o.r_out = tn_rng_next(rng) % 3 == 0 ? o.b : (int)(tn_rng_next(rng) % kBuffers);
@@ -106,7 +111,7 @@ class Graph : public ::testing::Test {
 
 TEST_F(Graph, RandomChainsGiveTheSameBytes) {
   tn_rng rng = {Seed()};
-  int fused_total = 0;
+  int fused_total = 0, fused_layer = 0;
   for (int chain = 0; chain < 400; chain++) {
     const tn_dtype dt = (tn_dtype)(chain % 3);
     Pool init(dt);
@@ -145,6 +150,7 @@ TEST_F(Graph, RandomChainsGiveTheSameBytes) {
     EXPECT_EQ(info.recorded_ops, (int)ops.size());
     EXPECT_EQ(info.ops + info.fused_add_rms_norm + info.fused_rms_norm_mul + info.fused_l2_norm_scale, info.recorded_ops);
     fused_total += info.recorded_ops - info.ops;
+    fused_layer += std::strstr(tn_graph_fusions(g), "add_layer_norm") != nullptr;
     // Every buffer as one by one, except an intermediate a fusion no longer writes: a norm's output whose
     // last writers were norms, left as it was just before one of them ran.
     for (int b = 0; b < kBuffers + 2; b++) {
@@ -165,6 +171,7 @@ TEST_F(Graph, RandomChainsGiveTheSameBytes) {
     if (HasFailure()) return;
   }
   EXPECT_GT(fused_total, 20);  // the random chains do exercise the fusions
+  EXPECT_GT(fused_layer, 0);
 }
 
 // The three patterns fuse, and each gives the same bytes as the pair (bf16: the intermediate rounding).

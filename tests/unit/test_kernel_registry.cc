@@ -468,8 +468,8 @@ TEST(KernelRegistry, RopePairedGroupHoldsAHeadInFourChunksAThread) {
 }
 
 // A 128-element f16/bf16 row (a head, 16 chunks) has a register shape of its own G = 8 in layer_norm's
-// family, which measured faster so, and in general.cu's (which has norm_x's G for every row), not in
-// add_layer_norm's, which keeps it on G = 16 (registry.c); general.cu's G = 16 holds a float32 head of 128
+// family, which measured faster so, in add_layer_norm's (which must reduce it as layer_norm does) and in
+// general.cu's (which has norm_x's G for every row); general.cu's G = 16 holds a float32 head of 128
 // (32 chunks). The backend takes the family's smallest shape at or above the row's.
 TEST(KernelRegistry, ShortRowShapesOfTheLaterFamilies) {
   const int head = tn_kernel_row_shape(TN_BF16, 128, (size_t)1 << 30);
@@ -479,8 +479,8 @@ TEST(KernelRegistry, ShortRowShapesOfTheLaterFamilies) {
   EXPECT_TRUE(tn_kernel_family_has(TN_FAMILY_GENERAL, head, mode));
   EXPECT_TRUE(tn_kernel_family_has(TN_FAMILY_GENERAL, head + 1, mode));
   EXPECT_EQ(tn_kernel_row_shape(TN_F32, 128, (size_t)1 << 30), head + 1);
-  EXPECT_FALSE(tn_kernel_family_has(TN_FAMILY_ADD_LAYER, head, mode));
-  EXPECT_TRUE(tn_kernel_family_has(TN_FAMILY_ADD_LAYER, head + 1, mode));
+  EXPECT_TRUE(tn_kernel_family_has(TN_FAMILY_ADD_LAYER, head, mode));
+  EXPECT_FALSE(tn_kernel_family_has(TN_FAMILY_ADD_LAYER, head - 1, mode));
   EXPECT_EQ(tn_kernel_group_threads(head + 1), 16);
   // Every shape a family has is in the key space and named once (KeysRoundTripAndNamesAreUnique).
   int layer = 0, add_layer = 0;
@@ -488,7 +488,7 @@ TEST(KernelRegistry, ShortRowShapesOfTheLaterFamilies) {
     layer += tn_kernel_family_has(TN_FAMILY_LAYER, s, mode);
     add_layer += tn_kernel_family_has(TN_FAMILY_ADD_LAYER, s, mode);
   }
-  EXPECT_EQ(layer, add_layer + 1);
+  EXPECT_EQ(layer, add_layer);
 }
 
 TEST(KernelRegistry, RowShapeDependsOnDtypeAndDimOnly) {
@@ -639,7 +639,8 @@ TEST(KernelRegistry, PairShapes) {
 // must find the same G in both for every (dtype, dim), whatever the access mode and the row count: a graph
 // fuses add + rms_norm into add_rms_norm, rms_norm + mul into rms_norm with a multiplicand (norm_x's family
 // to general.cu's in TN_CASTING_LLAMA or on a 3-D view), add_rms_norm + mul likewise, and l2_norm + scale into
-// norm_x's l2_norm with a scale; and rope.cu reduces a head as rms_norm does.
+// norm_x's l2_norm with a scale, and add + layer_norm into add_layer_norm; and rope.cu reduces a head as
+// rms_norm does.
 TEST(KernelRegistry, FusedFamiliesTakeTheSameThreadsPerRow) {
   const size_t limit = 227 * 1024;
   auto threads = [&](tn_kernel_family f, tn_dtype dt, int64_t dim, int mode, int few) {
@@ -662,6 +663,9 @@ TEST(KernelRegistry, FusedFamiliesTakeTheSameThreadsPerRow) {
             ASSERT_EQ(threads(TN_FAMILY_ROPE, dt, dim, mode, few), g) << tn_dtype_name(dt) << " dim " << dim;
           }
           ASSERT_EQ(threads(TN_FAMILY_GENERAL, dt, dim, mode, few), g) << tn_dtype_name(dt) << " dim " << dim;
+          // add + layer_norm -> add_layer_norm.
+          ASSERT_EQ(threads(TN_FAMILY_ADD_LAYER, dt, dim, mode, few), threads(TN_FAMILY_LAYER, dt, dim, mode, few))
+              << tn_dtype_name(dt) << " dim " << dim << " mode " << mode;
         }
       }
     }

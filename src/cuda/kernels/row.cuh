@@ -278,10 +278,13 @@ TN_DEV tn_sum2 tn_shfl_xor(unsigned mask, tn_sum2 v, int o) {
  * write nothing): partials (TN_PARTIALS_OF(G) floats) holds two sets of WARPS
  * sums used in turn (*turn flips on every call, the same in every thread), so one barrier per reduction
  * suffices: a set is written again only after the next reduction's barrier, which every thread reaches
- * after reading it. */
+ * after reading it. Each set has the room of WARPS pairs whatever the sum's type, so that the sets stay
+ * apart when a row's reductions differ in type (layer_norm's pair of sums, then its float deviations: set
+ * 1 of floats had begun inside set 0 of pairs, which slower warps could still be reading). */
 template <int WARPS, bool BLOCK_WIDER, class T>
 TN_DEV T tn_warps_meet(T v, float *partials, int *turn) {
-  T *set = reinterpret_cast<T *>(partials) + (*turn) * WARPS;
+  static_assert(sizeof(T) <= 2 * sizeof(float), "a set holds WARPS sums of up to two floats");
+  T *set = reinterpret_cast<T *>(partials + (*turn) * 2 * WARPS);
   *turn ^= 1;
   if ((threadIdx.x & 31u) == 0 && (!BLOCK_WIDER || (threadIdx.x >> 5) < (unsigned)WARPS)) set[threadIdx.x >> 5] = v;
   __syncthreads();
