@@ -62,12 +62,13 @@ static const char *const family_prefix[TN_FAMILY_COUNT] = {
  * rms_norm with a multiplicand, an l2_norm and a scale into norm_x.cu's l2_norm with a scale, and the fused
  * op must reduce a row as the ops it replaces did (the reduction order is G's). */
 #define TN_PAIR_SHAPES TN_SHAPE_PAIR_FIRST, TN_SHAPE_PAIR_FIRST + 1, TN_SHAPE_PAIR_FIRST + 2
-static const signed char norm_shapes[TN_NORM_SHAPE_COUNT] = {
-    0, 1, 2, 3, 4, 5, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD, TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2,
-    TN_SHAPE_WIDE_FIRST + 3, TN_PAIR_SHAPES};
-static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {
-    0, 1, 2, 3, 4, 5, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD, TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2,
-    TN_PAIR_SHAPES};
+/* What the two lists share: the register shapes but G = 64, the staged ones, the few-rows forms of G = 128
+ * and 256. */
+#define TN_NORM_COMMON_SHAPES \
+  0, 1, 2, 3, 4, 5, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD, TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2
+static const signed char norm_shapes[TN_NORM_SHAPE_COUNT] = {TN_NORM_COMMON_SHAPES, TN_SHAPE_WIDE_FIRST + 3,
+                                                             TN_PAIR_SHAPES};
+static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {TN_NORM_COMMON_SHAPES, TN_PAIR_SHAPES};
 /* layer_norm's and add_layer_norm's families: the register shapes from G = 8 (bf16 x 128: 16 chunks on 8
  * threads, none idle; G = 16 ran layer_norm's rows of 9 .. 16 chunks at 67.2% of the copy ceiling against
  * 81.6%, H100 bf16 131072x128) and the staged ones. The same list for both: a graph fuses an add and a

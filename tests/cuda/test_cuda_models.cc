@@ -1449,6 +1449,18 @@ TEST_F(SanitizedSmallModels, RopeGptjTablePartial) {
 
 class SanitizedModelsBatchInvariance : public ModelTest {
  protected:
+  // Every element of y from column first_column on, as the GPU wrote it in case a and in case b (of the
+  // same rows, heads and dim), byte for byte; `what` names b's op in a failure.
+  static void ExpectSameY(const Case &a, const Case &b, int64_t first_column, const char *what) {
+    const Operand &ay = a.op[a.YSlot()], &by = b.op[b.YSlot()];
+    for (int64_t row = 0; row < a.s.rows; row++)
+      for (int64_t h = 0; h < a.s.heads; h++)
+        for (int64_t i = first_column; i < a.s.dim; i++)
+          ASSERT_EQ(0, memcmp(a.gpu[a.YSlot()].data() + ay.At(row, h, i), b.gpu[b.YSlot()].data() + by.At(row, h, i),
+                              ay.es()))
+              << Describe(a.s) << ": row " << row << " head " << h << " column " << i << " differs from " << what;
+  }
+
   void CheckSpec(Spec s) {
     s.rows = 300;
     Case batch;
@@ -1563,14 +1575,8 @@ TEST_F(SanitizedModelsBatchInvariance, RopeNormsAsRmsNorm) {
           n.op[slot].image = r.op[slot].image;
         }
         ASSERT_TRUE(RunGpu(ctx, n));
-        const Operand &ry = r.op[r.YSlot()], &ny = n.op[n.YSlot()];
-        for (int64_t row = 0; row < plain.rows; row++)
-          for (int64_t h = 0; h < plain.heads; h++)
-            for (int64_t i = roped.rotary_dim; i < plain.dim; i++)
-              ASSERT_EQ(0, memcmp(r.gpu[r.YSlot()].data() + ry.At(row, h, i), n.gpu[n.YSlot()].data() + ny.At(row, h, i),
-                                  ry.es()))
-                  << Describe(roped) << ": row " << row << " head " << h << " column " << i
-                  << " differs from rms_norm's";
+        ExpectSameY(r, n, roped.rotary_dim, "rms_norm's");
+        if (HasFatalFailure()) return;
       }
 }
 
@@ -1603,12 +1609,8 @@ TEST_F(SanitizedModelsBatchInvariance, AddLayerNormAsLayerNorm) {
         n.op[kX].image = f.gpu[f.RSlot()];  // the sum as add_layer_norm wrote it
         for (Slot slot : {kW, kBias}) n.op[slot].image = f.op[slot].image;
         ASSERT_TRUE(RunGpu(ctx, n));
-        const Operand &fy = f.op[f.YSlot()], &ny = n.op[n.YSlot()];
-        for (int64_t row = 0; row < plain.rows; row++)
-          for (int64_t i = 0; i < plain.dim; i++)
-            ASSERT_EQ(0, memcmp(f.gpu[f.YSlot()].data() + fy.At(row, 0, i), n.gpu[n.YSlot()].data() + ny.At(row, 0, i),
-                                fy.es()))
-                << Describe(fused) << ": row " << row << " column " << i << " differs from layer_norm's of the sum";
+        ExpectSameY(f, n, 0, "layer_norm's of the sum");
+        if (HasFatalFailure()) return;
       }
 }
 
