@@ -56,7 +56,7 @@ done
 python3 - "$OUT" "$ROUNDS" "${names[@]}" <<'EOF'
 import csv, sys
 out, rounds, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-table = {}
+table, times, ceilings = {}, {}, {}
 for n in names:
     for r in range(1, rounds + 1):
         try:
@@ -66,6 +66,8 @@ for n in names:
         for row in rows:
             key = (row["op"], row["dtype"], f'{row["rows"]}x{row["dim"]}')
             table.setdefault(key, {}).setdefault(n, []).append(float(row["pct_ceiling"]))
+            times.setdefault(key, {}).setdefault(n, []).append(float(row["time_us"]))
+            ceilings.setdefault(n, {})[r] = float(row["ceiling_gbps"])
 print("% of the copy ceiling, rounds then best:")
 print(f'{"op":<20} {"dtype":<5} {"shape":>12}  ' + "  ".join(f"{n:>22}" for n in names))
 for key, cells in table.items():
@@ -73,5 +75,15 @@ for key, cells in table.items():
     for n in names:
         v = cells.get(n, [])
         line += "  " + f'{"/".join(f"{x:.1f}" for x in v):>15} {max(v) if v else float("nan"):6.1f}'
+    print(line)
+# The ceiling moves from run to run, and with it every % of a run: the times show what the % hides.
+print("copy ceiling (GB/s) per round: " + "; ".join(
+    f'{n} ' + "/".join(f"{ceilings[n][r]:.0f}" for r in sorted(ceilings[n])) for n in names if n in ceilings))
+print("time per call (us), best of the rounds:")
+for key, cells in times.items():
+    line = f"{key[0]:<20} {key[1]:<5} {key[2]:>12}  "
+    for n in names:
+        v = cells.get(n, [])
+        line += f'  {min(v) if v else float("nan"):22.2f}'
     print(line)
 EOF

@@ -250,8 +250,9 @@ tn_status tn_op_prepare(tn_context *ctx, const tn_op_args *args) {
   TN_FORWARD_IF_ERROR(tn_validate(ctx, args));
   void *state = NULL;
   TN_FORWARD_IF_ERROR(device_backend(ctx, args->x->device, tn_op_name(args->op), &state));
+  const tn_run_options plain = {0};
   if (backends[args->x->device.kind]->prepare != NULL)
-    TN_FORWARD_IF_ERROR(backends[args->x->device.kind]->prepare(state, ctx, args));
+    TN_FORWARD_IF_ERROR(backends[args->x->device.kind]->prepare(state, ctx, args, &plain));
   tn_error_clear(ctx);
   return TN_OK;
 }
@@ -417,7 +418,7 @@ static tn_status build_device_graph(tn_context *ctx, tn_graph *g, tn_device devi
   void *state = NULL;
   TN_FORWARD_IF_ERROR(device_backend(ctx, device, "graph", &state));
   const tn_backend *b = backends[device.kind];
-  for (int i = 0; i < g->count; i++) TN_FORWARD_IF_ERROR(b->prepare(state, ctx, &g->nodes[i].args));
+  for (int i = 0; i < g->count; i++) TN_FORWARD_IF_ERROR(b->prepare(state, ctx, &g->nodes[i].args, &g->nodes[i].options));
   TN_FORWARD_IF_ERROR(b->capture_begin(state, ctx, device.index));
   tn_status st = TN_OK;
   for (int i = 0; i < g->count && st == TN_OK; i++) st = b->run(state, ctx, &g->nodes[i].args, &g->nodes[i].options);

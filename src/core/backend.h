@@ -9,11 +9,14 @@
 
 #include "tnorm.h"
 
-/* What a fused op (src/graph) asks beyond tn_op_args. round_before_last: the norm's result times the
- * weight is rounded to the dtype before the multiplicand or the scale multiplies it, as when the two ops
- * ran one after the other; the fused op then gives the same bytes as the pair. */
+/* What a fused op (src/graph) asks beyond tn_op_args, so that it gives the same bytes as the ops it
+ * replaces. round_before_last: the norm's result times the weight is rounded to the dtype before the
+ * multiplicand or the scale multiplies it, as when the two ops ran one after the other. as_rms_norm: an
+ * add_rms_norm (with a multiplicand or not) fused from an add and an rms_norm reduces its sum as rms_norm
+ * reduces a row, where a backend's own add_rms_norm may reduce in another order (the CUDA one does). */
 typedef struct tn_run_options {
   int round_before_last;
+  int as_rms_norm;
 } tn_run_options;
 
 typedef struct tn_backend {
@@ -29,7 +32,7 @@ typedef struct tn_backend {
   /* Runs an op whose arguments passed validation and that has rows > 0. */
   tn_status (*run)(void *state, tn_context *ctx, const tn_op_args *args, const tn_run_options *options);
   /* Gets everything the op would need ready (kernels compiled and loaded) without running it. */
-  tn_status (*prepare)(void *state, tn_context *ctx, const tn_op_args *args);
+  tn_status (*prepare)(void *state, tn_context *ctx, const tn_op_args *args, const tn_run_options *options);
 
   /* Memory on device `index`; copies where at least one side is this backend's device; waiting. */
   tn_status (*alloc)(void *state, tn_context *ctx, int index, size_t bytes, void **ptr);

@@ -263,7 +263,8 @@ static tn_kernel_family family_for(const tn_op_args *a) {
   }
   if (a->op == TN_OP_LAYER_NORM) return llama ? TN_FAMILY_GENERAL : TN_FAMILY_LAYER;
   if (a->mul != NULL) return !llama && !heads ? TN_FAMILY_NORM_MUL : TN_FAMILY_GENERAL;
-  return !llama && !heads && !l2_scaled(a) && a->l2_mode == TN_L2_RSQRT_EPS ? TN_FAMILY_NORM : TN_FAMILY_NORM_X;
+  if (llama || heads || l2_scaled(a) || a->l2_mode != TN_L2_RSQRT_EPS) return TN_FAMILY_NORM_X;
+  return a->weight != NULL ? TN_FAMILY_NORM : TN_FAMILY_NORM_UNWEIGHTED;
 }
 
 static int64_t rotary_dim_of(const tn_op_args *a) { return a->rope.rotary_dim != 0 ? a->rope.rotary_dim : a->x->dim; }
@@ -288,7 +289,7 @@ static int rope_paired(const tn_op_args *a, int g) {
 /* Vectors a row kernel reduces: rows, or rows x heads of a 3-D view. */
 static int64_t vectors_of(const tn_tensor *x) { return x->rows * tn_tensor_head_count(x); }
 
-static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
+static tn_kernel_key key_for(const device_info *d, const tn_op_args *a, const tn_run_options *options) {
   tn_kernel_key key;
   key.dtype = a->x->dtype;
   key.mode = access_mode(a);
@@ -305,10 +306,11 @@ static tn_kernel_key key_for(const device_info *d, const tn_op_args *a) {
     key.mode = TN_KERNEL_MODE_WHOLE;
   /* The later families have no element-access kernels: such calls take the byte ones. */
   if (!tn_kernel_family_has_mode(key.family, key.mode)) key.mode = TN_KERNEL_MODE_BYTES;
-  /* The shape follows from (family, dtype, dim) alone, as does the reduction order (registry.c); rows few
-   * enough for a block each take the family's few-rows form of it, where it has one. */
-  key.shape = tn_kernel_call_shape(key.family, a->x->dtype, a->x->dim, key.mode, max_stage_bytes(d),
-                                   vectors_of(a->x) <= d->sms);
+  /* The shape follows from (family, dtype, dim) alone, as does the reduction order (registry.c), but for an
+   * add_rms_norm fused from an add and an rms_norm, which takes rms_norm's; rows few enough for a block each
+   * take the family's few-rows form of it, where it has one. */
+  key.shape = tn_kernel_call_shape(tn_kernel_order_family(key.family, options->as_rms_norm), a->x->dtype,
+                                   a->x->dim, key.mode, max_stage_bytes(d), vectors_of(a->x) <= d->sms);
   /* A rope's whole-chunk kernels are the paired ones (rope.cu): the rest take its vector kernels, of the same
    * shapes. */
   if (key.family == TN_FAMILY_ROPE && key.mode == TN_KERNEL_MODE_WHOLE &&
@@ -435,18 +437,18 @@ static tn_kernel_params params_for(const tn_op_args *a) {
   return p;
 }
 
-static tn_status cuda_prepare_on(cuda_state *s, tn_context *ctx, const tn_op_args *a, device_info **d,
-                                 loaded_kernel **k, tn_kernel_key *key) {
+static tn_status cuda_prepare_on(cuda_state *s, tn_context *ctx, const tn_op_args *a, const tn_run_options *options,
+                                 device_info **d, loaded_kernel **k, tn_kernel_key *key) {
   TN_FORWARD_IF_ERROR(device_get(s, ctx, a->x->device.index, d));
-  *key = key_for(*d, a);
+  *key = key_for(*d, a, options);
   return kernel_get(s, ctx, *d, *key, k);
 }
 
-static tn_status cuda_prepare(void *state, tn_context *ctx, const tn_op_args *a) {
+static tn_status cuda_prepare(void *state, tn_context *ctx, const tn_op_args *a, const tn_run_options *options) {
   device_info *d;
   loaded_kernel *k;
   tn_kernel_key key;
-  return cuda_prepare_on(state, ctx, a, &d, &k, &key);
+  return cuda_prepare_on(state, ctx, a, options, &d, &k, &key);
 }
 
 /* A launch: the kernel's arguments, threads per block, blocks and dynamic shared memory. */
@@ -523,7 +525,7 @@ static tn_status cuda_run(void *state, tn_context *ctx, const tn_op_args *a, con
   device_info *d;
   loaded_kernel *k;
   tn_kernel_key key;
-  TN_FORWARD_IF_ERROR(cuda_prepare_on(s, ctx, a, &d, &k, &key));
+  TN_FORWARD_IF_ERROR(cuda_prepare_on(s, ctx, a, options, &d, &k, &key));
   launch_plan plan;
   TN_FORWARD_IF_ERROR(plan_launch(ctx, d, a, key, k->blocks_per_sm, options, &plan));
 

@@ -48,14 +48,14 @@ static const char *family_source(tn_kernel_family f) {
 
 static const char *const family_prefix[TN_FAMILY_COUNT] = {
     "tn_norm", "tn_norm_mul", "tn_add_norm", "tn_add_norm_mul", "tn_elementwise",
-    "tn_normx", "tn_layer", "tn_general", "tn_rope", "tn_add_layer"};
+    "tn_normx", "tn_layer", "tn_general", "tn_rope", "tn_add_layer", "tn_norm_unweighted"};
 
 /* Each family's shapes and access modes, in key order (see registry.h). The later families keep the
  * shapes their calls need (a row takes the family's pair shape where it has one, else its smallest register
  * shape that holds it, else a staged one: tn_kernel_call_shape; the reduction order still depends on
  * (dtype, dim) alone within a family). */
-/* rms_norm's, l2_norm's and add_rms_norm's families (with and without a multiplicand): the pair shapes of
- * G = 32 .. 128 (rows of 33 .. 256 chunks; norm.cu says what that measured), the register shapes but G = 64
+/* rms_norm's, l2_norm's and add_rms_norm's families (with and without a multiplicand, or a weight): the pair
+ * shapes of G = 32 .. 128 (rows of 33 .. 256 chunks; norm.cu says what that measured), the register shapes but G = 64
  * (whose rows take a pair shape; G = 32 keeps float32 rows of 65 .. 128 chunks, tn_kernel_pair_shape), the
  * staged ones, and the few-rows forms of G = 128 .. 512. norm_x.cu's family has the same G for every row
  * (its G = 1 too): a graph fuses an add and an rms_norm into an add_rms_norm, an rms_norm and a mul into an
@@ -69,6 +69,12 @@ static const char *const family_prefix[TN_FAMILY_COUNT] = {
 static const signed char norm_shapes[TN_NORM_SHAPE_COUNT] = {TN_NORM_COMMON_SHAPES, TN_SHAPE_WIDE_FIRST + 3,
                                                              TN_PAIR_SHAPES};
 static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {TN_NORM_COMMON_SHAPES, TN_PAIR_SHAPES};
+/* add_rms_norm's families: the norm families' shapes (a graph's add + rms_norm reduces as rms_norm does) and
+ * the pair shapes of G = 256 .. 1024, which its own calls take for rows of 257 .. 2048 chunks (add_rms_norm.cu
+ * says what that measured). */
+static const signed char add_norm_shapes[TN_ADD_NORM_SHAPE_COUNT] = {
+    TN_NORM_COMMON_SHAPES, TN_SHAPE_WIDE_FIRST + 3, TN_PAIR_SHAPES,
+    TN_SHAPE_PAIR_FIRST + 3, TN_SHAPE_PAIR_FIRST + 4, TN_SHAPE_PAIR_FIRST + 5};
 /* layer_norm's and add_layer_norm's families: the register shapes from G = 8 (bf16 x 128: 16 chunks on 8
  * threads, none idle; G = 16 ran layer_norm's rows of 9 .. 16 chunks at 67.2% of the copy ceiling against
  * 81.6%, H100 bf16 131072x128) and the staged ones. The same list for both: a graph fuses an add and a
@@ -104,7 +110,10 @@ static shape_set family_shapes(int f) {
       return (shape_set){general_shapes, (int)sizeof general_shapes};
     case TN_FAMILY_ROPE:
       return (shape_set){NULL, TN_ROPE_SHAPE_COUNT};
-    default: /* the first four: rms_norm and add_rms_norm, with and without a multiplicand */
+    case TN_FAMILY_ADD_NORM:
+    case TN_FAMILY_ADD_NORM_MUL:
+      return (shape_set){add_norm_shapes, (int)sizeof add_norm_shapes};
+    default: /* rms_norm's (l2_norm's): with a multiplicand or not, unweighted */
       return (shape_set){norm_shapes, (int)sizeof norm_shapes};
   }
 }
@@ -124,19 +133,27 @@ static int family_shape_index(int f, int shape) {
   return -1;
 }
 
+/* The families with an element-access mode: the first four (rms_norm's and add_rms_norm's) and the unweighted
+ * norm family; the later ones have three modes, the elementwise family every mode but whole chunks. */
+static int family_has_every_mode(int f) {
+  return f == TN_FAMILY_NORM || f == TN_FAMILY_NORM_MUL || f == TN_FAMILY_ADD_NORM || f == TN_FAMILY_ADD_NORM_MUL ||
+         f == TN_FAMILY_NORM_UNWEIGHTED;
+}
+
 static int family_mode_count(int f) {
-  return f >= TN_FAMILY_NORM_X ? TN_LATER_MODE_COUNT : f == TN_FAMILY_ELEMENTWISE ? TN_ELEMENTWISE_MODE_COUNT
-                                                                                   : TN_KERNEL_MODE_COUNT;
+  return family_has_every_mode(f)        ? TN_KERNEL_MODE_COUNT
+         : f == TN_FAMILY_ELEMENTWISE ? TN_ELEMENTWISE_MODE_COUNT
+                                        : TN_LATER_MODE_COUNT;
 }
 
 /* The later families' modes: bytes, vectors, whole chunks (no element-access kernels). */
 static const signed char later_modes[TN_LATER_MODE_COUNT] = {TN_KERNEL_MODE_BYTES, TN_KERNEL_MODE_VECTORS,
                                                              TN_KERNEL_MODE_WHOLE};
 
-static int family_mode_at(int f, int i) { return f >= TN_FAMILY_NORM_X ? later_modes[i] : i; }
+static int family_mode_at(int f, int i) { return f >= TN_FAMILY_NORM_X && !family_has_every_mode(f) ? later_modes[i] : i; }
 
 static int family_mode_index(int f, int mode) {
-  if (f < TN_FAMILY_NORM_X) return mode < family_mode_count(f) ? mode : -1;
+  if (f < TN_FAMILY_NORM_X || family_has_every_mode(f)) return mode < family_mode_count(f) ? mode : -1;
   for (int i = 0; i < TN_LATER_MODE_COUNT; i++)
     if (later_modes[i] == mode) return i;
   return -1;
@@ -226,6 +243,10 @@ int tn_kernel_call_shape(tn_kernel_family family, tn_dtype dtype, int64_t dim, i
   const int wide = tn_kernel_wide_shape(shape);
   if (few_rows && wide >= 0 && tn_kernel_family_has(family, wide, mode)) shape = wide;
   return shape;
+}
+
+tn_kernel_family tn_kernel_order_family(tn_kernel_family family, int as_rms_norm) {
+  return as_rms_norm && (family == TN_FAMILY_ADD_NORM || family == TN_FAMILY_ADD_NORM_MUL) ? TN_FAMILY_NORM : family;
 }
 
 int tn_kernel_shape_is_wide(int shape) { return shape >= TN_SHAPE_WIDE_FIRST && shape < TN_SHAPE_PAIR_FIRST; }

@@ -11,7 +11,8 @@
 #include "kernels/params.h"
 #include "tnorm.h"
 
-/* norm.cu: rms_norm and l2_norm (with a scale of 1), and rms_norm with a multiplicand; add_rms_norm.cu:
+/* norm.cu: rms_norm and l2_norm (with a scale of 1), rms_norm with a multiplicand, and both without a weight
+ * (TN_FAMILY_NORM_UNWEIGHTED: kernels with no code for one, the same arithmetic); add_rms_norm.cu:
  * add_rms_norm, and add_rms_norm with a multiplicand (the default path of each: 2-D views,
  * TN_CASTING_EXACT, the default modes); elementwise.cu: add, mul and scale (whose key's shape is the op:
  * TN_KERNEL_ELEMENTWISE_*). The families after them carry their rarer knobs as run-time flags
@@ -36,7 +37,8 @@ typedef enum tn_kernel_family {
   TN_FAMILY_GENERAL = 7,
   TN_FAMILY_ROPE = 8,
   TN_FAMILY_ADD_LAYER = 9,
-  TN_FAMILY_COUNT = 10
+  TN_FAMILY_NORM_UNWEIGHTED = 10,
+  TN_FAMILY_COUNT = 11
 } tn_kernel_family;
 
 /* Row shapes: 0 .. 10 keep rows in registers with G = 1 << shape threads per row; then the staged ones;
@@ -60,8 +62,9 @@ typedef struct tn_kernel_key {
   int mode;
 } tn_kernel_key;
 
-/* Keys per family: the first four row families have every access mode, the pair shapes of G = 32 .. 128
- * (TN_NORM_PAIR_COUNT), the register shapes but G = 64 (its rows take a pair shape), the staged ones and
+/* Keys per family: the first four row families and the unweighted one have every access mode, the pair
+ * shapes of G = 32 .. 128 (TN_NORM_PAIR_COUNT; the two add_rms_norm families those of G = 256 .. 1024 too,
+ * TN_ADD_NORM_PAIR_COUNT), the register shapes but G = 64 (its rows take a pair shape), the staged ones and
  * the few-rows form of G = 128 .. 512; the elementwise family one shape per op and every mode but whole
  * chunks. The later families have three access modes (16-byte vectors, with whole chunks only or not,
  * else bytes: element-aligned calls, rare beside them, take the byte kernels) and the shapes their calls
@@ -72,10 +75,14 @@ typedef struct tn_kernel_key {
  * shapes up to G = 32 (heads of at most TN_ROPE_MAX_DIM elements). A row takes its family's pair shape
  * where the family has it, else the family's smallest register shape that holds it, else a staged one, so
  * that within a family the reduction order still depends on (dtype, dim) alone, and it is the same in the
- * first four families, norm_x's and general's, and in layer_norm's and add_layer_norm's (a graph's fusions
- * move an op between them). */
+ * norm families (weighted or not, with a multiplicand or not), norm_x's and general's, and in layer_norm's and
+ * add_layer_norm's (a graph's fusions move an op between them). The add_rms_norm families' own order
+ * differs from rms_norm's on rows of 257 .. 2048 chunks (pairs there); a graph's add + rms_norm takes
+ * rms_norm's (tn_kernel_order_family). */
 #define TN_NORM_PAIR_COUNT 3
+#define TN_ADD_NORM_PAIR_COUNT 6
 #define TN_NORM_SHAPE_COUNT (15 + TN_NORM_PAIR_COUNT)
+#define TN_ADD_NORM_SHAPE_COUNT (15 + TN_ADD_NORM_PAIR_COUNT)
 #define TN_NORM_X_SHAPE_COUNT (14 + TN_NORM_PAIR_COUNT)
 #define TN_LAYER_SHAPE_COUNT 10
 #define TN_ADD_LAYER_SHAPE_COUNT TN_LAYER_SHAPE_COUNT
@@ -84,7 +91,7 @@ typedef struct tn_kernel_key {
 #define TN_LATER_MODE_COUNT 3
 #define TN_ELEMENTWISE_MODE_COUNT 3 /* every mode but TN_KERNEL_MODE_WHOLE */
 #define TN_KERNEL_VARIANTS                                                                               \
-  (4 * TN_DTYPE_COUNT * TN_NORM_SHAPE_COUNT * TN_KERNEL_MODE_COUNT +                                     \
+  (TN_DTYPE_COUNT * (3 * TN_NORM_SHAPE_COUNT + 2 * TN_ADD_NORM_SHAPE_COUNT) * TN_KERNEL_MODE_COUNT +     \
    TN_DTYPE_COUNT * TN_KERNEL_ELEMENTWISE_COUNT * TN_ELEMENTWISE_MODE_COUNT +                            \
    TN_DTYPE_COUNT * TN_LATER_MODE_COUNT *                                                                \
        (TN_NORM_X_SHAPE_COUNT + TN_LAYER_SHAPE_COUNT + TN_ADD_LAYER_SHAPE_COUNT + TN_GENERAL_SHAPE_COUNT + \
@@ -112,6 +119,11 @@ int tn_kernel_row_shape(tn_dtype dtype, int64_t dim, size_t max_stage_bytes);
  * (thread t sums chunks t, t + G, ...: how many a thread can hold does not change it). */
 int tn_kernel_call_shape(tn_kernel_family family, tn_dtype dtype, int64_t dim, int mode, size_t max_stage_bytes,
                          int few_rows);
+/* The family whose shapes (and so reduction order) a call of `family` takes: its own, or for
+ * as_rms_norm (an add_rms_norm that a graph fused from an add and an rms_norm, with or without a
+ * multiplicand: it must give the bytes of the rms_norm it replaces) the norm family's, whose shapes the
+ * add_rms_norm families have too. */
+tn_kernel_family tn_kernel_order_family(tn_kernel_family family, int as_rms_norm);
 /* Threads per row of a row shape (the reduction's group), threads per block of a row shape, and rows a
  * block takes at a time. */
 int tn_kernel_group_threads(int shape);

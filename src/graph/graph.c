@@ -177,6 +177,7 @@ static int fuse_add_rms_norm(tn_graph *g, int i) {
   f.residual_out = sum;
   tn_graph_node fused;
   node_init(&fused, &f);
+  fused.options.as_rms_norm = !layer; /* the rms_norm's reduction order, not add_rms_norm's own */
   if (!replace(g, i, j, &fused, layer ? "add + layer_norm -> add_layer_norm" : "add + rms_norm -> add_rms_norm"))
     return 0;
   g->info.fused_add_rms_norm++;
@@ -224,6 +225,7 @@ static int fuse_norm_then_factor(tn_graph *g, int i) {
   else f.scale = b->args.scale;
   tn_graph_node fused;
   node_init(&fused, &f);
+  fused.options = a->options; /* an add_rms_norm fused from add + rms_norm keeps rms_norm's order */
   fused.options.round_before_last = 1;
   if (!replace(g, i, j, &fused,
                add   ? "add_rms_norm + mul -> add_rms_norm with mul"

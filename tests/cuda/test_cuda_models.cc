@@ -1614,6 +1614,34 @@ TEST_F(SanitizedModelsBatchInvariance, AddLayerNormAsLayerNorm) {
       }
 }
 
+// rms_norm without a weight runs kernels with no code for one (norm.cu's unweighted family); with a weight of
+// ones it runs the weighted kernels, whose product by 1 changes no bit: the same bytes, few rows or many.
+TEST_F(SanitizedModelsBatchInvariance, UnweightedAsWeightOfOnes) {
+  for (tn_dtype dt : {TN_F32, TN_BF16})
+    for (int64_t dim : {3, 64, 520, 1000, 4096, 12000, 70000})
+      for (int64_t rows : {1, 200}) {
+        Spec plain;
+        plain.op = TN_OP_RMS_NORM;
+        plain.dt = dt;
+        plain.dim = dim;
+        plain.rows = rows;
+        Spec ones = plain;
+        ones.weight = kXDtype;
+        Case u, w;
+        MakeCase(u, plain, SeedFor("unweighted as a weight of ones " + Describe(plain)));
+        ASSERT_TRUE(Solve(ctx, u));
+        ASSERT_TRUE(RunGpu(ctx, u));
+        ASSERT_TRUE(CheckCase(u, Describe(plain)));
+        MakeCase(w, ones, 1);
+        w.op[kX].image = u.op[kX].image;
+        Operand &weight = w.op[kW];
+        for (int64_t i = 0; i < weight.dim; i++) tn_store(weight.dt, weight.image.data() + weight.At(0, 0, i), 0, 1.0f);
+        ASSERT_TRUE(RunGpu(ctx, w));
+        ExpectSameY(u, w, 0, "rms_norm's with a weight of ones");
+        if (HasFatalFailure()) return;
+      }
+}
+
 TEST_F(SanitizedModelsBatchInvariance, Rope) {
   for (tn_dtype dt : {TN_F32, TN_BF16}) {
     Spec s;

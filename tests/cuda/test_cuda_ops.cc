@@ -1274,8 +1274,9 @@ TEST_F(SanitizedSmall, MulElementMisaligned) { RunCase("rms_norm_w_mul", TN_F16,
 class SanitizedBatchInvariance : public CudaTest {
  protected:
   void Check(tn_dtype dt) {
-    const char *const variants[] = {"rms_norm_w_mul", "l2_norm_scale037", "add_rms_norm_w", "rms_norm_w"};
-    // 4096 rows take G = 128 threads (f16, bf16) or 256 (f32), 12000 G = 512 (f16, bf16). The batch has
+    const char *const variants[] = {"rms_norm_w_mul", "l2_norm_scale037", "add_rms_norm_w", "rms_norm_w", "l2_norm"};
+    // 4096 rows take G = 128 threads (f16, bf16) or 256 (f32), 12000 G = 512 (f16, bf16); add_rms_norm's
+    // rows of 257 .. 2048 chunks (4096, 5120, 12000 in f16/bf16) its pair shapes, few rows or many. The batch has
     // more rows than an H100 or H200 has SMs, so it takes the register kernels where a row alone takes
     // the few-rows (wide) form of the same G: both must reduce a row alike. 513 (f32) and 1152 (f16,
     // bf16) take the pair shape of G = 128 (two chunks a thread), few rows or many.

@@ -612,11 +612,13 @@ TEST(KernelRegistry, PairShapes) {
       ASSERT_LT((int64_t)g, chunks) << "dim " << dim;
       ASSERT_EQ(tn_kernel_block_threads(s), g > 32 ? g : TN_KERNEL_MIN_BLOCK);
       ASSERT_EQ(tn_kernel_wide_shape(s), -1);  // few rows take the pair shape itself
-      for (tn_kernel_family f : {TN_FAMILY_NORM, TN_FAMILY_NORM_MUL, TN_FAMILY_ADD_NORM, TN_FAMILY_ADD_NORM_MUL,
-                                 TN_FAMILY_NORM_X}) {
+      // add_rms_norm's families have the pair shapes of every G, rms_norm's up to G = 128.
+      for (tn_kernel_family f : {TN_FAMILY_NORM, TN_FAMILY_NORM_MUL, TN_FAMILY_NORM_UNWEIGHTED, TN_FAMILY_ADD_NORM,
+                                 TN_FAMILY_ADD_NORM_MUL, TN_FAMILY_NORM_X}) {
+        const bool add = f == TN_FAMILY_ADD_NORM || f == TN_FAMILY_ADD_NORM_MUL;
         for (int mode : {TN_KERNEL_MODE_BYTES, TN_KERNEL_MODE_ELEMENTS, TN_KERNEL_MODE_VECTORS, TN_KERNEL_MODE_WHOLE}) {
           if (!tn_kernel_family_has_mode(f, mode)) continue;  // norm_x's has no element-access kernels
-          ASSERT_EQ((bool)tn_kernel_family_has(f, s, mode), g <= 128) << "family " << (int)f << " dim " << dim;
+          ASSERT_EQ((bool)tn_kernel_family_has(f, s, mode), add || g <= 128) << "family " << (int)f << " dim " << dim;
         }
       }
       ASSERT_EQ((bool)tn_kernel_family_has(TN_FAMILY_GENERAL, s, TN_KERNEL_MODE_WHOLE), g == 64) << "dim " << dim;
@@ -627,8 +629,8 @@ TEST(KernelRegistry, PairShapes) {
   }
   // The four-chunk shape of G = 64 held rows of 129 .. 256 chunks: the pair families have none (G = 32's
   // keeps float32 rows of 65 .. 128 chunks).
-  for (tn_kernel_family f : {TN_FAMILY_NORM, TN_FAMILY_NORM_MUL, TN_FAMILY_ADD_NORM, TN_FAMILY_ADD_NORM_MUL,
-                             TN_FAMILY_NORM_X}) {
+  for (tn_kernel_family f : {TN_FAMILY_NORM, TN_FAMILY_NORM_MUL, TN_FAMILY_NORM_UNWEIGHTED, TN_FAMILY_ADD_NORM,
+                             TN_FAMILY_ADD_NORM_MUL, TN_FAMILY_NORM_X}) {
     EXPECT_TRUE(tn_kernel_family_has(f, 5, TN_KERNEL_MODE_WHOLE)) << "family " << (int)f;
     EXPECT_FALSE(tn_kernel_family_has(f, 6, TN_KERNEL_MODE_WHOLE)) << "family " << (int)f;
     EXPECT_TRUE(tn_kernel_family_has(f, 7, TN_KERNEL_MODE_WHOLE)) << "family " << (int)f;
@@ -637,15 +639,23 @@ TEST(KernelRegistry, PairShapes) {
 
 // The reduction order is G's (thread t sums chunks t, t + G, ...), so an op that moves between families
 // must find the same G in both for every (dtype, dim), whatever the access mode and the row count: a graph
-// fuses add + rms_norm into add_rms_norm, rms_norm + mul into rms_norm with a multiplicand (norm_x's family
-// to general.cu's in TN_CASTING_LLAMA or on a 3-D view), add_rms_norm + mul likewise, and l2_norm + scale into
-// norm_x's l2_norm with a scale, and add + layer_norm into add_layer_norm; and rope.cu reduces a head as
-// rms_norm does.
+// fuses add + rms_norm into add_rms_norm (which then takes rms_norm's order: tn_kernel_order_family),
+// rms_norm + mul into rms_norm with a multiplicand (norm_x's family to general.cu's in TN_CASTING_LLAMA or on
+// a 3-D view), add_rms_norm + mul likewise (in add_rms_norm's own order, or rms_norm's when it was fused),
+// l2_norm + scale into norm_x's l2_norm with a scale, and add + layer_norm into add_layer_norm; rope.cu
+// reduces a head as rms_norm does; and a call without a weight runs in the unweighted family.
 TEST(KernelRegistry, FusedFamiliesTakeTheSameThreadsPerRow) {
   const size_t limit = 227 * 1024;
   auto threads = [&](tn_kernel_family f, tn_dtype dt, int64_t dim, int mode, int few) {
     return tn_kernel_group_threads(tn_kernel_call_shape(f, dt, dim, mode, limit, few));
   };
+  // A call of family f in rms_norm's order: the shape, which f must have, and its G.
+  auto threads_as_rms_norm = [&](tn_kernel_family f, tn_dtype dt, int64_t dim, int mode, int few) {
+    const int shape = tn_kernel_call_shape(tn_kernel_order_family(f, 1), dt, dim, mode, limit, few);
+    EXPECT_TRUE(tn_kernel_family_has(f, shape, mode)) << "family " << (int)f << " shape " << shape;
+    return tn_kernel_group_threads(shape);
+  };
+  bool orders_differ = false;
   for (tn_dtype dt : {TN_F32, TN_F16, TN_BF16}) {
     const int64_t per_chunk = tn_kernel_chunk_elements(dt);
     for (int64_t dim = 1; dim <= 40000; dim += dim < 4200 ? 1 : 37) {
@@ -655,10 +665,21 @@ TEST(KernelRegistry, FusedFamiliesTakeTheSameThreadsPerRow) {
         for (int few : {0, 1}) {
           const int g = threads(TN_FAMILY_NORM, dt, dim, mode, few);
           ASSERT_EQ(threads(TN_FAMILY_NORM, dt, dim, TN_KERNEL_MODE_ELEMENTS, few), g) << "dim " << dim;
-          for (tn_kernel_family f : {TN_FAMILY_NORM_MUL, TN_FAMILY_ADD_NORM, TN_FAMILY_ADD_NORM_MUL, TN_FAMILY_NORM_X}) {
+          for (tn_kernel_family f : {TN_FAMILY_NORM_MUL, TN_FAMILY_NORM_UNWEIGHTED, TN_FAMILY_NORM_X}) {
             ASSERT_EQ(threads(f, dt, dim, mode, few), g)
                 << "family " << (int)f << " " << tn_dtype_name(dt) << " dim " << dim << " mode " << mode;
           }
+          for (tn_kernel_family f : {TN_FAMILY_ADD_NORM, TN_FAMILY_ADD_NORM_MUL}) {
+            ASSERT_EQ(threads_as_rms_norm(f, dt, dim, mode, few), g)
+                << "family " << (int)f << " " << tn_dtype_name(dt) << " dim " << dim << " mode " << mode;
+            ASSERT_EQ(tn_kernel_order_family(f, 0), f);
+          }
+          // add_rms_norm + mul -> add_rms_norm with a multiplicand, in add_rms_norm's own order.
+          const int add_g = threads(TN_FAMILY_ADD_NORM, dt, dim, mode, few);
+          ASSERT_EQ(threads(TN_FAMILY_ADD_NORM_MUL, dt, dim, mode, few), add_g) << tn_dtype_name(dt) << " dim " << dim;
+          // Its own order is rms_norm's but on rows of 257 .. 2048 chunks (pairs there).
+          ASSERT_EQ(add_g == g, chunks <= 256 || chunks > 2048) << tn_dtype_name(dt) << " dim " << dim;
+          orders_differ = orders_differ || add_g != g;
           if (dim <= TN_ROPE_MAX_DIM) {
             ASSERT_EQ(threads(TN_FAMILY_ROPE, dt, dim, mode, few), g) << tn_dtype_name(dt) << " dim " << dim;
           }
@@ -670,8 +691,11 @@ TEST(KernelRegistry, FusedFamiliesTakeTheSameThreadsPerRow) {
       }
     }
   }
+  EXPECT_TRUE(orders_differ);
   const tn_kernel_key k = {TN_FAMILY_ADD_NORM, TN_BF16, tn_kernel_pair_shape(TN_BF16, 2048), TN_KERNEL_MODE_WHOLE};
   EXPECT_EQ(KernelName(k), "tn_add_norm_registers<2,128,3,2>");
+  const tn_kernel_key wide = {TN_FAMILY_ADD_NORM, TN_BF16, tn_kernel_pair_shape(TN_BF16, 4096), TN_KERNEL_MODE_WHOLE};
+  EXPECT_EQ(KernelName(wide), "tn_add_norm_registers<2,256,3,2>");
   EXPECT_EQ(tn_kernel_key_index(tn_kernel_key_at(tn_kernel_key_index(k))), tn_kernel_key_index(k));
 }
 

@@ -37,18 +37,25 @@ struct tn_add_norm_op : tn_add_split<true> {
 /* Short rows (G <= 16) of 16-byte access fetch x's and the residual's rows ahead, in one bulk request each
  * (row.cuh's tn_fetch_row_ahead). H100, % of the copy ceiling, best of two rounds: bf16 131072x128 95.9 ->
  * 96.8, 65536x256 96.5 -> 97.2, f32 262144x64 98.4 -> 99.1. A prefetch per chunk with the loads had lost
- * 9-11 points; from G = 32 the bulk one spills the f16/bf16 kernels (24-64 bytes), so they do without.
- * Rows of 33 .. 256 chunks take the pair shapes (G = 32 .. 128, two chunks a thread: registry.c; float32
- * rows of 65 .. 128 chunks stay on G = 32), without the fetch ahead; rms_norm's rows take the same shapes
- * (with it), since a graph fuses an add and an rms_norm into this op and the row must reduce alike. H100,
- * % of the copy ceiling, best of two rounds (scripts/ab-bench.sh) against four chunks a thread: bf16
- * 65536x512 97.9 -> 99.4, 65536x1024 97.1 -> 101.0, 65536x2048 101.3 -> 101.7; f32 65536x512 100.3 ->
- * 101.0, 65536x1024 and 65536x2048 level. Longer rows gained too on their own (bf16 32768x4096 101.3 ->
- * 101.8, 8192x16384 101.0 -> 101.8 at G = 256 and 1024), where rms_norm's lost 1-7 points; at 1536
- * resident threads (40 registers) f32 lost 0.3-1.0 points and the f16/bf16 kernels spilled. */
+ * 9-11 points; from G = 32 the bulk one spills the f16/bf16 kernels of four chunks a thread (24-64 bytes).
+ * Rows of 33 .. 2048 chunks take the pair shapes (G = 32 .. 1024, two chunks a thread: registry.c; float32
+ * rows of 65 .. 128 chunks stay on G = 32), the layout of a plain Triton kernel; those of G >= 256 with the
+ * fetch ahead (48-63 registers, no spill). H100, % of the copy ceiling, best of two rounds
+ * (scripts/ab-bench.sh) against four chunks a thread: bf16 65536x512 97.9 -> 99.4, 65536x1024 97.1 ->
+ * 101.0, 65536x2048 101.3 -> 101.7; f32 65536x512 100.3 -> 101.0, 65536x1024 and 65536x2048 level. At
+ * G >= 256, time a call, best of three rounds, four chunks -> pairs with the fetch ahead -> and the next
+ * kernel launched as a block starts (early_dependents): bf16 4096x4096 47.07 -> 46.48 -> 46.22 us,
+ * 32768x4096 358.6 -> 355.2 -> 355.3, 8192x16384 359.4 -> 355.9 -> 354.6; f32 4096x4096 91.24 -> 90.88 ->
+ * 90.30, 32768x4096 713.4 -> 709.2 -> 708.6. rms_norm's rows stay on four chunks from G = 256 (pairs lost it
+ * 1-7 points), so an add_rms_norm that a graph fused from an add and an rms_norm takes rms_norm's shapes,
+ * which this family has too (registry.c: tn_kernel_order_family). At 1536 resident threads (40 registers)
+ * f32 lost 0.3-1.0 points and the f16/bf16 pair kernels spilled. */
 template <bool MUL, int DT, int G, int MODE, int K>
 struct tn_register_shape<tn_add_norm_op<MUL>, DT, G, MODE, K>
-    : tn_short_rows_shape<tn_add_norm_op<MUL>, DT, G, !MUL && G <= 16 && MODE >= TN_KERNEL_MODE_VECTORS> {};
+    : tn_short_rows_shape<tn_add_norm_op<MUL>, DT, G,
+                          !MUL && (G <= 16 || (K == TN_KERNEL_PAIR_CHUNKS && G >= 256)) &&
+                              MODE >= TN_KERNEL_MODE_VECTORS,
+                          false, !MUL> {};
 
 TN_DEFINE_ROW_KERNELS(tn_add_norm, tn_add_norm_op<false>)
 TN_DEFINE_ROW_KERNELS(tn_add_norm_mul, tn_add_norm_op<true>)

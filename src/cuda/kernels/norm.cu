@@ -5,10 +5,14 @@
  * the rounding before it of a fused l2_norm -> scale; nvcc: 1040 instructions in the bf16 G = 128 kernel,
  * 1376 with it).
  *   y = round(((x * inv) * (w + offset)) [* m]),  inv = 1 / sqrt(sum(x^2) / count + eps)
- * each factor present only when the call has it. */
+ * each factor present only when the call has it. Calls without a weight or a multiplicand (l2_norm, the
+ * unscaled rms_norm) have kernels of their own too, with no code for a weight (tn_norm_unweighted: the
+ * same arithmetic, so the same bytes). H100, % of the copy ceiling, best of three rounds
+ * (scripts/ab-bench.sh), l2_norm bf16 through the weighted kernels and with no weight code: 32768x4096
+ * 101.3 -> 101.8, 8192x16384 101.8 -> 102.0, 4096x4096 94.6 -> 95.6. */
 #include "row.cuh"
 
-template <bool MUL>
+template <bool MUL, bool WEIGHTED = true>
 struct tn_norm_op {
   template <int DT>
   using held = tn_chunk;
@@ -34,7 +38,7 @@ struct tn_norm_op {
   template <int DT, int MODE>
   static __device__ __forceinline__ void emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &q,
                                               const tn_row_stats &st) {
-    tn_norm_emit<DT, MODE, MUL>(p, row, c, q, st.pre, st.inv);
+    tn_norm_emit<DT, MODE, MUL, WEIGHTED>(p, row, c, q, st.pre, st.inv);
   }
 
   /* emit, the weight's chunk (x's dtype) read already (row.cuh's weight_first; never with a multiplicand). */
@@ -60,11 +64,16 @@ struct tn_norm_op {
  * 94.9 -> 98.1, 65536x1024 99.5 -> 101.1, 65536x2048 101.7 -> 102.4; f32 level (100.7 -> 100.9, 102.2 ->
  * 102.2, 102.7 -> 102.9). Longer rows stay on four chunks a thread: pairs from G = 256 lost 1-7 points
  * (bf16 32768x4096 101.8 -> 100.1, 8192x16384 102.0 -> 95.0; f32 32768x4096 102.8 -> 100.0), and 1-4 more
- * without the fetch ahead. */
-template <bool MUL, int DT, int G, int MODE, int K>
-struct tn_register_shape<tn_norm_op<MUL>, DT, G, MODE, K>
-    : tn_short_rows_shape<tn_norm_op<MUL>, DT, G, !MUL,
-                          !MUL && !TN_FOUR_CHUNKS_ON_A_WARP(G, K) && MODE == TN_KERNEL_MODE_WHOLE> {};
+ * without the fetch ahead.
+ * Without a multiplicand the next kernel may launch as a block starts (early_dependents), measured at the
+ * same time: rms_norm bf16 4096x4096 94.5 -> 95.9, 131072x128 92.7 -> 94.6, the largest shapes level
+ * (101.4 -> 101.7, 101.7 -> 102.0); l2_norm bf16 4096x4096 94.6 -> 95.3, 131072x128 93.8 -> 95.2. */
+template <bool MUL, bool WEIGHTED, int DT, int G, int MODE, int K>
+struct tn_register_shape<tn_norm_op<MUL, WEIGHTED>, DT, G, MODE, K>
+    : tn_short_rows_shape<tn_norm_op<MUL, WEIGHTED>, DT, G, !MUL,
+                          !MUL && WEIGHTED && !TN_FOUR_CHUNKS_ON_A_WARP(G, K) && MODE == TN_KERNEL_MODE_WHOLE, !MUL> {};
 
 TN_DEFINE_ROW_KERNELS(tn_norm, tn_norm_op<false>)
 TN_DEFINE_ROW_KERNELS(tn_norm_mul, tn_norm_op<true>)
+using tn_norm_unweighted_op = tn_norm_op<false, false>; /* one macro argument */
+TN_DEFINE_ROW_KERNELS(tn_norm_unweighted, tn_norm_unweighted_op)

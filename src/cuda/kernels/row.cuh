@@ -428,8 +428,10 @@ TN_DEV void tn_pdl_launch_dependents() {
 /* y for chunk c of a row from its chunk q of the normed input (x, or add_rms_norm's sum) and the row's
  * scale: round((((q * pre) * inv) * (w + offset)) [* m]), each factor present only when the call has it;
  * with round_before_last (a fused rms_norm -> mul) the product up to the weight is rounded to the dtype
- * before the multiplicand, as the pair did. (An l2_norm scale other than 1 is norm_x.cu's: backend.c.) */
-template <int DT, int MODE, bool MUL>
+ * before the multiplicand, as the pair did. (An l2_norm scale other than 1 is norm_x.cu's: backend.c.)
+ * WEIGHTED: false in the kernels of calls without a weight (norm.cu's unweighted family), which then
+ * have no code for one; the same arithmetic as has_weight == 0. */
+template <int DT, int MODE, bool MUL, bool WEIGHTED = true>
 TN_DEV void tn_norm_store(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &q, const float *w,
                           const float *m, float pre, float inv) {
   constexpr int V = tn_dt<DT>::per_chunk;
@@ -438,7 +440,7 @@ TN_DEV void tn_norm_store(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const
 #pragma unroll
   for (int j = 0; j < V; j++) {
     float v = (f[j] * pre) * inv;
-    if (p.has_weight) v *= w[j] + p.weight_offset;
+    if (WEIGHTED && p.has_weight) v *= w[j] + p.weight_offset;
     if (MUL && p.round_before_last) v = tn_to_f32<DT>(tn_from_f32<DT>(v));
     if (MUL) v *= m[j];
     f[j] = v;
@@ -446,16 +448,16 @@ TN_DEV void tn_norm_store(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const
   tn_store_chunk<DT, MODE>((char *)tn_row(p.y, row, p.y_stride, tn_dt<DT>::size), c, p.dim, tn_chunk_from_f32<DT>(f));
 }
 
-template <int DT, int MODE, bool MUL>
+template <int DT, int MODE, bool MUL, bool WEIGHTED = true>
 TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const tn_chunk &q, float pre, float inv) {
   constexpr int V = tn_dt<DT>::per_chunk;
   float w[V], m[V];
-  if (p.has_weight) {
+  if (WEIGHTED && p.has_weight) {
     if (p.weight_f32) tn_load_f32<DT, TN_KERNEL_F32, MODE>((const char *)p.weight, c, p.dim, w);
     else tn_load_f32<DT, DT, MODE>((const char *)p.weight, c, p.dim, w);
   }
   if (MUL) tn_load_f32<DT, DT, MODE>(tn_row(p.mul, row, p.mul_stride, tn_dt<DT>::size), c, p.dim, m);
-  tn_norm_store<DT, MODE, MUL>(p, row, c, q, w, m, pre, inv);
+  tn_norm_store<DT, MODE, MUL, WEIGHTED>(p, row, c, q, w, m, pre, inv);
 }
 
 /* ---- the row shapes ---- */
@@ -472,13 +474,17 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
 
 /* What a family's register-shape kernel of dtype DT, G threads per row and access mode MODE runs (op), how
  * many of its threads an SM must hold (resident, for the register budget), whether it fetches x's rows
- * ahead (ahead, tn_fetch_row_ahead), and whether a weight of x's dtype is read whole before the first output
- * store (weight_first: Op::emit_weighted): the family's Op, TN_KERNEL_MIN_RESIDENT, no and no, unless the
- * family specializes this where another choice measured better (norm.cu, layer_norm.cu), naming only the
- * choices it makes (tn_shape_choices' defaults are the rest). */
-template <int RESIDENT = TN_KERNEL_MIN_RESIDENT, bool AHEAD = false, bool WEIGHT_FIRST = false>
+ * ahead (ahead, tn_fetch_row_ahead), whether a weight of x's dtype is read whole before the first output
+ * store (weight_first: Op::emit_weighted), and whether a block lets the next kernel launch when it starts
+ * rather than when it ends (early_dependents: the next kernel's blocks then take the slots the last rows
+ * free and wait there, instead of launching once the last block is done): the family's Op,
+ * TN_KERNEL_MIN_RESIDENT, no, no and no, unless the family specializes this where another choice measured
+ * better (norm.cu, add_rms_norm.cu, layer_norm.cu), naming only the choices it makes (tn_shape_choices'
+ * defaults are the rest). */
+template <int RESIDENT = TN_KERNEL_MIN_RESIDENT, bool AHEAD = false, bool WEIGHT_FIRST = false,
+          bool EARLY_DEPENDENTS = false>
 struct tn_shape_choices {
-  enum { resident = RESIDENT, ahead = AHEAD, weight_first = WEIGHT_FIRST };
+  enum { resident = RESIDENT, ahead = AHEAD, weight_first = WEIGHT_FIRST, early_dependents = EARLY_DEPENDENTS };
 };
 
 template <class Op, int DT, int G, int MODE, int K>
@@ -495,9 +501,9 @@ struct tn_register_shape : tn_shape_choices<> {
  * 2-byte dtypes (G <= 16) at 72 registers, 896 resident threads; at 64 they spilled 20-24 bytes when a
  * thread held four chunks there (H100, bf16 131072x128: rms_norm 85.4 -> 88.3%, l2_norm 88.5 -> 91.3%,
  * add_rms_norm 87.9 -> 92.0%). With two (params.h's TN_KERNEL_CHUNKS_OF) they take 55-64 registers. */
-template <class Op, int DT, int G, bool AHEAD = false, bool WEIGHT_FIRST = false>
-struct tn_short_rows_shape
-    : tn_shape_choices<(DT != TN_KERNEL_F32 && G <= 16 ? 896 : TN_KERNEL_MIN_RESIDENT), AHEAD, WEIGHT_FIRST> {
+template <class Op, int DT, int G, bool AHEAD = false, bool WEIGHT_FIRST = false, bool EARLY_DEPENDENTS = false>
+struct tn_short_rows_shape : tn_shape_choices<(DT != TN_KERNEL_F32 && G <= 16 ? 896 : TN_KERNEL_MIN_RESIDENT), AHEAD,
+                                              WEIGHT_FIRST, EARLY_DEPENDENTS> {
   using op = Op;
 };
 
@@ -854,11 +860,11 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
   __global__ void __launch_bounds__(TN_KERNEL_BLOCK_OF(G),                                                \
                                     TN_MIN_BLOCKS_DIV(G, MIN_DIV, (tn_register_shape<Op, DT, G, MODE, K>::resident))) \
       prefix##_registers(const tn_kernel_params p) {                                                      \
+    using shape = tn_register_shape<Op, DT, G, MODE, K>;                                                  \
     tn_pdl_wait();                                                                                        \
-    tn_rows_in_registers<DT, G, K, MODE, typename tn_register_shape<Op, DT, G, MODE, K>::op,               \
-                         (tn_register_shape<Op, DT, G, MODE, K>::ahead != 0),                                  \
-                         (tn_register_shape<Op, DT, G, MODE, K>::weight_first != 0)>(p);                       \
-    tn_pdl_launch_dependents();                                                                           \
+    if (shape::early_dependents) tn_pdl_launch_dependents();                                              \
+    tn_rows_in_registers<DT, G, K, MODE, typename shape::op, (shape::ahead != 0), (shape::weight_first != 0)>(p); \
+    if (!shape::early_dependents) tn_pdl_launch_dependents();                                             \
   }                                                                                                       \
   template <int DT, int G, int MODE>                                                                      \
   __global__ void __launch_bounds__(TN_KERNEL_WIDE_BLOCK_OF(G), 1) prefix##_wide(const tn_kernel_params p) { \

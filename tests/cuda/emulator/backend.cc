@@ -55,11 +55,21 @@ bool KernelOf(tn_kernel_key k, const tn_kernel_params &p, Kernel &fn) {
     case TN_SHAPE_PAIR_FIRST + 1: fn = [p] { prefix##_registers<DT, 64, MODE, 2>(p); }; return true;  \
     case TN_SHAPE_PAIR_FIRST + 2: fn = [p] { prefix##_registers<DT, 128, MODE, 2>(p); }; return true; \
   }
+// add_rms_norm's own pair shapes of G = 256 .. 1024.
+#define TN_EMU_WIDE_PAIR_SHAPES(prefix)                                                               \
+  switch (k.shape) {                                                                                  \
+    case TN_SHAPE_PAIR_FIRST + 3: fn = [p] { prefix##_registers<DT, 256, MODE, 2>(p); }; return true;  \
+    case TN_SHAPE_PAIR_FIRST + 4: fn = [p] { prefix##_registers<DT, 512, MODE, 2>(p); }; return true;  \
+    case TN_SHAPE_PAIR_FIRST + 5: fn = [p] { prefix##_registers<DT, 1024, MODE, 2>(p); }; return true; \
+  }
   switch (k.family) {
     case TN_FAMILY_NORM: TN_EMU_PAIR_SHAPES(tn_norm) TN_EMU_ROW_FAMILY(tn_norm)
+    case TN_FAMILY_NORM_UNWEIGHTED: TN_EMU_PAIR_SHAPES(tn_norm_unweighted) TN_EMU_ROW_FAMILY(tn_norm_unweighted)
     case TN_FAMILY_NORM_MUL: TN_EMU_PAIR_SHAPES(tn_norm_mul) TN_EMU_ROW_FAMILY(tn_norm_mul)
-    case TN_FAMILY_ADD_NORM: TN_EMU_PAIR_SHAPES(tn_add_norm) TN_EMU_ROW_FAMILY(tn_add_norm)
-    case TN_FAMILY_ADD_NORM_MUL: TN_EMU_PAIR_SHAPES(tn_add_norm_mul) TN_EMU_ROW_FAMILY(tn_add_norm_mul)
+    case TN_FAMILY_ADD_NORM:
+      TN_EMU_PAIR_SHAPES(tn_add_norm) TN_EMU_WIDE_PAIR_SHAPES(tn_add_norm) TN_EMU_ROW_FAMILY(tn_add_norm)
+    case TN_FAMILY_ADD_NORM_MUL:
+      TN_EMU_PAIR_SHAPES(tn_add_norm_mul) TN_EMU_WIDE_PAIR_SHAPES(tn_add_norm_mul) TN_EMU_ROW_FAMILY(tn_add_norm_mul)
     case TN_FAMILY_NORM_X: TN_EMU_PAIR_SHAPES(tn_normx) TN_EMU_ROW_FAMILY(tn_normx)
     case TN_FAMILY_LAYER: TN_EMU_ROW_FAMILY(tn_layer)
     case TN_FAMILY_ADD_LAYER: TN_EMU_ROW_FAMILY(tn_add_layer)
@@ -94,6 +104,7 @@ bool KernelOf(tn_kernel_key k, const tn_kernel_params &p, Kernel &fn) {
   }
 #undef TN_EMU_ROW_FAMILY
 #undef TN_EMU_PAIR_SHAPES
+#undef TN_EMU_WIDE_PAIR_SHAPES
 }
 
 template <int DT>
@@ -153,7 +164,7 @@ tn_status Run(void *, tn_context *ctx, const tn_op_args *a, const tn_run_options
   return TN_OK;
 }
 
-tn_status Prepare(void *, tn_context *, const tn_op_args *) { return TN_OK; }
+tn_status Prepare(void *, tn_context *, const tn_op_args *, const tn_run_options *) { return TN_OK; }
 
 tn_status Alloc(void *, tn_context *, int, size_t bytes, void **ptr) {
   if (bytes == 0) {

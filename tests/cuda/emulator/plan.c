@@ -11,7 +11,7 @@ tn_status emu_plan(tn_context *ctx, const tn_op_args *a, const tn_run_options *o
   d.sms = 132;
   d.max_block_smem = 227 * 1024;
   d.arch = 90;
-  *key = key_for(&d, a);
+  *key = key_for(&d, a, o);
   launch_plan plan;
   TN_FORWARD_IF_ERROR(plan_launch(ctx, &d, a, *key, 1, o, &plan));
   *p = plan.p;
