@@ -36,9 +36,9 @@ class GpuGraph : public CudaContextTest {
     for (void *p : dev) tn_free(ctx, tn_cuda_device(0), p);
     CudaContextTest::TearDown();
   }
-  size_t Bytes() const { return (size_t)(kRows * stride) * tn_dtype_size(dt); }
+  size_t Bytes() const { return (size_t)(rows * stride) * tn_dtype_size(dt); }
   tn_tensor View(int b) {
-    return tn_tensor_on(tn_tensor_strided(dev[(size_t)(base + b)], dt, b >= kBuffers ? 1 : kRows, dim, stride),
+    return tn_tensor_on(tn_tensor_strided(dev[(size_t)(base + b)], dt, b >= kBuffers ? 1 : rows, dim, stride),
                         tn_cuda_device(0));
   }
   void Load(const std::vector<std::vector<uint8_t>> &host) {
@@ -74,7 +74,7 @@ class GpuGraph : public CudaContextTest {
   std::vector<std::vector<uint8_t>> RandomInit(Random &rng) {
     std::vector<std::vector<uint8_t>> init(kAll, std::vector<uint8_t>(Bytes(), 0x5a));
     for (int b = 0; b < kAll; b++) {
-      tn_tensor t = tn_tensor_strided(init[(size_t)b].data(), dt, b >= kBuffers ? 1 : kRows, dim, stride);
+      tn_tensor t = tn_tensor_strided(init[(size_t)b].data(), dt, b >= kBuffers ? 1 : rows, dim, stride);
       for (int64_t r = 0; r < t.rows; r++)
         for (int64_t i = 0; i < dim; i++) tn_reference_store(&t, r, i, (float)(0.5 + rng.Normal()));
     }
@@ -88,7 +88,7 @@ class GpuGraph : public CudaContextTest {
     return g;
   }
   tn_dtype dt = TN_BF16;
-  int64_t dim = kDim, stride = kStride;  // the rows of every buffer
+  int64_t rows = kRows, dim = kDim, stride = kStride;  // the rows of every buffer
   std::vector<void *> dev;
   int base = 0;  // the buffer set View, Load and Save work on (dev[base .. base + kAll))
 };
@@ -176,6 +176,46 @@ TEST_F(GpuGraph, RandomChainsGiveTheSameBytes) {
   }
   EXPECT_GT(fused_total, 12);  // the chains do exercise the fusions
   EXPECT_GT(fused_layer, 2);
+}
+
+// add_rms_norm's own calls reduce rows of 257 .. 2048 chunks on pairs, where rms_norm keeps four chunks a
+// thread: the add_rms_norm (with or without the mul) that a graph fuses from add -> rms_norm (-> mul) must
+// take rms_norm's order, few rows (9: the few-rows forms) or many (300), or its bytes differ (float32 shows
+// a last-bit difference of the scale in y). 1000 (bf16: 125 chunks) is a dim where the orders agree.
+TEST_F(GpuGraph, AddThenRmsNormKeepsRmsNormsOrder) {
+  Random rng(SeedFor("gpu graph add then rms_norm"));
+  for (tn_dtype d : {TN_F32, TN_BF16})
+    for (int64_t n : {1000, 2048, 4100, 8192, 12000})
+      for (int64_t r : {9, 300})
+        for (bool mul : {false, true}) {
+          dt = d, dim = n, rows = r, stride = n;
+          for (void *p : dev) tn_free(ctx, tn_cuda_device(0), p);
+          dev.assign(kAll, nullptr);
+          for (int b = 0; b < kAll; b++) ASSERT_EQ(tn_malloc(ctx, tn_cuda_device(0), Bytes(), &dev[(size_t)b]), TN_OK);
+          const std::vector<std::vector<uint8_t>> init = RandomInit(rng);
+          std::vector<Op> ops = {{TN_OP_ADD, 0, 1, 2, -1, 1.0f}, {TN_OP_RMS_NORM, 2, kBuffers, 3, -1, 1.0f}};
+          if (mul) ops.push_back({TN_OP_MUL, 3, 4, 5, -1, 1.0f});
+          Load(init);
+          for (const Op &o : ops) ASSERT_EQ(RunOp(o), TN_OK) << tn_context_last_error(ctx);
+          const auto one = Save();
+          Load(init);
+          tn_graph *g = Record(ops);
+          ASSERT_NE(g, nullptr);
+          ASSERT_EQ(tn_graph_launch(ctx, g), TN_OK) << tn_context_last_error(ctx);
+          const auto fused = Save();
+          tn_graph_info info;
+          tn_graph_get_info(g, &info);
+          EXPECT_EQ(info.ops, 1) << tn_graph_fusions(g);  // one add_rms_norm (with the mul)
+          const std::string what = std::string(tn_dtype_name(dt)) + " dim " + std::to_string(dim) + " rows " +
+                                   std::to_string(rows) + (mul ? ", with the mul" : "");
+          // Every buffer but the intermediate the fused op no longer writes (y of the rms_norm, with the mul).
+          for (int b = 0; b < kAll; b++) {
+            if (mul && b == 3) continue;
+            EXPECT_TRUE(fused[(size_t)b] == one[(size_t)b]) << what << ": buffer " << b << " differs";
+          }
+          tn_graph_destroy(g);
+          if (HasFailure()) return;
+        }
 }
 
 // A graph is captured and instantiated once; a new recording of the same chain over other buffers updates

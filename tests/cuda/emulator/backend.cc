@@ -1,8 +1,9 @@
 // The CUDA backend with its kernels run on the host: tn_cuda_backend and tn_cuda_build_all defined here in
 // place of src/cuda/backend.c's (which the linker then leaves out of libtnorm.a), device memory in host
 // memory with guard bytes around every allocation (checked after every launch), each launch planned by
-// backend.c itself (plan.c) and run by runtime.cc. The GPU tests linked with it run unchanged, bar the
-// ones that call the driver directly (graph capture).
+// backend.c itself (plan.c) and run by runtime.cc (every kernel family, the elementwise ops too). The GPU
+// tests linked with it run unchanged, bar the ones that call the driver directly and the checks that a
+// graph was captured (a tn_graph replays op by op here).
 #include <map>
 
 #include "shim.h"
@@ -15,6 +16,7 @@ tn_status emu_plan(tn_context *ctx, const tn_op_args *a, const tn_run_options *o
                    tn_kernel_params *p, int *block, int64_t *blocks, unsigned *smem);
 }
 #include "add_rms_norm.cu"
+#include "elementwise.cu"
 #include "general.cu"
 #include "layer_norm.cu"
 #include "norm.cu"
@@ -99,7 +101,16 @@ bool KernelOf(tn_kernel_key k, const tn_kernel_params &p, Kernel &fn) {
         case 5: fn = [p] { tn_rope_registers<DT, 32, MODE>(p); }; return true;
       }
       return false;
-    default:  // the elementwise ops are not emulated
+    case TN_FAMILY_ELEMENTWISE:  // the key's shape is the op
+      switch (k.shape) {
+        case TN_KERNEL_ELEMENTWISE_ADD: fn = [p] { tn_elementwise<DT, TN_KERNEL_ELEMENTWISE_ADD, MODE>(p); }; return true;
+        case TN_KERNEL_ELEMENTWISE_MUL: fn = [p] { tn_elementwise<DT, TN_KERNEL_ELEMENTWISE_MUL, MODE>(p); }; return true;
+        case TN_KERNEL_ELEMENTWISE_SCALE:
+          fn = [p] { tn_elementwise<DT, TN_KERNEL_ELEMENTWISE_SCALE, MODE>(p); };
+          return true;
+      }
+      return false;
+    default:
       return false;
   }
 #undef TN_EMU_ROW_FAMILY
