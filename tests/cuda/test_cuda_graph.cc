@@ -129,6 +129,10 @@ TEST_F(GpuGraph, RandomChainsGiveTheSameBytes) {
           o = {TN_OP_MUL, prev->y, (int)rng.Below(kBuffers), o.y, -1, 1.0f};
         if (prev->op == TN_OP_L2_NORM) o = {TN_OP_SCALE, prev->y, -1, o.y, -1, 0.75f};
       }
+      // Every seventh chain starts with add -> layer_norm (every dtype, most dims), so that the fusion occurs
+      // whatever the seed (the random pattern above made it in as few as 2 of the 81 chains).
+      if (chain % 7 == 3 && ops.size() < 2)
+        o = ops.empty() ? Op{TN_OP_ADD, 0, 1, 2, -1, 1.0f} : Op{TN_OP_LAYER_NORM, 2, kBuffers, 3, -1, 1.0f};
       const std::vector<uint8_t> prior = Save()[(size_t)o.y];
       if (RunOp(o) != TN_OK) continue;
       ops.push_back(o);
@@ -175,7 +179,7 @@ TEST_F(GpuGraph, RandomChainsGiveTheSameBytes) {
     if (HasFailure()) return;
   }
   EXPECT_GT(fused_total, 12);  // the chains do exercise the fusions
-  EXPECT_GT(fused_layer, 2);
+  EXPECT_GE(fused_layer, 12);
 }
 
 // add_rms_norm's own calls reduce rows of 257 .. 2048 chunks on pairs, where rms_norm keeps four chunks a
