@@ -275,7 +275,10 @@ TN_API tn_status tn_l2_norm(tn_context *ctx, const tn_tensor *x, float eps, floa
 
 /* s = round(x + residual) to the residual's dtype; residual_out = s; y = rms_norm(s) with weight, in one
  * pass (tn_op_args.residual_mode: normalise s as stored, the default, or the float32 sum).
- * residual_out may be residual itself and y may be x itself (the residual stream updated in place). */
+ * residual_out may be residual itself and y may be x itself (the residual stream updated in place).
+ * Its sum of squares may be taken in another order than tn_rms_norm's (on CUDA, for rows of 2049 .. 16384
+ * f16/bf16 or 1025 .. 8192 f32 elements), so y can differ from tn_add then tn_rms_norm in the last bit;
+ * a graph that fuses those two ops into this one gives their bytes. */
 TN_API tn_status tn_add_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual,
                                  const tn_tensor *weight, float weight_offset, float eps,
                                  const tn_tensor *y, const tn_tensor *residual_out);
