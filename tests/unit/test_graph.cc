@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "graph/graph.h"
 #include "reference.h"
 #include "rng.h"
 #include "tnorm.h"
@@ -205,6 +206,36 @@ TEST_F(Graph, ThePatternsFuse) {
       EXPECT_EQ(fused.bytes[(size_t)last_y], one.bytes[(size_t)last_y]) << tn_graph_fusions(g);
       tn_graph_destroy(g);
     }
+  }
+}
+
+// An add_rms_norm fused from add -> rms_norm (with the mul after it or not) asks the backend for rms_norm's
+// reduction order (the CUDA one's own add_rms_norm differs on some rows); one recorded as add_rms_norm keeps
+// its own, fused with a mul too. The CPU backend has one order: the option is checked on the fused nodes.
+TEST_F(Graph, FusedAddRmsNormAsksForRmsNormsOrder) {
+  Pool pool(TN_BF16);
+  tn_rng rng = {Seed() + 3};
+  pool.Fill(&rng);
+  struct Chain {
+    std::vector<Op> ops;
+    int as_rms_norm;
+  };
+  const Chain chains[] = {
+      {{{TN_OP_ADD, 0, 1, 2, -1, 1.0f}, {TN_OP_RMS_NORM, 2, kBuffers, 3, -1, 1.0f}}, 1},
+      {{{TN_OP_ADD, 0, 1, 2, -1, 1.0f}, {TN_OP_RMS_NORM, 2, kBuffers, 3, -1, 1.0f}, {TN_OP_MUL, 3, 4, 5, -1, 1.0f}},
+       1},
+      {{{TN_OP_ADD_RMS_NORM, 0, 1, 3, 2, 1.0f}, {TN_OP_MUL, 3, 4, 5, -1, 1.0f}}, 0},
+      {{{TN_OP_ADD, 0, 1, 2, -1, 1.0f}, {TN_OP_LAYER_NORM, 2, kBuffers, 3, -1, 1.0f}}, 0},
+  };
+  for (const Chain &c : chains) {
+    ASSERT_EQ(tn_graph_begin(ctx), TN_OK);
+    for (const Op &o : c.ops) ASSERT_EQ(RunOp(ctx, pool, o), TN_OK) << tn_context_last_error(ctx);
+    tn_graph *g = nullptr;
+    ASSERT_EQ(tn_graph_end(ctx, &g), TN_OK);
+    ASSERT_EQ(g->count, 1) << tn_graph_fusions(g);
+    EXPECT_EQ(g->nodes[0].options.as_rms_norm, c.as_rms_norm) << tn_graph_fusions(g);
+    EXPECT_EQ(g->nodes[0].options.round_before_last, c.ops.back().op == TN_OP_MUL) << tn_graph_fusions(g);
+    tn_graph_destroy(g);
   }
 }
 
