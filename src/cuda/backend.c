@@ -243,8 +243,8 @@ static int access_mode(const tn_op_args *a) {
  * is no scale): norm_x's kernels multiply by it, the norm family's have no code for it. */
 static int l2_scaled(const tn_op_args *a) { return a->op == TN_OP_L2_NORM && a->scale != 1.0f; }
 
-/* The family of an op (registry.h): the default path of each op to the first four, whose kernels carry no
- * run-time knob; the rest by what the call needs. */
+/* The family of an op (registry.h): the default path of each op to the first four or the unweighted one,
+ * whose kernels carry no run-time knob; the rest by what the call needs. */
 static tn_kernel_family family_for(const tn_op_args *a) {
   /* TN_CASTING_LLAMA's roundings to float32 change nothing: f32 calls keep the default path. */
   const int llama = a->casting == TN_CASTING_LLAMA && a->x->dtype != TN_F32;

@@ -62,7 +62,7 @@ static const char *const family_prefix[TN_FAMILY_COUNT] = {
  * rms_norm with a multiplicand, an l2_norm and a scale into norm_x.cu's l2_norm with a scale, and the fused
  * op must reduce a row as the ops it replaces did (the reduction order is G's). */
 #define TN_PAIR_SHAPES TN_SHAPE_PAIR_FIRST, TN_SHAPE_PAIR_FIRST + 1, TN_SHAPE_PAIR_FIRST + 2
-/* What the two lists share: the register shapes but G = 64, the staged ones, the few-rows forms of G = 128
+/* What the lists below share: the register shapes but G = 64, the staged ones, the few-rows forms of G = 128
  * and 256. */
 #define TN_NORM_COMMON_SHAPES \
   0, 1, 2, 3, 4, 5, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD, TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2
@@ -150,7 +150,9 @@ static int family_mode_count(int f) {
 static const signed char later_modes[TN_LATER_MODE_COUNT] = {TN_KERNEL_MODE_BYTES, TN_KERNEL_MODE_VECTORS,
                                                              TN_KERNEL_MODE_WHOLE};
 
-static int family_mode_at(int f, int i) { return f >= TN_FAMILY_NORM_X && !family_has_every_mode(f) ? later_modes[i] : i; }
+static int family_mode_at(int f, int i) {
+  return f >= TN_FAMILY_NORM_X && !family_has_every_mode(f) ? later_modes[i] : i;
+}
 
 static int family_mode_index(int f, int mode) {
   if (f < TN_FAMILY_NORM_X || family_has_every_mode(f)) return mode < family_mode_count(f) ? mode : -1;

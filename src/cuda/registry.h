@@ -69,7 +69,7 @@ typedef struct tn_kernel_key {
  * chunks. The later families have three access modes (16-byte vectors, with whole chunks only or not,
  * else bytes: element-aligned calls, rare beside them, take the byte kernels) and the shapes their calls
  * need (registry.c): norm_x the register shapes but G = 64, the staged ones, the few-rows form of G = 128
- * and 256 (a decode step's hidden sizes) and the first four's pair shapes; layer_norm and add_layer_norm
+ * and 256 (a decode step's hidden sizes) and rms_norm's pair shapes (G = 32 .. 128); layer_norm and add_layer_norm
  * the register shapes from G = 8 and the staged ones; general the register shapes but G = 64 and
  * 1024, the staged ones and the pair shape of G = 64 (the G of norm_x's for every row); rope the register
  * shapes up to G = 32 (heads of at most TN_ROPE_MAX_DIM elements). A row takes its family's pair shape
