@@ -282,14 +282,18 @@ class Bench:
         ref = fns["tnorm"](0)
         ref = tuple(t.clone() for t in ref) if isinstance(ref, tuple) else ref.clone()
         timers, results = {}, {}
+
+        def failed(name, e):  # an implementation that fails is left out of the case, the run goes on
+            print(f"compare.py: {name} failed on {op} {dtype_name} {rows}x{dim}: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            torch.cuda.synchronize()
+
         for name, fn in fns.items():
             try:
                 err = 0.0 if name == "tnorm" else self.agreement(dtype, fn(0), ref)
                 timers[name] = self.timer(fn, o["copies"])
             except Exception as e:
-                print(f"compare.py: {name} failed on {op} {dtype_name} {rows}x{dim}: {type(e).__name__}: {e}",
-                      file=sys.stderr)
-                torch.cuda.synchronize()
+                failed(name, e)
                 continue
             results[name] = {"mode": timers[name][1], "err": err, "bytes": o["bytes"]}
         # Interleaved: batch b of every implementation, in an order that turns each round, then batch b + 1,
@@ -299,7 +303,13 @@ class Bench:
         for b in range(self.args.batches):
             k = b % len(names)
             for name in names[k:] + names[:k]:
-                times[name].append(timers[name][0]())
+                if name not in timers:
+                    continue
+                try:
+                    times[name].append(timers[name][0]())
+                except Exception as e:
+                    failed(name, e)
+                    del timers[name], results[name]
         for name in timers:
             results[name]["seconds"] = statistics.median(times[name])
             results[name]["batches"] = times[name]

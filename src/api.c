@@ -245,14 +245,16 @@ tn_status tn_op_validate(tn_context *ctx, const tn_op_args *args) {
   return TN_OK;
 }
 
+/* The options of an op called on its own (a graph's fused ops carry their own: src/graph). */
+static const tn_run_options unfused = {0};
+
 tn_status tn_op_prepare(tn_context *ctx, const tn_op_args *args) {
   if (ctx == NULL) return TN_ERR_NULL;
   TN_FORWARD_IF_ERROR(tn_validate(ctx, args));
   void *state = NULL;
   TN_FORWARD_IF_ERROR(device_backend(ctx, args->x->device, tn_op_name(args->op), &state));
-  const tn_run_options plain = {0};
   if (backends[args->x->device.kind]->prepare != NULL)
-    TN_FORWARD_IF_ERROR(backends[args->x->device.kind]->prepare(state, ctx, args, &plain));
+    TN_FORWARD_IF_ERROR(backends[args->x->device.kind]->prepare(state, ctx, args, &unfused));
   tn_error_clear(ctx);
   return TN_OK;
 }
@@ -271,8 +273,7 @@ tn_status tn_op_run(tn_context *ctx, const tn_op_args *args) {
   }
   tn_error_clear(ctx);
   if (args->x->rows == 0) return TN_OK;
-  const tn_run_options plain = {0};
-  TN_FORWARD_IF_ERROR(backends[kind]->run(state, ctx, args, &plain));
+  TN_FORWARD_IF_ERROR(backends[kind]->run(state, ctx, args, &unfused));
   tn_error_clear(ctx);
   return TN_OK;
 }

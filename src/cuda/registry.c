@@ -66,15 +66,14 @@ static const char *const family_prefix[TN_FAMILY_COUNT] = {
  * and 256. */
 #define TN_NORM_COMMON_SHAPES \
   0, 1, 2, 3, 4, 5, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD, TN_SHAPE_WIDE_FIRST + 1, TN_SHAPE_WIDE_FIRST + 2
-static const signed char norm_shapes[TN_NORM_SHAPE_COUNT] = {TN_NORM_COMMON_SHAPES, TN_SHAPE_WIDE_FIRST + 3,
-                                                             TN_PAIR_SHAPES};
+#define TN_NORM_SHAPES TN_NORM_COMMON_SHAPES, TN_SHAPE_WIDE_FIRST + 3, TN_PAIR_SHAPES
+static const signed char norm_shapes[TN_NORM_SHAPE_COUNT] = {TN_NORM_SHAPES};
 static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {TN_NORM_COMMON_SHAPES, TN_PAIR_SHAPES};
 /* add_rms_norm's families: the norm families' shapes (a graph's add + rms_norm reduces as rms_norm does) and
  * the pair shapes of G = 256 .. 1024, which its own calls take for rows of 257 .. 2048 chunks (add_rms_norm.cu
  * says what that measured). */
 static const signed char add_norm_shapes[TN_ADD_NORM_SHAPE_COUNT] = {
-    TN_NORM_COMMON_SHAPES, TN_SHAPE_WIDE_FIRST + 3, TN_PAIR_SHAPES,
-    TN_SHAPE_PAIR_FIRST + 3, TN_SHAPE_PAIR_FIRST + 4, TN_SHAPE_PAIR_FIRST + 5};
+    TN_NORM_SHAPES, TN_SHAPE_PAIR_FIRST + 3, TN_SHAPE_PAIR_FIRST + 4, TN_SHAPE_PAIR_FIRST + 5};
 /* layer_norm's and add_layer_norm's families: the register shapes from G = 8 (bf16 x 128: 16 chunks on 8
  * threads, none idle; G = 16 ran layer_norm's rows of 9 .. 16 chunks at 67.2% of the copy ceiling against
  * 81.6%, H100 bf16 131072x128) and the staged ones. The same list for both: a graph fuses an add and a
@@ -133,12 +132,15 @@ static int family_shape_index(int f, int shape) {
   return -1;
 }
 
-/* The families with an element-access mode: the first four (rms_norm's and add_rms_norm's) and the unweighted
- * norm family; the later ones have three modes, the elementwise family every mode but whole chunks. */
+/* The families with an element-access mode: rms_norm's and add_rms_norm's (with a multiplicand or not,
+ * unweighted) have every mode, the elementwise family every mode but whole chunks (modes 0 .. count - 1
+ * both); the later ones three modes, later_modes. */
 static int family_has_every_mode(int f) {
   return f == TN_FAMILY_NORM || f == TN_FAMILY_NORM_MUL || f == TN_FAMILY_ADD_NORM || f == TN_FAMILY_ADD_NORM_MUL ||
          f == TN_FAMILY_NORM_UNWEIGHTED;
 }
+
+static int family_has_later_modes(int f) { return !family_has_every_mode(f) && f != TN_FAMILY_ELEMENTWISE; }
 
 static int family_mode_count(int f) {
   return family_has_every_mode(f)        ? TN_KERNEL_MODE_COUNT
@@ -150,12 +152,10 @@ static int family_mode_count(int f) {
 static const signed char later_modes[TN_LATER_MODE_COUNT] = {TN_KERNEL_MODE_BYTES, TN_KERNEL_MODE_VECTORS,
                                                              TN_KERNEL_MODE_WHOLE};
 
-static int family_mode_at(int f, int i) {
-  return f >= TN_FAMILY_NORM_X && !family_has_every_mode(f) ? later_modes[i] : i;
-}
+static int family_mode_at(int f, int i) { return family_has_later_modes(f) ? later_modes[i] : i; }
 
 static int family_mode_index(int f, int mode) {
-  if (f < TN_FAMILY_NORM_X || family_has_every_mode(f)) return mode < family_mode_count(f) ? mode : -1;
+  if (!family_has_later_modes(f)) return mode < family_mode_count(f) ? mode : -1;
   for (int i = 0; i < TN_LATER_MODE_COUNT; i++)
     if (later_modes[i] == mode) return i;
   return -1;

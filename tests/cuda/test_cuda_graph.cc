@@ -37,6 +37,12 @@ class GpuGraph : public CudaContextTest {
     CudaContextTest::TearDown();
   }
   size_t Bytes() const { return (size_t)(rows * stride) * tn_dtype_size(dt); }
+  // count fresh device buffers of Bytes() each in place of the ones held.
+  void Reallocate(size_t count) {
+    for (void *p : dev) tn_free(ctx, tn_cuda_device(0), p);
+    dev.assign(count, nullptr);
+    for (void *&p : dev) ASSERT_EQ(tn_malloc(ctx, tn_cuda_device(0), Bytes(), &p), TN_OK);
+  }
   tn_tensor View(int b) {
     return tn_tensor_on(tn_tensor_strided(dev[(size_t)(base + b)], dt, b >= kBuffers ? 1 : rows, dim, stride),
                         tn_cuda_device(0));
@@ -100,9 +106,7 @@ TEST_F(GpuGraph, RandomChainsGiveTheSameBytes) {
     dt = (tn_dtype)(chain % 3);
     dim = kChainDims[(chain / 3) % (sizeof kChainDims / sizeof kChainDims[0])];
     stride = (dim + 7) / 8 * 8 + 8;  // 16-byte rows apart in every dtype: the vector kernels (partial chunks too)
-    for (void *p : dev) tn_free(ctx, tn_cuda_device(0), p);
-    dev.assign(kAll, nullptr);
-    for (int b = 0; b < kAll; b++) ASSERT_EQ(tn_malloc(ctx, tn_cuda_device(0), Bytes(), &dev[(size_t)b]), TN_OK);
+    ASSERT_NO_FATAL_FAILURE(Reallocate(kAll));
     const std::vector<std::vector<uint8_t>> init = RandomInit(rng);
     // One by one, keeping what each output held before its last write.
     Load(init);
@@ -193,9 +197,7 @@ TEST_F(GpuGraph, AddThenRmsNormKeepsRmsNormsOrder) {
       for (int64_t r : {9, 300})
         for (bool mul : {false, true}) {
           dt = d, dim = n, rows = r, stride = n;
-          for (void *p : dev) tn_free(ctx, tn_cuda_device(0), p);
-          dev.assign(kAll, nullptr);
-          for (int b = 0; b < kAll; b++) ASSERT_EQ(tn_malloc(ctx, tn_cuda_device(0), Bytes(), &dev[(size_t)b]), TN_OK);
+          ASSERT_NO_FATAL_FAILURE(Reallocate(kAll));
           const std::vector<std::vector<uint8_t>> init = RandomInit(rng);
           std::vector<Op> ops = {{TN_OP_ADD, 0, 1, 2, -1, 1.0f}, {TN_OP_RMS_NORM, 2, kBuffers, 3, -1, 1.0f}};
           if (mul) ops.push_back({TN_OP_MUL, 3, 4, 5, -1, 1.0f});
@@ -229,9 +231,7 @@ TEST_F(GpuGraph, UpdatedInPlaceWhenOnlyPointersChange) {
   for (int d = 0; d < 3; d++) {
     dt = (tn_dtype)d;
     SCOPED_TRACE(tn_dtype_name(dt));
-    for (void *p : dev) tn_free(ctx, tn_cuda_device(0), p);
-    dev.assign(3 * kAll, nullptr);
-    for (void *&p : dev) ASSERT_EQ(tn_malloc(ctx, tn_cuda_device(0), Bytes(), &p), TN_OK);
+    ASSERT_NO_FATAL_FAILURE(Reallocate(3 * kAll));
     // Outputs 2 (the sum, read again), 5 (the gated norm) and 1 (the scaled l2_norm); 3 is fused away.
     const std::vector<Op> chain = {{TN_OP_ADD, 0, 4, 2, -1, 1.0f},         {TN_OP_RMS_NORM, 2, kBuffers, 3, -1, 1.0f},
                                    {TN_OP_MUL, 3, kBuffers + 1, 5, -1, 1.0f}, {TN_OP_L2_NORM, 2, -1, 1, -1, 1.0f},
@@ -294,8 +294,7 @@ TEST_F(GpuGraph, UpdatedInPlaceWhenOnlyPointersChange) {
 
 // Errors leave the graph as it was.
 TEST_F(GpuGraph, UpdateErrors) {
-  dev.assign(kAll, nullptr);
-  for (void *&p : dev) ASSERT_EQ(tn_malloc(ctx, tn_cuda_device(0), Bytes(), &p), TN_OK);
+  ASSERT_NO_FATAL_FAILURE(Reallocate(kAll));
   tn_graph *g = Record({{TN_OP_ADD, 0, 1, 2, -1, 1.0f}});
   EXPECT_EQ(tn_graph_update(ctx, g, nullptr), TN_ERR_NULL);
   EXPECT_NE(std::string(tn_context_last_error(ctx)).find("recorded is NULL"), std::string::npos);

@@ -1461,6 +1461,15 @@ class SanitizedModelsBatchInvariance : public ModelTest {
               << Describe(a.s) << ": row " << row << " head " << h << " column " << i << " differs from " << what;
   }
 
+  // Case c of spec s, seeded by `what` and s, run on the GPU and checked against the reference: the first
+  // side of a byte-for-byte comparison with another op.
+  void RunChecked(Case &c, const Spec &s, const std::string &what) {
+    MakeCase(c, s, SeedFor(what + " " + Describe(s)));
+    ASSERT_TRUE(Solve(ctx, c));
+    ASSERT_TRUE(RunGpu(ctx, c));
+    ASSERT_TRUE(CheckCase(c, Describe(s)));
+  }
+
   void CheckSpec(Spec s) {
     s.rows = 300;
     Case batch;
@@ -1565,10 +1574,7 @@ TEST_F(SanitizedModelsBatchInvariance, RopeNormsAsRmsNorm) {
         roped.rotary_dim = 2 * per_chunk;
         roped.table = kTheta;
         Case r, n;
-        MakeCase(r, roped, SeedFor("rope as rms_norm " + Describe(roped)));
-        ASSERT_TRUE(Solve(ctx, r));
-        ASSERT_TRUE(RunGpu(ctx, r));
-        ASSERT_TRUE(CheckCase(r, Describe(roped)));
+        ASSERT_NO_FATAL_FAILURE(RunChecked(r, roped, "rope as rms_norm"));
         MakeCase(n, plain, 1);
         for (Slot slot : {kX, kW}) {
           ASSERT_EQ(n.op[slot].image.size(), r.op[slot].image.size()) << kSlotNames[slot];
@@ -1600,10 +1606,7 @@ TEST_F(SanitizedModelsBatchInvariance, AddLayerNormAsLayerNorm) {
         Spec plain = fused;
         plain.op = TN_OP_LAYER_NORM;
         Case f, n;
-        MakeCase(f, fused, SeedFor("add_layer_norm as layer_norm " + Describe(fused)));
-        ASSERT_TRUE(Solve(ctx, f));
-        ASSERT_TRUE(RunGpu(ctx, f));
-        ASSERT_TRUE(CheckCase(f, Describe(fused)));
+        ASSERT_NO_FATAL_FAILURE(RunChecked(f, fused, "add_layer_norm as layer_norm"));
         MakeCase(n, plain, 1);
         ASSERT_EQ(n.op[kX].image.size(), f.gpu[f.RSlot()].size());
         n.op[kX].image = f.gpu[f.RSlot()];  // the sum as add_layer_norm wrote it
@@ -1628,10 +1631,7 @@ TEST_F(SanitizedModelsBatchInvariance, UnweightedAsWeightOfOnes) {
         Spec ones = plain;
         ones.weight = kXDtype;
         Case u, w;
-        MakeCase(u, plain, SeedFor("unweighted as a weight of ones " + Describe(plain)));
-        ASSERT_TRUE(Solve(ctx, u));
-        ASSERT_TRUE(RunGpu(ctx, u));
-        ASSERT_TRUE(CheckCase(u, Describe(plain)));
+        ASSERT_NO_FATAL_FAILURE(RunChecked(u, plain, "unweighted as a weight of ones"));
         MakeCase(w, ones, 1);
         w.op[kX].image = u.op[kX].image;
         Operand &weight = w.op[kW];
