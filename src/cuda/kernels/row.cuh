@@ -542,25 +542,40 @@ TN_DEV void tn_fetch_ahead(const tn_kernel_params &p, tn_i64 row, tn_i64 c, int 
   if (ahead < p.rows) tn_prefetch_l2(tn_row(p.x, ahead, p.x_stride, size) + c * 16);
 }
 
-/* x's row `row` + p.ahead_blocks * RPB to L2 in one request of the bulk copy engine (sm_90), issued by a
- * group's first thread once its own share of the row is back (tn_summed), for rows whose pointer and pitch
- * are 16-byte aligned (its whole chunks; a partial last chunk is left to the load). Measured on the H100
- * against a prefetch per chunk issued with the row's loads (% of the copy ceiling, scripts/ab-bench.sh, best
- * of two rounds): rms_norm bf16 32768x4096 100.8 -> 101.9, 8192x16384 101.0 -> 102.0, f32 65536x2048 101.1
- * -> 102.7 (the per-chunk prefetch moved after the first sum alone: 102.1), l2_norm alike; bf16 131072x128
- * 93.3 -> 92.8 and 4096x4096 94.5 -> 94.3 the cost. Issued with the loads, the bulk request lost 1-2 points
- * in float32: the row's own reads and the fetch then compete while the row is waited on. */
-template <int DT, int MODE, int RPB, bool RESIDUAL>
-TN_DEV void tn_fetch_row_ahead(const tn_kernel_params &p, tn_i64 row) {
+/* x's row `row` (and the residual's, RESIDUAL) to L2 in one request of the bulk copy engine each (sm_90),
+ * for rows whose pointer and pitch are 16-byte aligned: its whole chunks (a partial last chunk is left to
+ * the load); nothing past the last row. */
+template <int DT, int MODE, bool RESIDUAL>
+TN_DEV void tn_fetch_row(const tn_kernel_params &p, tn_i64 row) {
   constexpr int S = tn_dt<DT>::size;
-  const tn_i64 ahead = row + (tn_i64)p.ahead_blocks * RPB;
   const unsigned bytes = (unsigned)(p.dim * S);
   /* The whole chunks (a WHOLE row has no partial chunk, and at least one whole one). */
-  if (ahead >= p.rows || (MODE != TN_KERNEL_MODE_WHOLE && bytes < 16)) return;
+  if (row >= p.rows || (MODE != TN_KERNEL_MODE_WHOLE && bytes < 16)) return;
   const unsigned whole = MODE == TN_KERNEL_MODE_WHOLE ? bytes : bytes & ~15u;
-  tn_prefetch_row_l2(tn_row(p.x, ahead, p.x_stride, S), whole);
-  if (RESIDUAL) tn_prefetch_row_l2(tn_row(p.residual, ahead, p.residual_stride, S), whole);
+  tn_prefetch_row_l2(tn_row(p.x, row, p.x_stride, S), whole);
+  if (RESIDUAL) tn_prefetch_row_l2(tn_row(p.residual, row, p.residual_stride, S), whole);
 }
+
+/* Row `row` + p.ahead_blocks * RPB fetched (tn_fetch_row), issued by a group's first thread once its own
+ * share of the row is back (tn_summed). Measured on the H100 against a prefetch per chunk issued with the
+ * row's loads (% of the copy ceiling, scripts/ab-bench.sh, best of two rounds): rms_norm bf16 32768x4096
+ * 100.8 -> 101.9, 8192x16384 101.0 -> 102.0, f32 65536x2048 101.1 -> 102.7 (the per-chunk prefetch moved
+ * after the first sum alone: 102.1), l2_norm alike; bf16 131072x128 93.3 -> 92.8 and 4096x4096 94.5 ->
+ * 94.3 the cost. Issued with the loads, the bulk request lost 1-2 points in float32: the row's own reads
+ * and the fetch then compete while the row is waited on. */
+template <int DT, int MODE, int RPB, bool RESIDUAL>
+TN_DEV void tn_fetch_row_ahead(const tn_kernel_params &p, tn_i64 row) {
+  tn_fetch_row<DT, MODE, RESIDUAL>(p, row + (tn_i64)p.ahead_blocks * RPB);
+}
+
+/* Whether a register kernel that fetches rows ahead (AHEAD) does so in bulk (tn_fetch_row_ahead: sm_90,
+ * 16-byte access) rather than chunk by chunk (tn_fetch_ahead). Not in the f16/bf16 kernels of
+ * TN_FOUR_CHUNKS_ON_A_WARP (spilled: 40 bytes, 16 with the prefetch per chunk). */
+template <int DT, int G, int K, int MODE, bool AHEAD>
+struct tn_bulk_ahead {
+  enum { value = AHEAD && TN_BULK_PREFETCH && MODE >= TN_KERNEL_MODE_VECTORS &&
+                 (DT == TN_KERNEL_F32 || !TN_FOUR_CHUNKS_ON_A_WARP(G, K)) };
+};
 
 /* Whether a thread's first sum is a number: a test that needs the row's loads back, on which the fetch
  * ahead waits (a NaN row skips it: a fetch is only a hint). */
@@ -654,6 +669,29 @@ struct tn_acc_of<R, typename tn_void_of<typename R::acc>::type> {
   using type = typename R::acc;
 };
 
+/* A block's own rows of x (and of the residual) to L2, issued before it waits on the previous kernel
+ * (tn_pdl_wait), by the register kernels that fetch rows ahead. Blocks launched early (programmatic
+ * dependent launch: the previous kernel's blocks have all started) take the slots its last blocks free
+ * and wait there; fetched now, their rows come from memory during that kernel's last wave, which leaves
+ * memory partly idle, and the first wave then reads from L2 (no block fetches the first half wave's rows
+ * ahead). A fetch is a hint that returns nothing: the previous kernel may still be writing those lines,
+ * and since L2 is where every SM's accesses meet, the loads after the wait see its writes all the same.
+ * For a block launched after the previous kernel ended the request finds the row fetched ahead already,
+ * or is merged with the block's own loads. H100, time a call, best of two rounds (scripts/ab-bench.sh,
+ * each call on other operands, launched back to back): l2_norm bf16 32768x4096 177.6 -> 176.2 us,
+ * 4096x4096 23.66 -> 22.71, 131072x128 23.80 -> 22.58; f32 32768x4096 354.6 -> 352.1; add_rms_norm bf16
+ * 32768x4096 354.9 -> 352.9, 4096x4096 46.22 -> 44.74, f32 4096x4096 90.31 -> 88.69. Fetching only the
+ * rows no block fetches ahead (the first half wave), or the first wave's, gained the same on the short
+ * calls and 0.3-0.5% less on the largest. */
+template <int DT, int G, int K, int MODE, class Op, bool AHEAD>
+TN_DEV void tn_fetch_own_rows(const tn_kernel_params &p) {
+  if constexpr (tn_bulk_ahead<DT, G, K, MODE, AHEAD>::value) {
+    constexpr int RPB = TN_KERNEL_BLOCK_OF(G) / G;
+    const tn_i64 row = (tn_i64)blockIdx.x * RPB + threadIdx.x / G;
+    if (threadIdx.x % G == 0 && row < p.rows) tn_fetch_row<DT, MODE, tn_splits_production<Op>::value != 0>(p, row);
+  }
+}
+
 /* G threads per row, each keeping K chunks in registers (TN_KERNEL_CHUNKS_OF(G), or two in the pair
  * shapes); several rows per block
  * when G <= 32 (a row's group is then within a warp; above a warp a block is one row, since the group's
@@ -691,10 +729,7 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
         q[k] = c < chunks ? Op::template produce<DT, MODE>(p, at, c) : tn_held<H>::zero();
       }
     }
-    /* Not in the f16/bf16 kernels of TN_FOUR_CHUNKS_ON_A_WARP (spilled: 40 bytes, 16 with the prefetch per
-     * chunk). */
-    constexpr bool BULK_AHEAD = AHEAD && TN_BULK_PREFETCH && MODE >= TN_KERNEL_MODE_VECTORS &&
-                                (DT == TN_KERNEL_F32 || !TN_FOUR_CHUNKS_ON_A_WARP(G, K));
+    constexpr bool BULK_AHEAD = tn_bulk_ahead<DT, G, K, MODE, AHEAD>::value;
     if constexpr (AHEAD && !BULK_AHEAD) {
 #pragma unroll
       for (int k = 0; k < K; k++) {
@@ -861,6 +896,7 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
                                     TN_MIN_BLOCKS_DIV(G, MIN_DIV, (tn_register_shape<Op, DT, G, MODE, K>::resident))) \
       prefix##_registers(const tn_kernel_params p) {                                                      \
     using shape = tn_register_shape<Op, DT, G, MODE, K>;                                                  \
+    tn_fetch_own_rows<DT, G, K, MODE, typename shape::op, (shape::ahead != 0)>(p);                         \
     tn_pdl_wait();                                                                                        \
     if (shape::early_dependents) tn_pdl_launch_dependents();                                              \
     tn_rows_in_registers<DT, G, K, MODE, typename shape::op, (shape::ahead != 0), (shape::weight_first != 0)>(p); \
