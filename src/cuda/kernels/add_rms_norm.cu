@@ -8,6 +8,7 @@ struct tn_add_norm_op : tn_add_split<true> {
   template <int DT>
   using held = tn_chunk;
   using reduce = tn_rms_reduce;
+  enum { rows_read = 2 }; /* x and the residual (row.cuh's tn_rows_read) */
 
   /* A row is found by its index alone (2-D views). */
   template <int DT>

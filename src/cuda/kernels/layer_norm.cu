@@ -20,6 +20,7 @@ struct tn_layer_op : tn_add_split<SPLIT> {
   template <int DT>
   using held = tn_chunk;
   using reduce = tn_layer_reduce_as<COMMON_PATHS, WHOLE, true>;
+  enum { rows_read = ADD ? 2 : 1 }; /* x, and the residual (row.cuh's tn_rows_read) */
 
   template <int DT>
   static __device__ __forceinline__ tn_i64 locate(const tn_kernel_params &, tn_i64 row) {

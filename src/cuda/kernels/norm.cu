@@ -17,6 +17,7 @@ struct tn_norm_op {
   template <int DT>
   using held = tn_chunk;
   using reduce = tn_rms_reduce;
+  enum { rows_read = 1 }; /* x (row.cuh's tn_rows_read) */
 
   /* A row is found by its index alone (2-D views). */
   template <int DT>

@@ -669,26 +669,44 @@ struct tn_acc_of<R, typename tn_void_of<typename R::acc>::type> {
   using type = typename R::acc;
 };
 
+/* The rows of its inputs a 2-D row family reads by the row's index alone, fetched to L2 ahead: x's
+ * (Op::rows_read = 1), or x's and the residual's (2); 0 for the rest (general.cu's and norm_x.cu's, which
+ * locate vectors in 3-D views, declare none). */
+template <class Op, class = void>
+struct tn_rows_read {
+  enum { value = 0 };
+};
+template <class Op>
+struct tn_rows_read<Op, typename tn_void_of<decltype(Op::rows_read)>::type> {
+  enum { value = Op::rows_read };
+};
+
 /* A block's own rows of x (and of the residual) to L2, issued before it waits on the previous kernel
- * (tn_pdl_wait), by the register kernels that fetch rows ahead. Blocks launched early (programmatic
- * dependent launch: the previous kernel's blocks have all started) take the slots its last blocks free
- * and wait there; fetched now, their rows come from memory during that kernel's last wave, which leaves
- * memory partly idle, and the first wave then reads from L2 (no block fetches the first half wave's rows
- * ahead). A fetch is a hint that returns nothing: the previous kernel may still be writing those lines,
- * and since L2 is where every SM's accesses meet, the loads after the wait see its writes all the same.
- * For a block launched after the previous kernel ended the request finds the row fetched ahead already,
- * or is merged with the block's own loads. H100, time a call, best of two rounds (scripts/ab-bench.sh,
- * each call on other operands, launched back to back): l2_norm bf16 32768x4096 177.6 -> 176.2 us,
- * 4096x4096 23.66 -> 22.71, 131072x128 23.80 -> 22.58; f32 32768x4096 354.6 -> 352.1; add_rms_norm bf16
- * 32768x4096 354.9 -> 352.9, 4096x4096 46.22 -> 44.74, f32 4096x4096 90.31 -> 88.69. Fetching only the
- * rows no block fetches ahead (the first half wave), or the first wave's, gained the same on the short
- * calls and 0.3-0.5% less on the largest. */
-template <int DT, int G, int K, int MODE, class Op, bool AHEAD>
+ * (tn_pdl_wait), by every register kernel of a 2-D row family with 16-byte access on sm_90. Blocks launched
+ * early (programmatic dependent launch: the previous kernel's blocks have all started) take the slots its
+ * last blocks free and wait there; fetched now, their rows come from memory during that kernel's last
+ * wave, which leaves memory partly idle, and the first wave then reads from L2 (no block fetches the first
+ * half wave's rows ahead). A fetch is a hint that returns nothing: the previous kernel may still be writing
+ * those lines, and since L2 is where every SM's accesses meet, the loads after the wait see its writes all
+ * the same. For a block launched after the previous kernel ended the request finds the row fetched ahead
+ * already, or is merged with the block's own loads. H100, time a call, best of two rounds
+ * (scripts/ab-bench.sh, each call on other operands, launched back to back), in the kernels that fetch
+ * ahead: l2_norm bf16 32768x4096 177.6 -> 176.2 us, 4096x4096 23.66 -> 22.71, 131072x128 23.80 -> 22.58;
+ * f32 32768x4096 354.6 -> 352.1; add_rms_norm bf16 32768x4096 354.9 -> 352.9, 4096x4096 46.22 -> 44.74, f32
+ * 4096x4096 90.31 -> 88.69. Fetching only the rows no block fetches ahead (the first half wave), or the
+ * first wave's, gained the same on the short calls and 0.3-0.5% less on the largest. Then in the register
+ * kernels that do not fetch ahead too (layer_norm below G = 256, add_layer_norm, add_rms_norm's rows of
+ * 33 .. 256 chunks, the multiplicand kernels), same measure: layer_norm bf16 65536x512 57.24 -> 55.93,
+ * 131072x128 27.89 -> 27.55, 4096x4096 28.50 -> 28.17; add_layer_norm bf16 131072x128 49.46 -> 47.64,
+ * 65536x512 94.31 -> 91.37, 4096x4096 level; add_rms_norm bf16 65536x512 91.23 -> 89.75 (the multiplicand
+ * kernels unmeasured). The one kernel it costs registers in is add_layer_norm's f32 G = 32 of 16-byte
+ * access with partial chunks (spilled 8 bytes, now 24). */
+template <int DT, int G, int MODE, class Op>
 TN_DEV void tn_fetch_own_rows(const tn_kernel_params &p) {
-  if constexpr (tn_bulk_ahead<DT, G, K, MODE, AHEAD>::value) {
+  if constexpr (TN_BULK_PREFETCH && MODE >= TN_KERNEL_MODE_VECTORS && tn_rows_read<Op>::value > 0) {
     constexpr int RPB = TN_KERNEL_BLOCK_OF(G) / G;
     const tn_i64 row = (tn_i64)blockIdx.x * RPB + threadIdx.x / G;
-    if (threadIdx.x % G == 0 && row < p.rows) tn_fetch_row<DT, MODE, tn_splits_production<Op>::value != 0>(p, row);
+    if (threadIdx.x % G == 0 && row < p.rows) tn_fetch_row<DT, MODE, tn_rows_read<Op>::value == 2>(p, row);
   }
 }
 
@@ -741,9 +759,7 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
 #pragma unroll
     for (int k = 0; k < K; k++) acc = R::template first<DT>(p, q[k], acc);
     if constexpr (BULK_AHEAD) {
-      /* The families whose production splits (tn_add_split) read a residual row beside x's. */
-      constexpr bool RESIDUAL = tn_splits_production<Op>::value != 0;
-      if (t == 0 && tn_summed(acc)) tn_fetch_row_ahead<DT, MODE, RPB, RESIDUAL>(p, row);
+      if (t == 0 && tn_summed(acc)) tn_fetch_row_ahead<DT, MODE, RPB, tn_rows_read<Op>::value == 2>(p, row);
     }
     const auto sum = tn_group_sum<G>(acc, partials, &turn);
     const tn_row_stats st = R::template finish<DT>(
@@ -896,7 +912,7 @@ TN_DEV void tn_rows_staged(const tn_kernel_params &p) {
                                     TN_MIN_BLOCKS_DIV(G, MIN_DIV, (tn_register_shape<Op, DT, G, MODE, K>::resident))) \
       prefix##_registers(const tn_kernel_params p) {                                                      \
     using shape = tn_register_shape<Op, DT, G, MODE, K>;                                                  \
-    tn_fetch_own_rows<DT, G, K, MODE, typename shape::op, (shape::ahead != 0)>(p);                         \
+    tn_fetch_own_rows<DT, G, MODE, typename shape::op>(p);                                                 \
     tn_pdl_wait();                                                                                        \
     if (shape::early_dependents) tn_pdl_launch_dependents();                                              \
     tn_rows_in_registers<DT, G, K, MODE, typename shape::op, (shape::ahead != 0), (shape::weight_first != 0)>(p); \
