@@ -43,7 +43,7 @@ typedef struct tn_kernel_params {
   int tokens_per_block; /* the slot kernels: tokens a block takes; the paired ones: the most a block touches */
   float theta;
   int ahead_blocks; /* blocks between a block and the one whose reads it fetches to L2 (rope.cu's paired
-                       kernels: table rows; layer_norm.cu's rows of G >= 256: x) */
+                       kernels: table rows; the row kernels that fetch ahead: x's and the residual's rows) */
 } tn_kernel_params;
 
 /* Run-time knobs (tn_kernel_params.flags) of the families that carry them; each family reads only its own. */

@@ -473,8 +473,8 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
 #define TN_MIN_BLOCKS_AT(G, RESIDENT) (TN_KERNEL_BLOCK_OF(G) >= (RESIDENT) ? 1 : (RESIDENT) / TN_KERNEL_BLOCK_OF(G))
 
 /* What a family's register-shape kernel of dtype DT, G threads per row and access mode MODE runs (op), how
- * many of its threads an SM must hold (resident, for the register budget), whether it fetches x's rows
- * ahead (ahead, tn_fetch_row_ahead), whether a weight of x's dtype is read whole before the first output
+ * many of its threads an SM must hold (resident, for the register budget), whether it fetches its rows
+ * ahead (ahead, tn_fetch_row_ahead: x's, and the residual's where the op reads one), whether a weight of x's dtype is read whole before the first output
  * store (weight_first: Op::emit_weighted), and whether a block lets the next kernel launch when it starts
  * rather than when it ends (early_dependents: the next kernel's blocks then take the slots the last rows
  * free and wait there, instead of launching once the last block is done): the family's Op,
@@ -669,9 +669,10 @@ struct tn_acc_of<R, typename tn_void_of<typename R::acc>::type> {
   using type = typename R::acc;
 };
 
-/* The rows of its inputs a 2-D row family reads by the row's index alone, fetched to L2 ahead: x's
- * (Op::rows_read = 1), or x's and the residual's (2); 0 for the rest (general.cu's and norm_x.cu's, which
- * locate vectors in 3-D views, declare none). */
+/* The rows of its inputs a 2-D row family reads by the row's index alone, which its kernels fetch to L2
+ * (before the wait, and ahead where the shape says so): x's (Op::rows_read = 1), or x's and the residual's
+ * (2). 0 (general.cu's and norm_x.cu's ops, which locate vectors in 3-D views, declare none): no fetch
+ * before the wait, and such an op's shapes do not fetch ahead (tn_rows_in_registers asserts it). */
 template <class Op, class = void>
 struct tn_rows_read {
   enum { value = 0 };
@@ -683,8 +684,9 @@ struct tn_rows_read<Op, typename tn_void_of<decltype(Op::rows_read)>::type> {
 
 /* A block's own rows of x (and of the residual) to L2, issued before it waits on the previous kernel
  * (tn_pdl_wait), by every register kernel of a 2-D row family with 16-byte access on sm_90. Blocks launched
- * early (programmatic dependent launch: the previous kernel's blocks have all started) take the slots its
- * last blocks free and wait there; fetched now, their rows come from memory during that kernel's last
+ * early (programmatic dependent launch, once every block of the previous kernel has let it: the kernels of
+ * early_dependents as they start, the other tnorm kernels as they end) take the slots its last blocks free
+ * and wait there; fetched now, their rows come from memory during that kernel's last
  * wave, which leaves memory partly idle, and the first wave then reads from L2 (no block fetches the first
  * half wave's rows ahead). A fetch is a hint that returns nothing: the previous kernel may still be writing
  * those lines, and since L2 is where every SM's accesses meet, the loads after the wait see its writes all
@@ -721,6 +723,7 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
   using R = typename Op::reduce;
   constexpr int V = tn_dt<DT>::per_chunk;
   constexpr int BLOCK = TN_KERNEL_BLOCK_OF(G), RPB = BLOCK / G; /* one row per block above one warp */
+  static_assert(!AHEAD || tn_rows_read<Op>::value > 0, "rows are fetched ahead by their index: the op names them");
   __shared__ float partials[TN_PARTIALS_OF(G)];
   int turn = 0;
   const int t = threadIdx.x % G;
