@@ -74,6 +74,9 @@ static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {TN_NORM_COMMON_S
  * says what that measured). */
 static const signed char add_norm_shapes[TN_ADD_NORM_SHAPE_COUNT] = {
     TN_NORM_SHAPES, TN_SHAPE_PAIR_FIRST + 3, TN_SHAPE_PAIR_FIRST + 4, TN_SHAPE_PAIR_FIRST + 5};
+_Static_assert((TN_KERNEL_PAIR_MIN_GROUP << 3) == TN_KERNEL_ADD_PAIR_MIN_GROUP &&
+                   (TN_KERNEL_PAIR_MIN_GROUP << 5) == TN_KERNEL_MAX_GROUP,
+               "add_norm_shapes lists the pair shapes of G = TN_KERNEL_ADD_PAIR_MIN_GROUP .. TN_KERNEL_MAX_GROUP");
 /* layer_norm's and add_layer_norm's families: the register shapes from G = 8 (bf16 x 128: 16 chunks on 8
  * threads, none idle; G = 16 ran layer_norm's rows of 9 .. 16 chunks at 67.2% of the copy ceiling against
  * 81.6%, H100 bf16 131072x128) and the staged ones. The same list for both: a graph fuses an add and a

@@ -54,7 +54,7 @@ struct tn_add_norm_op : tn_add_split<true> {
 template <bool MUL, int DT, int G, int MODE, int K>
 struct tn_register_shape<tn_add_norm_op<MUL>, DT, G, MODE, K>
     : tn_short_rows_shape<tn_add_norm_op<MUL>, DT, G,
-                          !MUL && (G <= 16 || (K == TN_KERNEL_PAIR_CHUNKS && G >= 256)) &&
+                          !MUL && (G <= 16 || (K == TN_KERNEL_PAIR_CHUNKS && G >= TN_KERNEL_ADD_PAIR_MIN_GROUP)) &&
                               MODE >= TN_KERNEL_MODE_VECTORS,
                           false, !MUL> {};
 

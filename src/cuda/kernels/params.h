@@ -116,6 +116,9 @@ typedef struct tn_kernel_params {
  * family's source says). */
 #define TN_KERNEL_PAIR_CHUNKS 2
 #define TN_KERNEL_PAIR_MIN_GROUP 32
+/* The pair shapes add_rms_norm's families have beyond rms_norm's: G = this .. TN_KERNEL_MAX_GROUP (rows of
+ * 257 .. 2048 chunks), which its own calls take (registry.c) and which fetch rows ahead (add_rms_norm.cu). */
+#define TN_KERNEL_ADD_PAIR_MIN_GROUP 256
 #define TN_KERNEL_MAX_GROUP 1024    /* threads per row, at most */
 #define TN_KERNEL_MIN_BLOCK 128     /* threads per block when G <= 32 (several rows per block); else G */
 /* Threads per block of a row kernel with G threads per row: one row per block above one warp (the group's
