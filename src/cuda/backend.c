@@ -508,9 +508,9 @@ static tn_status plan_launch(tn_context *ctx, const device_info *d, const tn_op_
     if (blocks > TN_MAX_GRID_BLOCKS) blocks = TN_MAX_GRID_BLOCKS;
   }
   /* The kernels that fetch ahead (rope.cu's paired ones their table rows, the row kernels of row.cuh's
-   * tn_fetch_row_ahead their rows of x and of the residual) do so for the block half a wave of resident blocks on; measured on the H100, bf16: rope
-   * 8192x40x128 88.2% of the copy ceiling against 86.6 a whole wave on; layer_norm 8192x16384 97.3 against
-   * 91.8. */
+   * tn_fetch_row_ahead their rows of x and of the residual) do so for the block half a wave of resident
+   * blocks on; measured on the H100, bf16: rope 8192x40x128 88.2% of the copy ceiling against 86.6 a whole
+   * wave on; layer_norm 8192x16384 97.3 against 91.8. */
   p.ahead_blocks = (int)(blocks_per_sm * d->sms / 2);
   plan->p = p;
   plan->block = block;

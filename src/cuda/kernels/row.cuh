@@ -474,10 +474,11 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
 
 /* What a family's register-shape kernel of dtype DT, G threads per row and access mode MODE runs (op), how
  * many of its threads an SM must hold (resident, for the register budget), whether it fetches its rows
- * ahead (ahead, tn_fetch_row_ahead: x's, and the residual's where the op reads one), whether a weight of x's dtype is read whole before the first output
- * store (weight_first: Op::emit_weighted), and whether a block lets the next kernel launch when it starts
- * rather than when it ends (early_dependents: the next kernel's blocks then take the slots the last rows
- * free and wait there, instead of launching once the last block is done): the family's Op,
+ * ahead (ahead, tn_fetch_row_ahead: x's, and the residual's where the op reads one), whether a weight of
+ * x's dtype is read whole before the first output store (weight_first: Op::emit_weighted), and whether a
+ * block lets the next kernel launch when it starts rather than when it ends (early_dependents: the next
+ * kernel's blocks then take the slots the last rows free and wait there, instead of launching once the
+ * last block is done): the family's Op,
  * TN_KERNEL_MIN_RESIDENT, no, no and no, unless the family specializes this where another choice measured
  * better (norm.cu, add_rms_norm.cu, layer_norm.cu), naming only the choices it makes (tn_shape_choices'
  * defaults are the rest). */
@@ -567,15 +568,6 @@ template <int DT, int MODE, int RPB, bool RESIDUAL>
 TN_DEV void tn_fetch_row_ahead(const tn_kernel_params &p, tn_i64 row) {
   tn_fetch_row<DT, MODE, RESIDUAL>(p, row + (tn_i64)p.ahead_blocks * RPB);
 }
-
-/* Whether a register kernel that fetches rows ahead (AHEAD) does so in bulk (tn_fetch_row_ahead: sm_90,
- * 16-byte access) rather than chunk by chunk (tn_fetch_ahead). Not in the f16/bf16 kernels of
- * TN_FOUR_CHUNKS_ON_A_WARP (spilled: 40 bytes, 16 with the prefetch per chunk). */
-template <int DT, int G, int K, int MODE, bool AHEAD>
-struct tn_bulk_ahead {
-  enum { value = AHEAD && TN_BULK_PREFETCH && MODE >= TN_KERNEL_MODE_VECTORS &&
-                 (DT == TN_KERNEL_F32 || !TN_FOUR_CHUNKS_ON_A_WARP(G, K)) };
-};
 
 /* Whether a thread's first sum is a number: a test that needs the row's loads back, on which the fetch
  * ahead waits (a NaN row skips it: a fetch is only a hint). */
@@ -686,11 +678,11 @@ struct tn_rows_read<Op, typename tn_void_of<decltype(Op::rows_read)>::type> {
  * (tn_pdl_wait), by every register kernel of a 2-D row family with 16-byte access on sm_90. Blocks launched
  * early (programmatic dependent launch, once every block of the previous kernel has let it: the kernels of
  * early_dependents as they start, the other tnorm kernels as they end) take the slots its last blocks free
- * and wait there; fetched now, their rows come from memory during that kernel's last
- * wave, which leaves memory partly idle, and the first wave then reads from L2 (no block fetches the first
- * half wave's rows ahead). A fetch is a hint that returns nothing: the previous kernel may still be writing
- * those lines, and since L2 is where every SM's accesses meet, the loads after the wait see its writes all
- * the same. For a block launched after the previous kernel ended the request finds the row fetched ahead
+ * and wait there; fetched now, their rows come from memory during that kernel's last wave, which leaves
+ * memory partly idle, and the first wave then reads from L2 (no block fetches the first half wave's rows
+ * ahead). A fetch is a hint that returns nothing: the previous kernel may still be writing those lines,
+ * and since L2 is where every SM's accesses meet, the loads after the wait see its writes all the same. For
+ * a block launched after the previous kernel ended the request finds the row fetched ahead
  * already, or is merged with the block's own loads. H100, time a call, best of two rounds
  * (scripts/ab-bench.sh, each call on other operands, launched back to back), in the kernels that fetch
  * ahead: l2_norm bf16 32768x4096 177.6 -> 176.2 us, 4096x4096 23.66 -> 22.71, 131072x128 23.80 -> 22.58;
@@ -707,7 +699,7 @@ template <int DT, int G, int MODE, class Op>
 TN_DEV void tn_fetch_own_rows(const tn_kernel_params &p) {
   if constexpr (TN_BULK_PREFETCH && MODE >= TN_KERNEL_MODE_VECTORS && tn_rows_read<Op>::value > 0) {
     constexpr int RPB = TN_KERNEL_BLOCK_OF(G) / G;
-    const tn_i64 row = (tn_i64)blockIdx.x * RPB + threadIdx.x / G;
+    const tn_i64 row = (tn_i64)blockIdx.x * RPB + threadIdx.x / G; /* tn_rows_in_registers' first row */
     if (threadIdx.x % G == 0 && row < p.rows) tn_fetch_row<DT, MODE, tn_rows_read<Op>::value == 2>(p, row);
   }
 }
@@ -750,7 +742,10 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
         q[k] = c < chunks ? Op::template produce<DT, MODE>(p, at, c) : tn_held<H>::zero();
       }
     }
-    constexpr bool BULK_AHEAD = tn_bulk_ahead<DT, G, K, MODE, AHEAD>::value;
+    /* Not in the f16/bf16 kernels of TN_FOUR_CHUNKS_ON_A_WARP (spilled: 40 bytes, 16 with the prefetch per
+     * chunk). */
+    constexpr bool BULK_AHEAD = AHEAD && TN_BULK_PREFETCH && MODE >= TN_KERNEL_MODE_VECTORS &&
+                                (DT == TN_KERNEL_F32 || !TN_FOUR_CHUNKS_ON_A_WARP(G, K));
     if constexpr (AHEAD && !BULK_AHEAD) {
 #pragma unroll
       for (int k = 0; k < K; k++) {
