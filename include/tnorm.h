@@ -77,7 +77,8 @@ TN_API const char *tn_version(void);
   X(TN_ERR_UNAVAILABLE, 9, "the backend for this device is not available")                     \
   X(TN_ERR_NO_MEMORY, 10, "out of memory")                                                     \
   X(TN_ERR_BACKEND, 11, "the backend reported an error")                                       \
-  X(TN_ERR_INTERNAL, 12, "internal error")
+  X(TN_ERR_INTERNAL, 12, "internal error")                                                     \
+  X(TN_ERR_BUSY, 13, "the context is inside a call on another thread")
 
 typedef enum tn_status {
 #define TN_STATUS_ENUM_(name, value, text) name = value,
@@ -118,7 +119,12 @@ typedef struct tn_device {
  * r * row_stride + h * head_stride, with head_stride >= dim and row_stride >= (heads - 1) * head_stride + dim
  * (token-major, as Q or K inside a packed QKV buffer). The norms reduce each head on its own; the ops
  * that take 3-D views say so. For overlap checks a row of a 3-D view covers its whole span, from its first
- * head to the end of its last. */
+ * head to the end of its last.
+ *
+ * data needs no alignment. On CUDA an operand not aligned to 16 bytes is read in elements, and one not
+ * aligned to its element byte by byte; on the CPU an operand not aligned to its element (or rope positions
+ * not aligned to theirs) is copied to aligned memory, the op runs there and the outputs are copied back, so
+ * such a call also costs a copy of those operands and memory for it. Aligned operands cost nothing extra. */
 typedef struct tn_tensor {
   void *data;
   tn_dtype dtype;
@@ -174,7 +180,10 @@ static inline tn_tensor tn_tensor_vector(const void *data, tn_dtype dtype, int64
 /* ------------------------------------------------------------------------------------------------ */
 
 /* A context owns the backends' state (the CPU thread pool, the CUDA stream) and the last error.
- * One context serves one caller thread at a time; use one context per thread for concurrent calls. */
+ * One context serves one caller thread at a time; use one context per thread for concurrent calls.
+ * A call on a context that another thread is inside of returns TN_ERR_BUSY at once, doing nothing and
+ * leaving the last error alone (it belongs to the call in progress); tn_context_destroy must not race
+ * with any call on the same context. */
 typedef struct tn_context tn_context;
 
 /* Creates a context. The CPU thread count is taken from the environment variable TNORM_NUM_THREADS
@@ -234,7 +243,9 @@ TN_API tn_status tn_device_count(tn_context *ctx, tn_device_kind kind, int *coun
  * are on); NULL, the default, is the legacy default stream. The CPU takes only NULL. */
 TN_API tn_status tn_context_set_stream(tn_context *ctx, tn_device_kind kind, void *stream);
 
-/* Device memory (host memory for the CPU). bytes == 0 gives NULL; tn_free(NULL) is a no-op. */
+/* Device memory (host memory for the CPU), aligned to 64 bytes. bytes == 0 gives NULL; tn_free(NULL) is a
+ * no-op. A size the address space cannot hold is TN_ERR_OVERFLOW, one no allocator has TN_ERR_NO_MEMORY;
+ * *ptr is then unchanged. */
 TN_API tn_status tn_malloc(tn_context *ctx, tn_device device, size_t bytes, void **ptr);
 TN_API tn_status tn_free(tn_context *ctx, tn_device device, void *ptr);
 

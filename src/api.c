@@ -27,6 +27,17 @@ static const tn_backend *const backends[TN_DEVICE_KIND_COUNT] = {
 
 static const char *const device_names[TN_DEVICE_KIND_COUNT] = {[TN_DEVICE_CPU] = "CPU", [TN_DEVICE_CUDA] = "CUDA"};
 
+/* The body of every public entry point that takes a context: `call` (a tn_status expression) runs with
+ * ctx claimed by this thread, or TN_ERR_BUSY comes back at once when another thread is inside a call. */
+#define TN_WITH_CONTEXT(ctx, call)                 \
+  do {                                             \
+    if ((ctx) == NULL) return TN_ERR_NULL;         \
+    TN_FORWARD_IF_ERROR(tn_context_enter(ctx));    \
+    const tn_status tn_with_context_st_ = (call);  \
+    tn_context_leave(ctx);                         \
+    return tn_with_context_st_;                    \
+  } while (0)
+
 tn_status tn_context_create(tn_context **out) {
   if (out == NULL) return TN_ERR_NULL;
   *out = calloc(1, sizeof **out);
@@ -41,13 +52,16 @@ void tn_context_destroy(tn_context *ctx) {
   free(ctx);
 }
 
-tn_status tn_context_set_num_threads(tn_context *ctx, int n) {
-  if (ctx == NULL) return TN_ERR_NULL;
+static tn_status context_set_num_threads_locked(tn_context *ctx, int n) {
   TN_RETURN_ERROR_IF(n > TN_MAX_THREADS, ctx, TN_ERR_VALUE, "set_num_threads: %d threads; at most %d", n,
                      TN_MAX_THREADS);
   ctx->num_threads_requested = n > 0 ? n : 0;
   tn_error_clear(ctx);
   return TN_OK;
+}
+
+tn_status tn_context_set_num_threads(tn_context *ctx, int n) {
+  TN_WITH_CONTEXT(ctx, context_set_num_threads_locked(ctx, n));
 }
 
 int tn_context_num_threads(const tn_context *ctx) { return tn_threads_wanted(ctx); }
@@ -70,14 +84,17 @@ static tn_status backend_for(tn_context *ctx, tn_device_kind kind, void **state)
   return TN_OK;
 }
 
-tn_status tn_device_available(tn_context *ctx, tn_device_kind kind) {
-  if (ctx == NULL) return TN_ERR_NULL;
+static tn_status device_available_locked(tn_context *ctx, tn_device_kind kind) {
   TN_RETURN_ERROR_IF((unsigned)kind >= TN_DEVICE_KIND_COUNT, ctx, TN_ERR_DEVICE, "unknown device kind %d",
                      (int)kind);
   void *state = NULL;
   TN_FORWARD_IF_ERROR(backend_for(ctx, kind, &state));
   tn_error_clear(ctx);
   return TN_OK;
+}
+
+tn_status tn_device_available(tn_context *ctx, tn_device_kind kind) {
+  TN_WITH_CONTEXT(ctx, device_available_locked(ctx, kind));
 }
 
 /* A device named by a caller: a known kind, an index that exists, its backend open. */
@@ -92,8 +109,7 @@ static tn_status device_backend(tn_context *ctx, tn_device device, const char *w
   return TN_OK;
 }
 
-tn_status tn_device_count(tn_context *ctx, tn_device_kind kind, int *count) {
-  if (ctx == NULL) return TN_ERR_NULL;
+static tn_status device_count_locked(tn_context *ctx, tn_device_kind kind, int *count) {
   TN_RETURN_ERROR_IF(count == NULL, ctx, TN_ERR_NULL, "device_count: count is NULL");
   *count = 0;
   TN_RETURN_ERROR_IF((unsigned)kind >= TN_DEVICE_KIND_COUNT, ctx, TN_ERR_DEVICE, "unknown device kind %d", (int)kind);
@@ -104,8 +120,11 @@ tn_status tn_device_count(tn_context *ctx, tn_device_kind kind, int *count) {
   return TN_OK;
 }
 
-tn_status tn_context_set_stream(tn_context *ctx, tn_device_kind kind, void *stream) {
-  if (ctx == NULL) return TN_ERR_NULL;
+tn_status tn_device_count(tn_context *ctx, tn_device_kind kind, int *count) {
+  TN_WITH_CONTEXT(ctx, device_count_locked(ctx, kind, count));
+}
+
+static tn_status context_set_stream_locked(tn_context *ctx, tn_device_kind kind, void *stream) {
   TN_RETURN_ERROR_IF((unsigned)kind >= TN_DEVICE_KIND_COUNT, ctx, TN_ERR_DEVICE, "set_stream: unknown device kind %d",
                      (int)kind);
   void *state = NULL;
@@ -115,8 +134,11 @@ tn_status tn_context_set_stream(tn_context *ctx, tn_device_kind kind, void *stre
   return TN_OK;
 }
 
-tn_status tn_malloc(tn_context *ctx, tn_device device, size_t bytes, void **ptr) {
-  if (ctx == NULL) return TN_ERR_NULL;
+tn_status tn_context_set_stream(tn_context *ctx, tn_device_kind kind, void *stream) {
+  TN_WITH_CONTEXT(ctx, context_set_stream_locked(ctx, kind, stream));
+}
+
+static tn_status malloc_locked(tn_context *ctx, tn_device device, size_t bytes, void **ptr) {
   TN_RETURN_ERROR_IF(ptr == NULL, ctx, TN_ERR_NULL, "malloc: ptr is NULL");
   void *state = NULL;
   TN_FORWARD_IF_ERROR(device_backend(ctx, device, "malloc", &state));
@@ -127,8 +149,11 @@ tn_status tn_malloc(tn_context *ctx, tn_device device, size_t bytes, void **ptr)
   return TN_OK;
 }
 
-tn_status tn_free(tn_context *ctx, tn_device device, void *ptr) {
-  if (ctx == NULL) return TN_ERR_NULL;
+tn_status tn_malloc(tn_context *ctx, tn_device device, size_t bytes, void **ptr) {
+  TN_WITH_CONTEXT(ctx, malloc_locked(ctx, device, bytes, ptr));
+}
+
+static tn_status free_locked(tn_context *ctx, tn_device device, void *ptr) {
   if (ptr == NULL) return TN_OK;
   void *state = NULL;
   TN_FORWARD_IF_ERROR(device_backend(ctx, device, "free", &state));
@@ -137,9 +162,10 @@ tn_status tn_free(tn_context *ctx, tn_device device, void *ptr) {
   return TN_OK;
 }
 
-tn_status tn_memcpy(tn_context *ctx, void *dst, tn_device dst_device, const void *src, tn_device src_device,
-                    size_t bytes) {
-  if (ctx == NULL) return TN_ERR_NULL;
+tn_status tn_free(tn_context *ctx, tn_device device, void *ptr) { TN_WITH_CONTEXT(ctx, free_locked(ctx, device, ptr)); }
+
+static tn_status memcpy_locked(tn_context *ctx, void *dst, tn_device dst_device, const void *src,
+                               tn_device src_device, size_t bytes) {
   TN_RETURN_ERROR_IF(bytes > 0 && (dst == NULL || src == NULL), ctx, TN_ERR_NULL, "memcpy: %s is NULL",
                      dst == NULL ? "dst" : "src");
   void *dst_state = NULL, *src_state = NULL;
@@ -154,8 +180,12 @@ tn_status tn_memcpy(tn_context *ctx, void *dst, tn_device dst_device, const void
   return TN_OK;
 }
 
-tn_status tn_synchronize(tn_context *ctx, tn_device device) {
-  if (ctx == NULL) return TN_ERR_NULL;
+tn_status tn_memcpy(tn_context *ctx, void *dst, tn_device dst_device, const void *src, tn_device src_device,
+                    size_t bytes) {
+  TN_WITH_CONTEXT(ctx, memcpy_locked(ctx, dst, dst_device, src, src_device, bytes));
+}
+
+static tn_status synchronize_locked(tn_context *ctx, tn_device device) {
   void *state = NULL;
   TN_FORWARD_IF_ERROR(device_backend(ctx, device, "synchronize", &state));
   TN_FORWARD_IF_ERROR(backends[device.kind]->synchronize(state, ctx, device.index));
@@ -163,13 +193,14 @@ tn_status tn_synchronize(tn_context *ctx, tn_device device) {
   return TN_OK;
 }
 
+tn_status tn_synchronize(tn_context *ctx, tn_device device) { TN_WITH_CONTEXT(ctx, synchronize_locked(ctx, device)); }
+
 struct tn_event {
   tn_device device;
   void *handle;
 };
 
-tn_status tn_event_create(tn_context *ctx, tn_device device, tn_event **event) {
-  if (ctx == NULL) return TN_ERR_NULL;
+static tn_status event_create_locked(tn_context *ctx, tn_device device, tn_event **event) {
   TN_RETURN_ERROR_IF(event == NULL, ctx, TN_ERR_NULL, "event_create: event is NULL");
   void *state = NULL;
   TN_FORWARD_IF_ERROR(device_backend(ctx, device, "event_create", &state));
@@ -186,8 +217,11 @@ tn_status tn_event_create(tn_context *ctx, tn_device device, tn_event **event) {
   return TN_OK;
 }
 
-tn_status tn_event_record(tn_context *ctx, tn_event *event) {
-  if (ctx == NULL) return TN_ERR_NULL;
+tn_status tn_event_create(tn_context *ctx, tn_device device, tn_event **event) {
+  TN_WITH_CONTEXT(ctx, event_create_locked(ctx, device, event));
+}
+
+static tn_status event_record_locked(tn_context *ctx, tn_event *event) {
   TN_RETURN_ERROR_IF(event == NULL, ctx, TN_ERR_NULL, "event_record: event is NULL");
   void *state = NULL;
   TN_FORWARD_IF_ERROR(device_backend(ctx, event->device, "event_record", &state));
@@ -196,8 +230,9 @@ tn_status tn_event_record(tn_context *ctx, tn_event *event) {
   return TN_OK;
 }
 
-tn_status tn_event_elapsed_ms(tn_context *ctx, const tn_event *start, const tn_event *end, double *ms) {
-  if (ctx == NULL) return TN_ERR_NULL;
+tn_status tn_event_record(tn_context *ctx, tn_event *event) { TN_WITH_CONTEXT(ctx, event_record_locked(ctx, event)); }
+
+static tn_status event_elapsed_ms_locked(tn_context *ctx, const tn_event *start, const tn_event *end, double *ms) {
   TN_RETURN_ERROR_IF(start == NULL || end == NULL || ms == NULL, ctx, TN_ERR_NULL, "event_elapsed_ms: %s is NULL",
                      start == NULL ? "start" : end == NULL ? "end" : "ms");
   TN_RETURN_ERROR_IF(start->device.kind != end->device.kind || start->device.index != end->device.index, ctx,
@@ -209,6 +244,10 @@ tn_status tn_event_elapsed_ms(tn_context *ctx, const tn_event *start, const tn_e
   return TN_OK;
 }
 
+tn_status tn_event_elapsed_ms(tn_context *ctx, const tn_event *start, const tn_event *end, double *ms) {
+  TN_WITH_CONTEXT(ctx, event_elapsed_ms_locked(ctx, start, end, ms));
+}
+
 void tn_event_destroy(tn_event *event) {
   if (event == NULL) return;
   const tn_backend *b = (unsigned)event->device.kind < TN_DEVICE_KIND_COUNT ? backends[event->device.kind] : NULL;
@@ -216,8 +255,7 @@ void tn_event_destroy(tn_event *event) {
   free(event);
 }
 
-tn_status tn_cuda_build_kernels(tn_context *ctx, int arch, int *count) {
-  if (ctx == NULL) return TN_ERR_NULL;
+static tn_status cuda_build_kernels_locked(tn_context *ctx, int arch, int *count) {
 #ifdef TNORM_CUDA
   TN_FORWARD_IF_ERROR(tn_cuda_build_all(ctx, arch, count));
   tn_error_clear(ctx);
@@ -229,6 +267,10 @@ tn_status tn_cuda_build_kernels(tn_context *ctx, int arch, int *count) {
 #endif
 }
 
+tn_status tn_cuda_build_kernels(tn_context *ctx, int arch, int *count) {
+  TN_WITH_CONTEXT(ctx, cuda_build_kernels_locked(ctx, arch, count));
+}
+
 void tn_kernel_cache_stats_get(tn_kernel_cache_stats *out) {
   if (out == NULL) return;
 #ifdef TNORM_CUDA
@@ -238,18 +280,20 @@ void tn_kernel_cache_stats_get(tn_kernel_cache_stats *out) {
 #endif
 }
 
-tn_status tn_op_validate(tn_context *ctx, const tn_op_args *args) {
-  if (ctx == NULL) return TN_ERR_NULL;
+static tn_status op_validate_locked(tn_context *ctx, const tn_op_args *args) {
   TN_FORWARD_IF_ERROR(tn_validate(ctx, args));
   tn_error_clear(ctx);
   return TN_OK;
 }
 
+tn_status tn_op_validate(tn_context *ctx, const tn_op_args *args) {
+  TN_WITH_CONTEXT(ctx, op_validate_locked(ctx, args));
+}
+
 /* The options of an op called on its own (a graph's fused ops carry their own: src/graph). */
 static const tn_run_options unfused = {0};
 
-tn_status tn_op_prepare(tn_context *ctx, const tn_op_args *args) {
-  if (ctx == NULL) return TN_ERR_NULL;
+static tn_status op_prepare_locked(tn_context *ctx, const tn_op_args *args) {
   TN_FORWARD_IF_ERROR(tn_validate(ctx, args));
   void *state = NULL;
   TN_FORWARD_IF_ERROR(device_backend(ctx, args->x->device, tn_op_name(args->op), &state));
@@ -259,8 +303,9 @@ tn_status tn_op_prepare(tn_context *ctx, const tn_op_args *args) {
   return TN_OK;
 }
 
-tn_status tn_op_run(tn_context *ctx, const tn_op_args *args) {
-  if (ctx == NULL) return TN_ERR_NULL;
+tn_status tn_op_prepare(tn_context *ctx, const tn_op_args *args) { TN_WITH_CONTEXT(ctx, op_prepare_locked(ctx, args)); }
+
+static tn_status op_run_locked(tn_context *ctx, const tn_op_args *args) {
   TN_FORWARD_IF_ERROR(tn_validate(ctx, args));
   /* The device must be usable even for an empty call: the same call must not fail only when rows > 0. */
   tn_device_kind kind = args->x->device.kind;
@@ -277,6 +322,8 @@ tn_status tn_op_run(tn_context *ctx, const tn_op_args *args) {
   tn_error_clear(ctx);
   return TN_OK;
 }
+
+tn_status tn_op_run(tn_context *ctx, const tn_op_args *args) { TN_WITH_CONTEXT(ctx, op_run_locked(ctx, args)); }
 
 /* Every norm entry point: the operands it names, the default modes, and the rope when one is given. */
 static tn_status norm_call(tn_context *ctx, tn_op op, const tn_tensor *x, const tn_tensor *residual,
@@ -296,13 +343,16 @@ static tn_status norm_call(tn_context *ctx, tn_op op, const tn_tensor *x, const 
   return tn_op_run(ctx, &a);
 }
 
+static tn_status missing_mul_locked(tn_context *ctx, tn_op op, const char *mul_required_by) {
+  return tn_error(ctx, TN_ERR_NULL, "%s: mul is required by %s", tn_op_name(op), mul_required_by);
+}
+
 /* rms_norm and add_rms_norm, with or without the multiplicand (residual and residual_out NULL for
  * rms_norm). mul_required_by: the _mul entry point's name, which refuses a NULL mul; else NULL. */
 static tn_status rms_norm_call(tn_context *ctx, const char *mul_required_by, tn_op op, const tn_tensor *x,
                                const tn_tensor *residual, const tn_tensor *weight, float weight_offset,
                                const tn_tensor *mul, float eps, const tn_tensor *y, const tn_tensor *residual_out) {
-  TN_RETURN_ERROR_IF(ctx != NULL && mul_required_by != NULL && mul == NULL, ctx, TN_ERR_NULL,
-                     "%s: mul is required by %s", tn_op_name(op), mul_required_by);
+  if (mul_required_by != NULL && mul == NULL) TN_WITH_CONTEXT(ctx, missing_mul_locked(ctx, op, mul_required_by));
   return norm_call(ctx, op, x, residual, weight, weight_offset, NULL, mul, eps, y, residual_out, NULL);
 }
 
@@ -381,16 +431,16 @@ tn_status tn_scale(tn_context *ctx, const tn_tensor *x, float scale, const tn_te
 
 /* ---- graphs ---- */
 
-tn_status tn_graph_begin(tn_context *ctx) {
-  if (ctx == NULL) return TN_ERR_NULL;
+static tn_status graph_begin_locked(tn_context *ctx) {
   TN_RETURN_ERROR_IF(ctx->recording != NULL, ctx, TN_ERR_VALUE, "graph_begin: the context is already recording");
   TN_FORWARD_IF_ERROR(tn_graph_new(ctx, &ctx->recording));
   tn_error_clear(ctx);
   return TN_OK;
 }
 
-tn_status tn_graph_end(tn_context *ctx, tn_graph **graph) {
-  if (ctx == NULL) return TN_ERR_NULL;
+tn_status tn_graph_begin(tn_context *ctx) { TN_WITH_CONTEXT(ctx, graph_begin_locked(ctx)); }
+
+static tn_status graph_end_locked(tn_context *ctx, tn_graph **graph) {
   TN_RETURN_ERROR_IF(graph == NULL, ctx, TN_ERR_NULL, "graph_end: graph is NULL");
   TN_RETURN_ERROR_IF(ctx->recording == NULL, ctx, TN_ERR_VALUE, "graph_end: the context is not recording");
   tn_graph *g = ctx->recording;
@@ -400,6 +450,8 @@ tn_status tn_graph_end(tn_context *ctx, tn_graph **graph) {
   tn_error_clear(ctx);
   return TN_OK;
 }
+
+tn_status tn_graph_end(tn_context *ctx, tn_graph **graph) { TN_WITH_CONTEXT(ctx, graph_end_locked(ctx, graph)); }
 
 /* The one device every node of g runs on, when its backend can replay a graph as one submission. */
 static int single_capturable_device(const tn_graph *g, tn_device *device) {
@@ -439,8 +491,7 @@ static tn_status build_device_graph(tn_context *ctx, tn_graph *g, tn_device devi
   return TN_OK;
 }
 
-tn_status tn_graph_launch(tn_context *ctx, tn_graph *graph) {
-  if (ctx == NULL) return TN_ERR_NULL;
+static tn_status graph_launch_locked(tn_context *ctx, tn_graph *graph) {
   TN_RETURN_ERROR_IF(graph == NULL, ctx, TN_ERR_NULL, "graph_launch: graph is NULL");
   TN_RETURN_ERROR_IF(ctx->recording != NULL, ctx, TN_ERR_VALUE, "graph_launch: the context is recording");
   /* A graph with an executable graph is on one capturable device: no need to look at its nodes again. */
@@ -462,8 +513,9 @@ tn_status tn_graph_launch(tn_context *ctx, tn_graph *graph) {
   return TN_OK;
 }
 
-tn_status tn_graph_update(tn_context *ctx, tn_graph *graph, const tn_graph *recorded) {
-  if (ctx == NULL) return TN_ERR_NULL;
+tn_status tn_graph_launch(tn_context *ctx, tn_graph *graph) { TN_WITH_CONTEXT(ctx, graph_launch_locked(ctx, graph)); }
+
+static tn_status graph_update_locked(tn_context *ctx, tn_graph *graph, const tn_graph *recorded) {
   TN_RETURN_ERROR_IF(graph == NULL || recorded == NULL, ctx, TN_ERR_NULL, "graph_update: %s is NULL",
                      graph == NULL ? "graph" : "recorded");
   TN_RETURN_ERROR_IF(ctx->recording != NULL, ctx, TN_ERR_VALUE, "graph_update: the context is recording");
@@ -493,6 +545,10 @@ tn_status tn_graph_update(tn_context *ctx, tn_graph *graph, const tn_graph *reco
   *graph = next;
   tn_error_clear(ctx);
   return TN_OK;
+}
+
+tn_status tn_graph_update(tn_context *ctx, tn_graph *graph, const tn_graph *recorded) {
+  TN_WITH_CONTEXT(ctx, graph_update_locked(ctx, graph, recorded));
 }
 
 tn_status tn_graph_get_info(const tn_graph *graph, tn_graph_info *info) {

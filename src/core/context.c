@@ -29,3 +29,9 @@ int tn_threads_wanted(const tn_context *ctx) {
   }
   return online_cpus();
 }
+
+tn_status tn_context_enter(tn_context *ctx) {
+  return atomic_exchange_explicit(&ctx->in_call, 1, memory_order_acquire) ? TN_ERR_BUSY : TN_OK;
+}
+
+void tn_context_leave(tn_context *ctx) { atomic_store_explicit(&ctx->in_call, 0, memory_order_release); }

@@ -38,8 +38,8 @@ static int same_pitch_overlap(uint64_t d, uint64_t pitch, uint64_t width_a, uint
   return 0;
 }
 
-/* floor(a / b) for b > 0. */
-static int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+/* floor(a / b) for b > 0, without the overflow of -a + b - 1 on extents near 2^63 bytes. */
+static int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -1 - (-(a + 1)) / b; }
 
 /* Does the byte interval [s, e) (relative to b's first row) meet one of b's rows? b's row j covers
  * [j * pitch, j * pitch + width), width <= pitch, j in [0, rows). */

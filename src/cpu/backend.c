@@ -1,7 +1,8 @@
 /* The CPU backend: prepares what every row of a call shares (the weight and bias in float32, the rope's
  * frequencies, scratch rows), then runs the op's row function with rows (or the heads of 3-D views)
  * spread over the context's thread pool. All memory is obtained, and every rope position checked,
- * before the first row runs, so a failure writes nothing. */
+ * before the first row runs, so a failure writes nothing. Operands not aligned to their element run on
+ * aligned copies (staging.h). */
 #include "backend.h"
 
 #include <inttypes.h>
@@ -14,6 +15,7 @@
 #include "../core/tensor.h"
 #include "device.h"
 #include "ops.h"
+#include "staging.h"
 #include "thread_pool.h"
 
 /* Below this many elements a call stays on the calling thread: waking workers costs more. */
@@ -66,10 +68,16 @@ typedef struct row_job {
   int64_t rows, dim, chunks; /* rows: the units the op's row function counts (vectors for 3-D views) */
 } row_job;
 
+/* The first row of chunk c of rows split into chunks nearly equal parts: rows * c / chunks, computed so
+ * that the product cannot overflow whatever rows validation lets through. */
+static int64_t chunk_start(int64_t rows, int64_t chunks, int64_t c) {
+  return rows / chunks * c + rows % chunks * c / chunks;
+}
+
 static void run_chunk(void *p, int64_t chunk) {
   const row_job *job = p;
-  int64_t begin = job->rows * chunk / job->chunks;
-  int64_t end = job->rows * (chunk + 1) / job->chunks;
+  int64_t begin = chunk_start(job->rows, job->chunks, chunk);
+  int64_t end = chunk_start(job->rows, job->chunks, chunk + 1);
   job->fn(job->call, job->scratch + (size_t)chunk * (size_t)job->dim, begin, end);
 }
 
@@ -98,8 +106,12 @@ static tn_status ensure_pool(cpu_state *s, tn_context *ctx, int wanted) {
   return TN_OK;
 }
 
-/* Grows the state's buffer to at least n floats; it is kept across calls. */
-static tn_status ensure_buffer(cpu_state *s, tn_context *ctx, size_t n) {
+/* Grows the state's buffer to at least vectors * dim floats; it is kept across calls. Validation bounds
+ * rows * dim, not dim alone, so the product is checked here. */
+static tn_status ensure_buffer(cpu_state *s, tn_context *ctx, size_t vectors, int64_t dim) {
+  TN_RETURN_ERROR_IF(dim < 0 || (uint64_t)dim > SIZE_MAX / sizeof(float) / vectors, ctx, TN_ERR_OVERFLOW,
+                     "cpu: %zu scratch rows of %" PRId64 " floats do not fit the address space", vectors, dim);
+  const size_t n = vectors * (size_t)dim;
   if (s->buffer_floats >= n) return TN_OK;
   float *p = malloc(n * sizeof *p);
   TN_RETURN_ERROR_IF(p == NULL, ctx, TN_ERR_NO_MEMORY, "cpu: out of memory for %zu bytes of scratch",
@@ -127,7 +139,7 @@ static tn_status check_rope_positions(tn_context *ctx, const tn_op_args *args) {
   return TN_OK;
 }
 
-static tn_status cpu_run(void *state, tn_context *ctx, const tn_op_args *args, const tn_run_options *options) {
+static tn_status run_aligned(void *state, tn_context *ctx, const tn_op_args *args, const tn_run_options *options) {
   cpu_state *s = state;
   const int rope = args->op == TN_OP_RMS_NORM && args->rope.style != TN_ROPE_NONE;
   if (rope) TN_FORWARD_IF_ERROR(check_rope_positions(ctx, args));
@@ -141,7 +153,7 @@ static tn_status cpu_run(void *state, tn_context *ctx, const tn_op_args *args, c
   const int has_weight = args->weight != NULL, has_bias = args->bias != NULL;
   const int theta = rope && args->rope.cos_sin == NULL;
   const size_t vectors = (size_t)chunks + (size_t)has_weight + (size_t)has_bias + (size_t)theta;
-  TN_FORWARD_IF_ERROR(ensure_buffer(s, ctx, vectors * (size_t)dim));
+  TN_FORWARD_IF_ERROR(ensure_buffer(s, ctx, vectors, dim));
 
   float *next = s->buffer + (size_t)chunks * (size_t)dim;
   float *weight = NULL, *bias = NULL, *inv_freq = NULL;
@@ -171,6 +183,15 @@ static tn_status cpu_run(void *state, tn_context *ctx, const tn_op_args *args, c
   if (parallel) tn_thread_pool_run(s->pool, chunks, run_chunk, &job);
   else run_chunk(&job, 0);
   return TN_OK;
+}
+
+static tn_status cpu_run(void *state, tn_context *ctx, const tn_op_args *args, const tn_run_options *options) {
+  if (!tn_cpu_needs_staging(args)) return run_aligned(state, ctx, args, options);
+  tn_cpu_staging staging;
+  TN_FORWARD_IF_ERROR(tn_cpu_stage(ctx, args, &staging));
+  const tn_status status = run_aligned(state, ctx, &staging.args, options);
+  tn_cpu_unstage(&staging, args, status == TN_OK);
+  return status;
 }
 
 const tn_backend tn_cpu_backend = {

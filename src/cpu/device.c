@@ -2,6 +2,7 @@
  * synchronising waits for nothing and a timing mark reads the monotonic clock. */
 #include "device.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -20,7 +21,10 @@ tn_status tn_cpu_alloc(void *state, tn_context *ctx, int index, size_t bytes, vo
     *ptr = NULL;
     return TN_OK;
   }
-  /* 64-byte aligned, like device memory is (and every kernel's fast path wants). */
+  /* 64-byte aligned, like device memory is (and every kernel's fast path wants); aligned_alloc wants a
+   * multiple of the alignment, and the rounding up must not wrap. */
+  TN_RETURN_ERROR_IF(bytes > SIZE_MAX - 63, ctx, TN_ERR_OVERFLOW,
+                     "malloc: %zu bytes of host memory is more than the address space holds", bytes);
   void *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
   TN_RETURN_ERROR_IF(p == NULL, ctx, TN_ERR_NO_MEMORY, "malloc: out of memory for %zu bytes of host memory", bytes);
   *ptr = p;

@@ -967,7 +967,7 @@ TEST(Names, Statuses) {
       TN_STATUS_TABLE(TN_TEST_ROW_)
 #undef TN_TEST_ROW_
   };
-  ASSERT_EQ(sizeof table / sizeof table[0], 13u);
+  ASSERT_EQ(sizeof table / sizeof table[0], 14u);
   std::vector<std::string> names, texts;
   for (const S &e : table) {
     SCOPED_TRACE(e.name);
@@ -989,7 +989,8 @@ TEST(Names, Statuses) {
   EXPECT_STREQ(tn_status_name(TN_ERR_SHAPE), "TN_ERR_SHAPE");
   EXPECT_STREQ(tn_status_string(TN_ERR_SHAPE), "shapes or strides do not agree");
   EXPECT_EQ((int)TN_ERR_INTERNAL, 12);
-  for (int v : {13, 99, -1, INT_MAX}) {
+  EXPECT_EQ((int)TN_ERR_BUSY, 13);
+  for (int v : {14, 99, -1, INT_MAX}) {
     SCOPED_TRACE(v);
     ASSERT_NE(tn_status_name((tn_status)v), nullptr);
     ASSERT_NE(tn_status_string((tn_status)v), nullptr);
