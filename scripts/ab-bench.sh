@@ -32,8 +32,7 @@ for patch in "$@"; do
 done
 
 # Each tree built in turn (each variant's kernels are its own: the disk cache keys on the source, so
-# variants never read each other's). The base is built in this shell, so that gpu-build.sh's
-# LD_LIBRARY_PATH (where it unpacked cJSON) stays set for every variant's binary; the others in subshells.
+# variants never read each other's). The base is built in this shell, the others in subshells.
 build_tree() {
   (cd "$1" && . scripts/gpu-build.sh tnorm_cli) > "$OUT/$2.build.txt" 2>&1 && return 0
   echo "ab-bench: $2 does not build"

@@ -26,7 +26,7 @@ row() { rows+=("$(printf '%-34s %s' "$1" "$2")"); }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.memory --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 echo "GPU: $(cat "$OUT/gpu.txt")"
 
-# The build (cJSON from .debs/ where the system has none) is scripts/gpu-build.sh's; its logs go to $OUT.
+# The build is scripts/gpu-build.sh's; its logs go to $OUT.
 BUILD=build-gpu
 t0=$(date +%s)
 if . scripts/gpu-build.sh all > "$OUT/build.log" 2>&1; then  # "all": else it would see our arguments

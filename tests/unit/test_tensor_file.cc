@@ -2,8 +2,12 @@
 // malformed files, each of which must be refused with a one-line message and nothing leaked.
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -155,6 +159,15 @@ TEST_F(TensorFileRoundTrip, SafetensorsZeroRows) { Check("a.safetensors", ":x", 
 TEST_F(TensorFileRoundTrip, SafetensorsNameWithColonAndQuotes) {
   Check("a.safetensors", ":layer:0/\"w\\\"", TN_F16, 2, 2, 3);
 }
+TEST_F(TensorFileRoundTrip, SafetensorsNonAsciiName) {
+  Check("a.safetensors", ":poids_\xc3\xa9\xf0\x9f\x98\x80", TN_F32, 1, 1, 2);
+}
+// Extents beyond 2^53 (no double holds them exactly) are written and read back exactly.
+TEST_F(TensorFileRoundTrip, SafetensorsHugeEmptyShapes) {
+  Check("a.safetensors", ":x", TN_F32, 2, 0, int64_t(1) << 60);
+  Check("a.safetensors", ":x", TN_BF16, 2, (int64_t(1) << 60) + 1, 0);
+  Check("a.safetensors", ":x", TN_F16, 2, INT64_MAX, 0);
+}
 
 TEST_F(TensorFileRoundTrip, NpyWrittenExactlyAsNumpy) {
   float v[12];
@@ -260,6 +273,187 @@ TEST_F(TensorFileRoundTrip, SafetensorsHeaderPaddedToEight) {
     EXPECT_EQ(json.substr(0, json.find_last_not_of(' ') + 1),
               "{\"" + std::string(size_t(len), 'n') + "\":" + StEntry("F16", "[3]", "[0,6]") + "}");
     EXPECT_EQ(got.substr(8 + n), data);
+  }
+}
+
+// What the reference reader (huggingface/safetensors) accepts is read: each of these files loads 'w'.
+TEST_F(TensorFileRoundTrip, SafetensorsReadAsTheReferenceReads) {
+  const Bytes w = StEntry("F32", "[2,2]", "[0,16]");
+  const Bytes data = Pattern(16);
+  struct {
+    const char *label;
+    Bytes json;
+  } files[] = {
+      {"JSON whitespace before and after the object", " \t\r\n{\"w\":" + w + "} \t\r\n"},
+      {"a name spelled with escapes", "{\"\\u0077\":" + w + "}"},
+      {"__metadata__ spelled with escapes", "{\"\\u005f_metadata__\":{\"a\":\"b\"},\"w\":" + w + "}"},
+      {"__metadata__ null", "{\"__metadata__\":null,\"w\":" + w + "}"},
+      {"__metadata__ with a key twice (the reference keeps the last)",
+       "{\"__metadata__\":{\"k\":\"1\",\"k\":\"2\\u0000\\ud83d\\ude00\"},\"w\":" + w + "}"},
+      {"unknown fields of any JSON, twice too",
+       "{\"w\":{\"x\":[1,-0,2.5e-3,1E5,-1.7976931348623157e308,0e99999999999,1e-99999,true,false,null,"
+       "{\"k\":[]}],\"dtype\":\"F32\",\"x\":\"\\/\\b\\f\\n\\r\\t\\\"\\\\\",\"shape\":[2,2],\"data_offsets\":[0,16]}}"},
+      {"nesting 127 deep", "{\"w\":{\"x\":" + Bytes(125, '[') + Bytes(125, ']') +
+                               ",\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]}}"},
+      {"a dtype spelled with escapes",
+       "{\"w\":{\"dtype\":\"F\\u00332\",\"shape\":[2,2],\"data_offsets\":[0,16]}}"},
+      {"entries in any order, empty ones anywhere",
+       "{\"e\":" + StEntry("BF16", "[0,7]", "[16,16]") + ",\"w\":" + w +
+           ",\"f\":" + StEntry("U8", "[0]", "[0,0]") +
+           ",\"g\":" + StEntry("F64", "[18446744073709551615,0]", "[16,16]") + "}"},
+      {"names that are prefixes of others, and the empty name",
+       "{\"w\":" + w + ",\"ww\":" + StEntry("U8", "[0]", "[16,16]") + ",\"\":" + StEntry("U8", "[0]", "[0,0]") +
+           "}"},
+      {"non-ASCII text and DEL", "{\"\xc3\xa9\x7f\":" + StEntry("U8", "[0]", "[0,0]") + ",\"w\":" + w + "}"},
+      {"an offset of 2^64-1 in an ignored field",
+       "{\"w\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16],"
+       "\"n\":18446744073709551615}}"},
+  };
+  for (const auto &f : files) {
+    SCOPED_TRACE(f.label);
+    Write("r.safetensors", St(f.json, data));
+    tn_file_tensor t;
+    char err[512];
+    ASSERT_EQ(tn_file_load(Path("r.safetensors:w").c_str(), &t, err, sizeof err), 0) << err;
+    EXPECT_EQ(t.dtype, TN_F32);
+    EXPECT_EQ(t.rows, 2);
+    EXPECT_EQ(t.dim, 2);
+    EXPECT_EQ(Bytes(static_cast<const char *>(t.data), 16), data);
+    tn_file_tensor_free(&t);
+  }
+}
+
+// A file may hold tensors of every dtype the reference knows; only the named one must be F32, F16 or BF16.
+TEST_F(TensorFileRoundTrip, SafetensorsWithTensorsOfOtherDtypes) {
+  const char *dtypes[][2] = {{"BOOL", "1"},    {"F4", "2"},          {"F6_E2M3", "4"},     {"F6_E3M2", "4"},
+                             {"U8", "1"},      {"I8", "1"},          {"F8_E5M2", "1"},     {"F8_E4M3", "1"},
+                             {"F8_E8M0", "1"}, {"F8_E4M3FNUZ", "1"}, {"F8_E5M2FNUZ", "1"}, {"I16", "1"},
+                             {"U16", "1"},     {"F16", "1"},         {"BF16", "1"},        {"I32", "1"},
+                             {"U32", "1"},     {"F32", "1"},         {"C64", "1"},         {"F64", "1"},
+                             {"I64", "1"},     {"U64", "1"}};
+  const unsigned bits[] = {8, 4, 6, 6, 8, 8, 8, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32, 64, 64, 64, 64};
+  Bytes json = "{\"__metadata__\":{\"format\":\"pt\"}";
+  uint64_t off = 0;
+  for (size_t k = 0; k < sizeof bits / sizeof bits[0]; k++) {
+    uint64_t n = std::stoull(dtypes[k][1]) * bits[k] / 8;
+    json += ",\"t" + std::to_string(k) + "\":" +
+            StEntry(dtypes[k][0], ("[" + std::string(dtypes[k][1]) + "]").c_str(),
+                    ("[" + std::to_string(off) + "," + std::to_string(off + n) + "]").c_str());
+    off += n;
+  }
+  json += ",\"w\":" +
+          StEntry("BF16", "[3]", ("[" + std::to_string(off) + "," + std::to_string(off + 6) + "]").c_str()) + "}";
+  const Bytes data = Pattern(size_t(off) + 6);
+  Write("m.safetensors", St(json, data));
+  tn_file_tensor t;
+  char err[512];
+  ASSERT_EQ(tn_file_load(Path("m.safetensors:w").c_str(), &t, err, sizeof err), 0) << err;
+  EXPECT_EQ(t.dtype, TN_BF16);
+  EXPECT_EQ(t.dim, 3);
+  EXPECT_EQ(Bytes(static_cast<const char *>(t.data), 6), data.substr(size_t(off)));
+  tn_file_tensor_free(&t);
+  ASSERT_EQ(tn_file_load(Path("m.safetensors:t20").c_str(), &t, err, sizeof err), -1);  // I64
+  EXPECT_NE(std::strstr(err, "unsupported dtype 'I64'"), nullptr) << err;
+}
+
+// Headers numpy reads that are not quite as numpy writes them.
+TEST_F(TensorFileRoundTrip, NpyHeadersNumpyAccepts) {
+  const Bytes dict = NpyDict("<f4", "(0, 8)");
+  const Bytes files[] = {NpyRaw(1, dict, ""), NpyRaw(1, " \t" + dict + " \t\n \n\r\n", ""),
+                         NpyRaw(2, dict + Bytes(10000 - dict.size() - 1, ' ') + "\n", "")};
+  for (const auto &f : files) {
+    Write("z.npy", f);
+    tn_file_tensor t;
+    char err[256];
+    ASSERT_EQ(tn_file_load(Path("z.npy").c_str(), &t, err, sizeof err), 0) << err;
+    EXPECT_EQ(t.rows, 0);
+    EXPECT_EQ(t.dim, 8);
+    tn_file_tensor_free(&t);
+  }
+}
+
+// A header of tens of MB costs about its own size in memory, whatever it holds: one long array, or a
+// great many tensors. The load runs in a child, whose peak RSS starts at its RSS when forked; its time
+// is recorded, not asserted (timings belong to benchmarks).
+struct LoadCost {
+  int rc;
+  long grown_kb;
+  double seconds;
+  char err[256];
+};
+
+LoadCost LoadInChild(const std::string &spec) {
+  LoadCost cost;
+  std::memset(&cost, 0, sizeof cost);
+  cost.rc = -2;
+  int fds[2];
+  if (pipe(fds) != 0) return cost;
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(fds[0]);
+    struct rusage before, after;
+    LoadCost c;
+    std::memset(&c, 0, sizeof c);
+    tn_file_tensor t;
+    getrusage(RUSAGE_SELF, &before);
+    auto t0 = std::chrono::steady_clock::now();
+    c.rc = tn_file_load(spec.c_str(), &t, c.err, sizeof c.err);
+    c.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    getrusage(RUSAGE_SELF, &after);
+    c.grown_kb = after.ru_maxrss - before.ru_maxrss;
+    if (write(fds[1], &c, sizeof c) != ssize_t(sizeof c)) _exit(2);
+    _exit(0);
+  }
+  close(fds[1]);
+  if (pid > 0 && read(fds[0], &cost, sizeof cost) != ssize_t(sizeof cost)) cost.rc = -2;
+  close(fds[0]);
+  if (pid > 0) waitpid(pid, nullptr, 0);
+  return cost;
+}
+
+TEST_F(TensorFileTest, SafetensorsHugeHeadersCostTheirSize) {
+  const size_t target = 40u << 20;
+  struct {
+    const char *label;
+    std::string spec;
+    const char *expect;  // "" to load
+  } cases[] = {{"one long array", "long.safetensors:x", ""},
+               {"a long shape", "shape.safetensors:x", "-D; only 1-D and 2-D"},
+               {"many tensors", "many.safetensors:t123456", ""}};
+  {
+    Bytes json = "{\"x\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4],\"pad\":[";
+    json.reserve(target + 64);
+    while (json.size() < target) json += "0,0,0,0,0,0,0,0,";
+    json += "0]}}";
+    Write("long.safetensors", St(json, Pattern(4)));
+    json = "{\"x\":{\"dtype\":\"F32\",\"data_offsets\":[0,4],\"shape\":[";
+    while (json.size() < target) json += "1,1,1,1,1,1,1,1,";
+    json += "1]}}";
+    Write("shape.safetensors", St(json, Pattern(4)));
+    json = "{";
+    size_t n = 0;
+    for (; json.size() < target; n++) {
+      const std::string k = std::to_string(n * 4), e = std::to_string(n * 4 + 4);
+      json += "\"t" + std::to_string(n) + "\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[" + k + "," + e +
+              "]},";
+    }
+    json.back() = '}';
+    Write("many.safetensors", St(json, Pattern(4 * n)));
+  }
+  for (const auto &c : cases) {
+    SCOPED_TRACE(c.label);
+    LoadCost cost = LoadInChild(Path(c.spec));
+    ASSERT_NE(cost.rc, -2) << "the child did not report";
+    if (*c.expect) {
+      EXPECT_EQ(cost.rc, -1);
+      EXPECT_NE(std::strstr(cost.err, c.expect), nullptr) << cost.err;
+    } else {
+      EXPECT_EQ(cost.rc, 0) << cost.err;
+    }
+    // The header once, 24 bytes per tensor (a third of the header when entries are this small), a few MB.
+    EXPECT_LT(cost.grown_kb, long(2 * target / 1024) + 8 * 1024) << "peak RSS grew by " << cost.grown_kb << " KB";
+    RecordProperty(std::string(c.label) + " KB", std::to_string(cost.grown_kb));
+    RecordProperty(std::string(c.label) + " ms", std::to_string(int(cost.seconds * 1000)));
   }
 }
 
@@ -380,6 +574,25 @@ TEST_F(TensorFileSave, RefusesInvalidTensors) {
   tn_file_tensor_free(&got);
 }
 
+// Every reader refuses a header that is not UTF-8, so the writer does not write one.
+TEST_F(TensorFileSave, RefusesNamesThatAreNotUtf8) {
+  Bytes data = Pattern(8);
+  tn_file_tensor t;
+  std::memset(&t, 0, sizeof t);
+  t.dtype = TN_F32;
+  t.ndim = 1;
+  t.rows = 1;
+  t.dim = 2;
+  t.data = &data[0];
+  char err[256];
+  for (const char *name : {"w\xff", "w\xc0\xaf", "w\xed\xa0\x80", "w\xe2\x82"}) {
+    EXPECT_EQ(tn_file_save((Path("u.safetensors:") + name).c_str(), &t, nullptr, err, sizeof err), -1);
+    ExpectOneLine(err);
+    EXPECT_NE(std::strstr(err, "not valid UTF-8"), nullptr) << err;
+  }
+  EXPECT_TRUE(List().empty());
+}
+
 TEST(TensorFileApi, FreeAndErrorBuffersAreSafe) {
   tn_file_tensor_free(nullptr);
   tn_file_tensor t;
@@ -429,7 +642,10 @@ std::vector<Malformed> NpyCases() {
       {"npy_bad_version", "e.npy", "", NpyRaw(4, dict4, d16), "version 4.0"},
       {"npy_bad_minor_version", "e.npy", "", kMagic + Bytes("\x01\x01", 2) + U16(2) + "{}", "version 1.1"},
       {"npy_header_past_eof_v1", "e.npy", "", kMagic + Bytes("\x01\x00", 2) + U16(5000) + dict4, "past the end"},
-      {"npy_header_past_eof_v2", "e.npy", "", kMagic + Bytes("\x02\x00", 2) + U32(70000) + dict4, "past the end"},
+      {"npy_header_past_eof_v2", "e.npy", "", kMagic + Bytes("\x02\x00", 2) + U32(9000) + dict4, "past the end"},
+      // np.load refuses headers over 10000 characters (unless pickles are allowed).
+      {"npy_header_over_numpy_limit", "e.npy", "",
+       NpyRaw(2, dict4 + Bytes(10001 - dict4.size() - 1, ' ') + "\n", d16), "more than 10000"},
       {"npy_header_length_absurd", "e.npy", "", kMagic + Bytes("\x03\x00", 2) + U32(0xffffffffu) + dict4,
        "absurd"},
       {"npy_garbage_dict", "e.npy", "", NpyV1("hello, world", d16), "malformed"},
@@ -455,6 +671,14 @@ std::vector<Malformed> NpyCases() {
       {"npy_shape_not_tuple", "e.npy", "", NpyV1(NpyDict("<f4", "(4)"), d16), "tuple"},
       {"npy_shape_list", "e.npy", "", NpyV1(NpyDict("<f4", "[4]"), d16), "tuple"},
       {"npy_negative_shape", "e.npy", "", NpyV1(NpyDict("<f4", "(-1, 4)"), d16), "negative"},
+      // Python 3 refuses 04 (a syntax error), so numpy refuses the header.
+      {"npy_shape_leading_zeros", "e.npy", "", NpyV1(NpyDict("<f4", "(02, 02)"), d16), "leading zero"},
+      {"npy_shape_leading_zero_1d", "e.npy", "", NpyV1(NpyDict("<f4", "(04,)"), d16), "leading zero"},
+      // ast.literal_eval strips only spaces and tabs before the dict; an indented line is an error.
+      {"npy_indented_line_before_dict", "e.npy", "", NpyRaw(1, " \n " + dict4 + "\n", d16), "expected '{'"},
+      // After the dict, a last line of spaces without its newline is an indentation error.
+      {"npy_indented_last_line", "e.npy", "", NpyRaw(1, dict4 + "\n  ", d16), "after the dict"},
+      {"npy_nul_after_dict", "e.npy", "", NpyRaw(1, dict4 + Bytes(" \0\n", 3), d16), "after the dict"},
       {"npy_float_shape", "e.npy", "", NpyV1(NpyDict("<f4", "(4.0,)"), d16), "not a plain integer"},
       {"npy_shape_overflows_int64", "e.npy", "", NpyV1(NpyDict("<f4", "(99999999999999999999,)"), d16),
        "overflows int64"},
@@ -502,7 +726,8 @@ std::vector<Malformed> SafetensorsCases() {
        St("{\"w\":" + StEntry("F32", "[4]", "[0,16]") + ",\"w\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16),
        "appears 2 times"},
       {"st_shape_3d", "e.safetensors", ":w", one(StEntry("F32", "[2,2,1]", "[0,16]")), "3-D"},
-      {"st_shape_0d", "e.safetensors", ":w", one(StEntry("F32", "[]", "[0,4]")), "0-D"},
+      {"st_shape_0d", "e.safetensors", ":w",
+       St("{\"w\":" + StEntry("F32", "[]", "[0,4]") + "}", buf16.substr(0, 4)), "0-D"},
       {"st_shape_negative", "e.safetensors", ":w", one(StEntry("F32", "[-4]", "[0,16]")), "not an integer"},
       {"st_shape_overflows", "e.safetensors", ":w", one(StEntry("F32", "[4294967296,4294967296]", "[0,16]")),
        "overflow"},
@@ -521,6 +746,142 @@ std::vector<Malformed> SafetensorsCases() {
       {"st_spec_empty_tensor_name", "e.safetensors", ":", one(StEntry("F32", "[4]", "[0,16]")), "no tensor name"},
       {"st_spec_metadata", "e.safetensors", ":__metadata__", St("{\"__metadata__\":{}}", ""), "reserved"},
       {"st_spec_name_too_long", "e.safetensors", ":" + std::string(300, 'w'), one("{}"), "longer than 255"},
+
+      // The header text as the reference reads it: UTF-8 (Rust's str::from_utf8), then serde_json.
+      {"st_bom", "e.safetensors", ":w", St("\xef\xbb\xbf{\"w\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16),
+       "byte order mark"},
+      {"st_invalid_utf8", "e.safetensors", ":w",
+       St("{\"v\xff\":" + StEntry("U8", "[0]", "[0,0]") + ",\"w\":" + StEntry("F32", "[4]", "[0,16]") + "}",
+          buf16),
+       "not valid UTF-8 (at byte 3)"},
+      {"st_overlong_utf8", "e.safetensors", ":w",
+       St("{\"__metadata__\":{\"k\":\"\xc0\xaf\"},\"w\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16),
+       "not valid UTF-8"},
+      {"st_utf8_encoded_surrogate", "e.safetensors", ":w",
+       St("{\"__metadata__\":{\"k\":\"\xed\xa0\x80\"},\"w\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16),
+       "not valid UTF-8"},
+      {"st_utf8_truncated", "e.safetensors", ":w",
+       St("{\"__metadata__\":{\"k\":\"\xe2\x82\"},\"w\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16),
+       "not valid UTF-8"},
+      {"st_utf8_above_u10ffff", "e.safetensors", ":w",
+       St("{\"__metadata__\":{\"k\":\"\xf4\x90\x80\x80\"},\"w\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16),
+       "not valid UTF-8"},
+      {"st_lone_high_surrogate", "e.safetensors", ":w",
+       St("{\"w\\ud800\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16), "surrogate"},
+      {"st_lone_low_surrogate", "e.safetensors", ":w",
+       St("{\"w\\udc00\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16), "surrogate"},
+      {"st_high_surrogate_then_letter", "e.safetensors", ":w",
+       St("{\"w\\ud83d\\u0041\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16), "surrogate"},
+      {"st_lone_surrogate_in_metadata", "e.safetensors", ":w",
+       St("{\"__metadata__\":{\"k\":\"\\udfff\"},\"w\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16),
+       "surrogate"},
+      {"st_nul_in_name", "e.safetensors", ":x",
+       St("{\"x\\u0000evil\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16), "U+0000"},
+      {"st_raw_control_character", "e.safetensors", ":w",
+       St("{\"__metadata__\":{\"k\":\"a\tb\"},\"w\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16),
+       "control character"},
+      {"st_invalid_escape", "e.safetensors", ":w",
+       St("{\"w\\a\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16), "invalid escape"},
+      {"st_short_unicode_escape", "e.safetensors", ":w",
+       St("{\"w\\u12\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16), "\\u escape"},
+      {"st_trailing_comma", "e.safetensors", ":w", St("{\"w\":" + StEntry("F32", "[4]", "[0,16]") + ",}", buf16),
+       "not valid JSON"},
+      {"st_form_feed_after", "e.safetensors", ":w",
+       St("{\"w\":" + StEntry("F32", "[4]", "[0,16]") + "}\f", buf16), "after the header JSON"},
+      {"st_single_quotes", "e.safetensors", ":w", St("{'w':" + StEntry("F32", "[4]", "[0,16]") + "}", buf16),
+       "not valid JSON"},
+      {"st_nested_too_deep", "e.safetensors", ":w",
+       one("{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16],\"x\":" + Bytes(126, '[') + Bytes(126, ']') +
+           "}"),
+       "nested more than 127 deep"},
+      {"st_number_out_of_range", "e.safetensors", ":w",
+       one("{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16],\"x\":1e400}"), "out of range"},
+      // serde_json's own arithmetic overflows here, though the value is just below the largest double.
+      {"st_number_out_of_range_for_serde", "e.safetensors", ":w",
+       one("{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16],\"x\":1.7976931348623158e308}"),
+       "out of range"},
+      {"st_number_leading_zero", "e.safetensors", ":w",
+       one("{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16],\"x\":01}"), "leading zero"},
+      {"st_bad_literal", "e.safetensors", ":w",
+       one("{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16],\"x\":tru}"), "not valid JSON"},
+
+      // Integers are u64, read exactly: serde_json reads these as floats, which a usize refuses.
+      {"st_shape_float", "e.safetensors", ":w", one(StEntry("F32", "[4.0]", "[0,16]")), "not an integer"},
+      {"st_shape_exponent", "e.safetensors", ":w", one(StEntry("F32", "[4e0]", "[0,16]")), "not an integer"},
+      {"st_shape_minus_zero", "e.safetensors", ":w", one(StEntry("F32", "[-0,4]", "[0,0]")), "not an integer"},
+      {"st_shape_leading_zero", "e.safetensors", ":w", one(StEntry("F32", "[04]", "[0,16]")), "not an integer"},
+      {"st_shape_2pow64", "e.safetensors", ":w", one(StEntry("F32", "[18446744073709551616,0]", "[0,0]")),
+       "not an integer"},
+      {"st_offsets_float", "e.safetensors", ":w", one(StEntry("F32", "[4]", "[0,16.0]")), "not integers"},
+      {"st_offsets_three", "e.safetensors", ":w", one(StEntry("F32", "[4]", "[0,16,16]")), "not [begin, end]"},
+      {"st_shape_extent_beyond_int64", "e.safetensors", ":w",
+       St("{\"w\":" + StEntry("F32", "[0,9223372036854775808]", "[0,0]") + "}", ""), "too large"},
+
+      // The schema: dtypes the reference knows, fields once each, __metadata__ a map of strings.
+      {"st_dtype_unknown", "e.safetensors", ":w", one(StEntry("F33", "[4]", "[0,16]")), "unknown dtype 'F33'"},
+      {"st_dtype_lowercase", "e.safetensors", ":w", one(StEntry("f32", "[4]", "[0,16]")), "unknown dtype 'f32'"},
+      {"st_dtype_unknown_long", "e.safetensors", ":w", one(StEntry("F32_AND_THEN_SOME_MORE", "[4]", "[0,16]")),
+       "unknown dtype 'F32_AND_THEN_SO...'"},
+      {"st_dtype_as_map", "e.safetensors", ":w",
+       one("{\"dtype\":{\"F32\":null},\"shape\":[4],\"data_offsets\":[0,16]}"), "not a string"},
+      {"st_entry_as_array", "e.safetensors", ":w", one("[\"F32\",[4],[0,16]]"), "not an object"},
+      {"st_duplicate_dtype_field", "e.safetensors", ":w",
+       one("{\"dtype\":\"F32\",\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}"), "field 'dtype' twice"},
+      {"st_duplicate_shape_field", "e.safetensors", ":w",
+       one("{\"dtype\":\"F32\",\"shape\":[4],\"shape\":[4],\"data_offsets\":[0,16]}"), "field 'shape' twice"},
+      {"st_duplicate_escaped_field", "e.safetensors", ":w",
+       one("{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16],\"data\\u005foffsets\":[0,16]}"),
+       "field 'data_offsets' twice"},
+      {"st_duplicate_metadata", "e.safetensors", ":w",
+       St("{\"__metadata__\":{},\"w\":" + StEntry("F32", "[4]", "[0,16]") + ",\"__metadata__\":null}", buf16),
+       "__metadata__ twice"},
+      {"st_duplicate_escaped_name", "e.safetensors", ":w",
+       St("{\"w\":" + StEntry("U8", "[8]", "[0,8]") + ",\"\\u0077\":" + StEntry("U8", "[8]", "[8,16]") + "}",
+          buf16),
+       "tensor 'w' appears 2 times"},
+      {"st_duplicate_other_name", "e.safetensors", ":w",
+       St("{\"w\":" + StEntry("F32", "[2]", "[0,8]") + ",\"a\":" + StEntry("U8", "[4]", "[8,12]") +
+              ",\"a\":" + StEntry("U8", "[4]", "[12,16]") + "}",
+          buf16),
+       "tensor 'a' appears 2 times"},
+      {"st_metadata_not_strings", "e.safetensors", ":w",
+       St("{\"__metadata__\":{\"n\":1},\"w\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16), "not a string"},
+      {"st_metadata_array", "e.safetensors", ":w",
+       St("{\"__metadata__\":[],\"w\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16),
+       "not an object of strings"},
+
+      // Metadata::validate and read_metadata: the entries tile the data buffer exactly.
+      {"st_gap", "e.safetensors", ":w",
+       St("{\"w\":" + StEntry("F32", "[1]", "[0,4]") + ",\"b\":" + StEntry("U8", "[8]", "[8,16]") + "}", buf16),
+       "no tensor covers bytes [4, 8)"},
+      {"st_gap_at_start", "e.safetensors", ":w", one(StEntry("F32", "[2]", "[8,16]")),
+       "no tensor covers bytes [0, 8)"},
+      {"st_overlap", "e.safetensors", ":w",
+       St("{\"w\":" + StEntry("F32", "[3]", "[0,12]") + ",\"b\":" + StEntry("U8", "[8]", "[8,16]") + "}", buf16),
+       "tensors 'w' and 'b' overlap"},
+      {"st_same_offsets", "e.safetensors", ":w",
+       St("{\"w\":" + StEntry("F32", "[4]", "[0,16]") + ",\"b\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16),
+       "overlap"},
+      {"st_bytes_after_last_tensor", "e.safetensors", ":w",
+       St("{\"w\":" + StEntry("F32", "[4]", "[0,16]") + "}", buf16 + "xyz"),
+       "the tensors end at byte 16 of the 19-byte data buffer"},
+      {"st_zero_size_past_end", "e.safetensors", ":w",
+       St("{\"w\":" + StEntry("F32", "[4]", "[0,16]") + ",\"z\":" + StEntry("F32", "[0]", "[20,20]") + "}",
+          buf16),
+       "no tensor covers bytes [16, 20)"},
+      {"st_bad_size_in_other_tensor", "e.safetensors", ":w",
+       St("{\"w\":" + StEntry("F32", "[2]", "[0,8]") + ",\"i\":" + StEntry("I64", "[1]", "[8,16]") +
+              ",\"b\":" + StEntry("BOOL", "[1]", "[16,16]") + "}",
+          buf16),
+       "tensor 'b' has 0 bytes of data, its shape needs 1"},
+      {"st_sub_byte_dtype_not_whole_bytes", "e.safetensors", ":w",
+       St("{\"w\":" + StEntry("F32", "[3]", "[0,12]") + ",\"q\":" + StEntry("F4", "[7]", "[12,16]") + "}", buf16),
+       "7 elements of 4 bits"},
+      {"st_shape_overflows_with_zero_after", "e.safetensors", ":w",
+       St("{\"w\":" + StEntry("F32", "[4]", "[0,16]") +
+              ",\"z\":" + StEntry("U8", "[4294967296,4294967296,0]", "[16,16]") + "}",
+          buf16),
+       "tensor 'z' has a shape whose size overflows 64 bits"},
   };
 }
 

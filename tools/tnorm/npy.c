@@ -14,8 +14,9 @@
 #include "tensor_file_impl.h"
 
 static const char NPY_MAGIC[6] = {'\x93', 'N', 'U', 'M', 'P', 'Y'};
-/* numpy refuses headers over 10000 bytes by default; far more than that is junk, not a header. */
-#define NPY_MAX_HEADER (1u << 20)
+/* np.load refuses a header over 10000 characters unless allow_pickle is set (_MAX_HEADER_SIZE in
+ * numpy/lib/format.py); a 1-D or 2-D float header takes about 128. */
+#define NPY_MAX_HEADER 10000u
 #define NPY_ALIGN 64
 
 typedef struct npy_header {
@@ -97,6 +98,9 @@ static int parse_int(npy_parser *ps, int64_t *v) {
   int c = peek(ps);
   if (c == '-') return perr(ps, "negative shape value");
   if (c < '0' || c > '9') return perr(ps, "expected an integer in the shape");
+  /* Python 3 has no leading zeros ("08" is a syntax error, "00" is 0 but no writer spells it so). */
+  if (c == '0' && ps->i + 1 < ps->n && ps->s[ps->i + 1] >= '0' && ps->s[ps->i + 1] <= '9')
+    return perr(ps, "shape value with a leading zero");
   for (*v = 0; ps->i < ps->n && ps->s[ps->i] >= '0' && ps->s[ps->i] <= '9'; ps->i++) {
     int d = ps->s[ps->i] - '0';
     if (*v > (INT64_MAX - d) / 10) return perr(ps, "shape value overflows int64");
@@ -139,9 +143,32 @@ static int parse_value(npy_parser *ps, const char *key, npy_header *h) {
   return parse_shape(ps, h);
 }
 
+/* What ast.literal_eval takes around the dict, which is less than any whitespace: before it, spaces
+ * and tabs (it strips those); after it, spaces and tabs, then only whole blank lines (a last line of
+ * spaces without its newline is an indentation error). */
+static int lead_blank(npy_parser *ps) {
+  while (ps->i < ps->n && (ps->s[ps->i] == ' ' || ps->s[ps->i] == '\t')) ps->i++;
+  return ps->i < ps->n && ps->s[ps->i] == '{' ? 0 : perr(ps, "expected '{' (only spaces and tabs before it)");
+}
+
+static int tail_blank(npy_parser *ps) {
+  size_t i = ps->i;
+  while (i < ps->n && (ps->s[i] == ' ' || ps->s[i] == '\t')) i++;
+  if (i == ps->n) return 0;
+  ps->i = i;
+  if ((ps->s[i] != '\n' && ps->s[i] != '\r') || (ps->s[ps->n - 1] != '\n' && ps->s[ps->n - 1] != '\r'))
+    return perr(ps, "unexpected text after the dict");
+  for (; i < ps->n; i++)
+    if (ps->s[i] == '\0' || !strchr(" \t\r\n", ps->s[i])) {
+      ps->i = i;
+      return perr(ps, "unexpected text after the dict");
+    }
+  return 0;
+}
+
 static int parse_dict(npy_parser *ps, npy_header *h) {
   char key[32];
-  if (expect(ps, '{') != 0) return -1;
+  if (lead_blank(ps) != 0 || expect(ps, '{') != 0) return -1;
   while (peek(ps) != '}') {
     if (parse_string(ps, key, sizeof key) != 0 || expect(ps, ':') != 0 || parse_value(ps, key, h) != 0) return -1;
     if (peek(ps) == ',')
@@ -150,7 +177,7 @@ static int parse_dict(npy_parser *ps, npy_header *h) {
       return perr(ps, "expected ',' or '}'");
   }
   ps->i++;
-  if (peek(ps) != -1) return perr(ps, "unexpected text after the dict");
+  if (tail_blank(ps) != 0) return -1;
   if (!h->seen_descr || !h->seen_fortran || !h->seen_shape)
     return perr(ps, "missing key '%s'", !h->seen_descr ? "descr" : !h->seen_fortran ? "fortran_order" : "shape");
   return 0;
