@@ -7,6 +7,7 @@ to build), and the reference is float64 numpy following the contract's semantics
 
 import json
 import os
+import stat
 import struct
 import subprocess
 import zlib
@@ -41,10 +42,12 @@ def tnorm_bin():
     return os.environ.get("TNORM_BIN", "")
 
 
-def run_tnorm(args, cwd=None, timeout=RUN_TIMEOUT):
-    """Runs TNORM_BIN with args (a list of str); returns subprocess.CompletedProcess (text mode)."""
+def run_tnorm(args, cwd=None, timeout=RUN_TIMEOUT, **popen_kwargs):
+    """Runs TNORM_BIN with args (a list of str); returns subprocess.CompletedProcess (text mode).
+    popen_kwargs go to subprocess.run (e.g. preexec_fn)."""
     cmd = [tnorm_bin()] + [str(a) for a in args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, timeout=timeout, text=True, errors="replace")
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, timeout=timeout, text=True, errors="replace",
+                          **popen_kwargs)
 
 
 def describe(proc):
@@ -75,15 +78,23 @@ def assert_error_output(proc, codes):
 
 
 def snapshot(root):
-    """{relative path: bytes (files) or None (directories)} of everything under root."""
+    """{relative path: bytes (regular files), None (directories), ("symlink", target) or ("special", mode)}
+    of everything under root. Symbolic links are not followed and FIFOs, sockets and devices not opened."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = fh.read()
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                value = ("symlink", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                value = None
+            elif stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as fh:
+                    value = fh.read()
+            else:
+                value = ("special", stat.S_IFMT(st.st_mode))
+            out[os.path.relpath(p, root)] = value
     return out
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes the tensor-file readers: builds tests/fuzz/fuzz_{npy,safetensors}.c with libFuzzer, ASan and
-# UBSan straight from the sources they need into build-fuzz/, then runs each for SECONDS seconds on a
-# scratch copy of its seed corpus (tests/fuzz/corpus/). One line per target; exits 1 if any target
-# crashed, leaked, ran out of memory or time, or failed to build.
+# UBSan straight from the sources they need into build-fuzz/, then runs the two at once for SECONDS
+# seconds each, on scratch copies of their seed corpora (tests/fuzz/corpus/). One line per target;
+# exits 1 if any target crashed, leaked, ran out of memory or time, or failed to build.
 #   bash tests/fuzz/run.sh [SECONDS]     (default 60; needs clang and its libFuzzer runtime)
 set -uo pipefail
 
@@ -15,22 +15,19 @@ flags=(-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefine
 # The readers and writers, and the library's dtype names and sizes (tn_dtype_size, tn_dtype_name).
 sources=("$root/tools/tnorm/tensor_file.c" "$root/tools/tnorm/npy.c" "$root/tools/tnorm/safetensors.c"
          "$root/src/core/dtype.c")
+targets=(npy safetensors)
 
-mkdir -p "$out"
-status=0
-for target in npy safetensors; do
-  bin=$out/fuzz_$target
-  log=$out/fuzz_$target.log
+# fuzz TARGET: builds and runs one target; its one-line verdict goes to build-fuzz/fuzz_TARGET.result.
+fuzz() {
+  local target=$1 bin=$out/fuzz_$1 log=$out/fuzz_$1.log work=$out/corpus-$1 runs found
   if ! "$cc" "${flags[@]}" "$root/tests/fuzz/fuzz_$target.c" "${sources[@]}" -o "$bin" >"$log" 2>&1; then
     echo "fuzz_$target: FAILED to build (see $log)"
-    status=1
-    continue
+    return 1
   fi
-  work=$out/corpus-$target
   rm -rf "$work" "$out/$target-"*
   mkdir -p "$work"
   cp "$root/tests/fuzz/corpus/$target"/* "$work"/
-  # The targets write their inputs under TMPDIR; a crash's input is kept as build-fuzz/crash-*.
+  # The targets write their inputs under TMPDIR; a crash's input is kept as build-fuzz/TARGET-crash-*.
   if (cd "$out" && "$bin" -max_total_time="$secs" -rss_limit_mb=2048 -max_len=65536 -timeout=20 \
         -print_final_stats=1 -artifact_prefix="$out/$target-" "$work" >>"$log" 2>&1); then
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
@@ -38,7 +35,16 @@ for target in npy safetensors; do
   else
     found=$(ls "$out/$target-"* 2>/dev/null | head -1)
     echo "fuzz_$target: FAILED (${found:-no artifact}; log $log)"
-    status=1
+    return 1
   fi
+}
+
+mkdir -p "$out"
+for target in "${targets[@]}"; do fuzz "$target" > "$out/fuzz_$target.result" & done
+status=0
+wait || status=1
+for target in "${targets[@]}"; do
+  cat "$out/fuzz_$target.result"
+  grep -q ': ok' "$out/fuzz_$target.result" || status=1
 done
 exit $status

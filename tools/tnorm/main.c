@@ -45,8 +45,11 @@ static const char usage_text[] =
     "  --device D           cpu | cuda | auto (default auto: the GPU when there is one)\n"
     "  --out PATH           output (required): FILE.npy (f32/f16) or FILE.safetensors[:NAME]\n"
     "  --residual-out PATH  add_rms_norm, add_layer_norm: where to write x + residual\n"
-    "Errors: one line on stderr, exit 1 (2 for a usage error); an existing output is never left\n"
-    "half-written.\n";
+    "Errors: one line on stderr, exit 1 (2 for a usage error); outputs are written in full to temporary\n"
+    "files and then renamed into place, both or neither, so an existing output is never left half-written\n"
+    "or replaced by a failed call.\n"
+    "Memory: run reads its inputs whole, so it needs about the size of its input files plus its outputs\n"
+    "(a 2 GiB x, even a sparse file, takes 2 GiB to read and 2 GiB for y).\n";
 
 static int vreport(int code, const char *fmt, va_list ap) {
   char msg[1024];

@@ -1,5 +1,8 @@
 /* tnorm run OP: loads the operands from tensor files, runs the op, writes the outputs atomically. */
+#include <float.h>
 #include <getopt.h>
+#include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,8 +68,19 @@ static int parse_choice(const char *flag, const char *value, const char *const *
   return cli_usage("--%s: unknown value '%s' (%s or %s)", flag, value, names[0], names[1]);
 }
 
+/* The library takes float: a value that float32 rounds to 0, to a subnormal or to infinity would be
+ * used as something else without a word, so it is refused. NaN is left for the op to refuse. */
 static int parse_number(const char *flag, const char *value, double *out) {
   if (cli_parse_double(value, out) != 0) return cli_usage("--%s: '%s' is not a number", flag, value);
+  const float f = (float)*out;
+  if (isinf(f))
+    return cli_usage("--%s: %s is beyond the range of float32, which the library takes (largest %g)", flag, value,
+                     (double)FLT_MAX);
+  if (f == 0 && *out != 0)
+    return cli_usage("--%s: %s is too small for float32, which the library takes: it would become 0", flag, value);
+  if (fpclassify(f) == FP_SUBNORMAL)
+    return cli_usage("--%s: %s is subnormal in float32, which the library takes (smallest normal %g)", flag, value,
+                     (double)FLT_MIN);
   return CLI_OK;
 }
 
@@ -92,8 +106,6 @@ static int check_flags_for_op(const run_options *o) {
   if (is_l2 && o->weight != NULL) return cli_fail("%s: takes no --weight (use --scale)", op);
   if (is_l2 && o->weight_offset_given) return cli_fail("%s: takes no --weight-offset", op);
   if (!is_l2 && o->scale_given) return cli_fail("%s: takes no --scale (l2_norm does)", op);
-  if (o->residual_out != NULL && strcmp(o->residual_out, o->out) == 0)
-    return cli_fail("%s: --out and --residual-out are the same file '%s'", op, o->out);
   return CLI_OK;
 }
 
@@ -168,10 +180,61 @@ static int load(const char *flag, const char *spec, tn_file_tensor *t) {
   return CLI_OK;
 }
 
+/* Both outputs or neither: each is written in full to a temporary first, then both are renamed into
+ * place, and the first is put back if the second cannot be. */
+static int save_outputs(const run_options *o, const tn_file_tensor *y, const tn_file_tensor *ro) {
+  static const char *const flags[] = {"out", "residual-out"};
+  tn_file_pending saves[2] = {{0}, {0}};
+  size_t count = o->residual_out != NULL ? 2 : 1, failed = 0;
+  char err[512];
+  if (tn_file_prepare(o->out, y, "y", &saves[0], err, sizeof err) != 0) return cli_fail("--out: %s", err);
+  if (count == 2 && tn_file_prepare(o->residual_out, ro, "residual_out", &saves[1], err, sizeof err) != 0) {
+    tn_file_discard(&saves[0]);
+    return cli_fail("--residual-out: %s", err);
+  }
+  if (tn_file_commit(saves, count, &failed, err, sizeof err) != 0)
+    return failed < count ? cli_fail("--%s: %s", flags[failed], err) : cli_fail("%s", err);
+  return CLI_OK;
+}
+
+/* A fatal signal while an output is written would leave its temporary, as big as the output, beside
+ * it: the handler removes the pending saves' files, then dies of the signal as it would have. */
+static void die_of_signal(int sig) {
+  sigset_t set;
+  tn_file_remove_pending();
+  sigemptyset(&set);
+  sigaddset(&set, sig);
+  sigprocmask(SIG_UNBLOCK, &set, NULL);
+  raise(sig); /* SA_RESETHAND has restored the default action */
+}
+
+static void remove_temporaries_on_signals(void) {
+  static const int fatal[] = {SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGPIPE, SIGALRM, SIGUSR1, SIGUSR2, SIGXCPU};
+  const size_t count = sizeof fatal / sizeof fatal[0];
+  struct sigaction sa, old;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = die_of_signal;
+  sa.sa_flags = SA_RESETHAND;
+  sigemptyset(&sa.sa_mask);
+  for (size_t i = 0; i < count; i++) sigaddset(&sa.sa_mask, fatal[i]);
+  for (size_t i = 0; i < count; i++) {
+    /* A signal ignored by whoever started the command (nohup, a background job) stays ignored. */
+    if (sigaction(fatal[i], NULL, &old) == 0 && old.sa_handler == SIG_IGN) continue;
+    sigaction(fatal[i], &sa, NULL);
+  }
+  /* Past the file size limit a write then fails with EFBIG, reported and cleaned up like any failed
+   * write, instead of the signal killing the command mid-file. */
+  signal(SIGXFSZ, SIG_IGN);
+}
+
 static tn_tensor view_of(const tn_file_tensor *f) { return tn_tensor_2d(f->data, f->dtype, f->rows, f->dim); }
 
 static int execute(const run_options *o, run_files *files) {
   int rc;
+  char err[512];
+  /* Two outputs that are one file would leave only the second. A malformed spec is reported below. */
+  if (o->residual_out != NULL && tn_file_same_target(o->out, o->residual_out, err, sizeof err) == 1)
+    return cli_fail("--out and --residual-out: %s", err);
   if ((rc = load("x", o->x, &files->x)) != CLI_OK) return rc;
   if ((rc = load("residual", o->residual, &files->residual)) != CLI_OK) return rc;
   tn_dtype dtype = files->x.dtype;
@@ -223,12 +286,7 @@ static int execute(const run_options *o, run_files *files) {
     goto free_outputs;
   }
 
-  char err[512];
-  if (tn_file_save(o->out, &y, "y", err, sizeof err) != 0) {
-    rc = cli_fail("--out: %s", err);
-  } else if (o->residual_out != NULL && tn_file_save(o->residual_out, &ro, "residual_out", err, sizeof err) != 0) {
-    rc = cli_fail("--residual-out: %s", err);
-  }
+  rc = save_outputs(o, &y, &ro);
 
 free_outputs:
   free(y.data);
@@ -242,6 +300,7 @@ int cli_run_main(int argc, char **argv) {
   run_options o = {0};
   int rc = parse_run_options(argc, argv, &o);
   if (rc != CLI_OK) return rc;
+  remove_temporaries_on_signals();
   run_files files = {0};
   rc = execute(&o, &files);
   tn_file_tensor_free(&files.x);

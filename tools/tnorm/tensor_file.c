@@ -1,12 +1,17 @@
 /* Tensor files: the spec ("PATH.npy", "PATH.safetensors:NAME"), the dispatch to a format, the atomic
  * save, and the helpers the two formats share. */
 #ifndef _POSIX_C_SOURCE
-#define _POSIX_C_SOURCE 200809L /* mkstemp, fchmod, fsync, fileno, strnlen */
+#define _POSIX_C_SOURCE 200809L /* mkstemp, fchmod, fsync, fileno, strnlen, linkat */
+#endif
+#ifndef _XOPEN_SOURCE
+#define _XOPEN_SOURCE 700 /* realpath */
 #endif
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -51,17 +56,31 @@ int tn_tf_fail(char *err, size_t errlen, const char *path, const char *fmt, ...)
 
 int tn_tf_open(const char *path, FILE **f, uint64_t *size, char *err, size_t errlen) {
   struct stat st;
-  *f = fopen(path, "rb");
-  if (!*f) return tn_tf_fail(err, errlen, path, "cannot open: %s", strerror(errno));
-  if (fstat(fileno(*f), &st) != 0) {
+  int fd, flags;
+  *f = NULL;
+  /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever. */
+  fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0) {
     int e = errno;
-    fclose(*f);
+    /* A socket cannot be opened at all; say what it is rather than ENXIO's "no such device". */
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) return tn_tf_fail(err, errlen, path, "not a regular file");
+    return tn_tf_fail(err, errlen, path, "cannot open: %s", strerror(e));
+  }
+  if (fstat(fd, &st) != 0) {
+    int e = errno;
+    close(fd);
     return tn_tf_fail(err, errlen, path, "cannot stat: %s", strerror(e));
   }
   /* The size bounds every allocation; devices, pipes and directories have no trustworthy size. */
   if (!S_ISREG(st.st_mode) || st.st_size < 0) {
-    fclose(*f);
+    close(fd);
     return tn_tf_fail(err, errlen, path, "not a regular file");
+  }
+  flags = fcntl(fd, F_GETFL);
+  if (flags == -1 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) == -1 || !(*f = fdopen(fd, "rb"))) {
+    int e = errno;
+    close(fd);
+    return tn_tf_fail(err, errlen, path, "cannot open: %s", strerror(e));
   }
   *size = (uint64_t)st.st_size;
   return 0;
@@ -190,16 +209,69 @@ static mode_t current_umask(void) {
   return m;
 }
 
-/* The temporary lives in the target's directory so that rename() is atomic (same filesystem). */
-static char *temp_template(const char *path) {
-  static const char base[] = ".tnorm-tmp-XXXXXX";
+/* Every pending save has an entry in a fixed table, so that a signal handler can find its files
+ * without allocating or locking: the target, the temporary written beside it, and during a commit
+ * the name that keeps the target's previous file until the commit is complete. A path that does not
+ * fit TF_PATH_MAX would be refused by the system calls anyway. */
+enum { TF_PATH_MAX = 4096 };
+
+enum {
+  SLOT_FREE,
+  SLOT_CLAIMED,    /* being filled in; no file yet */
+  SLOT_TEMP,       /* a prepared save: tmp may exist */
+  SLOT_COMMITTING, /* in a commit that may not have completed */
+  SLOT_COMMITTED   /* in a completed commit; only the backup is left to remove */
+};
+
+/* What the backup name may be at this moment; a handler must know to remove or use it. */
+enum {
+  BACKUP_NONE,
+  BACKUP_RESERVING, /* an empty file that only reserves the name */
+  BACKUP_LINKING,   /* a second name of the target, when linkat has done its work */
+  BACKUP_KEPT       /* the target's previous file */
+};
+
+typedef struct tf_slot {
+  _Atomic int state;        /* SLOT_* */
+  _Atomic int backup_state; /* BACKUP_* */
+  int had_target;           /* the target existed when the commit began */
+  int move_aside;           /* no hard links there: the previous file is renamed to backup at commit */
+  int last;                 /* in a commit: the entry whose rename completes it */
+  char target[TF_PATH_MAX], tmp[TF_PATH_MAX], backup[TF_PATH_MAX];
+} tf_slot;
+
+static tf_slot slots[TN_FILE_MAX_PENDING];
+
+static tf_slot *claim_slot(void) {
+  for (int i = 0; i < TN_FILE_MAX_PENDING; i++) {
+    int expected = SLOT_FREE;
+    if (atomic_compare_exchange_strong(&slots[i].state, &expected, SLOT_CLAIMED)) {
+      atomic_store(&slots[i].backup_state, BACKUP_NONE);
+      slots[i].had_target = slots[i].move_aside = 0;
+      slots[i].last = i;
+      return &slots[i];
+    }
+  }
+  return NULL;
+}
+
+static void release_slot(tf_slot *sl) { atomic_store(&sl->state, SLOT_FREE); }
+
+/* The entry of a prepared save, or NULL when p holds none. */
+static tf_slot *pending_slot(const tn_file_pending *p) {
+  if (!p || p->id < 1 || p->id > TN_FILE_MAX_PENDING) return NULL;
+  return atomic_load(&slots[p->id - 1].state) == SLOT_TEMP ? &slots[p->id - 1] : NULL;
+}
+
+/* A name beside path (in the same directory, so that rename() is atomic: one filesystem) made of base,
+ * a mkstemp template. */
+static int beside(const char *path, const char *base, char *out) {
   const char *slash = strrchr(path, '/');
-  size_t dirlen = slash ? (size_t)(slash - path) + 1 : 0;
-  char *tmpl = malloc(dirlen + sizeof base);
-  if (!tmpl) return NULL;
-  memcpy(tmpl, path, dirlen);
-  memcpy(tmpl + dirlen, base, sizeof base);
-  return tmpl;
+  size_t dirlen = slash ? (size_t)(slash - path) + 1 : 0, baselen = strlen(base);
+  if (dirlen + baselen >= TF_PATH_MAX) return -1;
+  memcpy(out, path, dirlen);
+  memcpy(out + dirlen, base, baselen + 1);
+  return 0;
 }
 
 /* Writes the whole file through fd and closes it; the data is on disk when it returns 0. */
@@ -223,23 +295,134 @@ static int write_temp(int fd, const char *path, tf_writer writer, const tn_file_
   return rc;
 }
 
-static int save_atomic(const char *path, tf_writer writer, const tn_file_tensor *t, const char *name, char *err,
-                       size_t errlen) {
-  char *tmp = temp_template(path);
+static int write_pending(const char *path, tf_writer writer, const tn_file_tensor *t, const char *name,
+                         tn_file_pending *p, char *err, size_t errlen) {
+  tf_slot *sl;
+  size_t len = strlen(path);
   int fd, rc;
-  if (!tmp) return tn_tf_fail(err, errlen, path, "out of memory");
-  fd = mkstemp(tmp);
+  if (len >= TF_PATH_MAX) return tn_tf_fail(err, errlen, path, "file name too long");
+  sl = claim_slot();
+  if (!sl) return tn_tf_fail(err, errlen, path, "more than %d saves pending at once", TN_FILE_MAX_PENDING);
+  memcpy(sl->target, path, len + 1);
+  if (beside(path, ".tnorm-tmp-XXXXXX", sl->tmp) != 0) {
+    release_slot(sl);
+    return tn_tf_fail(err, errlen, path, "file name too long");
+  }
+  /* Recorded before mkstemp creates the file, so that there is no moment a signal could leave it. */
+  atomic_store(&sl->state, SLOT_TEMP);
+  fd = mkstemp(sl->tmp);
   if (fd < 0) {
     rc = tn_tf_fail(err, errlen, path, "cannot create a temporary file in its directory: %s", strerror(errno));
-    free(tmp);
+    release_slot(sl);
     return rc;
   }
   rc = write_temp(fd, path, writer, t, name, err, errlen);
-  if (rc == 0 && rename(tmp, path) != 0)
-    rc = tn_tf_fail(err, errlen, path, "cannot replace it with the written file: %s", strerror(errno));
-  if (rc != 0) unlink(tmp);
-  free(tmp);
-  return rc;
+  if (rc != 0) {
+    unlink(sl->tmp);
+    release_slot(sl);
+    return rc;
+  }
+  p->id = (int)(sl - slots) + 1;
+  return 0;
+}
+
+/* The directory part of path, resolved to an absolute path free of symbolic links (malloc'd), or NULL. */
+static char *resolved_directory(const char *path) {
+  const char *slash = strrchr(path, '/');
+  char *dir, *real;
+  if (!slash) return realpath(".", NULL);
+  if (slash == path) return realpath("/", NULL);
+  dir = malloc((size_t)(slash - path) + 1);
+  if (!dir) return NULL;
+  memcpy(dir, path, (size_t)(slash - path));
+  dir[slash - path] = '\0';
+  real = realpath(dir, NULL);
+  free(dir);
+  return real;
+}
+
+/* Whether two paths are one file: its device and inode when both exist, which sees through hard and
+ * symbolic links; otherwise one directory entry, the same name in the same resolved directory. */
+static int same_path(const char *a, const char *b) {
+  struct stat sa, sb;
+  char *da, *db;
+  int same;
+  if (stat(a, &sa) == 0 && stat(b, &sb) == 0) return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+  da = resolved_directory(a);
+  db = resolved_directory(b);
+  if (da && db) {
+    const char *na = strrchr(a, '/'), *nb = strrchr(b, '/');
+    same = strcmp(da, db) == 0 && strcmp(na ? na + 1 : a, nb ? nb + 1 : b) == 0;
+  } else {
+    same = strcmp(a, b) == 0; /* a directory that does not resolve fails the save anyway */
+  }
+  free(da);
+  free(db);
+  return same;
+}
+
+/* Keeps the target's previous file under a fresh name beside it until the commit completes, so that
+ * a failed commit can rename it back: a hard link, or where the filesystem has none, the file itself,
+ * moved aside just before it is replaced. */
+static int keep_aside(tf_slot *sl, char *err, size_t errlen) {
+  for (int attempt = 0; attempt < 100; attempt++) {
+    int fd;
+    if (beside(sl->target, ".tnorm-old-XXXXXX", sl->backup) != 0)
+      return tn_tf_fail(err, errlen, sl->target, "file name too long");
+    /* mkstemp finds a free name; linkat needs it free, so a name taken again meanwhile is tried anew. */
+    atomic_store(&sl->backup_state, BACKUP_RESERVING);
+    fd = mkstemp(sl->backup);
+    if (fd < 0) {
+      atomic_store(&sl->backup_state, BACKUP_NONE);
+      return tn_tf_fail(err, errlen, sl->target, "cannot create a file in its directory: %s", strerror(errno));
+    }
+    close(fd);
+    unlink(sl->backup);
+    atomic_store(&sl->backup_state, BACKUP_LINKING);
+    if (linkat(AT_FDCWD, sl->target, AT_FDCWD, sl->backup, 0) == 0) {
+      atomic_store(&sl->backup_state, BACKUP_KEPT);
+      return 0;
+    }
+    atomic_store(&sl->backup_state, BACKUP_NONE);
+    if (errno == EEXIST) continue;
+    if (errno == EPERM || errno == EMLINK || errno == ENOTSUP || errno == EOPNOTSUPP || errno == ENOSYS) {
+      sl->move_aside = 1;
+      return 0;
+    }
+    return tn_tf_fail(err, errlen, sl->target, "cannot keep its previous file while replacing it: %s",
+                      strerror(errno));
+  }
+  return tn_tf_fail(err, errlen, sl->target, "cannot find a free name beside it");
+}
+
+static int same_inode(const char *a, const char *b) {
+  struct stat sa, sb;
+  return lstat(a, &sa) == 0 && lstat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+/* Removes the name that kept, or was about to keep, the target's previous file. Async-signal-safe. */
+static void drop_backup(tf_slot *sl) {
+  int b = atomic_load(&sl->backup_state);
+  /* While linking, the name is ours only once it names the target: it may be another's file. */
+  if (b == BACKUP_RESERVING || b == BACKUP_KEPT || (b == BACKUP_LINKING && same_inode(sl->backup, sl->target)))
+    unlink(sl->backup);
+  atomic_store(&sl->backup_state, BACKUP_NONE);
+}
+
+/* Puts an entry's target back as it was before its commit began, whether or not its rename has
+ * happened, and removes its temporary. Only async-signal-safe calls, so that a signal handler can run
+ * it. -1 when the previous file could not be renamed back: it stays under the backup name. */
+static int undo_slot(tf_slot *sl) {
+  unlink(sl->tmp);
+  if (atomic_load(&sl->backup_state) == BACKUP_KEPT) {
+    /* With a hard link and the target not yet replaced, both names are one file: rename() then does
+     * nothing, and drop_backup() removes the extra name. */
+    if (rename(sl->backup, sl->target) != 0 && errno != ENOENT) return -1;
+  } else if (!sl->had_target) {
+    unlink(sl->target);
+  }
+  drop_backup(sl);
+  return 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -276,8 +459,11 @@ int tn_file_check_save(const char *spec, tn_dtype dtype, char *err, size_t errle
 
 int tn_file_check_directory(const char *spec, char *err, size_t errlen) {
   tf_spec s;
+  struct stat st;
   if (err && errlen) err[0] = '\0';
   if (parse_spec(spec, &s, err, errlen) != 0) return -1;
+  /* rename() replaces a file or a symbolic link, never a directory: refused before any work is done. */
+  int is_dir = lstat(s.path, &st) == 0 && S_ISDIR(st.st_mode);
   const char *slash = strrchr(s.path, '/');
   int ok;
   if (slash == NULL) {
@@ -289,7 +475,30 @@ int tn_file_check_directory(const char *spec, char *err, size_t errlen) {
     ok = access(s.path, W_OK | X_OK) == 0;
   }
   free(s.path);
-  return ok ? 0 : tn_tf_fail(err, errlen, spec, "cannot write into its directory");
+  if (!ok) return tn_tf_fail(err, errlen, spec, "cannot write into its directory");
+  return is_dir ? tn_tf_fail(err, errlen, spec, "is a directory") : 0;
+}
+
+int tn_file_same_target(const char *spec_a, const char *spec_b, char *err, size_t errlen) {
+  tf_spec a, b;
+  int same;
+  if (err && errlen) err[0] = '\0';
+  if (parse_spec(spec_a, &a, err, errlen) != 0) return -1;
+  if (parse_spec(spec_b, &b, err, errlen) != 0) {
+    free(a.path);
+    return -1;
+  }
+  same = same_path(a.path, b.path);
+  if (same && a.kind == TF_SAFETENSORS && b.kind == TF_SAFETENSORS)
+    tn_tf_fail(err, errlen, NULL,
+               "%s and %s are the same file; a save writes a .safetensors file whole, with one tensor, "
+               "so save the two tensors to two files",
+               a.path, b.path);
+  else if (same)
+    tn_tf_fail(err, errlen, NULL, "%s and %s are the same file", a.path, b.path);
+  free(a.path);
+  free(b.path);
+  return same;
 }
 
 static const char *save_name(const tf_spec *s, const tn_file_tensor *t, const char *default_name) {
@@ -298,11 +507,14 @@ static const char *save_name(const tf_spec *s, const tn_file_tensor *t, const ch
   return t->name[0] && memchr(t->name, '\0', sizeof t->name) ? t->name : NULL;
 }
 
-int tn_file_save(const char *spec, const tn_file_tensor *t, const char *default_name, char *err, size_t errlen) {
+int tn_file_prepare(const char *spec, const tn_file_tensor *t, const char *default_name, tn_file_pending *p,
+                    char *err, size_t errlen) {
   tf_spec s;
   const char *name;
   int rc;
   if (err && errlen) err[0] = '\0';
+  if (!p) return tn_tf_fail(err, errlen, spec, "nowhere to record the save");
+  p->id = 0;
   if (parse_spec(spec, &s, err, errlen) != 0) return -1;
   if (!t) {
     rc = tn_tf_fail(err, errlen, s.path, "no tensor to save");
@@ -311,10 +523,147 @@ int tn_file_save(const char *spec, const tn_file_tensor *t, const char *default_
     rc = check_dtype(&s, t->dtype, err, errlen);
     if (rc == 0) rc = check_tensor(s.path, t, err, errlen);
     if (rc == 0 && s.kind == TF_SAFETENSORS) rc = check_name(s.path, name, err, errlen);
-    if (rc == 0) rc = save_atomic(s.path, s.kind == TF_NPY ? tn_npy_write : tn_st_write, t, name, err, errlen);
+    if (rc == 0)
+      rc = write_pending(s.path, s.kind == TF_NPY ? tn_npy_write : tn_st_write, t, name, p, err, errlen);
   }
   free(s.path);
   return rc;
+}
+
+void tn_file_discard(tn_file_pending *p) {
+  tf_slot *sl = pending_slot(p);
+  if (sl) {
+    unlink(sl->tmp);
+    release_slot(sl);
+  }
+  if (p) p->id = 0;
+}
+
+static void discard_all(tn_file_pending *p, size_t count) {
+  for (size_t i = 0; i < count; i++) tn_file_discard(&p[i]);
+}
+
+/* Adds to a failed commit's message that a previous file could not be put back, and where it is. */
+static void report_not_restored(const tf_slot *sl, char *err, size_t errlen) {
+  char *first = err && errlen ? strdup(err) : NULL;
+  if (!first) return;
+  tn_tf_fail(err, errlen, NULL, "%s; and %s could not be put back: its previous file is %s", first, sl->target,
+             sl->backup);
+  free(first);
+}
+
+int tn_file_commit(tn_file_pending *p, size_t count, size_t *failed, char *err, size_t errlen) {
+  tf_slot *group[TN_FILE_MAX_PENDING];
+  size_t i, j, at = count;
+  int last, restored = 1;
+  if (err && errlen) err[0] = '\0';
+  if (failed) *failed = count;
+  if (count == 0) return 0;
+  if (!p) return tn_tf_fail(err, errlen, NULL, "no saves to commit");
+  if (count > TN_FILE_MAX_PENDING) {
+    discard_all(p, count);
+    return tn_tf_fail(err, errlen, NULL, "more than %d saves to commit", TN_FILE_MAX_PENDING);
+  }
+  for (i = 0; i < count; i++) {
+    group[i] = pending_slot(&p[i]);
+    for (j = 0; group[i] && j < i; j++)
+      if (group[j] == group[i]) group[i] = NULL;
+    if (!group[i]) {
+      discard_all(p, count);
+      if (failed) *failed = i;
+      return tn_tf_fail(err, errlen, NULL, "save %zu of the commit is not a prepared save", i);
+    }
+  }
+  for (i = 1; i < count; i++) {
+    for (j = 0; j < i; j++) {
+      if (same_path(group[j]->target, group[i]->target)) {
+        tn_tf_fail(err, errlen, NULL, "%s and %s are the same file", group[j]->target, group[i]->target);
+        discard_all(p, count);
+        if (failed) *failed = i;
+        return -1;
+      }
+    }
+  }
+
+  last = (int)(group[count - 1] - slots);
+  for (i = 0; i < count; i++) {
+    struct stat st;
+    tf_slot *sl = group[i];
+    sl->had_target = lstat(sl->target, &st) == 0;
+    sl->last = last;
+    atomic_store(&sl->state, SLOT_COMMITTING);
+    /* The last rename completes the commit, so its target's previous file need not be kept. */
+    if (i + 1 < count && sl->had_target && !S_ISDIR(st.st_mode) && keep_aside(sl, err, errlen) != 0) {
+      at = i;
+      goto undo;
+    }
+  }
+  for (i = 0; i < count; i++) {
+    tf_slot *sl = group[i];
+    if (sl->move_aside) {
+      atomic_store(&sl->backup_state, BACKUP_KEPT);
+      if (rename(sl->target, sl->backup) != 0) {
+        atomic_store(&sl->backup_state, BACKUP_NONE);
+        tn_tf_fail(err, errlen, sl->target, "cannot move its previous file aside: %s", strerror(errno));
+        at = i;
+        goto undo;
+      }
+    }
+    if (rename(sl->tmp, sl->target) != 0) {
+      tn_tf_fail(err, errlen, sl->target, "cannot replace it with the written file: %s", strerror(errno));
+      at = i;
+      goto undo;
+    }
+  }
+  atomic_store(&slots[last].state, SLOT_COMMITTED);
+  for (i = 0; i < count; i++) {
+    atomic_store(&group[i]->state, SLOT_COMMITTED);
+    drop_backup(group[i]);
+    release_slot(group[i]);
+    p[i].id = 0;
+  }
+  return 0;
+
+undo:
+  for (i = count; i-- > 0;) {
+    if (undo_slot(group[i]) != 0 && restored) {
+      report_not_restored(group[i], err, errlen);
+      restored = 0;
+    }
+    release_slot(group[i]);
+    p[i].id = 0;
+  }
+  if (failed) *failed = at;
+  return -1;
+}
+
+int tn_file_save(const char *spec, const tn_file_tensor *t, const char *default_name, char *err, size_t errlen) {
+  tn_file_pending p = {0};
+  if (tn_file_prepare(spec, t, default_name, &p, err, errlen) != 0) return -1;
+  return tn_file_commit(&p, 1, NULL, err, errlen);
+}
+
+void tn_file_remove_pending(void) {
+  int done[TN_FILE_MAX_PENDING], saved = errno;
+  /* A commit is complete once the rename of its last save has happened: that temporary is gone. */
+  for (int i = 0; i < TN_FILE_MAX_PENDING; i++) {
+    int st = atomic_load(&slots[i].state);
+    done[i] = st == SLOT_COMMITTED ||
+              (st == SLOT_COMMITTING && slots[i].last == i && access(slots[i].tmp, F_OK) != 0 && errno == ENOENT);
+  }
+  for (int i = 0; i < TN_FILE_MAX_PENDING; i++) {
+    tf_slot *sl = &slots[i];
+    int st = atomic_load(&sl->state);
+    if (st == SLOT_TEMP) {
+      unlink(sl->tmp);
+    } else if (st == SLOT_COMMITTING || st == SLOT_COMMITTED) {
+      if (!done[sl->last])
+        undo_slot(sl);
+      else
+        drop_backup(sl);
+    }
+  }
+  errno = saved;
 }
 
 void tn_file_tensor_free(tn_file_tensor *t) {
