@@ -13,6 +13,7 @@
  * fused arguments must pass validation like any call. */
 #include "graph.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,6 +53,8 @@ static void node_init(tn_graph_node *n, const tn_op_args *args) {
 
 tn_status tn_graph_append(tn_context *ctx, tn_graph *g, const tn_op_args *args) {
   if (g->count == g->capacity) {
+    TN_RETURN_ERROR_IF(g->capacity > INT_MAX / 2, ctx, TN_ERR_OVERFLOW, "graph: more than %d ops recorded",
+                       g->capacity);
     int cap = g->capacity ? 2 * g->capacity : 16;
     tn_graph_node *p = realloc(g->nodes, (size_t)cap * sizeof *p);
     TN_RETURN_ERROR_IF(p == NULL, ctx, TN_ERR_NO_MEMORY, "graph: out of memory recording op %d", g->count);
