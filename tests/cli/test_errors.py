@@ -13,35 +13,15 @@ USAGE = 2
 ERROR = 1
 
 
-class Ctx:
-    """Working directories: in/ for inputs, out/ holding pre-existing outputs with known bytes."""
+class Ctx(T.Workdirs):
+    """in/ for inputs; out/ holding y.npy, y.safetensors, r.npy and y.txt with known bytes."""
 
     def __init__(self, tmp_path, rng):
-        self.tmp = tmp_path
-        self.rng = rng
-        self.ind = tmp_path / "in"
-        self.outd = tmp_path / "out"
-        self.ind.mkdir()
-        self.outd.mkdir()
+        super().__init__(tmp_path, rng, ("y.npy", "y.safetensors", "r.npy", "y.txt"))
         self.out = self.outd / "y.npy"
         self.out_st = self.outd / "y.safetensors"
         self.res_out = self.outd / "r.npy"
         self.out_txt = self.outd / "y.txt"
-        for p in (self.out, self.out_st, self.res_out, self.out_txt):
-            p.write_bytes(T.KNOWN_BYTES)
-
-    def raw(self, name, data):
-        p = self.ind / name
-        p.write_bytes(data)
-        return p
-
-    def npy(self, name, arr):
-        p = self.ind / name
-        T.write_npy(p, arr)
-        return p
-
-    def x(self, shape=(4, 8), dtype="f32"):
-        return self.npy("x.npy", T.rand_normal(self.rng, shape, dtype))
 
     def rms(self, x, *extra):
         return ["run", "rms_norm", "--x", x, "--out", self.out, *extra]

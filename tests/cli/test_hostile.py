@@ -22,26 +22,11 @@ ERROR = 1
 HANG_TIMEOUT = 15
 
 
-class Dirs:
+class Dirs(T.Workdirs):
     """in/ for inputs; out/ holding y.npy, r.npy and y.safetensors with known bytes."""
 
     def __init__(self, tmp_path, rng):
-        self.tmp = tmp_path
-        self.rng = rng
-        self.ind = tmp_path / "in"
-        self.outd = tmp_path / "out"
-        self.ind.mkdir()
-        self.outd.mkdir()
-        for name in ("y.npy", "r.npy", "y.safetensors"):
-            (self.outd / name).write_bytes(T.KNOWN_BYTES)
-
-    def npy(self, name, arr):
-        p = self.ind / name
-        T.write_npy(p, arr)
-        return p
-
-    def x(self, shape=(4, 8), dtype="f32"):
-        return self.npy("x.npy", T.rand_normal(self.rng, shape, dtype))
+        super().__init__(tmp_path, rng, ("y.npy", "r.npy", "y.safetensors"))
 
     def residual(self, shape=(4, 8), dtype="f32"):
         return self.npy("res.npy", T.rand_normal(self.rng, shape, dtype))

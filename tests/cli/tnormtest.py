@@ -109,6 +109,34 @@ def diff_snapshots(before, after):
 # Random data
 # --------------------------------------------------------------------------------------------------
 
+class Workdirs:
+    """A test's working directories: in/ for inputs, out/ holding pre-existing outputs (the names given)
+    with known bytes, which a failed call must leave as they were."""
+
+    def __init__(self, tmp_path, rng, outputs):
+        self.tmp = tmp_path
+        self.rng = rng
+        self.ind = tmp_path / "in"
+        self.outd = tmp_path / "out"
+        self.ind.mkdir()
+        self.outd.mkdir()
+        for name in outputs:
+            (self.outd / name).write_bytes(KNOWN_BYTES)
+
+    def raw(self, name, data):
+        p = self.ind / name
+        p.write_bytes(data)
+        return p
+
+    def npy(self, name, arr):
+        p = self.ind / name
+        write_npy(p, arr)
+        return p
+
+    def x(self, shape=(4, 8), dtype="f32"):
+        return self.npy("x.npy", rand_normal(self.rng, shape, dtype))
+
+
 def seeded_rng(seed, nodeid):
     """A generator that depends on the run's seed and on the test, not on the order tests run in."""
     return np.random.default_rng([seed, zlib.crc32(nodeid.encode())])

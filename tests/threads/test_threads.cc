@@ -10,19 +10,15 @@
 #include <thread>
 #include <vector>
 
+#include "test_context.h"
 #include "test_seed.h"
 #include "tnorm.h"
 
 namespace {
 
+using tnorm_test::Context;
 using tnorm_test::GlobalSeed;
 using tnorm_test::Rng;
-
-struct Context {
-  tn_context *ctx = nullptr;
-  Context() { EXPECT_EQ(tn_context_create(&ctx), TN_OK); }
-  ~Context() { tn_context_destroy(ctx); }
-};
 
 // While one thread is inside a long call, a call on the same context from another thread returns
 // TN_ERR_BUSY at once, writes nothing and leaves the first call's message alone; the long call's result

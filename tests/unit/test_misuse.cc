@@ -8,19 +8,15 @@
 #include <string>
 #include <vector>
 
+#include "test_context.h"
 #include "test_seed.h"
 #include "tnorm.h"
 
 namespace {
 
+using tnorm_test::Context;
 using tnorm_test::GlobalSeed;
 using tnorm_test::Rng;
-
-struct Context {
-  tn_context *ctx = nullptr;
-  Context() { EXPECT_EQ(tn_context_create(&ctx), TN_OK); }
-  ~Context() { tn_context_destroy(ctx); }
-};
 
 TEST(Misuse, MallocRefusesSizesThatWrap) {
   Context c;
