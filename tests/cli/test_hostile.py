@@ -381,3 +381,39 @@ def test_help_states_the_memory_needed(tmp_path):
     T.assert_ok(proc)
     text = " ".join(proc.stdout.split()).lower()
     assert "memory" in text and "inputs whole" in text, proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Standard streams closed at start: no file the command opens takes their numbers
+# --------------------------------------------------------------------------------------------------
+
+def _closing(*fds):
+    def close():
+        for fd in fds:
+            os.close(fd)
+    return close
+
+
+def test_closed_stdout_keeps_the_table_out_of_the_csv(tmp_path):
+    # Enough rows that the table (stdout, fully buffered) is flushed while the CSV is open.
+    csv = tmp_path / "bench.csv"
+    proc = subprocess.run([T.tnorm_bin(), "bench", "--device", "cpu", "--csv", str(csv), "--shapes",
+                           "1x64,2x64,3x64,4x64", "--dtypes", "f32,f16,bf16", "--iters", "1"],
+                          cwd=tmp_path, stderr=subprocess.PIPE, text=True, timeout=HANG_TIMEOUT * 8,
+                          preexec_fn=_closing(1))
+    assert proc.returncode == 0, proc.stderr
+    lines = csv.read_text().splitlines()
+    assert lines[0].startswith("device,op,dtype"), lines[:3]
+    stray = [ln for ln in lines[1:] if not ln.startswith("cpu,")]
+    assert len(lines) > 40 and not stray, f"{len(lines)} lines, not CSV rows: {stray[:3]}"
+
+
+def test_closed_stdout_and_stderr_leave_outputs_whole(tmp_path, rng):
+    d = Dirs(tmp_path, rng)
+    x = T.rand_normal(rng, (4, 8), "f32")
+    xp = d.npy("x.npy", x)
+    out = d.outd / "new.npy"
+    proc = subprocess.run([T.tnorm_bin(), "run", "rms_norm", "--x", str(xp), "--out", str(out)], cwd=tmp_path,
+                          timeout=HANG_TIMEOUT, preexec_fn=_closing(1, 2))
+    assert proc.returncode == 0
+    assert T.read_npy(out).shape == (4, 8)  # a whole, readable .npy

@@ -589,6 +589,10 @@ TEST_F(TensorFileSave, RefusesNamesThatAreNotUtf8) {
     EXPECT_EQ(tn_file_save((Path("u.safetensors:") + name).c_str(), &t, nullptr, err, sizeof err), -1);
     ExpectOneLine(err);
     EXPECT_NE(std::strstr(err, "not valid UTF-8"), nullptr) << err;
+    // Known before anything is computed: the command checks its outputs' specs first.
+    err[0] = '\0';
+    EXPECT_EQ(tn_file_check_save((Path("u.safetensors:") + name).c_str(), TN_F32, err, sizeof err), -1);
+    EXPECT_NE(std::strstr(err, "not valid UTF-8"), nullptr) << err;
   }
   EXPECT_TRUE(List().empty());
 }

@@ -1,12 +1,14 @@
 /* tnorm: run one op on tensor files, check every op against a float64 reference, or benchmark. */
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cli.h"
 
@@ -160,7 +162,19 @@ int cli_kernels_main(int argc, char **argv) {
   return rc;
 }
 
+/* Started with a standard stream closed, the command would get that descriptor for the first file it
+ * opens (an output's temporary, a CSV) and then print into the file: each closed one is opened on
+ * /dev/null first, in order, so that it takes its own number. */
+static void keep_standard_streams_open(void) {
+  for (int fd = 0; fd <= 2; fd++) {
+    if (fcntl(fd, F_GETFD) != -1 || errno != EBADF) continue;
+    const int opened = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+    if (opened >= 0 && opened != fd) close(opened);
+  }
+}
+
 int main(int argc, char **argv) {
+  keep_standard_streams_open();
   if (argc < 2) return cli_usage("no command given (run, check or bench; see tnorm --help)");
   const char *cmd = argv[1];
   if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {

@@ -95,49 +95,6 @@ static int st_syntax(st_parser *p, const char *why) {
 /* JSON as serde_json reads it                                                                      */
 /* ------------------------------------------------------------------------------------------------ */
 
-/* Rust's str::from_utf8, which the reference applies to the whole header first: no overlong forms,
- * no surrogates, nothing above U+10FFFF. */
-static int st_utf8(const unsigned char *s, size_t n, size_t *bad) {
-  size_t i = 0;
-  while (i < n) {
-    unsigned c = s[i];
-    size_t len, k;
-    unsigned lo = 0x80, hi = 0xbf;
-    if (c < 0x80) {
-      /* ASCII eight bytes at a time: most headers are nothing else. */
-      uint64_t w;
-      while (n - i >= 8 && (memcpy(&w, s + i, 8), (w & 0x8080808080808080u) == 0)) i += 8;
-      while (i < n && s[i] < 0x80) i++;
-      continue;
-    }
-    if (c >= 0xc2 && c <= 0xdf) {
-      len = 2;
-    } else if (c >= 0xe0 && c <= 0xef) {
-      len = 3;
-      if (c == 0xe0) lo = 0xa0;
-      if (c == 0xed) hi = 0x9f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-      len = 4;
-      if (c == 0xf0) lo = 0x90;
-      if (c == 0xf4) hi = 0x8f;
-    } else {
-      *bad = i;
-      return -1;
-    }
-    if (n - i < len || s[i + 1] < lo || s[i + 1] > hi) {
-      *bad = i;
-      return -1;
-    }
-    for (k = 2; k < len; k++)
-      if ((s[i + k] & 0xc0) != 0x80) {
-        *bad = i;
-        return -1;
-      }
-    i += len;
-  }
-  return 0;
-}
-
 /* The next byte after JSON whitespace, or -1 at the end. */
 static int st_peek(st_parser *p) {
   for (;; p->i++) {
@@ -600,7 +557,7 @@ static int st_parse(st_parser *p) {
   if (p->n >= 3 && memcmp(p->s, "\xef\xbb\xbf", 3) == 0)
     return tn_tf_fail(p->err, p->errlen, p->path,
                       "header starts with a UTF-8 byte order mark, which JSON does not allow");
-  if (st_utf8((const unsigned char *)p->s, p->n, &bad) != 0)
+  if (tn_tf_utf8_check((const unsigned char *)p->s, p->n, &bad) != 0)
     return tn_tf_fail(p->err, p->errlen, p->path, "header is not valid UTF-8 (at byte %zu)", bad);
   switch (st_peek(p)) {
     case '{':
@@ -947,7 +904,7 @@ int tn_st_write(FILE *f, const char *path, const tn_file_tensor *t, const char *
   uint64_t nbytes = 0;
   size_t hlen = 0, bad;
   /* A header that is not UTF-8 is refused by every reader, this one included. */
-  if (st_utf8((const unsigned char *)name, strlen(name), &bad) != 0)
+  if (tn_tf_utf8_check((const unsigned char *)name, strlen(name), &bad) != 0)
     return tn_tf_fail(err, errlen, path, "tensor name is not valid UTF-8 (at byte %zu)", bad);
   if (tn_tf_nbytes(t->rows, t->dim, t->dtype, &nbytes) == 0)
     hlen = st_header_text(t, name, nbytes, header, sizeof header);

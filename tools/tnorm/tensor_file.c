@@ -118,6 +118,47 @@ int tn_tf_read_data(FILE *f, const char *path, uint64_t nbytes, void **data, cha
   return 0;
 }
 
+int tn_tf_utf8_check(const unsigned char *s, size_t n, size_t *bad) {
+  size_t i = 0;
+  while (i < n) {
+    unsigned c = s[i];
+    size_t len, k;
+    unsigned lo = 0x80, hi = 0xbf;
+    if (c < 0x80) {
+      /* ASCII eight bytes at a time: most headers are nothing else. */
+      uint64_t w;
+      while (n - i >= 8 && (memcpy(&w, s + i, 8), (w & 0x8080808080808080u) == 0)) i += 8;
+      while (i < n && s[i] < 0x80) i++;
+      continue;
+    }
+    if (c >= 0xc2 && c <= 0xdf) {
+      len = 2;
+    } else if (c >= 0xe0 && c <= 0xef) {
+      len = 3;
+      if (c == 0xe0) lo = 0xa0;
+      if (c == 0xed) hi = 0x9f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+      len = 4;
+      if (c == 0xf0) lo = 0x90;
+      if (c == 0xf4) hi = 0x8f;
+    } else {
+      *bad = i;
+      return -1;
+    }
+    if (n - i < len || s[i + 1] < lo || s[i + 1] > hi) {
+      *bad = i;
+      return -1;
+    }
+    for (k = 2; k < len; k++)
+      if ((s[i + k] & 0xc0) != 0x80) {
+        *bad = i;
+        return -1;
+      }
+    i += len;
+  }
+  return 0;
+}
+
 int tn_tf_host_is_little_endian(void) {
   const uint16_t one = 1;
   unsigned char first;
@@ -135,11 +176,14 @@ static int ends_with(const char *s, size_t len, const char *suffix) {
 }
 
 static int check_name(const char *path, const char *name, char *err, size_t errlen) {
-  size_t n;
+  size_t n, bad;
   if (!name || !*name) return tn_tf_fail(err, errlen, path, "no tensor name (write PATH.safetensors:NAME)");
   n = strnlen(name, sizeof((tn_file_tensor *)0)->name);
   if (n >= sizeof((tn_file_tensor *)0)->name)
     return tn_tf_fail(err, errlen, path, "tensor name is longer than 255 bytes");
+  /* A safetensors header is UTF-8: refused here, before anything is computed, rather than at the write. */
+  if (tn_tf_utf8_check((const unsigned char *)name, n, &bad) != 0)
+    return tn_tf_fail(err, errlen, path, "tensor name is not valid UTF-8 (at byte %zu)", bad);
   /* The header's "__metadata__" key is not a tensor; naming one so would corrupt the file. */
   if (strcmp(name, "__metadata__") == 0)
     return tn_tf_fail(err, errlen, path, "'__metadata__' is reserved and names no tensor");

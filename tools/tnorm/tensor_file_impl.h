@@ -29,6 +29,10 @@ int tn_tf_nbytes(int64_t rows, int64_t dim, tn_dtype dtype, uint64_t *nbytes);
 /* Reads nbytes of tensor data at the current position into a fresh buffer (NULL when nbytes == 0). */
 int tn_tf_read_data(FILE *f, const char *path, uint64_t nbytes, void **data, char *err, size_t errlen);
 
+/* 0 when s[0, n) is valid UTF-8 as Rust's str::from_utf8 (and so the safetensors reference) takes it:
+ * no overlong forms, no surrogates, nothing above U+10FFFF; else -1 with the offending byte's offset. */
+int tn_tf_utf8_check(const unsigned char *s, size_t n, size_t *bad);
+
 /* 1 on a little-endian host, where '=' in a .npy descr means '<'. */
 int tn_tf_host_is_little_endian(void);
 
