@@ -23,12 +23,13 @@ if [ "$MODE" != thread ]; then
   configure build-asan "address,undefined"
   cmake --build build-asan -j"$JOBS"
   # The Python binding and the installed example load the library into programs built without the
-  # sanitizers' runtime, which must come first; `tnorm check` runs the kernels the unit tests run, and
-  # the largest calls only repeat, many times slower, paths that the shorter rows take here.
+  # sanitizers' runtime, which must come first; `tnorm check` and `bench` (the checks, cli_commands) run
+  # the kernels the unit tests run, and the largest calls only repeat, many times slower, paths that the
+  # shorter rows take here.
   # allocator_may_return_null: the tests ask for impossible sizes and expect TN_ERR_NO_MEMORY back.
   (cd build-asan && ASAN_OPTIONS=detect_leaks=1:strict_string_checks=1:allocator_may_return_null=1 \
     UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 TNORM_TEST_MAX_DIM=4200 \
-    ctest --output-on-failure -j"$JOBS" -E '^(python_binding|install_and_example|check_selected|check_generic)$|LargeCalls') || status=1
+    ctest --output-on-failure -j"$JOBS" -E '^(python_binding|install_and_example|check_selected|check_generic|cli_commands)$|LargeCalls') || status=1
 fi
 
 if [ "$MODE" != address ]; then
