@@ -3,11 +3,12 @@
  * back.
  *
  * From float32 every encoding rounds to nearest even once and saturates: a finite value beyond the
- * format's largest rounds to that largest, and so does an infinity (the behaviour of PTX's
- * cvt.rn.satfinite, so that the CPU and the GPU give the same bytes). NaN gives the format's NaN (0x7f
- * with the sign for both FP8 formats); INT8 has none and gives 0 (as cvt.rni.sat.s8.f32). Subnormal FP8
- * results are kept, not flushed. Branch-free like dtype.h's conversions, for the same reason: the loops
- * that call them vectorise. */
+ * format's largest rounds to that largest, and so does an infinity (as PTX's cvt.rn.satfinite does, so
+ * that GPU kernels can use it). NaN gives 0x7f with the input's sign for both FP8 formats (as ml_dtypes
+ * and torch do; cvt's NaN is 0x7f whatever the sign, so a GPU kernel must carry the sign over to give
+ * these bytes); INT8 has no NaN and gives 0 (as cvt.rni.sat.s8.f32). Subnormal FP8 results are kept, not
+ * flushed. Branch-free like dtype.h's conversions, for the same reason: the loops that call them
+ * vectorise. */
 #ifndef TN_CORE_QUANT_H
 #define TN_CORE_QUANT_H
 
