@@ -17,39 +17,31 @@
 
 #include "dtype.h"
 
-/* |f| >= 2^-6 is an E4M3 normal: rebias the exponent (127 -> 7) and round the 20 dropped bits to nearest
- * even. Below it the step is 2^-9: adding 2^14 (whose float32 ulp is 2^-9) lets the FPU round to nearest
- * even, and the low bits of the sum count the steps (8 of them is 2^-6, the first normal's code). */
-static inline uint8_t tn_f32_to_e4m3(float f) {
+/* Both FP8 formats, from their mantissa bits and exponent bias (constants at every call, so they fold).
+ * Normals: rebias the exponent (127 -> bias) and round the dropped bits to nearest even. Below the
+ * smallest normal, 2^(1 - bias), the step is 2^(1 - bias - man_bits): adding 2^(24 - bias - man_bits),
+ * whose float32 ulp that step is, lets the FPU round to nearest even, and the low bits of the sum
+ * count the steps (a full count is the first normal's code). max_bits is the float32 pattern of the
+ * largest finite value, max_code its code. */
+static inline uint8_t tn_f32_to_fp8(float f, unsigned man_bits, unsigned bias, uint32_t max_bits, uint32_t max_code) {
+  const unsigned drop = 23 - man_bits;
+  const uint32_t anchor = (127u + 24u - bias - man_bits) << 23;
   uint32_t u = tn_f32_bits(f);
   uint32_t sign = (u >> 24) & 0x80u;
   uint32_t a = u & 0x7fffffffu;
-  uint32_t normal = (a - (120u << 23) + 0x7ffffu + ((a >> 20) & 1u)) >> 20;
-  uint32_t subnormal = tn_f32_bits(tn_f32_from_bits(a) + 16384.0f) - 0x46800000u;
-  uint32_t is_sub = tn_mask(a < 0x3c800000u);  /* 2^-6 */
-  uint32_t is_sat = tn_mask(a >= 0x43e00000u); /* 448, infinities included */
+  uint32_t normal = (a - ((127u - bias) << 23) + ((1u << (drop - 1)) - 1u) + ((a >> drop) & 1u)) >> drop;
+  uint32_t subnormal = tn_f32_bits(tn_f32_from_bits(a) + tn_f32_from_bits(anchor)) - anchor;
+  uint32_t is_sub = tn_mask(a < (127u + 1u - bias) << 23);
+  uint32_t is_sat = tn_mask(a >= max_bits); /* infinities included */
   uint32_t is_nan = tn_mask(a > 0x7f800000u);
   uint32_t r = (subnormal & is_sub) | (normal & ~is_sub);
-  r = (0x7eu & is_sat) | (r & ~is_sat);
+  r = (max_code & is_sat) | (r & ~is_sat);
   r = (0x7fu & is_nan) | (r & ~is_nan);
   return (uint8_t)(sign | r);
 }
 
-/* The same for E5M2: exponent 127 -> 15, 21 dropped bits; below 2^-14 the step is 2^-16 (2^7's ulp). */
-static inline uint8_t tn_f32_to_e5m2(float f) {
-  uint32_t u = tn_f32_bits(f);
-  uint32_t sign = (u >> 24) & 0x80u;
-  uint32_t a = u & 0x7fffffffu;
-  uint32_t normal = (a - (112u << 23) + 0xfffffu + ((a >> 21) & 1u)) >> 21;
-  uint32_t subnormal = tn_f32_bits(tn_f32_from_bits(a) + 128.0f) - 0x43000000u;
-  uint32_t is_sub = tn_mask(a < 0x38800000u);  /* 2^-14 */
-  uint32_t is_sat = tn_mask(a >= 0x47600000u); /* 57344, infinities included */
-  uint32_t is_nan = tn_mask(a > 0x7f800000u);
-  uint32_t r = (subnormal & is_sub) | (normal & ~is_sub);
-  r = (0x7bu & is_sat) | (r & ~is_sat);
-  r = (0x7fu & is_nan) | (r & ~is_nan);
-  return (uint8_t)(sign | r);
-}
+static inline uint8_t tn_f32_to_e4m3(float f) { return tn_f32_to_fp8(f, 3, 7, 0x43e00000u /* 448 */, 0x7eu); }
+static inline uint8_t tn_f32_to_e5m2(float f) { return tn_f32_to_fp8(f, 2, 15, 0x47600000u /* 57344 */, 0x7bu); }
 
 /* Round to nearest even, clamp to [-127, 127]; NaN gives 0. */
 static inline int8_t tn_f32_to_int8(float f) {
@@ -59,27 +51,22 @@ static inline int8_t tn_f32_to_int8(float f) {
   return (int8_t)(r == r ? (int)r : 0);
 }
 
-static inline float tn_e4m3_to_f32(uint8_t b) {
+/* Both FP8 formats back to float32: exponent field 0 is m * 2^(1 - bias - man_bits), the rest rebias;
+ * codes from nan_from on are NaN, and inf_code (0 for none) is infinity. */
+static inline float tn_fp8_to_f32(uint8_t b, unsigned man_bits, unsigned bias, uint32_t inf_code, uint32_t nan_from) {
   uint32_t sign = (uint32_t)(b & 0x80u) << 24;
   uint32_t em = b & 0x7fu;
-  uint32_t small = tn_f32_bits((float)(int32_t)em * 0x1p-9f); /* exponent field 0: m * 2^-9 */
-  uint32_t normal = (em << 20) + (120u << 23);
-  uint32_t is_small = tn_mask(em < 0x08u);
+  uint32_t small = tn_f32_bits((float)(int32_t)em * tn_f32_from_bits((127u + 1u - bias - man_bits) << 23));
+  uint32_t normal = (em << (23 - man_bits)) + ((127u - bias) << 23);
+  uint32_t is_small = tn_mask(em < (1u << man_bits));
+  uint32_t is_inf = tn_mask(inf_code != 0 && em == inf_code), is_nan = tn_mask(em >= nan_from);
   uint32_t r = (small & is_small) | (normal & ~is_small);
-  r = (0x7fc00000u & tn_mask(em == 0x7fu)) | (r & ~tn_mask(em == 0x7fu));
+  r = (0x7f800000u & is_inf) | (r & ~is_inf);
+  r = (0x7fc00000u & is_nan) | (r & ~is_nan);
   return tn_f32_from_bits(sign | r);
 }
 
-static inline float tn_e5m2_to_f32(uint8_t b) {
-  uint32_t sign = (uint32_t)(b & 0x80u) << 24;
-  uint32_t em = b & 0x7fu;
-  uint32_t small = tn_f32_bits((float)(int32_t)em * 0x1p-16f); /* exponent field 0: m * 2^-16 */
-  uint32_t normal = (em << 21) + (112u << 23);
-  uint32_t is_small = tn_mask(em < 0x04u);
-  uint32_t r = (small & is_small) | (normal & ~is_small);
-  r = (0x7f800000u & tn_mask(em == 0x7cu)) | (r & ~tn_mask(em == 0x7cu)); /* infinity */
-  r = (0x7fc00000u & tn_mask(em > 0x7cu)) | (r & ~tn_mask(em > 0x7cu));   /* NaN */
-  return tn_f32_from_bits(sign | r);
-}
+static inline float tn_e4m3_to_f32(uint8_t b) { return tn_fp8_to_f32(b, 3, 7, 0, 0x7fu); }
+static inline float tn_e5m2_to_f32(uint8_t b) { return tn_fp8_to_f32(b, 2, 15, 0x7cu, 0x7du); }
 
 #endif

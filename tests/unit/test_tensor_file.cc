@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "scratch_dir.h"
 #include "tensor_file.h"
 
 namespace {
@@ -60,34 +61,7 @@ Bytes Pattern(size_t n, unsigned seed = 11) {
   return b;
 }
 
-class TensorFileTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    char tmpl[] = "/tmp/tnorm_tensor_file_XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-  std::string Path(const std::string &name) const { return dir_ + "/" + name; }
-  void Write(const std::string &name, const Bytes &bytes) const {
-    std::ofstream(Path(name), std::ios::binary) << bytes;
-  }
-  Bytes Read(const std::string &name) const {
-    std::ifstream in(Path(name), std::ios::binary);
-    std::ostringstream s;
-    s << in.rdbuf();
-    return s.str();
-  }
-  std::set<std::string> List() const {
-    std::set<std::string> names;
-    for (const auto &e : fs::directory_iterator(dir_)) names.insert(e.path().filename().string());
-    return names;
-  }
-  std::string dir_;
-};
+class TensorFileTest : public tnorm_test::ScratchDirTest {};
 
 void ExpectOneLine(const char *err) {
   EXPECT_NE(err[0], '\0');

@@ -16,18 +16,17 @@
 #include <string>
 #include <vector>
 
+#include "scratch_dir.h"
 #include "tensor_file.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 
-class TensorFileCommit : public ::testing::Test {
+class TensorFileCommit : public tnorm_test::ScratchDirTest {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/tnorm_tensor_file_save_XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    ScratchDirTest::SetUp();
     data_.assign(24, 0.5f);
     std::memset(&t_, 0, sizeof t_);
     t_.dtype = TN_F32;
@@ -35,25 +34,6 @@ class TensorFileCommit : public ::testing::Test {
     t_.rows = 4;
     t_.dim = 6;
     t_.data = data_.data();
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-  std::string Path(const std::string &name) const { return dir_ + "/" + name; }
-  void Write(const std::string &name, const std::string &bytes) const {
-    std::ofstream(Path(name), std::ios::binary) << bytes;
-  }
-  std::string Read(const std::string &name) const {
-    std::ifstream in(Path(name), std::ios::binary);
-    std::ostringstream s;
-    s << in.rdbuf();
-    return s.str();
-  }
-  std::set<std::string> List() const {
-    std::set<std::string> names;
-    for (const auto &e : fs::directory_iterator(dir_)) names.insert(e.path().filename().string());
-    return names;
   }
   // Prepares a save of t_ to name; the spec may carry a ":TENSOR" tail.
   void Prepare(const std::string &name, tn_file_pending *p) {
@@ -70,7 +50,6 @@ class TensorFileCommit : public ::testing::Test {
     return ok;
   }
 
-  std::string dir_;
   std::vector<float> data_;
   tn_file_tensor t_;
 };

@@ -6,8 +6,9 @@
  * Metadata::validate) accepts. Where readers disagree it refuses instead: a tensor name given twice,
  * a tensor name holding U+0000 (no C string can), and the spellings that only serde's generic
  * machinery takes (an entry written as an array, a dtype written as a one-key map). Memory is the
- * header text plus one 24-byte record per tensor, whatever the header holds, and time is linear but
- * for sorting the records. */
+ * header text plus one 24-byte record per tensor (and as much again while qsort sorts them),
+ * whatever the header holds, and time is linear but for sorting the records. */
+#define _GNU_SOURCE /* qsort_r */
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L /* fseeko */
 #endif
@@ -331,6 +332,15 @@ static int st_literal(st_parser *p, const char *word) {
   return 0;
 }
 
+/* An object member's key and its ':' (the key decoded into out as st_string does). */
+static int st_key(st_parser *p, char *out, size_t cap, size_t *len) {
+  if (st_peek(p) != '"') return st_syntax(p, "expected a string key");
+  if (st_string(p, out, cap, len) != 0) return -1;
+  if (st_peek(p) != ':') return st_syntax(p, "expected ':'");
+  p->i++;
+  return 0;
+}
+
 /* Any JSON value, checked and passed over: the fields of an entry that the reference ignores. */
 static int st_skip(st_parser *p) {
   size_t len;
@@ -357,11 +367,7 @@ static int st_skip(st_parser *p) {
       if (st_enter(p) != 0) return -1;
       if (st_peek(p) == '}') return st_next(p, '}');
       do {
-        if (st_peek(p) != '"') return st_syntax(p, "expected a string key");
-        if (st_string(p, NULL, 0, &len) != 0) return -1;
-        if (st_peek(p) != ':') return st_syntax(p, "expected ':'");
-        p->i++;
-        if (st_skip(p) != 0) return -1;
+        if (st_key(p, NULL, 0, &len) != 0 || st_skip(p) != 0) return -1;
       } while ((more = st_next(p, '}')) == 1);
       return more;
     default:
@@ -385,10 +391,7 @@ static int st_metadata(st_parser *p) {
   if (st_enter(p) != 0) return -1;
   if (st_peek(p) == '}') return st_next(p, '}');
   do {
-    if (st_peek(p) != '"') return st_syntax(p, "expected a string key");
-    if (st_string(p, NULL, 0, &len) != 0) return -1;
-    if (st_peek(p) != ':') return st_syntax(p, "expected ':'");
-    p->i++;
+    if (st_key(p, NULL, 0, &len) != 0) return -1;
     c = st_peek(p);
     if (c == -1) return st_syntax(p, "unexpected end of the header");
     if (c != '"')
@@ -486,12 +489,9 @@ static int st_entry_parse(st_parser *p, const char *name, size_t nlen, st_entry 
       char key[16];
       size_t klen;
       int f = 3, rc;
-      if (st_peek(p) != '"') return st_syntax(p, "expected a string key");
-      if (st_string(p, key, sizeof key, &klen) != 0) return -1;
+      if (st_key(p, key, sizeof key, &klen) != 0) return -1;
       for (int k = 0; k < 3; k++)
         if (klen == strlen(fields[k]) && memcmp(key, fields[k], klen) == 0) f = k;
-      if (st_peek(p) != ':') return st_syntax(p, "expected ':'");
-      p->i++;
       if (f < 3 && seen[f]++)
         return tn_tf_fail(p->err, p->errlen, p->path, "tensor '%.*s' has the field '%s' twice",
                           ST_NAME(name, nlen), fields[f]);
@@ -572,11 +572,9 @@ static int st_parse(st_parser *p) {
     more = st_next(p, '}');
   } else {
     do {
-      if (st_peek(p) != '"') return st_syntax(p, "expected a string key");
+      st_peek(p); /* to the key's opening quote: the key is decoded in place, from the byte after it */
       off = p->i + 1;
-      if (st_string(p, p->s + off, SIZE_MAX, &len) != 0) return -1;
-      if (st_peek(p) != ':') return st_syntax(p, "expected ':'");
-      p->i++;
+      if (st_key(p, p->s + off, SIZE_MAX, &len) != 0) return -1;
       if (len == 12 && memcmp(p->s + off, "__metadata__", 12) == 0) {
         if (p->seen_metadata) return tn_tf_fail(p->err, p->errlen, p->path, "header has __metadata__ twice");
         p->seen_metadata = 1;
@@ -595,85 +593,19 @@ static int st_parse(st_parser *p) {
 /* Checks across entries                                                                            */
 /* ------------------------------------------------------------------------------------------------ */
 
-typedef int (*st_order)(const st_rec *a, const st_rec *b, const char *text);
-
-static int st_by_name(const st_rec *a, const st_rec *b, const char *text) {
+/* qsort_r's comparator: by name, the header text as its argument. */
+static int st_by_name(const void *pa, const void *pb, void *text) {
+  const st_rec *a = pa, *b = pb;
+  const char *s = text;
   size_t n = a->name_len < b->name_len ? a->name_len : b->name_len;
-  int c = memcmp(text + a->name_off, text + b->name_off, n);
+  int c = memcmp(s + a->name_off, s + b->name_off, n);
   return c ? c : (a->name_len > b->name_len) - (a->name_len < b->name_len);
 }
 
-static int st_by_offsets(const st_rec *a, const st_rec *b, const char *text) {
-  (void)text;
+static int st_by_offsets(const void *pa, const void *pb) {
+  const st_rec *a = pa, *b = pb;
   if (a->begin != b->begin) return a->begin < b->begin ? -1 : 1;
   return (a->end > b->end) - (a->end < b->end);
-}
-
-static void st_swap(st_rec *a, st_rec *b) {
-  st_rec t = *a;
-  *a = *b;
-  *b = t;
-}
-
-static void st_sift(st_rec *r, size_t root, size_t n, st_order before, const char *text) {
-  for (;;) {
-    size_t child = 2 * root + 1;
-    if (child >= n) return;
-    if (child + 1 < n && before(&r[child], &r[child + 1], text) < 0) child++;
-    if (before(&r[root], &r[child], text) >= 0) return;
-    st_swap(&r[root], &r[child]);
-    root = child;
-  }
-}
-
-static void st_heapsort(st_rec *r, size_t n, st_order before, const char *text) {
-  for (size_t k = n / 2; k-- > 0;) st_sift(r, k, n, before, text);
-  for (size_t end = n; end-- > 1;) {
-    st_swap(&r[0], &r[end]);
-    st_sift(r, 0, end, before, text);
-  }
-}
-
-/* Quicksort on a median of three, in place; past `budget` levels it hands the range to heapsort, so
- * no input makes it quadratic. Short ranges end in insertion sort. */
-static void st_sort_range(st_rec *r, size_t n, int budget, st_order before, const char *text) {
-  while (n > 16) {
-    size_t m = n / 2, i = 0, j = n;
-    if (budget-- == 0) {
-      st_heapsort(r, n, before, text);
-      return;
-    }
-    if (before(&r[m], &r[0], text) < 0) st_swap(&r[m], &r[0]);
-    if (before(&r[n - 1], &r[0], text) < 0) st_swap(&r[n - 1], &r[0]);
-    if (before(&r[n - 1], &r[m], text) < 0) st_swap(&r[n - 1], &r[m]);
-    st_swap(&r[0], &r[m]); /* the median is the pivot, at r[0] */
-    for (;;) {
-      while (++i < n && before(&r[i], &r[0], text) < 0) {
-      }
-      while (before(&r[0], &r[--j], text) < 0) {
-      }
-      if (i >= j) break;
-      st_swap(&r[i], &r[j]);
-    }
-    st_swap(&r[0], &r[j]);
-    /* The smaller side by recursion, the larger by the loop: the stack stays O(log n). */
-    if (j < n - j - 1) {
-      st_sort_range(r, j, budget, before, text);
-      r += j + 1;
-      n -= j + 1;
-    } else {
-      st_sort_range(r + j + 1, n - j - 1, budget, before, text);
-      n = j;
-    }
-  }
-  for (size_t k = 1; k < n; k++)
-    for (size_t j = k; j > 0 && before(&r[j], &r[j - 1], text) < 0; j--) st_swap(&r[j], &r[j - 1]);
-}
-
-static void st_sort(st_rec *r, size_t n, st_order before, const char *text) {
-  int budget = 0;
-  for (size_t k = n; k > 1; k >>= 1) budget += 2;
-  st_sort_range(r, n, budget, before, text);
 }
 
 #define ST_REC_NAME(p, r) st_shown((p)->s + (r)->name_off, (r)->name_len, 100), (p)->s + (r)->name_off
@@ -681,7 +613,7 @@ static void st_sort(st_rec *r, size_t n, st_order before, const char *text) {
 /* JSON readers disagree on which of two same-named entries wins; refusing is the only answer that
  * is not a guess. */
 static int st_check_names(st_parser *p) {
-  st_sort(p->recs, p->nrec, st_by_name, p->s);
+  qsort_r(p->recs, p->nrec, sizeof *p->recs, st_by_name, p->s);
   for (size_t k = 0, j; k < p->nrec; k = j) {
     for (j = k + 1; j < p->nrec && st_by_name(&p->recs[k], &p->recs[j], p->s) == 0;) j++;
     if (j - k > 1)
@@ -725,11 +657,11 @@ static int st_check_tiling(st_parser *p, uint64_t buflen) {
  * message that wins either way. */
 static int st_check_all(st_parser *p, uint64_t buflen) {
   int tiled = 2, sorted = 1;
-  for (size_t k = 1; k < p->nrec && sorted; k++) sorted = st_by_offsets(&p->recs[k - 1], &p->recs[k], p->s) <= 0;
+  for (size_t k = 1; k < p->nrec && sorted; k++) sorted = st_by_offsets(&p->recs[k - 1], &p->recs[k]) <= 0;
   if (sorted) tiled = st_check_tiling(p, buflen);
   if (st_check_names(p) != 0) return -1;
   if (tiled != 2) return tiled;
-  st_sort(p->recs, p->nrec, st_by_offsets, p->s);
+  qsort(p->recs, p->nrec, sizeof *p->recs, st_by_offsets);
   return st_check_tiling(p, buflen);
 }
 

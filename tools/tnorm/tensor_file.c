@@ -370,17 +370,23 @@ static int write_pending(const char *path, tf_writer writer, const tn_file_tenso
   return 0;
 }
 
+/* The directory a file of path lives in ("." or "/" where path names none), malloc'd, or NULL. */
+static char *directory_of(const char *path) {
+  const char *slash = strrchr(path, '/');
+  size_t len = slash == NULL ? 0 : slash == path ? 1 : (size_t)(slash - path);
+  char *dir = malloc(len + 2);
+  if (!dir) return NULL;
+  if (slash == NULL) memcpy(dir, ".", 2);
+  else {
+    memcpy(dir, path, len);
+    dir[len] = '\0';
+  }
+  return dir;
+}
+
 /* The directory part of path, resolved to an absolute path free of symbolic links (malloc'd), or NULL. */
 static char *resolved_directory(const char *path) {
-  const char *slash = strrchr(path, '/');
-  char *dir, *real;
-  if (!slash) return realpath(".", NULL);
-  if (slash == path) return realpath("/", NULL);
-  dir = malloc((size_t)(slash - path) + 1);
-  if (!dir) return NULL;
-  memcpy(dir, path, (size_t)(slash - path));
-  dir[slash - path] = '\0';
-  real = realpath(dir, NULL);
+  char *dir = directory_of(path), *real = dir ? realpath(dir, NULL) : NULL;
   free(dir);
   return real;
 }
@@ -508,16 +514,9 @@ int tn_file_check_directory(const char *spec, char *err, size_t errlen) {
   if (parse_spec(spec, &s, err, errlen) != 0) return -1;
   /* rename() replaces a file or a symbolic link, never a directory: refused before any work is done. */
   int is_dir = lstat(s.path, &st) == 0 && S_ISDIR(st.st_mode);
-  const char *slash = strrchr(s.path, '/');
-  int ok;
-  if (slash == NULL) {
-    ok = access(".", W_OK | X_OK) == 0;
-  } else if (slash == s.path) {
-    ok = access("/", W_OK | X_OK) == 0;
-  } else {
-    s.path[slash - s.path] = '\0'; /* the directory part */
-    ok = access(s.path, W_OK | X_OK) == 0;
-  }
+  char *dir = directory_of(s.path);
+  int ok = dir != NULL && access(dir, W_OK | X_OK) == 0;
+  free(dir);
   free(s.path);
   if (!ok) return tn_tf_fail(err, errlen, spec, "cannot write into its directory");
   return is_dir ? tn_tf_fail(err, errlen, spec, "is a directory") : 0;
