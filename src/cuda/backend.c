@@ -738,8 +738,10 @@ typedef struct build_job {
 
 static void *build_worker(void *p) {
   build_job *job = p;
-  tn_context *own = NULL;
-  if (tn_context_create(&own) != TN_OK) return NULL; /* the other workers (or the caller) do the work */
+  /* The worker's own message buffer: a context that holds nothing but its last error, so that workers
+   * never write the caller's (which belongs to the calling thread). */
+  tn_context *own = calloc(1, sizeof *own);
+  if (own == NULL) return NULL; /* the other workers (or the caller) do the work */
   for (;;) {
     pthread_mutex_lock(&job->lock);
     const int i = job->status == TN_OK && job->next < TN_KERNEL_VARIANTS ? job->next++ : -1;
@@ -754,11 +756,11 @@ static void *build_worker(void *p) {
     pthread_mutex_lock(&job->lock);
     if (job->status == TN_OK) {
       job->status = st;
-      snprintf(job->message, sizeof job->message, "%s", tn_context_last_error(own));
+      snprintf(job->message, sizeof job->message, "%s", own->last_error);
     }
     pthread_mutex_unlock(&job->lock);
   }
-  tn_context_destroy(own);
+  free(own);
   return NULL;
 }
 
