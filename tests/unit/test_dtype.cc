@@ -434,3 +434,53 @@ TEST(Dtype, LoadStoreRoundTo) {
 }
 
 }  // namespace
+
+// tools/common/reference.c has its own f16 and bf16 formats, written from their definitions so that it
+// shares no code with what it checks: the two independently written sets must agree on every 16-bit
+// pattern, and on rounding a stride over every float32 pattern plus every f16/bf16 midpoint and its
+// neighbours (NaN: both NaN).
+#include "reference.h"
+
+namespace {
+
+void ExpectSameEncoding(float v) {
+  const uint16_t lib16 = tn_f32_to_f16(v), ref16 = tn_reference_f16_bits(v);
+  const uint16_t libb = tn_f32_to_bf16(v), refb = tn_reference_bf16_bits(v);
+  if (std::isnan(v)) {
+    ASSERT_TRUE(IsNaN16(lib16) && IsNaN16(ref16)) << std::hex << Bits(v);
+    ASSERT_TRUE(IsNaNBF16(libb) && IsNaNBF16(refb)) << std::hex << Bits(v);
+    return;
+  }
+  ASSERT_EQ(lib16, ref16) << "f16 of 0x" << std::hex << Bits(v);
+  ASSERT_EQ(libb, refb) << "bf16 of 0x" << std::hex << Bits(v);
+}
+
+}  // namespace
+
+TEST(ReferenceFormats, DecodeEveryPatternAsTheLibrary) {
+  for (uint32_t h = 0; h <= 0xffff; h++) {
+    const float lib16 = tn_f16_to_f32((uint16_t)h), ref16 = tn_reference_f16_value((uint16_t)h);
+    const float libb = tn_bf16_to_f32((uint16_t)h), refb = tn_reference_bf16_value((uint16_t)h);
+    if (IsNaN16((uint16_t)h)) EXPECT_TRUE(std::isnan(lib16) && std::isnan(ref16)) << std::hex << h;
+    else ASSERT_EQ(Bits(lib16), Bits(ref16)) << "f16 0x" << std::hex << h;
+    if (IsNaNBF16((uint16_t)h)) EXPECT_TRUE(std::isnan(libb) && std::isnan(refb)) << std::hex << h;
+    else ASSERT_EQ(Bits(libb), Bits(refb)) << "bf16 0x" << std::hex << h;
+  }
+}
+
+TEST(ReferenceFormats, EncodeAsTheLibrary) {
+  for (uint64_t u = 0; u <= 0xffffffffull; u += 997) ExpectSameEncoding(FromBits((uint32_t)u));
+  for (uint32_t h = 0; h < 0x7fff; h++) {  // each positive pattern's midpoint to the next, and its neighbours
+    for (int sign = 0; sign < 2; sign++) {
+      const double a16 = tn_f16_to_f32((uint16_t)h), b16 = tn_f16_to_f32((uint16_t)(h + 1));
+      const double ab = tn_bf16_to_f32((uint16_t)h), bb = tn_bf16_to_f32((uint16_t)(h + 1));
+      for (double mid : {(a16 + b16) / 2, (ab + bb) / 2}) {
+        if (!std::isfinite(mid)) continue;
+        const float m = (float)(sign ? -mid : mid);
+        ExpectSameEncoding(m);
+        ExpectSameEncoding(std::nextafter(m, INFINITY));
+        ExpectSameEncoding(std::nextafter(m, -INFINITY));
+      }
+    }
+  }
+}

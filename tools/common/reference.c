@@ -2,31 +2,97 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
-#include "../../src/core/dtype.h"
+/* The reference's own element formats, written from their definitions (IEEE binary16; bfloat16 as the
+ * top half of a binary32), sharing no code with the library it checks. */
 
 /* One ulp of float32 at 1. */
 #define F32_U 0x1p-24
+
+static double round_to_dtype(tn_dtype dtype, double v);
 
 static const char *element_ptr(const tn_tensor *t, int64_t r, int64_t h, int64_t i) {
   const int64_t head_offset = t->heads > 1 ? h * t->head_stride : 0;
   return (const char *)t->data + (size_t)(r * t->row_stride + head_offset + i) * tn_dtype_size(t->dtype);
 }
 
+static float f32_of_bits(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+static uint32_t bits_of_f32(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+/* binary16: sign, 5 exponent bits (bias 15), 10 fraction bits; exponent 0 is subnormal, 31 Inf or NaN. */
+float tn_reference_f16_value(uint16_t h) {
+  const int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  double v;
+  if (e == 0) v = ldexp((double)m, -24);
+  else if (e == 31) v = m == 0 ? INFINITY : NAN;
+  else v = ldexp(1024.0 + m, e - 25);
+  return (float)((h & 0x8000) ? -v : v);
+}
+
+/* The binary16 pattern of v rounded once to nearest even (round_to_dtype), overflow to Inf; a NaN keeps its
+ * sign and the top of its payload, made quiet. */
+uint16_t tn_reference_f16_bits(float v) {
+  const uint16_t sign = signbit(v) ? 0x8000 : 0;
+  if (isnan(v)) return (uint16_t)(sign | 0x7e00 | ((bits_of_f32(v) >> 13) & 0x3ff));
+  const double r = fabs(round_to_dtype(TN_F16, (double)v));
+  if (isinf(r)) return sign | 0x7c00;
+  if (r < 0x1p-14) return (uint16_t)(sign | (uint16_t)ldexp(r, 24)); /* subnormal: r / 2^-24 is the fraction */
+  int e;
+  const double m = frexp(r, &e); /* r = m 2^e, m in [0.5, 1) */
+  return (uint16_t)(sign | (uint16_t)((e + 14) << 10) | (uint16_t)(ldexp(m, 11) - 1024.0));
+}
+
+float tn_reference_bf16_value(uint16_t b) { return f32_of_bits((uint32_t)b << 16); }
+
+uint16_t tn_reference_bf16_bits(float v) {
+  if (isnan(v)) return (uint16_t)((bits_of_f32(v) >> 16) | 0x40);
+  return (uint16_t)(bits_of_f32((float)round_to_dtype(TN_BF16, (double)v)) >> 16);
+}
+
+static float load_element(tn_dtype dtype, const char *p) {
+  uint16_t h;
+  if (dtype == TN_F32) {
+    float f;
+    memcpy(&f, p, sizeof f);
+    return f;
+  }
+  memcpy(&h, p, sizeof h);
+  return dtype == TN_F16 ? tn_reference_f16_value(h) : tn_reference_bf16_value(h);
+}
+
+static void store_element(tn_dtype dtype, char *p, float v) {
+  if (dtype == TN_F32) {
+    memcpy(p, &v, sizeof v);
+    return;
+  }
+  const uint16_t h = dtype == TN_F16 ? tn_reference_f16_bits(v) : tn_reference_bf16_bits(v);
+  memcpy(p, &h, sizeof h);
+}
+
 float tn_reference_load(const tn_tensor *t, int64_t r, int64_t i) {
-  return tn_load(t->dtype, element_ptr(t, r, 0, i), 0);
+  return load_element(t->dtype, element_ptr(t, r, 0, i));
 }
 
 float tn_reference_load_head(const tn_tensor *t, int64_t r, int64_t h, int64_t i) {
-  return tn_load(t->dtype, element_ptr(t, r, h, i), 0);
+  return load_element(t->dtype, element_ptr(t, r, h, i));
 }
 
 void tn_reference_store(const tn_tensor *t, int64_t r, int64_t i, float v) {
-  tn_store(t->dtype, (void *)element_ptr(t, r, 0, i), 0, v);
+  store_element(t->dtype, (char *)element_ptr(t, r, 0, i), v);
 }
 
 void tn_reference_store_head(const tn_tensor *t, int64_t r, int64_t h, int64_t i, float v) {
-  tn_store(t->dtype, (void *)element_ptr(t, r, h, i), 0, v);
+  store_element(t->dtype, (char *)element_ptr(t, r, h, i), v);
 }
 
 /* add, mul, scale: exact in float64 (the library rounds once, to the dtype). */
@@ -168,7 +234,7 @@ int tn_reference_run_slack(const tn_op_args *a, double *y, double *residual_out,
         if (add) {
           /* The spec's rounding of the residual sum: in float32, stored in the residual's dtype. */
           const float sum = tn_reference_load(x, r, i) + tn_reference_load(a->residual, r, i);
-          const float stored = tn_round_to(a->residual->dtype, sum);
+          const float stored = (float)round_to_dtype(a->residual->dtype, (double)sum);
           if (residual_out != NULL) residual_out[r * dim + i] = stored;
           s[i] = a->residual_mode == TN_RESIDUAL_NORM_F32 ? sum : stored;
         } else {

@@ -11,6 +11,13 @@
 extern "C" {
 #endif
 
+/* The reference's own f16 and bf16 formats (written from their definitions, not the library's): the value
+ * of a pattern, and the pattern of a float rounded once to nearest even (overflow to Inf; NaN stays NaN). */
+float tn_reference_f16_value(uint16_t bits);
+uint16_t tn_reference_f16_bits(float v);
+float tn_reference_bf16_value(uint16_t bits);
+uint16_t tn_reference_bf16_bits(float v);
+
 /* Computes the op of args (host tensors) in float64.
  *
  * Layout: y is contiguous, one vector of dim after another: y[(r * heads + h) * dim + i] is element i of
