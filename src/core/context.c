@@ -6,8 +6,8 @@
 #include "context.h"
 
 /* The CPUs online, at most TN_MAX_THREADS, counted once per process: glibc's sysconf reads it from
- * /sys on every call, about 7 us, which a one-row call would otherwise pay each time (1 x 8 rms_norm:
- * 7.5 us -> 0.2 us). Racing first calls store the same value. */
+ * /sys on every call, which a one-row call would otherwise pay each time (docs/performance.md, "CPU
+ * backend"). Racing first calls store the same value. */
 static int online_cpus(void) {
   static _Atomic int cached = 0;
   int n = atomic_load_explicit(&cached, memory_order_relaxed);

@@ -256,7 +256,7 @@ static tn_kernel_family family_for(const tn_op_args *a) {
     const int plain = a->residual->dtype == a->x->dtype &&
                       (a->residual_mode == TN_RESIDUAL_NORM_STORED || a->x->dtype == TN_F32);
     if (!plain) return TN_FAMILY_GENERAL;
-    /* layer_norm.cu's kernels have no TN_CASTING_LLAMA (its rounding cost them a branch per element). */
+    /* layer_norm.cu's kernels have no TN_CASTING_LLAMA (its rounding costs a branch per element). */
     if (a->op == TN_OP_ADD_LAYER_NORM) return llama ? TN_FAMILY_GENERAL : TN_FAMILY_ADD_LAYER;
     if (!llama) return a->mul != NULL ? TN_FAMILY_ADD_NORM_MUL : TN_FAMILY_ADD_NORM;
     return a->mul != NULL ? TN_FAMILY_GENERAL : TN_FAMILY_NORM_X;
@@ -500,17 +500,17 @@ static tn_status plan_launch(tn_context *ctx, const device_info *d, const tn_op_
     blocks = (vectors_of(a->x) + rows_per_block - 1) / rows_per_block;
     if (key.shape == TN_SHAPE_SHARED) dynamic_smem = (unsigned)tn_kernel_stage_bytes(key.family, a->x->dtype, a->x->dim);
     /* A block for every row (or every block's worth of rows), as far as the grid's limit goes; the
-     * kernels stride over any rows beyond it. Measured on the H100, this beats a grid of only the
-     * blocks resident at once, each striding over many rows, by 6 to 12 points of the copy ceiling
-     * (rms_norm bf16 at 32768 x 4096: 88% -> 100%; 131072 x 128: 80% -> 85%): a block that
-     * finishes a row hands its slot to a fresh block at once, so rows in every phase (loading,
-     * reducing, storing) overlap on each SM, where a striding block waits on its own row's loads. */
+     * kernels stride over any rows beyond it. A block that finishes a row hands its slot to a fresh
+     * block at once, so rows in every phase (loading, reducing, storing) overlap on each SM, where in a
+     * grid of only the resident blocks, each striding over many rows, a block waits on its own row's
+     * loads before it asks for the next row (docs/performance.md, "The grid and the fetch distance
+     * (backend.c)"). */
     if (blocks > TN_MAX_GRID_BLOCKS) blocks = TN_MAX_GRID_BLOCKS;
   }
   /* The kernels that fetch ahead (rope.cu's paired ones their table rows, the row kernels of row.cuh's
    * tn_fetch_row_ahead their rows of x and of the residual) do so for the block half a wave of resident
-   * blocks on; measured on the H100, bf16: rope 8192x40x128 88.2% of the copy ceiling against 86.6 a whole
-   * wave on; layer_norm 8192x16384 97.3 against 91.8. */
+   * blocks on, which runs faster than a whole wave on (docs/performance.md, "The grid and the fetch
+   * distance (backend.c)"). */
   p.ahead_blocks = (int)(blocks_per_sm * d->sms / 2);
   plan->p = p;
   plan->block = block;

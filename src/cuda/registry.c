@@ -55,7 +55,7 @@ static const char *const family_prefix[TN_FAMILY_COUNT] = {
  * shape that holds it, else a staged one: tn_kernel_call_shape; the reduction order still depends on
  * (dtype, dim) alone within a family). */
 /* rms_norm's, l2_norm's and add_rms_norm's families (with and without a multiplicand, or a weight): the pair
- * shapes of G = 32 .. 128 (rows of 33 .. 256 chunks; norm.cu says what that measured), the register shapes but G = 64
+ * shapes of G = 32 .. 128 (rows of 33 .. 256 chunks; norm.cu says why), the register shapes but G = 64
  * (whose rows take a pair shape; G = 32 keeps float32 rows of 65 .. 128 chunks, tn_kernel_pair_shape), the
  * staged ones, and the few-rows forms of G = 128 .. 512. norm_x.cu's family has the same G for every row
  * (its G = 1 too): a graph fuses an add and an rms_norm into an add_rms_norm, an rms_norm and a mul into an
@@ -71,17 +71,17 @@ static const signed char norm_shapes[TN_NORM_SHAPE_COUNT] = {TN_NORM_SHAPES};
 static const signed char normx_shapes[TN_NORM_X_SHAPE_COUNT] = {TN_NORM_COMMON_SHAPES, TN_PAIR_SHAPES};
 /* add_rms_norm's families: the norm families' shapes (a graph's add + rms_norm reduces as rms_norm does) and
  * the pair shapes of G = 256 .. 1024, which its own calls take for rows of 257 .. 2048 chunks (add_rms_norm.cu
- * says what that measured). */
+ * says why). */
 static const signed char add_norm_shapes[TN_ADD_NORM_SHAPE_COUNT] = {
     TN_NORM_SHAPES, TN_SHAPE_PAIR_FIRST + 3, TN_SHAPE_PAIR_FIRST + 4, TN_SHAPE_PAIR_FIRST + 5};
 _Static_assert((TN_KERNEL_PAIR_MIN_GROUP << 3) == TN_KERNEL_ADD_PAIR_MIN_GROUP &&
                    (TN_KERNEL_PAIR_MIN_GROUP << 5) == TN_KERNEL_MAX_GROUP,
                "add_norm_shapes lists the pair shapes of G = TN_KERNEL_ADD_PAIR_MIN_GROUP .. TN_KERNEL_MAX_GROUP");
 /* layer_norm's and add_layer_norm's families: the register shapes from G = 8 (bf16 x 128: 16 chunks on 8
- * threads, none idle; G = 16 ran layer_norm's rows of 9 .. 16 chunks at 67.2% of the copy ceiling against
- * 81.6%, H100 bf16 131072x128) and the staged ones. The same list for both: a graph fuses an add and a
- * layer_norm into an add_layer_norm, which must reduce a row as layer_norm did. add_layer_norm alone ran
- * those rows faster on G = 16 (95.6% against 92.0%), but then gave other bytes than the two ops. */
+ * threads, none idle, where G = 16 leaves half of each thread's chunks empty) and the staged ones. The same
+ * list for both: a graph fuses an add and a layer_norm into an add_layer_norm, which must reduce a row as
+ * layer_norm did, though add_layer_norm alone runs those rows faster on G = 16 (docs/performance.md,
+ * "layer_norm's kernels (layer_norm.cu)"). */
 static const signed char layer_shapes[TN_LAYER_SHAPE_COUNT] = {3, 4, 5, 6, 7, 8, 9, 10, TN_SHAPE_SHARED, TN_SHAPE_REREAD};
 /* general.cu's family takes the G of norm_x's for every row: an rms_norm (or add_rms_norm) in
  * TN_CASTING_LLAMA or on a 3-D view runs there, and fused with a mul here, and the fused op must reduce a
@@ -265,7 +265,7 @@ int tn_kernel_pair_shape(tn_dtype dtype, int64_t dim) {
     return -1;
   /* float32 rows of 65 .. 128 chunks (257 .. 512 elements) stay on G = 32, four chunks a thread: rope.cu
    * reduces a head of up to TN_ROPE_MAX_DIM elements as rms_norm does, on at most 32 threads (and pairs
-   * measured level for f32 there: l2_norm 65536x512 100.7 -> 100.9% of the copy ceiling). */
+   * gain nothing for f32 there: docs/performance.md, "The norm family's kernels (norm.cu)"). */
   if (dtype == TN_F32 && chunks > 2 * (int64_t)TN_KERNEL_PAIR_MIN_GROUP && chunks <= (int64_t)TN_ROPE_MAX_DIM / 4)
     return -1;
   int shape = TN_SHAPE_PAIR_FIRST, g = TN_KERNEL_PAIR_MIN_GROUP;

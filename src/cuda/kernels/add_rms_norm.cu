@@ -36,21 +36,15 @@ struct tn_add_norm_op : tn_add_split<true> {
 };
 
 /* Short rows (G <= 16) of 16-byte access fetch x's and the residual's rows ahead, in one bulk request each
- * (row.cuh's tn_fetch_row_ahead). H100, % of the copy ceiling, best of two rounds: bf16 131072x128 95.9 ->
- * 96.8, 65536x256 96.5 -> 97.2, f32 262144x64 98.4 -> 99.1. A prefetch per chunk with the loads had lost
- * 9-11 points; from G = 32 the bulk one spills the f16/bf16 kernels of four chunks a thread (24-64 bytes).
+ * (row.cuh's tn_fetch_row_ahead), where a prefetch per chunk with the loads is slower; from G = 32 the bulk
+ * one spills the f16/bf16 kernels of four chunks a thread.
  * Rows of 33 .. 2048 chunks take the pair shapes (G = 32 .. 1024, two chunks a thread: registry.c; float32
- * rows of 65 .. 128 chunks stay on G = 32), the layout of a plain Triton kernel; those of G >= 256 with the
- * fetch ahead (48-63 registers, no spill). H100, % of the copy ceiling, best of two rounds
- * (scripts/ab-bench.sh) against four chunks a thread: bf16 65536x512 97.9 -> 99.4, 65536x1024 97.1 ->
- * 101.0, 65536x2048 101.3 -> 101.7; f32 65536x512 100.3 -> 101.0, 65536x1024 and 65536x2048 level. At
- * G >= 256, time a call, best of three rounds, four chunks -> pairs with the fetch ahead -> and the next
- * kernel launched as a block starts (early_dependents): bf16 4096x4096 47.07 -> 46.48 -> 46.22 us,
- * 32768x4096 358.6 -> 355.2 -> 355.3, 8192x16384 359.4 -> 355.9 -> 354.6; f32 4096x4096 91.24 -> 90.88 ->
- * 90.30, 32768x4096 713.4 -> 709.2 -> 708.6. rms_norm's rows stay on four chunks from G = 256 (pairs lost it
- * 1-7 points), so an add_rms_norm that a graph fused from an add and an rms_norm takes rms_norm's shapes,
- * which this family has too (registry.c: tn_kernel_order_family). At 1536 resident threads (40 registers)
- * f32 lost 0.3-1.0 points and the f16/bf16 pair kernels spilled. */
+ * rows of 65 .. 128 chunks stay on G = 32), the layout of a plain Triton kernel: faster here than four
+ * chunks a thread; those of G >= 256 with the fetch ahead, which they have the registers for. rms_norm's
+ * rows stay on four chunks from G = 256, where pairs are slower for it, so an add_rms_norm that a graph
+ * fused from an add and an rms_norm takes rms_norm's shapes, which this family has too (registry.c:
+ * tn_kernel_order_family). Without a multiplicand the next kernel may launch as a block starts
+ * (early_dependents). docs/performance.md, "add_rms_norm's kernels (add_rms_norm.cu)", has the figures. */
 template <bool MUL, int DT, int G, int MODE, int K>
 struct tn_register_shape<tn_add_norm_op<MUL>, DT, G, MODE, K>
     : tn_short_rows_shape<tn_add_norm_op<MUL>, DT, G,

@@ -6,11 +6,12 @@
  *
  * The normed row is held in float32 (tn_held32: the sum x + r need not be representable in x's dtype), so
  * a thread holds twice the registers of the other families' chunks; the register shapes allow half the
- * resident blocks (TN_DEFINE_ROW_KERNELS_DIV). The registry keeps G = 8, 16, 32 and 256 and the staged
- * shapes of this family (rare calls: fewer kernels to compile, some idle threads), and no few-rows (wide)
- * form, whose staged row would not fit a block's static shared memory. residual_out is written with y, from the held sum, and a
- * row staged by re-reading computes its sum again from x and the residual (both still unwritten then),
- * so that an unrounded sum is never read back from a rounded residual_out.
+ * resident blocks (TN_DEFINE_ROW_KERNELS_DIV). The registry gives this family the G of norm_x.cu's for
+ * every row (a graph's fusions move an op between the two: registry.c) and the staged shapes, and no
+ * few-rows (wide) form, whose staged row would not fit a block's static shared memory. residual_out is
+ * written with y, from the held sum, and a row staged by re-reading computes its sum again from x and the
+ * residual (both still unwritten then), so that an unrounded sum is never read back from a rounded
+ * residual_out.
  *   s = float(x) + float(r) [rounded to the residual's dtype with ROUND_SUM]; residual_out = round(s);
  *   y = round(round?((s * pre - mean) * inv) * (w + offset) [+ b] [round] [* m]) */
 #include "ops.cuh"

@@ -5,8 +5,8 @@
  * the squared deviations):
  *   y = round(((s * pre - mean) * inv) * (w + offset) + b), s = x, or round(x + r) (also written to
  *   residual_out); weight and bias each optional. TN_CASTING_LLAMA's layer_norm in f16/bf16 is general.cu's
- *   (backend.c): these kernels have no code for its rounding, which took one branch per element of the
- *   output (H100, bf16 8192x16384 93.0 -> 94.9%, 16384x8192 96.6 -> 98.7% without it). */
+ *   (backend.c): these kernels have no code for its rounding, which takes one branch per element of the
+ *   output (docs/performance.md, "layer_norm's kernels (layer_norm.cu)"). */
 #include "ops.cuh"
 
 /* ADD: the residual is added first. COMMON_PATHS: the common row (no partial chunk, not rescaled) has its
@@ -64,15 +64,11 @@ struct tn_layer_op : tn_add_split<SPLIT> {
 
 /* The common paths cost registers: with 64 a thread (1024 resident threads) they spill. They pay where the
  * row is compute-bound, layer_norm in 2-byte dtypes, with G <= 128 and 896 resident threads (72 registers);
- * measured on the H100 (% of the copy ceiling, with add_layer_norm's kernels apart): bf16 32768x4096
- * 81.8 -> 90.5, 65536x2048 82.7 -> 85.7, 327680x128 42.5 -> 46.2. They lose at G = 256 and 512 (spills at
- * 1024 resident threads, too few blocks below), in float32 (327680x128: 86.2 -> 81.1), with 768 resident
- * threads for G <= 64 (80 registers: 86.2 -> 85.2 at 65536x2048), and for add_layer_norm, which moves more
- * bytes a row (32768x4096: 94.0 -> 91.9). With whole chunks (MODE_WHOLE) the partial-chunk deviations are
- * not compiled, which leaves room for the common deviations at every G (the common output loop still
- * spills above G = 128): bf16 16384x8192 94.8 -> 96.6, 8192x16384 91.2 -> 93.0, 32768x4096 96.7 -> 97.9.
- * add_layer_norm splits its reads (tn_add_split) above G = 32: below, the split spilled at 64 registers
- * (131072x128 bf16 77.0% unsplit, 67.0% split). docs/performance.md has the runs. */
+ * not at G = 256 and 512 (spills at 1024 resident threads, too few blocks below), in float32, or for
+ * add_layer_norm, which moves more bytes a row. With whole chunks (MODE_WHOLE) the partial-chunk deviations
+ * are not compiled, which leaves room for the common deviations at every G (the common output loop still
+ * spills above G = 128). add_layer_norm splits its reads (tn_add_split) above G = 32: below, the split
+ * spills at 64 registers. docs/performance.md, "layer_norm's kernels (layer_norm.cu)", has the figures. */
 template <int DT, int G, int MODE, int K>
 struct tn_register_shape<tn_layer_op<false, false>, DT, G, MODE, K>
     /* 896 resident threads with the common output loop (2-byte dtypes, G <= 128); x's rows fetched ahead

@@ -1,15 +1,13 @@
 /* rms_norm (optionally with a weight and a fused multiplicand) and l2_norm with a scale of 1: one family,
  * since l2_norm is the same row with count = 1. The multiplicand is a compile-time choice (its own
- * kernels): carried as a run-time flag, its registers made every other kernel spill. An l2_norm scale
+ * kernels): carried as a run-time flag, its registers would make every other kernel spill. An l2_norm scale
  * other than 1 goes to norm_x.cu's kernels (backend.c), so these have no per-element code for it (nor for
- * the rounding before it of a fused l2_norm -> scale; nvcc: 1040 instructions in the bf16 G = 128 kernel,
- * 1376 with it).
+ * the rounding before it of a fused l2_norm -> scale), which would lengthen every kernel of the family.
  *   y = round(((x * inv) * (w + offset)) [* m]),  inv = 1 / sqrt(sum(x^2) / count + eps)
  * each factor present only when the call has it. Calls without a weight or a multiplicand (l2_norm, the
  * unscaled rms_norm) have kernels of their own too, with no code for a weight (tn_norm_unweighted: the
- * same arithmetic, so the same bytes). H100, % of the copy ceiling, best of three rounds
- * (scripts/ab-bench.sh), l2_norm bf16 through the weighted kernels and with no weight code: 32768x4096
- * 101.3 -> 101.8, 8192x16384 101.8 -> 102.0, 4096x4096 94.6 -> 95.6. */
+ * same arithmetic, so the same bytes), which run faster than the weighted kernels with no weight
+ * (docs/performance.md, "The norm family's kernels (norm.cu)"). */
 #include "row.cuh"
 
 template <bool MUL, bool WEIGHTED = true>
@@ -53,22 +51,18 @@ struct tn_norm_op {
 };
 
 /* rms_norm and l2_norm fetch x's rows ahead (row.cuh's tn_fetch_row_ahead), and read a weight of x's dtype
- * before their first store (weight_first; H100 bf16 4096x4096 92.4 -> 95.0%, the largest shapes +0.7-1.2
- * points of the copy ceiling; with two chunks a thread at G <= 16, 131072x128 92.6 -> 93.6, 65536x256
- * 92.7 -> 93.6, where four chunks a thread had spilled: 89.7 -> 82.0). Not in TN_FOUR_CHUNKS_ON_A_WARP,
- * where it spilled 80 bytes (bf16 65536x512: 54.7% of the copy ceiling with it, 93.1 without). With a
- * multiplicand neither was measured.
+ * before their first store (weight_first: a store may alias a later load for all the compiler knows, so
+ * each chunk's weight read would otherwise wait for the previous chunk's store). Not in
+ * TN_FOUR_CHUNKS_ON_A_WARP, where the weight's registers spill. The kernels with a multiplicand keep the
+ * defaults: neither choice is measured there.
  * Rows of 33 .. 256 chunks take the pair shapes (G = 32 .. 128, two chunks a thread: registry.c; float32
- * rows of 65 .. 128 chunks stay on G = 32, as rope.cu's heads), the rows the four-chunk shapes left on
- * G = 32 and 64; with a multiplicand too, unmeasured (a graph's fusions need the order of the op without
- * one). H100, l2_norm, % of the copy ceiling, best of two rounds (scripts/ab-bench.sh): bf16 65536x512
- * 94.9 -> 98.1, 65536x1024 99.5 -> 101.1, 65536x2048 101.7 -> 102.4; f32 level (100.7 -> 100.9, 102.2 ->
- * 102.2, 102.7 -> 102.9). Longer rows stay on four chunks a thread: pairs from G = 256 lost 1-7 points
- * (bf16 32768x4096 101.8 -> 100.1, 8192x16384 102.0 -> 95.0; f32 32768x4096 102.8 -> 100.0), and 1-4 more
- * without the fetch ahead.
- * Without a multiplicand the next kernel may launch as a block starts (early_dependents), measured at the
- * same time: rms_norm bf16 4096x4096 94.5 -> 95.9, 131072x128 92.7 -> 94.6, the largest shapes level
- * (101.4 -> 101.7, 101.7 -> 102.0); l2_norm bf16 4096x4096 94.6 -> 95.3, 131072x128 93.8 -> 95.2. */
+ * rows of 65 .. 128 chunks stay on G = 32, as rope.cu's heads): twice the threads of the four-chunk shapes
+ * of G = 32 and 64, whose threads would hold a row's chunks half empty at its short end; with a
+ * multiplicand too (a graph's fusions need the order of the op without one). Longer rows stay on four
+ * chunks a thread, where pairs are slower.
+ * Without a multiplicand the next kernel may launch as a block starts (early_dependents), so that its
+ * blocks take the slots this kernel's last rows free. docs/performance.md, "The norm family's kernels
+ * (norm.cu)", has the figures of all three. */
 template <bool MUL, bool WEIGHTED, int DT, int G, int MODE, int K>
 struct tn_register_shape<tn_norm_op<MUL, WEIGHTED>, DT, G, MODE, K>
     : tn_short_rows_shape<tn_norm_op<MUL, WEIGHTED>, DT, G, !MUL,

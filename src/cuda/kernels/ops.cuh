@@ -142,13 +142,13 @@ struct tn_pick<false, T, F> {
  * ONE_REDUCTION: the sums of x and of x^2 are reduced together (one barrier where the group spans warps),
  * and var = E[x^2] - mean^2 stands where mean^2 <= var, so that the subtraction cancels at most one bit of
  * E[x^2]; any other row (shifted far from zero, to be rescaled, not finite) takes the two reductions from
- * the sum of x, which the pair already holds. Measured on the H100 (bf16, % of the copy ceiling): 8192x16384
- * 95.7 -> 99.4, 32768x4096 96.9 -> 98.0, 65536x2048 97.6 -> 98.7, 131072x128 62.4 -> 66.8, 16384x8192
- * 100.3 -> 99.8; float32 level. A row whose sum or sum of squared deviations left float32's range (finite
- * |x| beyond about 1e19), or whose deviations vanished with eps == 0, is reduced again as x * k (k an exact
- * power of two, as for rms_norm): mean and variance of the scaled row, with eps * k^2; the output is then
- * (x * k - mean_k) * inv_k. A row whose scaled sums are not finite either has an Inf or NaN: the plain
- * statistics propagate it. Every branch depends on group sums alone, so the group takes it together.
+ * the sum of x, which the pair already holds. One barrier fewer shortens the wait between a row's loads and
+ * its stores (docs/performance.md, "layer_norm's one-pass statistics (ops.cuh)"). A row whose sum or sum of
+ * squared deviations left float32's range (finite |x| beyond about 1e19), or whose deviations vanished
+ * with eps == 0, is reduced again as x * k (k an exact power of two, as for rms_norm): mean and variance
+ * of the scaled row, with eps * k^2; the output is then (x * k - mean_k) * inv_k. A row whose scaled sums
+ * are not finite either has an Inf or NaN: the plain statistics propagate it. Every branch depends on
+ * group sums alone, so the group takes it together.
  * (A sum of x that left float32's range counts as squares that did: k = 2^-80.)
  * COMMON_PATHS: the deviations of a row without a partial chunk are written apart, without the per-element
  * test (more code, and so more registers: layer_norm.cu says where it pays). */
@@ -198,7 +198,7 @@ struct tn_layer_reduce_as {
   TN_DEV tn_row_stats finish(const tn_kernel_params &p, float sum, GroupSum group_sum, Each each) {
     /* Pass 0: the row as it is; pass 1: scaled by k; pass 2: as it is again, whatever comes out (an Inf
      * or NaN in the row). One loop, so that each reduction's code is there once (unrolled, the rare
-     * passes made the compiler keep more of the row live and spill). */
+     * passes make the compiler keep more of the row live and spill). */
     float k = 1.0f, s = sum;
 #pragma unroll 1
     for (int pass = 0;; pass++) {
@@ -257,7 +257,7 @@ struct tn_factors {
  * change no bit, and the per-element test of the flag are left out. MAYBE_LLAMA false: the family never
  * has TN_CASTING_LLAMA (backend.c sends it elsewhere), so the flag's test is left out too. The arrays
  * are always the caller's own (never a pointer chosen at run time, say w or NULL): a chosen pointer makes
- * the compiler keep the arrays in local memory instead of registers, which cost half the bandwidth. */
+ * the compiler keep the arrays in local memory instead of registers, which costs bandwidth. */
 template <int DT, bool PLAIN = false, bool MAYBE_LLAMA = true>
 TN_DEV float tn_norm_value(const tn_kernel_params &p, float f, const tn_row_stats &st, bool layer, tn_factors has,
                            const float *w, const float *b, const float *m, int j) {

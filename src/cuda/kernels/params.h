@@ -69,8 +69,8 @@ typedef struct tn_kernel_params {
  * has TN_KERNEL_ROPE_PAIRED_GROUP(G, chunks) threads, the fewest that hold it so. Where that is G / 2 (the
  * register shape holds at most two chunks a lane there: G = 2 .. 16, or G = 32 with at most 64 chunks),
  * a thread takes the chunks of two of the G lanes, t and t + G / 2, and does the first step of the
- * G-lane butterfly itself: the same sums, in the same order. Measured on the H100 at bf16 8192 x 40 x 128,
- * a table: 92.8% of the copy ceiling so, 84.9 with two heads of two chunks a thread, 74.5 with one. */
+ * G-lane butterfly itself: the same sums, in the same order. So a thread holds four chunks at every G,
+ * which the paired kernels run faster than two (docs/performance.md, "The rope (rope.cu, params.h)"). */
 #define TN_KERNEL_ROPE_PAIRED_GROUP(G, CHUNKS) \
   ((G) > 1 && (TN_KERNEL_CHUNKS_OF(G) < TN_KERNEL_REG_CHUNKS || (CHUNKS) <= 2 * (G)) ? (G) / 2 : (G))
 /* rope.cu's shared memory: each group's slot for its head's chunks (TN_KERNEL_CHUNKS_OF(G) * G, padded to
@@ -99,21 +99,17 @@ typedef struct tn_kernel_params {
 #define TN_KERNEL_REG_CHUNKS 4      /* chunks per thread kept in registers, at most */
 /* Chunks per thread of the register shape with G threads per row: two up to G = 16 (rows of at most 32
  * chunks: 256 elements of f16/bf16, 128 of f32), so that short rows get twice the threads, half the work
- * and registers a thread, and more rows resident; four from G = 32. Measured on the H100 against four
- * chunks at every G (% of the copy ceiling): bf16 131072 x 128 rms_norm 89.9 -> 92.6, add_rms_norm 93.8
- * -> 95.5, layer_norm 50.8 -> 62.7, add_layer_norm 77.7 -> 92.7; f32 layer_norm 91.0 -> 96.4; bf16
- * 65536 x 256 rms_norm 90.6 -> 93.2, layer_norm 71.1 -> 78.6. The cost: rows of 33 .. 64 chunks go to
- * G = 32 with two of their four chunks zeros (bf16 65536 x 512: layer_norm 87.0 -> 75.4, rms_norm 96.4 ->
- * 93.1, add_rms_norm 98.6 -> 97.1). Holding those two a thread in the G = 32 kernels beside the rows of
- * four (a branch on dim) spilled the four-chunk path (add_rms_norm bf16 x 1024: 96.4 -> 90.5), as a
- * two-chunk path in the G = 16 kernels did. */
+ * and registers a thread, and more rows resident; four from G = 32. Rows of 33 .. 64 chunks then hold two
+ * zero chunks of four on G = 32 where a family has no pair shape for them: a second, two-chunk path in the
+ * same kernel (a branch on dim) spills the four-chunk one. docs/performance.md, "Row shapes (params.h)",
+ * has the figures. */
 #define TN_KERNEL_TWO_CHUNKS_MAX_GROUP 16
 #define TN_KERNEL_CHUNKS_OF(G) ((G) <= TN_KERNEL_TWO_CHUNKS_MAX_GROUP ? 2 : TN_KERNEL_REG_CHUNKS)
 /* The pair shapes: G = TN_KERNEL_PAIR_MIN_GROUP .. TN_KERNEL_MAX_GROUP threads per row holding two chunks
  * each, beside the register shapes of the same G (four a thread from G = 32). A family that has the pair
  * shape of G (registry.c) takes it for rows of G + 1 .. 2 G chunks: twice the threads of the register shape
- * a row would take, each with half the work and registers. Which families have which was measured (the
- * family's source says). */
+ * a row would take, each with half the work and registers. Which families have which, and why, each
+ * family's source says. */
 #define TN_KERNEL_PAIR_CHUNKS 2
 #define TN_KERNEL_PAIR_MIN_GROUP 32
 /* The pair shapes add_rms_norm's families have beyond rms_norm's: G = this .. TN_KERNEL_MAX_GROUP (rows of

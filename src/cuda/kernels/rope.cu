@@ -10,8 +10,9 @@
  *   A block takes TN_KERNEL_BLOCK_OF(G) / GR heads in a row of the view, whatever their tokens, as
  *   rms_norm's kernels take the vectors of a 3-D view; its threads issue their heads' loads, then stage
  *   the cos and sin of the block's few tokens in shared memory (from the table, or from theta) while those
- *   loads are in flight, then one barrier; each pair is rotated from the registers. H100, 8192 x 40 x 128
- *   bf16: 77.8 -> 93.1% of the copy ceiling from a table, 68.8 -> 90.4% from theta.
+ *   loads are in flight, then one barrier; each pair is rotated from the registers. The staging so
+ *   overlaps the loads, and the pairs need no shared-memory slot (docs/performance.md, "The rope (rope.cu,
+ *   params.h)").
  * - The slot kernels (the other modes): G threads a head, each holding TN_KERNEL_CHUNKS_OF(G) chunks; a
  *   block takes whole tokens, stages their cos and sin first, and the pairs meet in a shared-memory slot of
  *   the head's group (below).
@@ -24,8 +25,8 @@
  * group: after the reduction the group puts its head's chunks of x in a slot of shared memory (16-byte
  * stores and loads, padded against bank conflicts), and each thread normalises the partners of its chunks
  * itself (their x, the group's scale, their weight), so no normalised float crosses threads. The output
- * loop then reads its chunks from the slot too: a loop over chunks that is not unrolled (the
- * register-indexed form of three pair layouts spilled heavily). A GPTJ pair (2i, 2i + 1) is always within
+ * loop then reads its chunks from the slot too: a loop over chunks that is not unrolled (registers
+ * indexed by chunk, for three pair layouts, spill heavily). A GPTJ pair (2i, 2i + 1) is always within
  * a chunk.
  *
  *   n = rms_norm(x) * (w + offset) (TN_CASTING_LLAMA: round(round((x * pre) * inv) * (w + offset)));
@@ -124,9 +125,8 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
   float *inv_freq = cs + (size_t)tpb * rot;
   /* The weight plus offset as float32, once per block, the factor every path reads (16-byte aligned for the
    * paired path, where rotary_dim is a multiple of 8): each element then costs one shared-memory read
-   * instead of a global read, a conversion and an addition (measured on the H100, 8192 x 40 x 128 bf16:
-   * 64.2 -> 67.2% of the copy ceiling from a table, 56.0 -> 60.2% from theta). Reading cos and sin 16
-   * bytes at a time gained nothing there. */
+   * instead of a global read, a conversion and an addition (docs/performance.md, "The rope (rope.cu,
+   * params.h)"). */
   float *w_staged = inv_freq + (((size_t)half + 3) & ~(size_t)3); /* backend.c's rope_smem sizes it alike */
   tn_rope_stage_weight<DT, MODE>(p, w_staged);
   /* Element e's factor in the slot path. A chunk may pass dim: the host sizes the staged weight in whole
@@ -177,8 +177,8 @@ TN_DEV void tn_rope_rows(const tn_kernel_params &p) {
       }
 
       /* Every chunk of the head to the group's slot, where each thread finds its chunks' partners; a
-       * rescaled row's second pass reads its chunks there too (kept in registers for it, with the other
-       * pass's conversions, the head spilled). */
+       * rescaled row's second pass reads its chunks there too (kept in registers for it, beside the other
+       * pass's conversions, the head would spill). */
 #pragma unroll
       for (int k = 0; k < K; k++) swap[k * G + t] = q[k];
       float acc = 0.0f;
@@ -428,8 +428,8 @@ TN_DEV void tn_rope_paired_out(const tn_kernel_params &p, bool gptj, int d, cons
  * a token) into cs from the table, each position clamped to its rows; and the rows of tokens ahead0 ..
  * ahead0 + ahead_tokens - 1 to L2 (the tokens of the block about a wave of blocks on, whose staging then
  * waits on two reads from L2, the position and its row, instead of a read from memory after one from L2;
- * H100, bf16 8192 x 40 x 128: 82.2 -> 88.2% of the copy ceiling). Their positions are read before this
- * block's rows, and their lines fetched after, so that nothing here waits on them. */
+ * docs/performance.md, "The rope (rope.cu, params.h)"). Their positions are read before this block's
+ * rows, and their lines fetched after, so that nothing here waits on them. */
 template <int DT>
 TN_DEV void tn_rope_stage_table(const tn_kernel_params &p, float *cs, tn_i64 tok0, int ntok, tn_i64 ahead0,
                                 int ahead_tokens) {
@@ -544,7 +544,7 @@ TN_DEV void tn_rope_paired(const tn_kernel_params &p) {
     st.inv = tn_row_inv(group_sum(squares(1.0f)), p, &st.pre, group_sum, squares);
     char *y = (char *)p.y + (tok * p.y_stride + (v - tok * heads) * p.y_head_stride) * S;
     const tn_rope_staged in = {cs + (tok - tok0) * rot, w_staged};
-    /* The casting chosen once (its per-element branches kept the compiler from scheduling across them). */
+    /* The casting chosen once (per-element branches keep the compiler from scheduling across them). */
     if (llama) tn_rope_paired_out<DT, GR, true>(p, gptj, d, in, y, q, t, st);
     else tn_rope_paired_out<DT, GR, false>(p, gptj, d, in, y, q, t, st);
   }

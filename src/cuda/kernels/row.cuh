@@ -280,7 +280,7 @@ TN_DEV tn_sum2 tn_shfl_xor(unsigned mask, tn_sum2 v, int o) {
  * suffices: a set is written again only after the next reduction's barrier, which every thread reaches
  * after reading it. Each set has the room of WARPS pairs whatever the sum's type, so that the sets stay
  * apart when a row's reductions differ in type (layer_norm's pair of sums, then its float deviations: set
- * 1 of floats had begun inside set 0 of pairs, which slower warps could still be reading). */
+ * 1 of floats would otherwise begin inside set 0 of pairs, which slower warps may still be reading). */
 template <int WARPS, bool BLOCK_WIDER, class T>
 TN_DEV T tn_warps_meet(T v, float *partials, int *turn) {
   static_assert(sizeof(T) <= 2 * sizeof(float), "a set holds WARPS sums of up to two floats");
@@ -463,10 +463,10 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
 /* ---- the row shapes ---- */
 
 /* Threads per block for G threads per row, and the blocks per SM the register allocation must allow for
- * RESIDENT threads an SM: by default 1024, so at most 64 registers a thread. Measured on the H100: fewer
- * resident rows lose more to the last partial wave of rows (4096 rows on 792 slots take 6 waves for 5.2
- * waves of work) than extra registers gain; with the multiplicand in its own kernels the default paths do
- * not spill at this cap (layer_norm's common paths take 896, see tn_register_shape). */
+ * RESIDENT threads an SM: by default 1024, so at most 64 registers a thread. Fewer resident rows lose more
+ * to the last partial wave of rows than extra registers gain (docs/performance.md, "Registers and resident
+ * threads (row.cuh)"); with the multiplicand in its own kernels the default paths do not spill at this cap
+ * (layer_norm's common paths take 896, see tn_register_shape). */
 #ifndef TN_KERNEL_MIN_RESIDENT
 #define TN_KERNEL_MIN_RESIDENT 1024
 #endif
@@ -479,8 +479,8 @@ TN_DEV void tn_norm_emit(const tn_kernel_params &p, tn_i64 row, tn_i64 c, const 
  * block lets the next kernel launch when it starts rather than when it ends (early_dependents: the next
  * kernel's blocks then take the slots the last rows free and wait there, instead of launching once the
  * last block is done): the family's Op,
- * TN_KERNEL_MIN_RESIDENT, no, no and no, unless the family specializes this where another choice measured
- * better (norm.cu, add_rms_norm.cu, layer_norm.cu), naming only the choices it makes (tn_shape_choices'
+ * TN_KERNEL_MIN_RESIDENT, no, no and no, unless the family specializes this where another choice runs
+ * faster (norm.cu, add_rms_norm.cu, layer_norm.cu), naming only the choices it makes (tn_shape_choices'
  * defaults are the rest). */
 template <int RESIDENT = TN_KERNEL_MIN_RESIDENT, bool AHEAD = false, bool WEIGHT_FIRST = false,
           bool EARLY_DEPENDENTS = false>
@@ -494,14 +494,14 @@ struct tn_register_shape : tn_shape_choices<> {
 };
 
 /* Whether a register shape is the four-chunk one of G = 32: at the 64-register cap the most crowded, whose
- * f16/bf16 kernels spilled with the fetch ahead in one request (40 bytes) and with the weight read first
- * (80 bytes). Its pair shape (two chunks a thread) has the room. */
+ * f16/bf16 kernels spill with the fetch ahead in one request and with the weight read first. Its pair
+ * shape (two chunks a thread) has the room. */
 #define TN_FOUR_CHUNKS_ON_A_WARP(G, K) ((G) == 32 && (K) == TN_KERNEL_REG_CHUNKS)
 
 /* The register shape of rms_norm's and add_rms_norm's families (norm.cu, add_rms_norm.cu): short rows of
- * 2-byte dtypes (G <= 16) at 72 registers, 896 resident threads; at 64 they spilled 20-24 bytes when a
- * thread held four chunks there (H100, bf16 131072x128: rms_norm 85.4 -> 88.3%, l2_norm 88.5 -> 91.3%,
- * add_rms_norm 87.9 -> 92.0%). With two (params.h's TN_KERNEL_CHUNKS_OF) they take 55-64 registers. */
+ * 2-byte dtypes (G <= 16) at 72 registers, 896 resident threads: the room a thread of four chunks needs
+ * there not to spill (with two, params.h's TN_KERNEL_CHUNKS_OF, they fit 64 too; docs/performance.md,
+ * "Registers and resident threads (row.cuh)"). */
 template <class Op, int DT, int G, bool AHEAD = false, bool WEIGHT_FIRST = false, bool EARLY_DEPENDENTS = false>
 struct tn_short_rows_shape : tn_shape_choices<(DT != TN_KERNEL_F32 && G <= 16 ? 896 : TN_KERNEL_MIN_RESIDENT), AHEAD,
                                               WEIGHT_FIRST, EARLY_DEPENDENTS> {
@@ -533,10 +533,8 @@ TN_DEV void tn_prefetch_row_l2(const void *, unsigned) {}
  * takes: backend.c) to L2, so that block's loads wait on L2 instead of memory: for rows without 16-byte
  * access and devices before sm_90 (else tn_fetch_row_ahead, below). A row kernel's block waits on its
  * loads, then on its reductions, before its stores; rows read from L2 shorten the wait where too few
- * blocks an SM keep loads in flight meanwhile. Measured on the H100 (% of the copy ceiling, bf16):
- * rms_norm 4096x4096 89.0 -> 92.8, 131072x128 89.2 -> 91.4, the largest shapes 99.4 -> 100.2; layer_norm
- * (two reductions) at G >= 256: 8192x16384 94.7 -> 97.3, 16384x8192 98.7 -> 100.5, while its shorter
- * rows lost 0.3-2 points; add_rms_norm, fetching the residual too, lost 9-11 points. */
+ * blocks an SM keep loads in flight meanwhile (docs/performance.md, "Prefetching rows ahead (row.cuh)",
+ * has which families gain). */
 template <int RPB>
 TN_DEV void tn_fetch_ahead(const tn_kernel_params &p, tn_i64 row, tn_i64 c, int size) {
   const tn_i64 ahead = row + (tn_i64)p.ahead_blocks * RPB;
@@ -558,12 +556,9 @@ TN_DEV void tn_fetch_row(const tn_kernel_params &p, tn_i64 row) {
 }
 
 /* Row `row` + p.ahead_blocks * RPB fetched (tn_fetch_row), issued by a group's first thread once its own
- * share of the row is back (tn_summed). Measured on the H100 against a prefetch per chunk issued with the
- * row's loads (% of the copy ceiling, scripts/ab-bench.sh, best of two rounds): rms_norm bf16 32768x4096
- * 100.8 -> 101.9, 8192x16384 101.0 -> 102.0, f32 65536x2048 101.1 -> 102.7 (the per-chunk prefetch moved
- * after the first sum alone: 102.1), l2_norm alike; bf16 131072x128 93.3 -> 92.8 and 4096x4096 94.5 ->
- * 94.3 the cost. Issued with the loads, the bulk request lost 1-2 points in float32: the row's own reads
- * and the fetch then compete while the row is waited on. */
+ * share of the row is back (tn_summed): one request costs the group's other threads nothing, and issued with
+ * the loads it would compete with the row's own reads while the row is waited on (docs/performance.md,
+ * "Prefetching rows ahead (row.cuh)"). */
 template <int DT, int MODE, int RPB, bool RESIDUAL>
 TN_DEV void tn_fetch_row_ahead(const tn_kernel_params &p, tn_i64 row) {
   tn_fetch_row<DT, MODE, RESIDUAL>(p, row + (tn_i64)p.ahead_blocks * RPB);
@@ -683,18 +678,9 @@ struct tn_rows_read<Op, typename tn_void_of<decltype(Op::rows_read)>::type> {
  * ahead). A fetch is a hint that returns nothing: the previous kernel may still be writing those lines,
  * and since L2 is where every SM's accesses meet, the loads after the wait see its writes all the same. For
  * a block launched after the previous kernel ended the request finds the row fetched ahead
- * already, or is merged with the block's own loads. H100, time a call, best of two rounds
- * (scripts/ab-bench.sh, each call on other operands, launched back to back), in the kernels that fetch
- * ahead: l2_norm bf16 32768x4096 177.6 -> 176.2 us, 4096x4096 23.66 -> 22.71, 131072x128 23.80 -> 22.58;
- * f32 32768x4096 354.6 -> 352.1; add_rms_norm bf16 32768x4096 354.9 -> 352.9, 4096x4096 46.22 -> 44.74, f32
- * 4096x4096 90.31 -> 88.69. Fetching only the rows no block fetches ahead (the first half wave), or the
- * first wave's, gained the same on the short calls and 0.3-0.5% less on the largest. Then in the register
- * kernels that do not fetch ahead too (layer_norm below G = 256, add_layer_norm, add_rms_norm's rows of
- * 33 .. 256 chunks, the multiplicand kernels), same measure: layer_norm bf16 65536x512 57.24 -> 55.93,
- * 131072x128 27.89 -> 27.55, 4096x4096 28.50 -> 28.17; add_layer_norm bf16 131072x128 49.46 -> 47.64,
- * 65536x512 94.31 -> 91.37, 4096x4096 level; add_rms_norm bf16 65536x512 91.23 -> 89.75 (the multiplicand
- * kernels unmeasured). The one kernel it costs registers in is add_layer_norm's f32 G = 32 of 16-byte
- * access with partial chunks (spilled 8 bytes, now 24). */
+ * already, or is merged with the block's own loads. Every block fetches its own rows, not only the first
+ * wave's, since the largest calls gain from it too (docs/performance.md, "A block's own rows before the
+ * wait (row.cuh)"). */
 template <int DT, int G, int MODE, class Op>
 TN_DEV void tn_fetch_own_rows(const tn_kernel_params &p) {
   if constexpr (TN_BULK_PREFETCH && MODE >= TN_KERNEL_MODE_VECTORS && tn_rows_read<Op>::value > 0) {
@@ -742,8 +728,8 @@ TN_DEV void tn_rows_in_registers(const tn_kernel_params &p) {
         q[k] = c < chunks ? Op::template produce<DT, MODE>(p, at, c) : tn_held<H>::zero();
       }
     }
-    /* Not in the f16/bf16 kernels of TN_FOUR_CHUNKS_ON_A_WARP (spilled: 40 bytes, 16 with the prefetch per
-     * chunk). */
+    /* Not in the f16/bf16 kernels of TN_FOUR_CHUNKS_ON_A_WARP, which spill more with it than with the
+     * prefetch per chunk. */
     constexpr bool BULK_AHEAD = AHEAD && TN_BULK_PREFETCH && MODE >= TN_KERNEL_MODE_VECTORS &&
                                 (DT == TN_KERNEL_F32 || !TN_FOUR_CHUNKS_ON_A_WARP(G, K));
     if constexpr (AHEAD && !BULK_AHEAD) {
