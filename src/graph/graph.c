@@ -178,6 +178,7 @@ static int fuse_add_rms_norm(tn_graph *g, int i) {
   f.casting = r->args.casting;
   f.y = r->args.y;
   f.residual_out = sum;
+  f.quant = r->args.quant; /* add -> rms_norm with a quantized output: add_rms_norm with it */
   tn_graph_node fused;
   node_init(&fused, &f);
   fused.options.as_rms_norm = !layer; /* the rms_norm's reduction order, not add_rms_norm's own */
@@ -200,7 +201,7 @@ static int fuse_norm_then_factor(tn_graph *g, int i) {
   const int add = a->args.op == TN_OP_ADD_RMS_NORM;
   const int rms = a->args.op == TN_OP_RMS_NORM || add, l2 = a->args.op == TN_OP_L2_NORM;
   if ((!rms && !l2) || a->options.round_before_last || (rms && a->args.mul != NULL) || (l2 && a->args.scale != 1.0f) ||
-      a->args.rope.style != TN_ROPE_NONE)
+      a->args.rope.style != TN_ROPE_NONE || a->args.quant.format != TN_QUANT_NONE)
     return 0;
   const tn_tensor *t = a->args.y;
   int j = first_toucher(g, i, t);

@@ -301,7 +301,7 @@ TEST_F(Validation, NullDataWithZeroRowsIsFine) {
 TEST_F(Validation, UnknownOp) {
   tn_op_args a = Rms();
   a.op = (tn_op)TN_OP_COUNT;
-  ExpectArgsRefused(a, TN_ERR_VALUE, {"unknown op 8"});
+  ExpectArgsRefused(a, TN_ERR_VALUE, {"unknown op 9"});
   a.op = (tn_op)-1;
   ExpectArgsRefused(a, TN_ERR_VALUE, {"unknown op -1"});
 }
@@ -313,9 +313,17 @@ TEST_F(Validation, UnknownDtype) {
     tx.dtype = TN_F32;
   }
   {
-    ty.dtype = (tn_dtype)3;
-    ExpectArgsRefused(Rms(), TN_ERR_DTYPE, {"y", "unknown dtype 3"});
+    ty.dtype = (tn_dtype)TN_DTYPE_ALL_COUNT;
+    ExpectArgsRefused(Rms(), TN_ERR_DTYPE, {"y", "unknown dtype 7"});
     ty.dtype = TN_F32;
+  }
+  {  // the storage dtypes of quantized outputs are no op's compute dtype
+    ty.dtype = TN_F8_E4M3;
+    ExpectArgsRefused(Rms(), TN_ERR_DTYPE, {"rms_norm", "y is f8_e4m3, x is f32"});
+    ty.dtype = TN_F32;
+    tx.dtype = TN_I8;
+    ExpectArgsRefused(Rms(), TN_ERR_DTYPE, {"rms_norm", "x is i8", "f32, f16 or bf16"});
+    tx.dtype = TN_F32;
   }
   {
     tw.dtype = (tn_dtype)-2;
@@ -1006,7 +1014,12 @@ TEST(Names, Dtypes) {
   EXPECT_EQ(tn_dtype_size(TN_F32), 4u);
   EXPECT_EQ(tn_dtype_size(TN_F16), 2u);
   EXPECT_EQ(tn_dtype_size(TN_BF16), 2u);
-  for (int v : {3, 4, -1, 1000}) {
+  EXPECT_STREQ(tn_dtype_name(TN_F8_E4M3), "f8_e4m3");
+  EXPECT_STREQ(tn_dtype_name(TN_F8_E5M2), "f8_e5m2");
+  EXPECT_STREQ(tn_dtype_name(TN_I8), "i8");
+  EXPECT_STREQ(tn_dtype_name(TN_U8), "u8");
+  for (tn_dtype d : {TN_F8_E4M3, TN_F8_E5M2, TN_I8, TN_U8}) EXPECT_EQ(tn_dtype_size(d), 1u);
+  for (int v : {7, 8, -1, 1000}) {
     SCOPED_TRACE(v);
     EXPECT_STREQ(tn_dtype_name((tn_dtype)v), "?");
     EXPECT_EQ(tn_dtype_size((tn_dtype)v), 0u);
