@@ -574,6 +574,10 @@ TN_API tn_status tn_op_prepare(tn_context *ctx, const tn_op_args *args);
 /*   rms_norm -> mul   => rms_norm with the multiplicand (add_rms_norm -> mul likewise, so that     */
 /*                        add -> rms_norm -> mul becomes one add_rms_norm with the multiplicand);   */
 /*   l2_norm -> scale  => l2_norm with the scale (when l2_norm's own scale is 1);                   */
+/*   rms_norm, add_rms_norm, layer_norm or add_layer_norm -> quantize of its y                       */
+/*                     => the norm with that quantized output (source ROUNDED: the bytes of the two  */
+/*                        ops), y still written only where a later op reads it; so add -> rms_norm   */
+/*                        -> quantize becomes one add_rms_norm with a quantized output;              */
 /* each only where the second op is the first to touch the first's output, nothing in between writes */
 /* the first's inputs, and (for the last two, whose fused op no longer writes the intermediate) no    */
 /* later recorded op reads it. A fused op gives the same bytes as the pair did. TNORM_GRAPH_FUSION=0  */
@@ -595,6 +599,7 @@ typedef struct tn_graph_info {
   int fused_add_rms_norm;  /* add + rms_norm (or layer_norm) pairs fused */
   int fused_rms_norm_mul;  /* rms_norm (or add_rms_norm) + mul pairs fused */
   int fused_l2_norm_scale; /* l2_norm + scale pairs fused */
+  int fused_norm_quantize; /* norm + quantize pairs fused */
   int device_graph;        /* 1 once launches go as one CUDA graph */
   int instantiations;      /* CUDA graphs instantiated for this graph */
   int updates_in_place;    /* tn_graph_update calls that patched the instantiated graph */
