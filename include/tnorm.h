@@ -54,7 +54,7 @@ extern "C" {
 #endif
 
 #define TNORM_VERSION_MAJOR 0
-#define TNORM_VERSION_MINOR 1
+#define TNORM_VERSION_MINOR 2
 #define TNORM_VERSION_PATCH 0
 
 /* "MAJOR.MINOR.PATCH" of the library actually loaded. */
@@ -390,7 +390,7 @@ typedef enum tn_scale_layout {
 typedef struct tn_quant {
   tn_quant_format format;
   tn_quant_scaling scaling;
-  int64_t group_size;      /* GROUP: 64 or 128 for FP8 and INT8; 0 means the format's own (MXFP8 32, NVFP4 16) */
+  int64_t group_size;      /* GROUP: 32, 64 or 128 for FP8 and INT8; 0 means the format's own (MXFP8 32, NVFP4 16) */
   tn_quant_source source;
   int pow2_scales;         /* dynamic FP8 and INT8 scales as UE8M0 powers of two (scales TN_U8); MXFP8 always */
   tn_scale_layout layout;  /* of the dynamic scales */

@@ -251,6 +251,15 @@ static tn_status check_quant(tn_context *ctx, const tn_op_info *info, const tn_o
   TN_RETURN_ERROR_IF(q->scale_ub != 0.0f && q->scale_ub < q->scale_min, ctx, TN_ERR_VALUE,
                      "%s: quant.scale_ub %g is below quant.scale_min %g", op, (double)q->scale_ub, (double)q->scale_min);
 
+  /* The tensors: each on its own (a column-major scales tensor of a call without rows has no columns,
+   * which is its right shape), then against the format. */
+  for (int o = TN_OPERAND_Q; o <= TN_OPERAND_QSCALES; o++) {
+    const tn_tensor *t = tn_op_operand(args, (tn_operand)o);
+    const int empty_columns = o == TN_OPERAND_QSCALES && q->layout == TN_SCALES_COLUMN_MAJOR && x->rows == 0 &&
+                              t != NULL && t->dim == 0;
+    if (t != NULL && !empty_columns) TN_FORWARD_IF_ERROR(check_tensor(ctx, op, tn_operand_name((tn_operand)o), t));
+  }
+
   /* q */
   const tn_tensor *qt = q->q;
   const tn_dtype qdtype = quant_q_dtype(q->format);
@@ -359,7 +368,8 @@ tn_status tn_validate(tn_context *ctx, const tn_op_args *args) {
                        name);
     TN_RETURN_ERROR_IF(t != NULL && info->operands[i] == TN_ABSENT, ctx, TN_ERR_OPERAND, "%s: takes no %s operand",
                        op, name);
-    if (t != NULL) TN_FORWARD_IF_ERROR(check_tensor(ctx, op, name, t));
+    /* The quantized output's tensors are checked by check_quant, once the format says their shapes. */
+    if (t != NULL && !tn_operand_is_quant((tn_operand)i)) TN_FORWARD_IF_ERROR(check_tensor(ctx, op, name, t));
   }
   TN_RETURN_ERROR_IF(tn_tensor_head_count(args->x) != 1 && !info->views_3d, ctx, TN_ERR_SHAPE,
                      "%s: x is a 3-D view (%" PRId64 " heads); this op takes 2-D views (rms_norm and l2_norm "

@@ -1045,7 +1045,7 @@ TEST(Names, Ops) {
   EXPECT_EQ(a.eps, 1e-6f);
   EXPECT_EQ(a.scale, 1.0f);
   EXPECT_EQ(a.weight_offset, 0.0f);
-  EXPECT_STREQ(tn_version(), "0.1.0");
+  EXPECT_STREQ(tn_version(), "0.2.0");
 }
 
 TEST(Context, CreateDestroy) {
