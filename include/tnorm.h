@@ -406,6 +406,22 @@ typedef struct tn_quant {
  * source ROUNDED, row-major f32 scales, no upper bound, scale_min 2^-126, and no tensors. */
 TN_API tn_quant tn_quant_init(tn_quant_format format);
 
+/* The tensors a quantized output of rows x dim takes: q's dtype and shape, and the dynamic scales' dtype and
+ * shape in quant->layout (0 x 0 with a static scale; the column-major shape is the least, its row_stride may
+ * pad). */
+typedef struct tn_quant_shapes {
+  tn_dtype q_dtype;
+  int64_t q_rows, q_dim;
+  tn_dtype scales_dtype;
+  int64_t scales_rows, scales_dim;
+  int64_t group; /* elements per scale: the group, or dim for per-token and per-tensor scales */
+} tn_quant_shapes;
+
+/* Fills *out for quant's format, scaling, group_size, pow2_scales and layout (its tensors are not read);
+ * TN_ERR_VALUE for a combination tn_op_run would refuse, TN_ERR_SHAPE for a dim the group does not divide,
+ * TN_ERR_NULL for a NULL pointer. */
+TN_API tn_status tn_quant_shapes_get(const tn_quant *quant, int64_t rows, int64_t dim, tn_quant_shapes *out);
+
 /* "none", "fp8_e4m3", "fp8_e5m2", "int8", "mxfp8", "nvfp4"; "?" outside the enum. */
 TN_API const char *tn_quant_format_name(tn_quant_format format);
 

@@ -414,6 +414,11 @@ static tn_status quant_call(tn_context *ctx, const char *entry, tn_op_args *a, c
   return tn_op_run(ctx, a);
 }
 
+tn_status tn_quant_shapes_get(const tn_quant *quant, int64_t rows, int64_t dim, tn_quant_shapes *out) {
+  if (quant == NULL || out == NULL) return TN_ERR_NULL;
+  return tn_quant_shapes_check(NULL, "tn_quant_shapes_get", quant, rows, dim, out);
+}
+
 tn_status tn_quantize(tn_context *ctx, const tn_tensor *x, const tn_quant *quant) {
   tn_op_args a = tn_op_args_init(TN_OP_QUANTIZE);
   a.x = x;

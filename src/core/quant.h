@@ -4,9 +4,9 @@
  *
  * From float32 every encoding rounds to nearest even once and saturates: a finite value beyond the
  * format's largest rounds to that largest, and so does an infinity (as PTX's cvt.rn.satfinite does, so
- * that GPU kernels can use it). NaN gives 0x7f with the input's sign for both FP8 formats (as ml_dtypes
- * and torch do; cvt's NaN is 0x7f whatever the sign, so a GPU kernel must carry the sign over to give
- * these bytes); INT8 has no NaN and gives 0 (as cvt.rni.sat.s8.f32). Subnormal FP8 results are kept, not
+ * that GPU kernels can use it). NaN gives 0x7f with the input's sign for both FP8 formats (torch's
+ * float8_e4m3fn NaN; for E5M2 ml_dtypes gives 0x7e, another NaN; cvt's NaN is 0x7f whatever the sign, so a
+ * GPU kernel must carry the sign over to give these bytes); INT8 has no NaN and gives 0 (as cvt.rni.sat.s8.f32). Subnormal FP8 results are kept, not
  * flushed. Branch-free like dtype.h's conversions, for the same reason: the loops that call them
  * vectorise. */
 #ifndef TN_CORE_QUANT_H
@@ -136,24 +136,6 @@ static inline float tn_quant_dynamic_scale(float amax, float qmax, float ub, flo
   if (ub > 0.0f && s > ub) s = ub;
   if (!(s >= lo)) s = lo; /* s is never NaN (amax skips NaN), but a NaN would take the floor */
   return s;
-}
-
-/* The element encoders by format, on v / s (NVFP4 gives the 4-bit code). */
-static inline uint8_t tn_quant_encode(tn_quant_format format, float v) {
-  switch (format) {
-    case TN_QUANT_FP8_E4M3:
-    case TN_QUANT_MXFP8:
-      return tn_f32_to_e4m3(v);
-    case TN_QUANT_FP8_E5M2:
-      return tn_f32_to_e5m2(v);
-    case TN_QUANT_INT8:
-      return (uint8_t)tn_f32_to_int8(v);
-    case TN_QUANT_NVFP4:
-      return tn_f32_to_e2m1(v);
-    case TN_QUANT_NONE:
-      break;
-  }
-  return 0;
 }
 
 #endif

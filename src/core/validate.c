@@ -157,49 +157,15 @@ static tn_status check_modes(tn_context *ctx, const tn_op_info *info, const tn_o
   return TN_OK;
 }
 
-/* The storage dtype of each format's q, and of its dynamic scales. */
-static tn_dtype quant_q_dtype(tn_quant_format f) {
-  return f == TN_QUANT_FP8_E5M2 ? TN_F8_E5M2 : f == TN_QUANT_INT8 ? TN_I8 : f == TN_QUANT_NVFP4 ? TN_U8 : TN_F8_E4M3;
-}
-
-static tn_dtype quant_scales_dtype(const tn_quant *q) {
-  if (q->format == TN_QUANT_NVFP4) return TN_F8_E4M3;
-  return q->format == TN_QUANT_MXFP8 || q->pow2_scales ? TN_U8 : TN_F32;
-}
-
-static tn_status check_shape(tn_context *ctx, const char *op, const char *name, const tn_tensor *t, int64_t rows,
-                             int64_t dim, const char *what) {
-  TN_RETURN_ERROR_IF(t->rows != rows || t->dim != dim || tn_tensor_head_count(t) != 1, ctx, TN_ERR_SHAPE,
-                     "%s: %s is %" PRId64 " x %" PRId64 "%s; must be %" PRId64 " x %" PRId64 " (%s)", op, name,
-                     t->rows, t->dim, tn_tensor_head_count(t) != 1 ? " with heads" : "", rows, dim, what);
-  return TN_OK;
-}
-
-/* A quantized output (tn_quant): the format and its scaling, the scalars, and the shapes and dtypes of
- * q, scale and scales. Operand presence against the op is the table's (tn_validate). */
-static tn_status check_quant(tn_context *ctx, const tn_op_info *info, const tn_op_args *args) {
-  const char *op = info->name;
-  const tn_quant *q = &args->quant;
-  const tn_tensor *x = args->x;
-  TN_RETURN_ERROR_IF((unsigned)q->format > TN_QUANT_NVFP4, ctx, TN_ERR_VALUE, "%s: unknown quant format %d", op,
-                     (int)q->format);
-  if (q->format == TN_QUANT_NONE) {
-    TN_RETURN_ERROR_IF(args->op == TN_OP_QUANTIZE, ctx, TN_ERR_VALUE, "%s: quant.format is TN_QUANT_NONE", op);
-    TN_RETURN_ERROR_IF(q->q != NULL || q->scale != NULL || q->scales != NULL, ctx, TN_ERR_OPERAND,
-                       "%s: quant tensors given with format TN_QUANT_NONE", op);
-    TN_RETURN_ERROR_IF(info->operands[TN_OPERAND_Y] != TN_ABSENT && args->y == NULL, ctx, TN_ERR_NULL,
-                       "%s: y is required (it may be left out only beside a quantized output)", op);
-    return TN_OK;
-  }
+/* A quantized output's settings (format, scaling, group, source, scales kind and layout, the bounds of
+ * dynamic scales) against each other and x's dim, and the shapes they give its tensors. */
+tn_status tn_quant_shapes_check(tn_context *ctx, const char *op, const tn_quant *q, int64_t rows, int64_t dim,
+                                tn_quant_shapes *out) {
+  TN_RETURN_ERROR_IF(q->format == TN_QUANT_NONE || (unsigned)q->format > TN_QUANT_NVFP4, ctx, TN_ERR_VALUE,
+                     "%s: quant format %d is not a format (fp8_e4m3 .. nvfp4)", op, (int)q->format);
+  TN_RETURN_ERROR_IF(rows < 0 || dim <= 0, ctx, TN_ERR_SHAPE, "%s: %" PRId64 " x %" PRId64 " is no tensor shape",
+                     op, rows, dim);
   const char *format = tn_quant_format_name(q->format);
-  TN_RETURN_ERROR_IF(info->operands[TN_OPERAND_Q] == TN_ABSENT, ctx, TN_ERR_VALUE,
-                     "%s: takes no quantized output (rms_norm, add_rms_norm, layer_norm, add_layer_norm and quantize "
-                     "do)", op);
-  TN_RETURN_ERROR_IF(args->rope.style != TN_ROPE_NONE, ctx, TN_ERR_VALUE,
-                     "%s: a quantized output cannot follow a rope", op);
-  TN_RETURN_ERROR_IF(tn_tensor_head_count(x) != 1, ctx, TN_ERR_SHAPE,
-                     "%s: a quantized output takes 2-D views; x has %" PRId64 " heads", op, tn_tensor_head_count(x));
-  TN_RETURN_ERROR_IF(q->q == NULL, ctx, TN_ERR_NULL, "%s: quant.q is required with format %s", op, format);
   const int block_format = q->format == TN_QUANT_MXFP8 || q->format == TN_QUANT_NVFP4;
   TN_RETURN_ERROR_IF((unsigned)q->scaling > TN_QUANT_SCALE_GROUP, ctx, TN_ERR_VALUE, "%s: unknown quant scaling %d",
                      op, (int)q->scaling);
@@ -220,9 +186,8 @@ static tn_status check_quant(tn_context *ctx, const tn_op_info *info, const tn_o
                      "%s: the swizzled scales layout is MXFP8's and NVFP4's", op);
 
   /* The group, and dim against it. */
-  const int64_t dim = x->dim;
   if (q->scaling == TN_QUANT_SCALE_GROUP) {
-    if (q->format == TN_QUANT_MXFP8 || q->format == TN_QUANT_NVFP4) {
+    if (block_format) {
       const int64_t own = q->format == TN_QUANT_MXFP8 ? 32 : 16;
       TN_RETURN_ERROR_IF(q->group_size != 0 && q->group_size != own, ctx, TN_ERR_VALUE,
                          "%s: %s groups are %" PRId64 " elements; group_size is %" PRId64 " (0 means %" PRId64 ")", op,
@@ -251,6 +216,67 @@ static tn_status check_quant(tn_context *ctx, const tn_op_info *info, const tn_o
   TN_RETURN_ERROR_IF(q->scale_ub != 0.0f && q->scale_ub < q->scale_min, ctx, TN_ERR_VALUE,
                      "%s: quant.scale_ub %g is below quant.scale_min %g", op, (double)q->scale_ub, (double)q->scale_min);
 
+  out->q_dtype = q->format == TN_QUANT_FP8_E5M2 ? TN_F8_E5M2
+                 : q->format == TN_QUANT_INT8   ? TN_I8
+                 : q->format == TN_QUANT_NVFP4  ? TN_U8
+                                                : TN_F8_E4M3;
+  out->q_rows = rows;
+  out->q_dim = q->format == TN_QUANT_NVFP4 ? dim / 2 : dim;
+  out->scales_dtype = q->format == TN_QUANT_NVFP4                   ? TN_F8_E4M3
+                      : q->format == TN_QUANT_MXFP8 || q->pow2_scales ? TN_U8
+                                                                      : TN_F32;
+  out->group = group;
+  out->scales_rows = out->scales_dim = 0;
+  if (dynamic && q->layout == TN_SCALES_ROW_MAJOR) {
+    out->scales_rows = rows;
+    out->scales_dim = groups;
+  } else if (dynamic && q->layout == TN_SCALES_COLUMN_MAJOR) {
+    out->scales_rows = groups;
+    out->scales_dim = rows;
+  } else if (dynamic) {
+    out->scales_rows = (rows + 127) / 128 * 128;
+    out->scales_dim = (groups + 3) / 4 * 4;
+  }
+  return TN_OK;
+}
+
+static tn_status check_shape(tn_context *ctx, const char *op, const char *name, const tn_tensor *t, int64_t rows,
+                             int64_t dim, const char *what) {
+  TN_RETURN_ERROR_IF(t->rows != rows || t->dim != dim || tn_tensor_head_count(t) != 1, ctx, TN_ERR_SHAPE,
+                     "%s: %s is %" PRId64 " x %" PRId64 "%s; must be %" PRId64 " x %" PRId64 " (%s)", op, name,
+                     t->rows, t->dim, tn_tensor_head_count(t) != 1 ? " with heads" : "", rows, dim, what);
+  return TN_OK;
+}
+
+/* A quantized output (tn_quant) on an op: where it may be, its settings (tn_quant_shapes_check), and its
+ * tensors' presence, dtypes, shapes and device. Operand presence against the op is the table's. */
+static tn_status check_quant(tn_context *ctx, const tn_op_info *info, const tn_op_args *args) {
+  const char *op = info->name;
+  const tn_quant *q = &args->quant;
+  const tn_tensor *x = args->x;
+  TN_RETURN_ERROR_IF((unsigned)q->format > TN_QUANT_NVFP4, ctx, TN_ERR_VALUE, "%s: unknown quant format %d", op,
+                     (int)q->format);
+  if (q->format == TN_QUANT_NONE) {
+    TN_RETURN_ERROR_IF(args->op == TN_OP_QUANTIZE, ctx, TN_ERR_VALUE, "%s: quant.format is TN_QUANT_NONE", op);
+    TN_RETURN_ERROR_IF(q->q != NULL || q->scale != NULL || q->scales != NULL, ctx, TN_ERR_OPERAND,
+                       "%s: quant tensors given with format TN_QUANT_NONE", op);
+    TN_RETURN_ERROR_IF(info->operands[TN_OPERAND_Y] != TN_ABSENT && args->y == NULL, ctx, TN_ERR_NULL,
+                       "%s: y is required (it may be left out only beside a quantized output)", op);
+    return TN_OK;
+  }
+  const char *format = tn_quant_format_name(q->format);
+  TN_RETURN_ERROR_IF(info->operands[TN_OPERAND_Q] == TN_ABSENT, ctx, TN_ERR_VALUE,
+                     "%s: takes no quantized output (rms_norm, add_rms_norm, layer_norm, add_layer_norm and quantize "
+                     "do)", op);
+  TN_RETURN_ERROR_IF(args->rope.style != TN_ROPE_NONE, ctx, TN_ERR_VALUE,
+                     "%s: a quantized output cannot follow a rope", op);
+  TN_RETURN_ERROR_IF(tn_tensor_head_count(x) != 1, ctx, TN_ERR_SHAPE,
+                     "%s: a quantized output takes 2-D views; x has %" PRId64 " heads", op, tn_tensor_head_count(x));
+  TN_RETURN_ERROR_IF(q->q == NULL, ctx, TN_ERR_NULL, "%s: quant.q is required with format %s", op, format);
+  tn_quant_shapes shapes;
+  TN_FORWARD_IF_ERROR(tn_quant_shapes_check(ctx, op, q, x->rows, x->dim, &shapes));
+  const int dynamic = q->scaling != TN_QUANT_SCALE_TENSOR;
+
   /* The tensors: each on its own (a column-major scales tensor of a call without rows has no columns,
    * which is its right shape), then against the format. */
   for (int o = TN_OPERAND_Q; o <= TN_OPERAND_QSCALES; o++) {
@@ -262,10 +288,9 @@ static tn_status check_quant(tn_context *ctx, const tn_op_info *info, const tn_o
 
   /* q */
   const tn_tensor *qt = q->q;
-  const tn_dtype qdtype = quant_q_dtype(q->format);
-  TN_RETURN_ERROR_IF(qt->dtype != qdtype, ctx, TN_ERR_DTYPE, "%s: quant.q is %s; %s stores %s", op,
-                     tn_dtype_name(qt->dtype), format, tn_dtype_name(qdtype));
-  TN_FORWARD_IF_ERROR(check_shape(ctx, op, "quant.q", qt, x->rows, q->format == TN_QUANT_NVFP4 ? dim / 2 : dim,
+  TN_RETURN_ERROR_IF(qt->dtype != shapes.q_dtype, ctx, TN_ERR_DTYPE, "%s: quant.q is %s; %s stores %s", op,
+                     tn_dtype_name(qt->dtype), format, tn_dtype_name(shapes.q_dtype));
+  TN_FORWARD_IF_ERROR(check_shape(ctx, op, "quant.q", qt, shapes.q_rows, shapes.q_dim,
                                   q->format == TN_QUANT_NVFP4 ? "x's rows, two elements a byte" : "x's shape"));
 
   /* scale: the static scale, or NVFP4's global one */
@@ -288,21 +313,16 @@ static tn_status check_quant(tn_context *ctx, const tn_op_info *info, const tn_o
                      "%s: quant.scales given with a static scale (quant.scale is the input)", op);
   if (q->scales != NULL) {
     const tn_tensor *st = q->scales;
-    const tn_dtype sdtype = quant_scales_dtype(q);
-    TN_RETURN_ERROR_IF(st->dtype != sdtype, ctx, TN_ERR_DTYPE, "%s: quant.scales is %s; these scales are %s", op,
-                       tn_dtype_name(st->dtype), tn_dtype_name(sdtype));
-    if (q->layout == TN_SCALES_ROW_MAJOR) {
-      TN_FORWARD_IF_ERROR(check_shape(ctx, op, "quant.scales", st, x->rows, groups, "rows x groups"));
-    } else if (q->layout == TN_SCALES_COLUMN_MAJOR) {
-      TN_FORWARD_IF_ERROR(check_shape(ctx, op, "quant.scales", st, groups, x->rows, "groups x rows, column-major"));
-    } else {
-      const int64_t rows128 = (x->rows + 127) / 128 * 128, groups4 = (groups + 3) / 4 * 4;
-      TN_FORWARD_IF_ERROR(check_shape(ctx, op, "quant.scales", st, rows128, groups4,
-                                      "rows rounded up to 128 x groups rounded up to 4, swizzled"));
-      TN_RETURN_ERROR_IF(st->row_stride != st->dim, ctx, TN_ERR_SHAPE,
-                         "%s: swizzled quant.scales must be contiguous; its row_stride is %" PRId64 ", dim %" PRId64,
-                         op, st->row_stride, st->dim);
-    }
+    static const char *const what[] = {"rows x groups", "groups x rows, column-major",
+                                       "rows rounded up to 128 x groups rounded up to 4, swizzled"};
+    TN_RETURN_ERROR_IF(st->dtype != shapes.scales_dtype, ctx, TN_ERR_DTYPE,
+                       "%s: quant.scales is %s; these scales are %s", op, tn_dtype_name(st->dtype),
+                       tn_dtype_name(shapes.scales_dtype));
+    TN_FORWARD_IF_ERROR(check_shape(ctx, op, "quant.scales", st, shapes.scales_rows, shapes.scales_dim,
+                                    what[q->layout]));
+    TN_RETURN_ERROR_IF(q->layout == TN_SCALES_SWIZZLED && st->row_stride != st->dim, ctx, TN_ERR_SHAPE,
+                       "%s: swizzled quant.scales must be contiguous; its row_stride is %" PRId64 ", dim %" PRId64,
+                       op, st->row_stride, st->dim);
   }
   for (int o = TN_OPERAND_Q; o <= TN_OPERAND_QSCALES; o++) {
     const tn_tensor *t = tn_op_operand(args, (tn_operand)o);

@@ -199,7 +199,9 @@ static tn_status run_aligned(void *state, tn_context *ctx, const tn_op_args *arg
     for (int64_t i = 0; i < rot / 2; i++)
       inv_freq[i] = (float)(1.0 / pow((double)args->rope.theta, (double)(2 * i) / (double)rot));
   }
-  size_t out_bytes = (size_t)rows * (size_t)dim * tn_elem_size(args->x->dtype);
+  /* The bytes the call writes: y (when given), q, residual_out. */
+  size_t out_bytes = args->y != NULL ? (size_t)rows * (size_t)dim * tn_elem_size(args->x->dtype) : 0;
+  if (args->quant.q != NULL) out_bytes += (size_t)args->quant.q->rows * (size_t)args->quant.q->dim;
   if (args->residual_out != NULL)
     out_bytes += (size_t)args->x->rows * (size_t)dim * tn_elem_size(args->residual_out->dtype);
   tn_cpu_call call = {args, weight, bias, inv_freq, out_bytes >= TN_CPU_STREAM_MIN_BYTES, options->round_before_last,

@@ -1632,3 +1632,49 @@ TEST(ContextThreads, SetNumThreadsIsBounded) {
   tn_context_destroy(ctx);
 }
 }  // namespace
+
+// tn_quant_shapes_get: the tensors a quantized output takes, as validation asks for them.
+TEST(QuantShapes, EachLayoutAndFormat) {
+  tn_quant_shapes s;
+  tn_quant q = tn_quant_init(TN_QUANT_FP8_E4M3);  // per token, row-major f32
+  ASSERT_EQ(tn_quant_shapes_get(&q, 5, 256, &s), TN_OK);
+  EXPECT_EQ(s.q_dtype, TN_F8_E4M3);
+  EXPECT_EQ(s.q_rows, 5);
+  EXPECT_EQ(s.q_dim, 256);
+  EXPECT_EQ(s.scales_dtype, TN_F32);
+  EXPECT_EQ(s.scales_rows, 5);
+  EXPECT_EQ(s.scales_dim, 1);
+  EXPECT_EQ(s.group, 256);
+  q.scaling = TN_QUANT_SCALE_GROUP;
+  q.group_size = 128;
+  q.pow2_scales = 1;
+  q.layout = TN_SCALES_COLUMN_MAJOR;
+  ASSERT_EQ(tn_quant_shapes_get(&q, 5, 256, &s), TN_OK);
+  EXPECT_EQ(s.scales_dtype, TN_U8);
+  EXPECT_EQ(s.scales_rows, 2);
+  EXPECT_EQ(s.scales_dim, 5);
+  tn_quant n = tn_quant_init(TN_QUANT_NVFP4);
+  n.layout = TN_SCALES_SWIZZLED;
+  ASSERT_EQ(tn_quant_shapes_get(&n, 130, 80, &s), TN_OK);
+  EXPECT_EQ(s.q_dtype, TN_U8);
+  EXPECT_EQ(s.q_dim, 40);
+  EXPECT_EQ(s.scales_dtype, TN_F8_E4M3);
+  EXPECT_EQ(s.scales_rows, 256);
+  EXPECT_EQ(s.scales_dim, 8);  // 5 groups of 16, rounded up to 4
+  EXPECT_EQ(s.group, 16);
+  tn_quant t = tn_quant_init(TN_QUANT_INT8);
+  t.scaling = TN_QUANT_SCALE_TENSOR;
+  ASSERT_EQ(tn_quant_shapes_get(&t, 3, 7, &s), TN_OK);
+  EXPECT_EQ(s.scales_rows, 0);
+  EXPECT_EQ(s.scales_dim, 0);
+  // What tn_op_run would refuse, refused here alike.
+  EXPECT_EQ(tn_quant_shapes_get(&q, 5, 200, &s), TN_ERR_SHAPE);  // 200 % 128
+  q.group_size = 100;
+  EXPECT_EQ(tn_quant_shapes_get(&q, 5, 200, &s), TN_ERR_VALUE);
+  t.layout = TN_SCALES_SWIZZLED;
+  EXPECT_EQ(tn_quant_shapes_get(&t, 3, 7, &s), TN_ERR_VALUE);
+  tn_quant none = tn_quant_init(TN_QUANT_NONE);
+  EXPECT_EQ(tn_quant_shapes_get(&none, 3, 7, &s), TN_ERR_VALUE);
+  EXPECT_EQ(tn_quant_shapes_get(nullptr, 3, 7, &s), TN_ERR_NULL);
+  EXPECT_EQ(tn_quant_shapes_get(&n, 3, 32, nullptr), TN_ERR_NULL);
+}
