@@ -54,7 +54,7 @@ extern "C" {
 #endif
 
 #define TNORM_VERSION_MAJOR 0
-#define TNORM_VERSION_MINOR 1
+#define TNORM_VERSION_MINOR 2
 #define TNORM_VERSION_PATCH 0
 
 /* "MAJOR.MINOR.PATCH" of the library actually loaded. */
@@ -95,12 +95,24 @@ TN_API const char *tn_status_string(tn_status status);
 /* Tensors                                                                                          */
 /* ------------------------------------------------------------------------------------------------ */
 
-typedef enum tn_dtype { TN_F32 = 0, TN_F16 = 1, TN_BF16 = 2 } tn_dtype;
+typedef enum tn_dtype {
+  TN_F32 = 0,
+  TN_F16 = 1,
+  TN_BF16 = 2,
+  /* Storage of quantized outputs and their scales only (tn_quant); no op computes in them. */
+  TN_F8_E4M3 = 3, /* OCP FP8 e4m3fn (torch.float8_e4m3fn): max 448, no infinities */
+  TN_F8_E5M2 = 4, /* OCP FP8 e5m2 (torch.float8_e5m2): max 57344 */
+  TN_I8 = 5,      /* int8 */
+  TN_U8 = 6,      /* bytes: NVFP4's packed E2M1 pairs, UE8M0 power-of-two scales */
+} tn_dtype;
+/* The dtypes ops compute in (x, weight, y, ...): f32, f16, bf16. */
 #define TN_DTYPE_COUNT 3
+/* Every dtype, the storage ones included. */
+#define TN_DTYPE_ALL_COUNT 7
 
-/* "f32", "f16", "bf16"; "?" for a value outside the enum. */
+/* "f32", "f16", "bf16", "f8_e4m3", "f8_e5m2", "i8", "u8"; "?" for a value outside the enum. */
 TN_API const char *tn_dtype_name(tn_dtype dtype);
-/* Bytes per element: 4, 2, 2; 0 for a value outside the enum. */
+/* Bytes per element: 4, 2, 2, 1, 1, 1, 1; 0 for a value outside the enum. */
 TN_API size_t tn_dtype_size(tn_dtype dtype);
 
 typedef enum tn_device_kind { TN_DEVICE_CPU = 0, TN_DEVICE_CUDA = 1 } tn_device_kind;
@@ -314,6 +326,118 @@ TN_API tn_status tn_add_layer_norm(tn_context *ctx, const tn_tensor *x, const tn
                                    const tn_tensor *y, const tn_tensor *residual_out);
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Quantized outputs: rms_norm, add_rms_norm, layer_norm and add_layer_norm (2-D views) write their  */
+/* result quantized, with its scales, in the same pass (tn_op_args.quant); tn_quantize quantizes a    */
+/* tensor on its own. y is then optional: given, it receives the unquantized result too.              */
+/*                                                                                                  */
+/* The numerics, the same bytes on every backend:                                                    */
+/* - v, the value quantized: with TN_QUANT_FROM_ROUNDED the op's result rounded to x's dtype (what y */
+/*   receives: q is then the bytes of the op followed by tn_quantize of its y), with TN_QUANT_FROM_F32 */
+/*   the float32 result before that rounding (one rounding in all). The two agree for f32 x.          */
+/*   tn_quantize's v is x itself.                                                                    */
+/* - q = encode(v / s), s the element's scale: one float32 division, rounded to nearest even (not a  */
+/*   multiply by a reciprocal), then the format's encoding: round to nearest even once; finite values  */
+/*   beyond the format's largest, and infinities, saturate to +-largest (E4M3 448, E5M2 57344, INT8   */
+/*   127, E2M1 6); NaN gives 0x7f with its sign for FP8, 0 for INT8 and E2M1; FP8 subnormals are kept. */
+/* - Static scales (TN_QUANT_SCALE_TENSOR): s = scale[0], an f32 read at run time from x's device (a  */
+/*   captured CUDA graph stays valid when the value changes). It must be finite and > 0: the CPU      */
+/*   refuses any other value; a GPU kernel cannot report it and quantizes with it as it is.          */
+/* - Dynamic scales (TOKEN: one per row; GROUP: one per group_size elements of a row): a = max |v| over */
+/*   the row or group (NaN elements skipped; an infinity makes a infinite); s = a / qmax (float32;      */
+/*   qmax the format's largest), then s = min(s, scale_ub) when scale_ub > 0, then s = max(s,          */
+/*   scale_min), so that a row of zeros gets a finite scale. With pow2_scales, s is then rounded up to  */
+/*   a power of two, 2^ceil(log2 s) within [2^-127, 2^127] (DeepGEMM's scales), and stored as its      */
+/*   UE8M0 byte, the exponent + 127. The scale stored is the s that divided.                          */
+/* - MXFP8: E4M3 values, groups of 32 with power-of-two (UE8M0) scales as above (an exact multiple of   */
+/*   a block's amax never saturates, unlike the OCP rule 2^(floor(log2 a) - 8)).                       */
+/* - NVFP4: E2M1 values, two per byte (element 2i in the low nibble); groups of 16; G = scale[0], the  */
+/*   f32 global scale (commonly 448 * 6 / amax of the tensor). A group's scale byte is                 */
+/*   sb = e4m3((a / 6) * G) and its s = float(sb) / G (each operation one float32 rounding); a group    */
+/*   whose sb is 0 gets q = 0.                                                                       */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef enum tn_quant_format {
+  TN_QUANT_NONE = 0,     /* no quantized output */
+  TN_QUANT_FP8_E4M3 = 1, /* q: TN_F8_E4M3, rows x dim */
+  TN_QUANT_FP8_E5M2 = 2, /* q: TN_F8_E5M2, rows x dim */
+  TN_QUANT_INT8 = 3,     /* q: TN_I8, rows x dim, symmetric (-127 .. 127) */
+  TN_QUANT_MXFP8 = 4,    /* q: TN_F8_E4M3, rows x dim; scales TN_U8 (UE8M0) per 32 elements */
+  TN_QUANT_NVFP4 = 5,    /* q: TN_U8, rows x dim / 2; scales TN_F8_E4M3 per 16 elements; global scale */
+} tn_quant_format;
+
+typedef enum tn_quant_scaling {
+  TN_QUANT_SCALE_TENSOR = 0, /* static: quant.scale, one f32 (FP8, INT8) */
+  TN_QUANT_SCALE_TOKEN = 1,  /* dynamic, one per row (FP8, INT8) */
+  TN_QUANT_SCALE_GROUP = 2,  /* dynamic, one per group of group_size elements (MXFP8 and NVFP4 take only this) */
+} tn_quant_scaling;
+
+typedef enum tn_quant_source {
+  TN_QUANT_FROM_ROUNDED = 0, /* the result rounded to x's dtype: the bytes of the op, then tn_quantize */
+  TN_QUANT_FROM_F32 = 1,     /* the float32 result: one rounding */
+} tn_quant_source;
+
+/* Where the dynamic scales go in the scales tensor (s(r, g): row r's scale for group g; TOKEN has g = 0). */
+typedef enum tn_scale_layout {
+  TN_SCALES_ROW_MAJOR = 0,    /* scales is rows x groups: s(r, g) at row r, element g */
+  TN_SCALES_COLUMN_MAJOR = 1, /* scales is groups x rows: s(r, g) at row g, element r; its row_stride may pad
+                                 rows (DeepGEMM reads f32 scales padded to a multiple of 4) */
+  TN_SCALES_SWIZZLED = 2,     /* MXFP8 and NVFP4: the 128 x 4 tiles block-scaled GEMMs (cuBLASLt, CUTLASS)
+                                 read. scales is contiguous, rows rounded up to 128 x groups rounded up to
+                                 4; s(r, g) is byte ((r / 128) * (groups4 / 4) + g / 4) * 512 + (r % 32) * 16
+                                 + ((r % 128) / 32) * 4 + g % 4; the padding is written as zeros */
+} tn_scale_layout;
+
+typedef struct tn_quant {
+  tn_quant_format format;
+  tn_quant_scaling scaling;
+  int64_t group_size;      /* GROUP: 32, 64 or 128 for FP8 and INT8; 0 means the format's own (MXFP8 32, NVFP4 16) */
+  tn_quant_source source;
+  int pow2_scales;         /* dynamic FP8 and INT8 scales as UE8M0 powers of two (scales TN_U8); MXFP8 always */
+  tn_scale_layout layout;  /* of the dynamic scales */
+  float scale_ub;          /* dynamic: an upper bound on s, > 0; 0 for none */
+  float scale_min;         /* dynamic: the least s, finite and > 0 (tn_quant_init: 2^-126) */
+  const tn_tensor *q;      /* output, on x's device */
+  const tn_tensor *scale;  /* input, one f32 on x's device: TENSOR's s, or NVFP4's global scale; else NULL */
+  const tn_tensor *scales; /* output of the dynamic scales: f32 (TN_U8 with pow2_scales and for MXFP8,
+                              TN_F8_E4M3 for NVFP4) in `layout`; NULL with TENSOR */
+} tn_quant;
+
+/* A tn_quant for `format` with TOKEN scaling (GROUP for MXFP8 and NVFP4), the format's group size,
+ * source ROUNDED, row-major f32 scales, no upper bound, scale_min 2^-126, and no tensors. */
+TN_API tn_quant tn_quant_init(tn_quant_format format);
+
+/* The tensors a quantized output of rows x dim takes: q's dtype and shape, and the dynamic scales' dtype and
+ * shape in quant->layout (0 x 0 with a static scale; the column-major shape is the least, its row_stride may
+ * pad). */
+typedef struct tn_quant_shapes {
+  tn_dtype q_dtype;
+  int64_t q_rows, q_dim;
+  tn_dtype scales_dtype;
+  int64_t scales_rows, scales_dim;
+  int64_t group; /* elements per scale: the group, or dim for per-token and per-tensor scales */
+} tn_quant_shapes;
+
+/* Fills *out for quant's format, scaling, group_size, pow2_scales and layout (its tensors are not read);
+ * TN_ERR_VALUE for a combination tn_op_run would refuse, TN_ERR_SHAPE for a dim the group does not divide,
+ * TN_ERR_NULL for a NULL pointer. */
+TN_API tn_status tn_quant_shapes_get(const tn_quant *quant, int64_t rows, int64_t dim, tn_quant_shapes *out);
+
+/* "none", "fp8_e4m3", "fp8_e5m2", "int8", "mxfp8", "nvfp4"; "?" outside the enum. */
+TN_API const char *tn_quant_format_name(tn_quant_format format);
+
+/* q (and scales) = quantize(x), as above; x rows x dim of f32, f16 or bf16. */
+TN_API tn_status tn_quantize(tn_context *ctx, const tn_tensor *x, const tn_quant *quant);
+
+/* rms_norm with its result quantized; y may be NULL (only q and the scales are written). */
+TN_API tn_status tn_rms_norm_quant(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset,
+                                   float eps, const tn_quant *quant, const tn_tensor *y);
+
+/* add_rms_norm with its result quantized; residual_out is written as always, y may be NULL. */
+TN_API tn_status tn_add_rms_norm_quant(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual,
+                                       const tn_tensor *weight, float weight_offset, float eps,
+                                       const tn_quant *quant, const tn_tensor *y, const tn_tensor *residual_out);
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Rotary position embedding fused after the norm (Q and K heads: Qwen3 q_norm/k_norm, Gemma 3/4).   */
 /*                                                                                                  */
 /* On each head n = rms_norm(x) (with weight), the first rotary_dim elements are rotated in pairs    */
@@ -413,11 +537,12 @@ typedef enum tn_op {
   TN_OP_SCALE = 5,          /* x, scale                         -> y                */
   TN_OP_LAYER_NORM = 6,     /* x, weight?, bias?                -> y                */
   TN_OP_ADD_LAYER_NORM = 7, /* x, residual, weight?, bias?      -> y, residual_out  */
+  TN_OP_QUANTIZE = 8,       /* x, quant                         -> quant's q, scales */
 } tn_op;
-#define TN_OP_COUNT 8
+#define TN_OP_COUNT 9
 
-/* "rms_norm", "l2_norm", "add_rms_norm", "add", "mul", "scale", "layer_norm", "add_layer_norm"; "?"
- * outside the enum. */
+/* "rms_norm", "l2_norm", "add_rms_norm", "add", "mul", "scale", "layer_norm", "add_layer_norm",
+ * "quantize"; "?" outside the enum. */
 TN_API const char *tn_op_name(tn_op op);
 
 typedef struct tn_op_args {
@@ -436,10 +561,13 @@ typedef struct tn_op_args {
   tn_residual_mode residual_mode; /* add_rms_norm, add_layer_norm; NORM_STORED elsewhere */
   tn_l2_mode l2_mode;            /* l2_norm; TN_L2_RSQRT_EPS elsewhere                   */
   tn_rope rope;                  /* rms_norm without mul; style TN_ROPE_NONE elsewhere   */
+  /* A quantized output (rms_norm, add_rms_norm, layer_norm, add_layer_norm, without a rope; quantize):
+   * format TN_QUANT_NONE for none. With one, y is optional (the quantize op takes none). */
+  tn_quant quant;
 } tn_op_args;
 
-/* Arguments with every operand NULL, eps = 1e-6, scale = 1, weight_offset = 0, the default modes and no
- * rope. */
+/* Arguments with every operand NULL, eps = 1e-6, scale = 1, weight_offset = 0, the default modes, no
+ * rope and no quantized output (quant = tn_quant_init(TN_QUANT_NONE)). */
 TN_API tn_op_args tn_op_args_init(tn_op op);
 
 /* Validates the arguments (every rule above), picks the backend from the tensors' device and runs. */
@@ -462,6 +590,10 @@ TN_API tn_status tn_op_prepare(tn_context *ctx, const tn_op_args *args);
 /*   rms_norm -> mul   => rms_norm with the multiplicand (add_rms_norm -> mul likewise, so that     */
 /*                        add -> rms_norm -> mul becomes one add_rms_norm with the multiplicand);   */
 /*   l2_norm -> scale  => l2_norm with the scale (when l2_norm's own scale is 1);                   */
+/*   rms_norm, add_rms_norm, layer_norm or add_layer_norm -> quantize of its y                       */
+/*                     => the norm with that quantized output (source ROUNDED: the bytes of the two  */
+/*                        ops), y still written only where a later op reads it; so add -> rms_norm   */
+/*                        -> quantize becomes one add_rms_norm with a quantized output;              */
 /* each only where the second op is the first to touch the first's output, nothing in between writes */
 /* the first's inputs, and (for the last two, whose fused op no longer writes the intermediate) no    */
 /* later recorded op reads it. A fused op gives the same bytes as the pair did. TNORM_GRAPH_FUSION=0  */
@@ -483,6 +615,7 @@ typedef struct tn_graph_info {
   int fused_add_rms_norm;  /* add + rms_norm (or layer_norm) pairs fused */
   int fused_rms_norm_mul;  /* rms_norm (or add_rms_norm) + mul pairs fused */
   int fused_l2_norm_scale; /* l2_norm + scale pairs fused */
+  int fused_norm_quantize; /* norm + quantize pairs fused */
   int device_graph;        /* 1 once launches go as one CUDA graph */
   int instantiations;      /* CUDA graphs instantiated for this graph */
   int updates_in_place;    /* tn_graph_update calls that patched the instantiated graph */

@@ -403,6 +403,53 @@ tn_status tn_add_layer_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor
   return norm_call(ctx, TN_OP_ADD_LAYER_NORM, x, residual, weight, 0.0f, bias, NULL, eps, y, residual_out, NULL);
 }
 
+static tn_status missing_quant_locked(tn_context *ctx, const char *entry) {
+  return tn_error(ctx, TN_ERR_NULL, "%s: quant is NULL", entry);
+}
+
+/* The quantizing entry points: a's quantized output from *quant, which must be given. */
+static tn_status quant_call(tn_context *ctx, const char *entry, tn_op_args *a, const tn_quant *quant) {
+  if (quant == NULL) TN_WITH_CONTEXT(ctx, missing_quant_locked(ctx, entry));
+  a->quant = *quant;
+  return tn_op_run(ctx, a);
+}
+
+tn_status tn_quant_shapes_get(const tn_quant *quant, int64_t rows, int64_t dim, tn_quant_shapes *out) {
+  if (quant == NULL || out == NULL) return TN_ERR_NULL;
+  return tn_quant_shapes_check(NULL, "tn_quant_shapes_get", quant, rows, dim, out);
+}
+
+tn_status tn_quantize(tn_context *ctx, const tn_tensor *x, const tn_quant *quant) {
+  tn_op_args a = tn_op_args_init(TN_OP_QUANTIZE);
+  a.x = x;
+  return quant_call(ctx, "tn_quantize", &a, quant);
+}
+
+tn_status tn_rms_norm_quant(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset,
+                            float eps, const tn_quant *quant, const tn_tensor *y) {
+  tn_op_args a = tn_op_args_init(TN_OP_RMS_NORM);
+  a.x = x;
+  a.weight = weight;
+  a.weight_offset = weight_offset;
+  a.eps = eps;
+  a.y = y;
+  return quant_call(ctx, "tn_rms_norm_quant", &a, quant);
+}
+
+tn_status tn_add_rms_norm_quant(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual,
+                                const tn_tensor *weight, float weight_offset, float eps, const tn_quant *quant,
+                                const tn_tensor *y, const tn_tensor *residual_out) {
+  tn_op_args a = tn_op_args_init(TN_OP_ADD_RMS_NORM);
+  a.x = x;
+  a.residual = residual;
+  a.weight = weight;
+  a.weight_offset = weight_offset;
+  a.eps = eps;
+  a.y = y;
+  a.residual_out = residual_out;
+  return quant_call(ctx, "tn_add_rms_norm_quant", &a, quant);
+}
+
 /* add and mul: b goes in the operand slot of the op table (residual for add, mul for mul). */
 static tn_status binary_op(tn_context *ctx, tn_op op, const tn_tensor *x, const tn_tensor *b, const tn_tensor *y) {
   tn_op_args a = tn_op_args_init(op);

@@ -20,7 +20,8 @@ import ctypes
 import struct
 import sys
 
-from ._lib import TN_BF16, TN_DEVICE_CPU, TN_DEVICE_CUDA, TN_F16, TN_F32, Device, Tensor
+from ._lib import (TN_BF16, TN_DEVICE_CPU, TN_DEVICE_CUDA, TN_F8_E4M3, TN_F8_E5M2, TN_F16, TN_F32, TN_I8, TN_U8,
+                   Device, Tensor)
 
 # DLDeviceType values (dlpack.h)
 KDL_CPU, KDL_CUDA, KDL_CUDA_HOST, KDL_CUDA_MANAGED = 1, 2, 3, 13
@@ -30,7 +31,12 @@ _DEVICE_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA pinned host", 4: "OpenCL", 7: "Vu
 # (DLDataTypeCode, bits) -> tn_dtype; lanes must be 1. kDLFloat = 2, kDLBfloat = 4.
 _DTYPES = {(2, 32): TN_F32, (2, 16): TN_F16, (4, 16): TN_BF16}
 _DTYPE_SIZE = {TN_F32: 4, TN_F16: 2, TN_BF16: 2}
-_DL_CODE_NAMES = {0: "int", 1: "uint", 2: "float", 3: "opaque handle", 4: "bfloat", 5: "complex", 6: "bool"}
+# What a quantized output and its scales are stored in (export(..., storage=True)): kDLInt = 0, kDLUInt = 1,
+# kDLFloat8_e4m3fn = 10, kDLFloat8_e5m2 = 12 (DLPack 1.1).
+_STORAGE_DTYPES = {(2, 32): TN_F32, (10, 8): TN_F8_E4M3, (12, 8): TN_F8_E5M2, (0, 8): TN_I8, (1, 8): TN_U8}
+_DL_CODE_NAMES = {0: "int", 1: "uint", 2: "float", 3: "opaque handle", 4: "bfloat", 5: "complex", 6: "bool",
+                  10: "float8_e4m3fn", 12: "float8_e5m2"}
+_STORAGE_TEXT = "float32, float8_e4m3fn, float8_e5m2, int8 and uint8"
 
 _FLAG_READ_ONLY = 1 << 0  # DLPACK_FLAG_BITMASK_READ_ONLY
 _FLAG_IS_COPIED = 1 << 1  # DLPACK_FLAG_BITMASK_IS_COPIED
@@ -202,13 +208,13 @@ def _view(data, dtype, shape, strides, device, readonly, copied, keep, name, hea
     return View(t, shape if isinstance(shape, tuple) else tuple(shape), readonly, copied, keep)
 
 
-def _dtype_from_dl(code, bits, lanes, name):
-    tn = _DTYPES.get((code, bits)) if lanes == 1 else None
+def _dtype_from_dl(code, bits, lanes, name, storage=False):
+    tn = (_STORAGE_DTYPES if storage else _DTYPES).get((code, bits)) if lanes == 1 else None
     if tn is None:
         kind = _DL_CODE_NAMES.get(code, f"code {code}")
         lane_text = f"x{lanes}" if lanes != 1 else ""
-        raise TypeError(f"{name}: unsupported dtype {kind}{bits}{lane_text}; tnorm takes float32, float16 and "
-                        f"bfloat16")
+        takes = _STORAGE_TEXT if storage else "float32, float16 and bfloat16"
+        raise TypeError(f"{name}: unsupported dtype {kind}{bits}{lane_text}; tnorm takes {takes}")
     return tn
 
 
@@ -220,7 +226,7 @@ assert _HEAD_VERSIONED.size == DLManagedTensorVersioned.dl_tensor.offset
 assert _TENSOR.size == ctypes.sizeof(DLTensor) and DLManagedTensor.dl_tensor.offset == 0
 
 
-def _read_capsule(capsule, name, heads=False, index=False):
+def _read_capsule(capsule, name, heads=False, index=False, storage=False):
     kind = _capsule_get_name(capsule) if type(capsule).__name__ == "PyCapsule" else None
     if kind == b"dltensor_versioned":
         raw = ctypes.string_at(_capsule_get_pointer(capsule, kind), _HEAD_VERSIONED.size + _TENSOR.size)
@@ -237,7 +243,7 @@ def _read_capsule(capsule, name, heads=False, index=False):
     if index:
         return _index_view(data + byte_offset, code, bits, lanes, ndim, shape_ptr, strides_ptr,
                            (dev_type, dev_id), capsule, name)
-    dtype = _dtype_from_dl(code, bits, lanes, name)
+    dtype = _dtype_from_dl(code, bits, lanes, name, storage)
     int64s = ctypes.c_int64 * ndim
     shape = int64s.from_address(shape_ptr)[:] if ndim else []
     if strides_ptr:
@@ -283,13 +289,32 @@ def numpy_dtype_of(tn_dtype):
     return next(dt for dt, t in _numpy_dtype_map().items() if t == tn_dtype)
 
 
-def _numpy_view(arr, name, heads=False):
+_numpy_storage = None  # numpy dtype -> tn storage dtype (the float8 ones when ml_dtypes is installed)
+
+
+def _numpy_storage_map():
+    global _numpy_storage
+    if _numpy_storage is None:
+        np = sys.modules["numpy"]
+        m = {np.dtype(np.float32): TN_F32, np.dtype(np.int8): TN_I8, np.dtype(np.uint8): TN_U8}
+        try:
+            import ml_dtypes  # numpy has no float8 of its own
+            m[np.dtype(ml_dtypes.float8_e4m3fn)] = TN_F8_E4M3
+            m[np.dtype(ml_dtypes.float8_e5m2)] = TN_F8_E5M2
+        except ImportError:
+            pass
+        _numpy_storage = m
+    return _numpy_storage
+
+
+def _numpy_view(arr, name, heads=False, storage=False):
     """A NumPy array read through its array interface."""
     dt = arr.dtype
-    dtype = _numpy_dtype_map().get(dt)
+    dtype = (_numpy_storage_map() if storage else _numpy_dtype_map()).get(dt)
     if dtype is None:
-        raise TypeError(f"{name}: unsupported dtype {dt}; tnorm takes float32, float16 and bfloat16 "
-                        f"(bfloat16 from ml_dtypes)")
+        takes = (_STORAGE_TEXT + " (float8 from ml_dtypes)" if storage else
+                 "float32, float16 and bfloat16 (bfloat16 from ml_dtypes)")
+        raise TypeError(f"{name}: unsupported dtype {dt}; tnorm takes {takes}")
     size = dt.itemsize
     byte_strides = arr.strides
     if any(s % size for s in byte_strides):
@@ -300,9 +325,21 @@ def _numpy_view(arr, name, heads=False):
 
 
 _torch_dtypes = None  # torch dtype -> tn dtype, made on first use
+_torch_storage = None  # torch dtype -> tn storage dtype, made on first use
 
 
-def _torch_view(t, name, cuda_stream, stream_owner, heads=False):
+def _torch_storage_map(torch):
+    global _torch_storage
+    if _torch_storage is None:
+        m = {torch.float32: TN_F32, torch.int8: TN_I8, torch.uint8: TN_U8}
+        for attr, tn in (("float8_e4m3fn", TN_F8_E4M3), ("float8_e5m2", TN_F8_E5M2)):  # torch >= 2.1
+            if hasattr(torch, attr):
+                m[getattr(torch, attr)] = tn
+        _torch_storage = m
+    return _torch_storage
+
+
+def _torch_view(t, name, cuda_stream, stream_owner, heads=False, storage=False):
     """A View of a torch tensor read from its own attributes, or None to leave it to DLPack.
 
     torch's DLPack export costs tens of microseconds a tensor (a decode step passes three or four); the
@@ -316,10 +353,11 @@ def _torch_view(t, name, cuda_stream, stream_owner, heads=False):
         _torch_dtypes = {torch.float32: TN_F32, torch.float16: TN_F16, torch.bfloat16: TN_BF16}
     if t.layout != torch.strided or t.is_neg():
         return None
-    dtype = _torch_dtypes.get(t.dtype)
+    dtype = (_torch_storage_map(torch) if storage else _torch_dtypes).get(t.dtype)
     if dtype is None:
         kind = str(t.dtype).rpartition(".")[2]  # "float64", as for the other array types
-        raise TypeError(f"{name}: unsupported dtype {kind}; tnorm takes float32, float16 and bfloat16")
+        takes = _STORAGE_TEXT if storage else "float32, float16 and bfloat16"
+        raise TypeError(f"{name}: unsupported dtype {kind}; tnorm takes {takes}")
     if t.is_cpu:
         device = _CPU
     elif t.is_cuda and (cuda_stream is None or stream_owner == "torch"):
@@ -335,34 +373,35 @@ def dlpack_stream(stream):
     return 1 if not stream else stream
 
 
-def export(obj, name, cuda_stream=None, stream_owner=None, device=None, heads=False):
+def export(obj, name, cuda_stream=None, stream_owner=None, device=None, heads=False, storage=False):
     """A View of obj. cuda_stream: the stream the op will run on (an int), when it runs on a CUDA device;
     a CUDA producer then orders its pending work on obj before that stream, as the protocol asks.
     stream_owner: the library whose current stream cuda_stream is (or None). Its own arrays are exported
     with stream=-1 (no synchronisation): their pending work is already on that stream, and torch's
-    cross-stream check costs more than the rest of the export. device: obj's device_of(), when known."""
+    cross-stream check costs more than the rest of the export. device: obj's device_of(), when known.
+    storage: obj is a quantized output or its scales, of a storage dtype (float32, fp8, int8, uint8)."""
     if _is_torch_tensor(obj):
         if obj.is_neg():
             # A lazily negated view (torch._neg_view, .conj().imag) holds its values un-negated in memory,
             # and DLPack exports the memory as it is: read, it is resolved into a copy (kept until the call
             # returns); as an output it is refused, since a result written there would be lost (`copied`).
-            view = export(obj.resolve_neg(), name, cuda_stream, stream_owner, device, heads)
+            view = export(obj.resolve_neg(), name, cuda_stream, stream_owner, device, heads, storage)
             view.copied = True
             return view
-        view = _torch_view(obj, name, cuda_stream, stream_owner, heads)
+        view = _torch_view(obj, name, cuda_stream, stream_owner, heads, storage)
         if view is not None:
             return view
     if _is_numpy_array(obj):
         # The array interface gives what a DLPack export would, at a fraction of the cost of making and
         # reading a capsule (a decode step calls with three or four small arrays), and takes what
         # numpy's export refuses: read-only arrays (inputs) and ml_dtypes' bfloat16.
-        return _numpy_view(obj, name, heads)
+        return _numpy_view(obj, name, heads, storage)
     dev_type, dev_id = device or device_of(obj, name)
     if dev_type != KDL_CPU and dev_type != KDL_CUDA:
         _tn_device(dev_type, dev_id, name)  # refuses it before asking for an export
     if _is_torch_tensor(obj) and obj.requires_grad:
         obj = obj.detach()  # torch refuses to export a tensor that requires grad; we only read or write memory
-    return _read_capsule(_capsule(obj, dev_type, cuda_stream, stream_owner), name, heads)
+    return _read_capsule(_capsule(obj, dev_type, cuda_stream, stream_owner), name, heads, storage=storage)
 
 
 def _capsule(obj, dev_type, cuda_stream, stream_owner):

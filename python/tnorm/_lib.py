@@ -15,6 +15,8 @@ import weakref
 # ---- the C structures (mirrors of include/tnorm.h; enums are C ints) ----
 
 TN_F32, TN_F16, TN_BF16 = 0, 1, 2
+# Storage of quantized outputs and their scales only: no op computes in them.
+TN_F8_E4M3, TN_F8_E5M2, TN_I8, TN_U8 = 3, 4, 5, 6
 TN_DEVICE_CPU, TN_DEVICE_CUDA = 0, 1
 
 
@@ -48,6 +50,23 @@ class Rope(ctypes.Structure):
     ]
 
 
+class Quant(ctypes.Structure):
+    """tn_quant: a quantized output, its scaling and its tensors."""
+    _fields_ = [
+        ("format", ctypes.c_int),
+        ("scaling", ctypes.c_int),
+        ("group_size", ctypes.c_int64),
+        ("source", ctypes.c_int),
+        ("pow2_scales", ctypes.c_int),
+        ("layout", ctypes.c_int),
+        ("scale_ub", ctypes.c_float),
+        ("scale_min", ctypes.c_float),
+        ("q", ctypes.POINTER(Tensor)),
+        ("scale", ctypes.POINTER(Tensor)),
+        ("scales", ctypes.POINTER(Tensor)),
+    ]
+
+
 class OpArgs(ctypes.Structure):
     """tn_op_args: one descriptor for every op (tn_op_run)."""
     _fields_ = [
@@ -66,15 +85,23 @@ class OpArgs(ctypes.Structure):
         ("residual_mode", ctypes.c_int),
         ("l2_mode", ctypes.c_int),
         ("rope", Rope),
+        ("quant", Quant),
     ]
 
 
 # tn_op, and the modes' enumerators, by the names the Python functions take
 TN_OP_RMS_NORM, TN_OP_L2_NORM, TN_OP_ADD_RMS_NORM, TN_OP_LAYER_NORM, TN_OP_ADD_LAYER_NORM = 0, 1, 2, 6, 7
+TN_OP_QUANTIZE = 8
 CASTINGS = {"exact": 0, "llama": 1}
 RESIDUAL_MODES = {"stored": 0, "f32": 1}
 L2_CONVENTIONS = {"rsqrt_eps": 0, "max_norm_eps": 1}
 ROPE_STYLES = {"neox": 1, "gptj": 2}
+QUANT_FORMATS = {"fp8_e4m3": 1, "fp8_e5m2": 2, "int8": 3, "mxfp8": 4, "nvfp4": 5}
+TN_QUANT_MXFP8, TN_QUANT_NVFP4 = 4, 5
+TN_QUANT_SCALE_TENSOR, TN_QUANT_SCALE_TOKEN, TN_QUANT_SCALE_GROUP = 0, 1, 2
+QUANT_SOURCES = {"rounded": 0, "f32": 1}
+SCALES_LAYOUTS = {"row": 0, "column": 1, "swizzled": 2}
+TN_SCALES_COLUMN_MAJOR, TN_SCALES_SWIZZLED = 1, 2
 
 
 # ---- statuses -> exceptions ----
@@ -101,6 +128,11 @@ _PROTOTYPES = {
     "tn_add_rms_norm": (ctypes.c_int, [_PTR, _T, _T, _T, _F, _F, _T, _T]),
     "tn_add_rms_norm_mul": (ctypes.c_int, [_PTR, _T, _T, _T, _F, _T, _F, _T, _T]),
     "tn_op_run": (ctypes.c_int, [_PTR, ctypes.POINTER(OpArgs)]),
+}
+# Entry points of later libraries, set up when present: a library without them still runs every op that
+# needs none of them, and a call that does says which library is too old (require()).
+_OPTIONAL_PROTOTYPES = {
+    "tn_quant_init": (Quant, [ctypes.c_int]),
 }
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -149,6 +181,11 @@ def _load():
             fn = getattr(lib, name)
             fn.restype = restype
             fn.argtypes = argtypes
+        for name, (restype, argtypes) in _OPTIONAL_PROTOTYPES.items():
+            if hasattr(lib, name):
+                fn = getattr(lib, name)
+                fn.restype = restype
+                fn.argtypes = argtypes
         return lib, path
     raise RuntimeError("tnorm: cannot load the shared library libtnorm; looked at:\n  " + "\n  ".join(tried) +
                        "\nBuild it (cmake --build build) and set TNORM_LIBRARY to build/libtnorm.so, or copy "
@@ -165,6 +202,16 @@ def lib():
                 _lib_path = path  # first: a thread that sees _lib set also sees its path
                 _lib = loaded
     return _lib
+
+
+def require(name, what):
+    """The loaded library's entry point `name`; RuntimeError saying that `what` needs a newer library when
+    it lacks it (an older libtnorm would ignore the fields this package fills in for it)."""
+    fn = getattr(lib(), name, None)
+    if fn is None:
+        raise RuntimeError(f"tnorm: {what} needs a libtnorm with {name}; {_lib_path} lacks it (a libtnorm older "
+                           f"than this package?)")
+    return fn
 
 
 def library_path():

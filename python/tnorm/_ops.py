@@ -15,6 +15,9 @@ Calls on torch tensors take a shorter road once a call of the same kind has succ
 path for torch tensors" below): what the operands are (dtype, shape, strides, device) and the options
 form a key to the call's C structures, prepared by the first such call, and only the data pointers are
 written before tn_op_run. The library validates every call whichever road it came by.
+
+rms_norm, add_rms_norm, layer_norm and add_layer_norm take a quantized output (quant=...), as quantize does:
+the keywords are read by _quant, and such calls always go the general way.
 """
 
 import contextlib
@@ -23,6 +26,7 @@ import sys
 
 from . import _dlpack
 from . import _lib
+from . import _quant
 from ._lib import TN_DEVICE_CUDA
 
 
@@ -391,7 +395,88 @@ def _prepare(c, op, inputs, outputs, eps, scale, weight_offset, casting, residua
     return p
 
 
-def rms_norm(x, weight=None, eps=1e-6, weight_offset=0.0, mul=None, out=None, *, casting="exact"):
+_QUANT_DOC = """
+    Quantized output (CPU for now; a CUDA tensor gives RuntimeError, status TN_ERR_UNAVAILABLE):
+    quant: "fp8_e4m3", "fp8_e5m2", "int8", "mxfp8" or "nvfp4". The call then returns (q, scales), scales None
+    for a static scale; (q, scales, y) with return_unquantized (y in `out` when given; `out` given without
+    it is written too). The residual ops append residual_out to either tuple.
+    scale: the static scale of fp8_e4m3, fp8_e5m2 and int8 (q = v / scale), or nvfp4's global scale: a Python
+    float, or a one-element float32 array on x's device, read when the op runs (so a captured CUDA graph
+    stays valid when the value changes; a float is copied to the device on each call).
+    group_size: None gives per-token scales without a scale and a per-tensor one with it; 32, 64 or 128
+    gives dynamic scales per group of that many elements. mxfp8 (32) and nvfp4 (16) have their own groups.
+    quant_source: "rounded" quantizes the result rounded to x's dtype (y's values), "f32" the float32 result.
+    pow2_scales: dynamic FP8 and INT8 scales rounded up to powers of two, stored as UE8M0 bytes (uint8).
+    scales_layout: "row", "column" ([rows, groups] view of a DeepGEMM column-major buffer) or "swizzled"
+    (mxfp8, nvfp4: [round_up(rows, 128), round_up(groups, 4)] in 128 x 4 tiles); see tnorm._quant.
+    scale_ub, scale_min: bounds on the dynamic scales (None: no upper bound, and 2^-126).
+    """
+
+
+def _no_quant_options(scale, group_size, quant_source, pow2_scales, scales_layout, scale_ub, scale_min,
+                      return_unquantized):
+    """Whether every quantization keyword has its default: checked before the fast path, whose key leaves
+    them out (a call that gives one without quant is refused by _quant.request)."""
+    return (scale is None and group_size is None and scale_ub is None and scale_min is None and not pow2_scales
+            and not return_unquantized and quant_source == "rounded" and scales_layout == "row")
+
+
+def _quantized(op, name, req, x, residual=None, weight=None, bias=None, mul=None, eps=1e-6, weight_offset=0.0,
+               out=None, residual_out=None, casting="exact", residual_mode="stored"):
+    """A call with a quantized output (req: a _quant.Request), always the general way. Returns (q, scales),
+    then y with return_unquantized, then residual_out for the residual ops."""
+    c = _Call(name, x)
+    residual_op = op in (_lib.TN_OP_ADD_RMS_NORM, _lib.TN_OP_ADD_LAYER_NORM)
+    r = c.input(residual, "residual")
+    w = c.input(weight, "weight", row_shaped=False)
+    b = c.input(bias, "bias", row_shaped=False)
+    m = c.input(mul, "mul")
+    y = y_result = None
+    if out is not None or req.return_unquantized:  # y is optional beside a quantized output
+        y, y_result = c.output(out, "out")
+    s = s_result = None
+    if residual_op:
+        s_out = residual_out
+        if residual_out is None and r is not None and r.tensor.dtype != c.x.tensor.dtype:
+            s_out = _new_like(residual, r)  # an f32 residual stream: the new sum is f32 too
+        s, s_result = c.output(s_out, "residual_out")
+    a = _lib.OpArgs()
+    a.op = op
+    a.x = ctypes.pointer(c.x.tensor)
+    a.y = _ptr(y)
+    a.residual, a.residual_out, a.weight, a.bias, a.mul = _ptr(r), _ptr(s), _ptr(w), _ptr(b), _ptr(m)
+    a.eps = eps
+    a.scale = 1.0
+    a.weight_offset = weight_offset
+    a.casting = _mode(_lib.CASTINGS, casting, "casting")
+    a.residual_mode = _mode(_lib.RESIDUAL_MODES, residual_mode, "residual_mode")
+    qa, q_new, scales_new, keep = req.outputs(c)
+    a.quant = qa
+    c.run_args(a)
+    del keep  # the quantized outputs' views, referenced until the call has returned
+    result = [q_new.result(), scales_new.result() if scales_new is not None else None]
+    if req.return_unquantized:
+        result.append(y_result.result())
+    if residual_op:
+        result.append(s_result.result())
+    return tuple(result)
+
+
+def quantize(x, quant, scale=None, group_size=None, *, pow2_scales=False, scales_layout="row", scale_ub=None,
+             scale_min=None):
+    """(q, scales) = x quantized (x's own values; float32, float16 or bfloat16, rows of the last dimension).
+
+    quant, scale, group_size, pow2_scales, scales_layout, scale_ub and scale_min as for rms_norm's quantized
+    output; scales is None for a static scale.
+    """
+    req = _quant.Request("quantize", quant, scale, group_size, pow2_scales=pow2_scales,
+                         scales_layout=scales_layout, scale_ub=scale_ub, scale_min=scale_min)
+    return _quantized(_lib.TN_OP_QUANTIZE, "quantize", req, x)
+
+
+def rms_norm(x, weight=None, eps=1e-6, weight_offset=0.0, mul=None, out=None, *, casting="exact", quant=None,
+             scale=None, group_size=None, quant_source="rounded", pow2_scales=False, scales_layout="row",
+             scale_ub=None, scale_min=None, return_unquantized=False):
     """y = x * rsqrt(mean(x^2) + eps) * (weight + weight_offset) [* mul], over the last dimension.
 
     weight: a vector of x.shape[-1] elements, of x's dtype or float32 (None: no scale; weight_offset must
@@ -401,6 +486,12 @@ def rms_norm(x, weight=None, eps=1e-6, weight_offset=0.0, mul=None, out=None, *,
     casting: "exact" (one rounding; HF Gemma3RMSNorm) or "llama" (the normalised x rounded to x's dtype
     before the weight multiplies it; HF LlamaRMSNorm, Qwen3RMSNorm).
     """
+    if quant is not None or not _no_quant_options(scale, group_size, quant_source, pow2_scales, scales_layout,
+                                                  scale_ub, scale_min, return_unquantized):
+        req = _quant.request("rms_norm", quant, scale, group_size, quant_source, pow2_scales, scales_layout,
+                             scale_ub, scale_min, return_unquantized)
+        return _quantized(_lib.TN_OP_RMS_NORM, "rms_norm", req, x, weight=weight, mul=mul, eps=eps,
+                          weight_offset=weight_offset, out=out, casting=casting)
     key = None
     if type(x) is _torch_tensor:  # the fast path (see above)
         try:
@@ -556,14 +647,24 @@ def _new_like(obj, view):
 
 
 def add_rms_norm(x, residual, weight, eps=1e-6, out=None, residual_out=None, *, weight_offset=0.0, mul=None,
-                 casting="exact", residual_mode="stored"):
+                 casting="exact", residual_mode="stored", quant=None, scale=None, group_size=None,
+                 quant_source="rounded", pow2_scales=False, scales_layout="row", scale_ub=None, scale_min=None,
+                 return_unquantized=False):
     """s = x + residual (rounded to the residual's dtype); returns (rms_norm(s, weight) [* mul], s).
 
     weight may be None (no scale). out may be x itself and residual_out residual itself (the residual
     stream updated in place); both are written and returned, else new arrays (residual_out of the
     residual's dtype). residual may be float32 beside a float16/bfloat16 x (an f32 residual stream).
     residual_mode: "stored" normalises s as stored (HF), "f32" the float32 sum (FlashInfer, quack).
+    With quant: (q, scales, residual_out), or (q, scales, y, residual_out) with return_unquantized.
     """
+    if quant is not None or not _no_quant_options(scale, group_size, quant_source, pow2_scales, scales_layout,
+                                                  scale_ub, scale_min, return_unquantized):
+        req = _quant.request("add_rms_norm", quant, scale, group_size, quant_source, pow2_scales, scales_layout,
+                             scale_ub, scale_min, return_unquantized)
+        return _quantized(_lib.TN_OP_ADD_RMS_NORM, "add_rms_norm", req, x, residual=residual, weight=weight,
+                          mul=mul, eps=eps, weight_offset=weight_offset, out=out, residual_out=residual_out,
+                          casting=casting, residual_mode=residual_mode)
     key = None
     if type(x) is _torch_tensor:  # the fast path, as in rms_norm
         try:
@@ -580,9 +681,17 @@ def add_rms_norm(x, residual, weight, eps=1e-6, out=None, residual_out=None, *, 
                      weight_offset, mul, casting, residual_mode, key)
 
 
-def layer_norm(x, weight=None, bias=None, eps=1e-5, out=None, *, casting="exact"):
+def layer_norm(x, weight=None, bias=None, eps=1e-5, out=None, *, casting="exact", quant=None, scale=None,
+               group_size=None, quant_source="rounded", pow2_scales=False, scales_layout="row", scale_ub=None,
+               scale_min=None, return_unquantized=False):
     """y = (x - mean(x)) * rsqrt(var(x) + eps) * weight + bias, over the last dimension (F.layer_norm);
-    weight and bias optional (vectors of x.shape[-1] elements, x's dtype or float32)."""
+    weight and bias optional (vectors of x.shape[-1] elements, x's dtype or float32). quant: as rms_norm."""
+    if quant is not None or not _no_quant_options(scale, group_size, quant_source, pow2_scales, scales_layout,
+                                                  scale_ub, scale_min, return_unquantized):
+        req = _quant.request("layer_norm", quant, scale, group_size, quant_source, pow2_scales, scales_layout,
+                             scale_ub, scale_min, return_unquantized)
+        return _quantized(_lib.TN_OP_LAYER_NORM, "layer_norm", req, x, weight=weight, bias=bias, eps=eps, out=out,
+                          casting=casting)
     key = None
     if type(x) is _torch_tensor:
         try:
@@ -607,8 +716,18 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, out=None, *, casting="exact"
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, out=None, residual_out=None, *,
-                   casting="exact", residual_mode="stored"):
-    """s = x + residual; returns (layer_norm(s, weight, bias), s); the residual stream as in add_rms_norm."""
+                   casting="exact", residual_mode="stored", quant=None, scale=None, group_size=None,
+                   quant_source="rounded", pow2_scales=False, scales_layout="row", scale_ub=None, scale_min=None,
+                   return_unquantized=False):
+    """s = x + residual; returns (layer_norm(s, weight, bias), s); the residual stream as in add_rms_norm.
+    quant: as rms_norm, returning as add_rms_norm."""
+    if quant is not None or not _no_quant_options(scale, group_size, quant_source, pow2_scales, scales_layout,
+                                                  scale_ub, scale_min, return_unquantized):
+        req = _quant.request("add_layer_norm", quant, scale, group_size, quant_source, pow2_scales, scales_layout,
+                             scale_ub, scale_min, return_unquantized)
+        return _quantized(_lib.TN_OP_ADD_LAYER_NORM, "add_layer_norm", req, x, residual=residual, weight=weight,
+                          bias=bias, eps=eps, out=out, residual_out=residual_out, casting=casting,
+                          residual_mode=residual_mode)
     key = None
     if type(x) is _torch_tensor:
         try:
@@ -623,3 +742,9 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, out=None, resi
                              residual_out=residual_out)
     return _add_norm(_lib.TN_OP_ADD_LAYER_NORM, "add_layer_norm", x, residual, weight, bias, eps, out,
                      residual_out, 0.0, None, casting, residual_mode, key)
+
+
+rms_norm.__doc__ += _QUANT_DOC
+add_rms_norm.__doc__ += _QUANT_DOC
+layer_norm.__doc__ += _QUANT_DOC
+add_layer_norm.__doc__ += _QUANT_DOC

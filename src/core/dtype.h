@@ -111,9 +111,15 @@ static inline float tn_round_to(tn_dtype dtype, float v) {
   }
 }
 
+/* A dtype ops compute in (f32, f16, bf16). */
 static inline int tn_dtype_valid(tn_dtype dtype) { return (unsigned)dtype < TN_DTYPE_COUNT; }
 
+/* Any dtype of the enum, the storage ones of quantized outputs included. */
+static inline int tn_dtype_known(tn_dtype dtype) { return (unsigned)dtype < TN_DTYPE_ALL_COUNT; }
+
 /* tn_dtype_size, inlinable for the kernels' address arithmetic. */
-static inline size_t tn_elem_size(tn_dtype dtype) { return dtype == TN_F32 ? 4 : tn_dtype_valid(dtype) ? 2 : 0; }
+static inline size_t tn_elem_size(tn_dtype dtype) {
+  return dtype == TN_F32 ? 4 : tn_dtype_valid(dtype) ? 2 : tn_dtype_known(dtype) ? 1 : 0;
+}
 
 #endif

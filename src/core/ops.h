@@ -14,6 +14,9 @@ typedef enum tn_operand {
   TN_OPERAND_RESIDUAL_OUT,
   TN_OPERAND_BIAS,
   TN_OPERAND_COS_SIN, /* the rope's table: args->rope.cos_sin */
+  TN_OPERAND_Q,       /* the quantized output: args->quant.q */
+  TN_OPERAND_QSCALE,  /* its static or global scale (an input): args->quant.scale */
+  TN_OPERAND_QSCALES, /* its dynamic scales (an output): args->quant.scales */
   TN_OPERAND_COUNT
 } tn_operand;
 
@@ -37,11 +40,18 @@ int tn_op_adds_residual(tn_op op);
 /* layer_norm and add_layer_norm. */
 int tn_op_is_layer_norm(tn_op op);
 
+/* Elements per scale of a validated quantized output: the group (its group_size, or the format's own
+ * for MXFP8 and NVFP4), or dim for TOKEN and TENSOR scales. */
+int64_t tn_quant_group(const tn_quant *q, int64_t dim);
+
 /* NULL for an op outside the enum. */
 const tn_op_info *tn_op_info_get(tn_op op);
 
 const char *tn_operand_name(tn_operand operand);
 int tn_operand_is_output(tn_operand operand);
+
+/* The quantized output's operands (q, scale, scales): shaped by the format, not like x. */
+int tn_operand_is_quant(tn_operand operand);
 
 /* Operands that are vectors of dim elements (weight, bias), not row-shaped. */
 int tn_operand_is_vector(tn_operand operand);

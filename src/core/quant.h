@@ -4,9 +4,9 @@
  *
  * From float32 every encoding rounds to nearest even once and saturates: a finite value beyond the
  * format's largest rounds to that largest, and so does an infinity (as PTX's cvt.rn.satfinite does, so
- * that GPU kernels can use it). NaN gives 0x7f with the input's sign for both FP8 formats (as ml_dtypes
- * and torch do; cvt's NaN is 0x7f whatever the sign, so a GPU kernel must carry the sign over to give
- * these bytes); INT8 has no NaN and gives 0 (as cvt.rni.sat.s8.f32). Subnormal FP8 results are kept, not
+ * that GPU kernels can use it). NaN gives 0x7f with the input's sign for both FP8 formats (torch's
+ * float8_e4m3fn NaN; for E5M2 ml_dtypes gives 0x7e, another NaN; cvt's NaN is 0x7f whatever the sign, so a
+ * GPU kernel must carry the sign over to give these bytes); INT8 has no NaN and gives 0 (as cvt.rni.sat.s8.f32). Subnormal FP8 results are kept, not
  * flushed. Branch-free like dtype.h's conversions, for the same reason: the loops that call them
  * vectorise. */
 #ifndef TN_CORE_QUANT_H
@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "dtype.h"
+#include "tnorm.h"
 
 /* Both FP8 formats, from their mantissa bits and exponent bias (constants at every call, so they fold).
  * Normals: rebias the exponent (127 -> bias) and round the dropped bits to nearest even. Below the
@@ -68,5 +69,73 @@ static inline float tn_fp8_to_f32(uint8_t b, unsigned man_bits, unsigned bias, u
 
 static inline float tn_e4m3_to_f32(uint8_t b) { return tn_fp8_to_f32(b, 3, 7, 0, 0x7fu); }
 static inline float tn_e5m2_to_f32(uint8_t b) { return tn_fp8_to_f32(b, 2, 15, 0x7cu, 0x7du); }
+
+/* E2M1 (NVFP4's elements: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives) from float32, as a 4-bit code
+ * (sign in bit 3): round to nearest even, saturate to 6 (infinities too), NaN to 0. The magnitude's code
+ * counts the thresholds it reaches; a tie goes to the even code (the one whose lowest bit is 0). */
+static inline uint8_t tn_f32_to_e2m1(float f) {
+  const uint32_t u = tn_f32_bits(f);
+  const float a = tn_f32_from_bits(u & 0x7fffffffu);
+  /* Midpoints between codes k and k + 1; at a midpoint the even code wins: >= where k + 1 is even. */
+  uint32_t code = (uint32_t)(a > 0.25f) + (uint32_t)(a >= 0.75f) + (uint32_t)(a > 1.25f) + (uint32_t)(a >= 1.75f) +
+                  (uint32_t)(a > 2.5f) + (uint32_t)(a >= 3.5f) + (uint32_t)(a > 5.0f);
+  code &= tn_mask(a == a); /* NaN: every comparison is false already; kept explicit */
+  return (uint8_t)(((u >> 28) & 0x8u & tn_mask(a == a)) | code);
+}
+
+static inline float tn_e2m1_to_f32(uint8_t code) {
+  static const float magnitude[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  const float m = magnitude[code & 7u];
+  return (code & 8u) ? -m : m;
+}
+
+/* The largest finite value of each format's elements: what a dynamic scale maps the amax to. */
+static inline float tn_quant_qmax(tn_quant_format format) {
+  switch (format) {
+    case TN_QUANT_FP8_E4M3:
+    case TN_QUANT_MXFP8:
+      return 448.0f;
+    case TN_QUANT_FP8_E5M2:
+      return 57344.0f;
+    case TN_QUANT_INT8:
+      return 127.0f;
+    case TN_QUANT_NVFP4:
+      return 6.0f;
+    case TN_QUANT_NONE:
+      break;
+  }
+  return 1.0f;
+}
+
+/* s rounded up to a power of two, 2^ceil(log2 s), within [2^-127, 2^127] (positive finite s; NaN and
+ * infinity give 2^127), and its UE8M0 byte (the exponent + 127). Exact: a mantissa other than zero moves the
+ * exponent up by one. */
+static inline float tn_pow2_ceil(float s, uint8_t *ue8m0) {
+  const uint32_t u = tn_f32_bits(s);
+  int32_t e = (int32_t)((u >> 23) & 0xffu) - 127; /* biased 0: a subnormal */
+  uint32_t m = u & 0x7fffffu;
+  if (!(s < INFINITY)) { /* NaN or infinity */
+    e = 127;
+    m = 0;
+  } else if (e == -127 && m != 0) { /* subnormal: its value is m * 2^-149 */
+    int32_t top = 31 - __builtin_clz(m);
+    e = top - 149;
+    m = m & ((1u << top) - 1u);
+  }
+  if (m != 0) e += 1;
+  if (e < -127) e = -127;
+  if (e > 127) e = 127;
+  *ue8m0 = (uint8_t)(e + 127);
+  return e >= -126 ? tn_f32_from_bits((uint32_t)(e + 127) << 23) : 0x1p-127f;
+}
+
+/* A dynamic scale from the amax of its row or group: a / qmax, then at most ub (when ub > 0), then at least
+ * lo (tnorm.h). */
+static inline float tn_quant_dynamic_scale(float amax, float qmax, float ub, float lo) {
+  float s = amax / qmax;
+  if (ub > 0.0f && s > ub) s = ub;
+  if (!(s >= lo)) s = lo; /* s is never NaN (amax skips NaN), but a NaN would take the floor */
+  return s;
+}
 
 #endif

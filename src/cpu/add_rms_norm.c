@@ -3,6 +3,7 @@
  * holds s rounded to the residual's dtype, and residual_out receives the same rounded values. With
  * TN_RESIDUAL_NORM_F32 the scratch row keeps the float32 sum instead; with an f32 residual stream the
  * two are the same (tn_residual_add). */
+#include "quant_row.h"
 #include "row_kernels.h"
 
 #ifdef TN_CONVERT_AVX2
@@ -56,6 +57,13 @@ TN_INLINE void add_rms_norm_rows(const tn_cpu_call *c, float *s, int64_t begin, 
     }
     const float *v = s;
     float inv = tn_row_scale(sum_sq, &v, s, dim, (float)dim, a->eps, TN_SCALE_RSQRT);
+    if (a->quant.format != TN_QUANT_NONE) {
+      float *result = s + dim;
+      tn_row_result(dtype, result, v, 0, dim, inv, llama && dtype != TN_F32, has_w, c->weight, has_m,
+                    has_m ? tn_row_ptr(a->mul, r) : NULL, 0, 1.0f, c->round_before_last);
+      tn_quant_finish(c, dtype, result, dim, r);
+      continue;
+    }
     tn_row_emit(dtype, tn_row_ptr(a->y, r), v, 0, dim, inv, llama, has_w, c->weight, has_m,
                 has_m ? tn_row_ptr(a->mul, r) : NULL, 0, 1.0f, c->round_before_last, c->stream,
                 tn_next_row_of(a->x, a->residual, r, end));

@@ -33,7 +33,8 @@
    {[TN_OP_RMS_NORM] = tn_cpu_rms_norm_rows_##isa, [TN_OP_L2_NORM] = tn_cpu_l2_norm_rows_##isa,   \
     [TN_OP_ADD_RMS_NORM] = tn_cpu_add_rms_norm_rows_##isa, [TN_OP_ADD] = tn_cpu_elementwise_rows_##isa, \
     [TN_OP_MUL] = tn_cpu_elementwise_rows_##isa, [TN_OP_SCALE] = tn_cpu_elementwise_rows_##isa,           \
-    [TN_OP_LAYER_NORM] = tn_cpu_layer_norm_rows_##isa, [TN_OP_ADD_LAYER_NORM] = tn_cpu_layer_norm_rows_##isa}, \
+    [TN_OP_LAYER_NORM] = tn_cpu_layer_norm_rows_##isa, [TN_OP_ADD_LAYER_NORM] = tn_cpu_layer_norm_rows_##isa, \
+    [TN_OP_QUANTIZE] = tn_cpu_quantize_rows_##isa},                                                              \
    tn_cpu_rms_norm_rope_rows_##isa, tn_cpu_prepare_weight_##isa, tn_cpu_prepare_vector_##isa}
 
 static const tn_cpu_kernels generic_kernels = TN_CPU_KERNEL_SET(generic);
@@ -64,8 +65,8 @@ typedef struct cpu_state {
 typedef struct row_job {
   tn_cpu_rows_fn fn;
   const tn_cpu_call *call;
-  float *scratch; /* chunks rows of dim floats */
-  int64_t rows, dim, chunks; /* rows: the units the op's row function counts (vectors for 3-D views) */
+  float *scratch; /* chunks scratch areas of scratch_floats each */
+  int64_t rows, scratch_floats, chunks; /* rows: the units the op's row function counts (vectors for 3-D views) */
 } row_job;
 
 /* The first row of chunk c of rows split into chunks nearly equal parts: rows * c / chunks, computed so
@@ -78,7 +79,7 @@ static void run_chunk(void *p, int64_t chunk) {
   const row_job *job = p;
   int64_t begin = chunk_start(job->rows, job->chunks, chunk);
   int64_t end = chunk_start(job->rows, job->chunks, chunk + 1);
-  job->fn(job->call, job->scratch + (size_t)chunk * (size_t)job->dim, begin, end);
+  job->fn(job->call, job->scratch + (size_t)chunk * (size_t)job->scratch_floats, begin, end);
 }
 
 static tn_status cpu_open(tn_context *ctx, void **state) {
@@ -139,6 +140,25 @@ static tn_status check_rope_positions(tn_context *ctx, const tn_op_args *args) {
   return TN_OK;
 }
 
+/* A quantized output's static scale (or NVFP4's global scale): read once, refused unless finite and > 0. */
+static tn_status read_quant_scale(tn_context *ctx, const tn_op_args *args, float *scale) {
+  *scale = 1.0f;
+  const tn_tensor *t = args->quant.scale;
+  if (t == NULL) return TN_OK;
+  memcpy(scale, t->data, sizeof *scale);
+  TN_RETURN_ERROR_IF(!(isfinite(*scale) && *scale > 0.0f), ctx, TN_ERR_VALUE,
+                     "%s: quant.scale is %g; must be finite and > 0", tn_op_name(args->op), (double)*scale);
+  return TN_OK;
+}
+
+/* The swizzled scales' padding (rows past x's, groups past the row's) is zeros: the whole tensor is
+ * cleared first, then every row writes its own scales. */
+static void clear_swizzled_scales(const tn_op_args *args) {
+  const tn_quant *q = &args->quant;
+  if (q->format == TN_QUANT_NONE || q->layout != TN_SCALES_SWIZZLED || args->x->rows == 0) return;
+  memset(q->scales->data, 0, (size_t)q->scales->rows * (size_t)q->scales->dim);
+}
+
 static tn_status run_aligned(void *state, tn_context *ctx, const tn_op_args *args, const tn_run_options *options) {
   cpu_state *s = state;
   const int rope = args->op == TN_OP_RMS_NORM && args->rope.style != TN_ROPE_NONE;
@@ -152,10 +172,14 @@ static tn_status run_aligned(void *state, tn_context *ctx, const tn_op_args *arg
   if (chunks > rows) chunks = rows;
   const int has_weight = args->weight != NULL, has_bias = args->bias != NULL;
   const int theta = rope && args->rope.cos_sin == NULL;
-  const size_t vectors = (size_t)chunks + (size_t)has_weight + (size_t)has_bias + (size_t)theta;
+  /* A norm with a quantized output holds its result in a second scratch row. */
+  const size_t rows_per_chunk = args->quant.format != TN_QUANT_NONE && args->op != TN_OP_QUANTIZE ? 2 : 1;
+  float quant_scale;
+  TN_FORWARD_IF_ERROR(read_quant_scale(ctx, args, &quant_scale));
+  const size_t vectors = (size_t)chunks * rows_per_chunk + (size_t)has_weight + (size_t)has_bias + (size_t)theta;
   TN_FORWARD_IF_ERROR(ensure_buffer(s, ctx, vectors, dim));
 
-  float *next = s->buffer + (size_t)chunks * (size_t)dim;
+  float *next = s->buffer + (size_t)chunks * rows_per_chunk * (size_t)dim;
   float *weight = NULL, *bias = NULL, *inv_freq = NULL;
   if (has_weight) {
     weight = next;
@@ -175,11 +199,16 @@ static tn_status run_aligned(void *state, tn_context *ctx, const tn_op_args *arg
     for (int64_t i = 0; i < rot / 2; i++)
       inv_freq[i] = (float)(1.0 / pow((double)args->rope.theta, (double)(2 * i) / (double)rot));
   }
-  size_t out_bytes = (size_t)rows * (size_t)dim * tn_elem_size(args->x->dtype);
+  /* The bytes the call writes: y (when given), q, residual_out. */
+  size_t out_bytes = args->y != NULL ? (size_t)rows * (size_t)dim * tn_elem_size(args->x->dtype) : 0;
+  if (args->quant.q != NULL) out_bytes += (size_t)args->quant.q->rows * (size_t)args->quant.q->dim;
   if (args->residual_out != NULL)
     out_bytes += (size_t)args->x->rows * (size_t)dim * tn_elem_size(args->residual_out->dtype);
-  tn_cpu_call call = {args, weight, bias, inv_freq, out_bytes >= TN_CPU_STREAM_MIN_BYTES, options->round_before_last};
-  row_job job = {rope ? s->kernels->rms_norm_rope : s->kernels->rows[args->op], &call, s->buffer, rows, dim, chunks};
+  tn_cpu_call call = {args, weight, bias, inv_freq, out_bytes >= TN_CPU_STREAM_MIN_BYTES, options->round_before_last,
+                      quant_scale, tn_quant_group(&args->quant, dim)};
+  row_job job = {rope ? s->kernels->rms_norm_rope : s->kernels->rows[args->op], &call, s->buffer, rows,
+                 (int64_t)rows_per_chunk * dim, chunks};
+  clear_swizzled_scales(args);
   if (parallel) tn_thread_pool_run(s->pool, chunks, run_chunk, &job);
   else run_chunk(&job, 0);
   return TN_OK;

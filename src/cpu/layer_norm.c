@@ -2,6 +2,7 @@
  * and the variance as the mean of the squared deviations (a second pass; never E[x^2] - E[x]^2), both
  * in the lanes and tree of the rms reduction, so the order depends on dim only. add_layer_norm first
  * forms s = x + residual as add_rms_norm does (tn_residual_add) and normalises s. */
+#include "quant_row.h"
 #include "row_kernels.h"
 
 /* The mean and the scale of a float32 row. As for the rms norms (tn_row_scale), a finite row whose sums
@@ -31,6 +32,18 @@ TN_INLINE float ln_stats(const float **v, float *scratch, int64_t n, float eps, 
 /* out[i] = round(((v[i] - mean) * inv) [rounded to the dtype with llama] * w[i] + b[i]), block by block
  * (each factor only when given). An f32 output is computed where it lies: element i is read before it is
  * written, so y may be x. */
+/* One block of that formula's float32 results (len elements from element b) into r, before the rounding
+ * to the dtype; u16 is room for len elements. */
+TN_INLINE void ln_block(tn_dtype dtype, float *r, const float *v, int64_t b, int64_t len, float mean, float inv,
+                        int llama, int has_w, const float *w, int has_b, const float *bias, uint16_t *u16) {
+  for (int64_t i = 0; i < len; i++) r[i] = (v[b + i] - mean) * inv;
+  if (llama) tn_round_block(dtype, r, u16, len);
+  if (has_w)
+    for (int64_t i = 0; i < len; i++) r[i] *= w[b + i];
+  if (has_b)
+    for (int64_t i = 0; i < len; i++) r[i] += bias[b + i];
+}
+
 TN_INLINE void ln_emit(tn_dtype dtype, void *out, const float *v, int64_t n, float mean, float inv, int llama,
                        int has_w, const float *w, int has_b, const float *bias, int stream, tn_next_row next) {
   float f32[TN_BLOCK];
@@ -41,14 +54,20 @@ TN_INLINE void ln_emit(tn_dtype dtype, void *out, const float *v, int64_t n, flo
     if (stream) tn_prefetch_slice(next, b, b + len, n);
     void *dst = (char *)out + (size_t)b * es;
     float *r = dtype == TN_F32 && !stream ? (float *)dst : f32;
-    for (int64_t i = 0; i < len; i++) r[i] = (v[b + i] - mean) * inv;
-    if (llama) tn_round_block(dtype, r, u16, len);
-    if (has_w)
-      for (int64_t i = 0; i < len; i++) r[i] *= w[b + i];
-    if (has_b)
-      for (int64_t i = 0; i < len; i++) r[i] += bias[b + i];
+    ln_block(dtype, r, v, b, len, mean, inv, llama, has_w, w, has_b, bias, u16);
     tn_block_out(dtype, dst, f32, u16, len, stream);
   }
+}
+
+/* A quantized output's row: the whole row's results into res (not v), then tn_quant_finish. */
+TN_INLINE void ln_quant(const tn_cpu_call *c, tn_dtype dtype, float *res, const float *v, int64_t n, int64_t row,
+                        float mean, float inv, int llama, int has_w, int has_b) {
+  uint16_t u16[TN_BLOCK];
+  for (int64_t b = 0; b < n; b += TN_BLOCK) {
+    const int64_t len = n - b < TN_BLOCK ? n - b : TN_BLOCK;
+    ln_block(dtype, res + b, v, b, len, mean, inv, llama, has_w, c->weight, has_b, c->bias, u16);
+  }
+  tn_quant_finish(c, dtype, res, n, row);
 }
 
 TN_INLINE void layer_norm_rows(const tn_cpu_call *c, float *s, int64_t begin, int64_t end, tn_dtype dtype, int add,
@@ -69,6 +88,10 @@ TN_INLINE void layer_norm_rows(const tn_cpu_call *c, float *s, int64_t begin, in
     }
     float mean;
     const float inv = ln_stats(&v, s, dim, a->eps, &mean);
+    if (a->quant.format != TN_QUANT_NONE) {
+      ln_quant(c, dtype, s + dim, v, dim, r, mean, inv, llama, has_w, has_b);
+      continue;
+    }
     void *y = tn_row_ptr(a->y, r);
     const tn_next_row next = tn_next_row_of(a->x, add ? a->residual : NULL, r, end);
     if (llama)

@@ -16,7 +16,11 @@ typedef struct tn_cpu_call {
   const float *rope_inv_freq; /* the rope's frequencies from theta (rotary_dim / 2), or NULL with a table */
   int stream;          /* write outputs with non-temporal stores */
   int round_before_last; /* tn_run_options */
+  float quant_scale;     /* a quantized output's static scale, or NVFP4's global one (read once) */
+  int64_t quant_group;   /* elements per dynamic scale (tn_quant_group) */
 } tn_cpu_call;
+
+/* scratch of a call with a quantized output: two rows of dim floats (the second holds the result). */
 
 /* scratch: dim floats owned by the caller for this range of rows. */
 typedef void (*tn_cpu_rows_fn)(const tn_cpu_call *call, float *scratch, int64_t begin, int64_t end);
@@ -41,6 +45,7 @@ typedef struct tn_cpu_kernels {
   void tn_cpu_add_rms_norm_rows_##isa(const tn_cpu_call *, float *, int64_t, int64_t);       \
   void tn_cpu_layer_norm_rows_##isa(const tn_cpu_call *, float *, int64_t, int64_t);         \
   void tn_cpu_elementwise_rows_##isa(const tn_cpu_call *, float *, int64_t, int64_t);        \
+  void tn_cpu_quantize_rows_##isa(const tn_cpu_call *, float *, int64_t, int64_t);           \
   void tn_cpu_prepare_weight_##isa(const tn_tensor *, float, float *);                       \
   void tn_cpu_prepare_vector_##isa(const tn_tensor *, float *);
 

@@ -485,6 +485,28 @@ TN_INLINE void tn_row_emit_from(tn_dtype dtype, void *out, const void *v, const 
   }
 }
 
+/* The emit formula's float32 results for a whole row into out[0 .. n), before the rounding to the dtype
+ * (a quantized output's source): the same operations, in the same order, as tn_row_emit_from. */
+TN_INLINE void tn_row_result(tn_dtype dtype, float *out, const void *v, int src_half, int64_t n, float inv,
+                             int round_first, int has_w, const float *w, int has_m, const void *m, int has_scale,
+                             float scale, int round_mid) {
+  float mf[TN_BLOCK];
+  const size_t es = tn_elem_size(dtype);
+  for (int64_t b = 0; b < n; b += TN_BLOCK) {
+    const int64_t len = n - b < TN_BLOCK ? n - b : TN_BLOCK;
+    const float *mb = has_m ? tn_row_as_f32(dtype, (const char *)m + (size_t)b * es, len, mf) : NULL;
+    for (int64_t i = 0; i < len; i++) {
+      float t = (src_half ? tn_load(dtype, v, b + i) : ((const float *)v)[b + i]) * inv;
+      if (round_first) t = tn_round_to(dtype, t);
+      if (has_w) t *= w[b + i];
+      if (round_mid) t = tn_round_to(dtype, t);
+      if (has_m) t *= mb[i];
+      if (has_scale) t *= scale;
+      out[b + i] = t;
+    }
+  }
+}
+
 /* tn_row_emit_from with src_half and round_first constants in each copy, so their tests fold away (the
  * TN_CASTING_EXACT copies are the plain formula, unchanged). round_first is ignored for f32, whose
  * rounding is the identity. */

@@ -439,6 +439,9 @@ static tn_kernel_params params_for(const tn_op_args *a) {
 
 static tn_status cuda_prepare_on(cuda_state *s, tn_context *ctx, const tn_op_args *a, const tn_run_options *options,
                                  device_info **d, loaded_kernel **k, tn_kernel_key *key) {
+  TN_RETURN_ERROR_IF(a->quant.format != TN_QUANT_NONE, ctx, TN_ERR_UNAVAILABLE,
+                     "%s: quantized outputs (%s) run on the CPU backend only; this build has no CUDA kernels for "
+                     "them", tn_op_name(a->op), tn_quant_format_name(a->quant.format));
   TN_FORWARD_IF_ERROR(device_get(s, ctx, a->x->device.index, d));
   *key = key_for(*d, a, options);
   return kernel_get(s, ctx, *d, *key, k);

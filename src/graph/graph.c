@@ -178,6 +178,7 @@ static int fuse_add_rms_norm(tn_graph *g, int i) {
   f.casting = r->args.casting;
   f.y = r->args.y;
   f.residual_out = sum;
+  f.quant = r->args.quant; /* add -> rms_norm with a quantized output: add_rms_norm with it */
   tn_graph_node fused;
   node_init(&fused, &f);
   fused.options.as_rms_norm = !layer; /* the rms_norm's reduction order, not add_rms_norm's own */
@@ -200,7 +201,7 @@ static int fuse_norm_then_factor(tn_graph *g, int i) {
   const int add = a->args.op == TN_OP_ADD_RMS_NORM;
   const int rms = a->args.op == TN_OP_RMS_NORM || add, l2 = a->args.op == TN_OP_L2_NORM;
   if ((!rms && !l2) || a->options.round_before_last || (rms && a->args.mul != NULL) || (l2 && a->args.scale != 1.0f) ||
-      a->args.rope.style != TN_ROPE_NONE)
+      a->args.rope.style != TN_ROPE_NONE || a->args.quant.format != TN_QUANT_NONE)
     return 0;
   const tn_tensor *t = a->args.y;
   int j = first_toucher(g, i, t);
@@ -240,6 +241,37 @@ static int fuse_norm_then_factor(tn_graph *g, int i) {
   return 1;
 }
 
+/* A norm, then a quantize of its y: the norm with that quantized output, source ROUNDED (what the quantize
+ * read was the rounded y), giving the bytes of the two ops one by one. y is still written where a later
+ * node reads it, else left out. */
+static int fuse_norm_then_quantize(tn_graph *g, int i) {
+  const tn_graph_node *a = &g->nodes[i];
+  const tn_op op = a->args.op;
+  if ((op != TN_OP_RMS_NORM && op != TN_OP_ADD_RMS_NORM && op != TN_OP_LAYER_NORM && op != TN_OP_ADD_LAYER_NORM) ||
+      a->args.rope.style != TN_ROPE_NONE || a->args.quant.format != TN_QUANT_NONE ||
+      tn_tensor_head_count(a->args.x) != 1)
+    return 0;
+  const tn_tensor *t = a->args.y;
+  int j = first_toucher(g, i, t);
+  if (j < 0) return 0;
+  const tn_graph_node *b = &g->nodes[j];
+  if (b->args.op != TN_OP_QUANTIZE || !tn_tensor_same_view(b->args.x, t) || writes(b, t)) return 0;
+  if (written_between(g, i, j, a->args.x) || written_between(g, i, j, a->args.weight) ||
+      written_between(g, i, j, a->args.bias) || written_between(g, i, j, a->args.mul) ||
+      written_between(g, i, j, a->args.residual) || touched_between(g, i, j, a->args.residual_out))
+    return 0;
+  tn_op_args f = a->args;
+  f.quant = b->args.quant;
+  f.quant.source = TN_QUANT_FROM_ROUNDED;
+  if (!read_after(g, j, t)) f.y = NULL;
+  tn_graph_node fused;
+  node_init(&fused, &f);
+  fused.options = a->options;
+  if (!replace(g, i, j, &fused, "norm + quantize -> norm with a quantized output")) return 0;
+  g->info.fused_norm_quantize++;
+  return 1;
+}
+
 void tn_graph_fuse(tn_graph *g) {
   const char *off = getenv("TNORM_GRAPH_FUSION");
   if (off == NULL || strcmp(off, "0") != 0) {
@@ -248,6 +280,8 @@ void tn_graph_fuse(tn_graph *g) {
       if (fuse_add_rms_norm(g, i)) i--;
     for (int i = 0; i < g->count; i++)
       if (fuse_norm_then_factor(g, i)) i--;
+    for (int i = 0; i < g->count; i++)
+      if (fuse_norm_then_quantize(g, i)) i--;
   }
   g->info.ops = g->count;
 }

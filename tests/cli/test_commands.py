@@ -27,6 +27,11 @@ def test_check_passes_and_prints_table(tmp_path):
             assert any(re.search(rf"\b{op}\b", ln) and re.search(rf"\b{dt}\b", ln) for ln in lines), (
                 f"no line of check's table shows {op} with {dt}\n" + T.describe(proc))
     assert "cpu" in out.lower(), "check's table does not name the cpu device\n" + T.describe(proc)
+    # The quantized outputs: every format, on the CPU, through quantize and the norms.
+    for fmt in ["fp8", "e5m2", "int8", "mxfp8", "nvfp4"]:
+        for op in ["quantize", "rms_norm"]:
+            assert any(ln.startswith("cpu") and f"{op} {fmt}" in ln and " ok" in ln for ln in lines), (
+                f"no passing cpu line of check's table for {op} {fmt}\n" + T.describe(proc))
     assert not list(tmp_path.iterdir()), "check left files in its working directory"
 
 
@@ -93,6 +98,38 @@ def test_bench_cpu_f32_stream_and_gated_heads(tmp_path):
     f32_stream = next(r for r in rows if r[col["op"]] == "add_rms_norm_f32_stream")
     moved = float(f32_stream[col["gbps"]]) * 1e9 * float(f32_stream[col["time_us"]]) * 1e-6
     assert abs(moved - (256 * 128 * (2 + 2 + 4 + 4) + 128 * 2)) < 0.01 * moved, text
+
+
+def test_bench_cpu_quantized_outputs(tmp_path):
+    """The quantized bench ops write q and the scales instead of y; GB/s counts x, the weight (and the
+    residual in and out), q and the scales."""
+    csv_path = tmp_path / "bench.csv"
+    ops = ["rms_norm+fp8_token", "rms_norm+fp8_group128", "add_rms_norm+nvfp4", "quantize+fp8_token",
+           "rms_norm+mxfp8"]
+    proc = T.run_tnorm(["bench", "--device", "cpu", "--csv", csv_path, "--shapes", "64x256", "--iters", "3",
+                        "--ops", ",".join(ops), "--dtypes", "bf16"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, T.describe(proc)
+    header, rows, text = _parse_csv(csv_path)
+    col = {h.strip(): i for i, h in enumerate(header)}
+    assert sorted(r[col["op"]] for r in rows) == sorted(ops), text
+    x, w = 64 * 256 * 2, 256 * 2
+    expected = {
+        "rms_norm+fp8_token": x + w + 64 * 256 + 64 * 4,             # q, one f32 scale a row
+        "rms_norm+fp8_group128": x + w + 64 * 256 + 2 * 64 * 4,      # two f32 scales a row, column-major
+        "add_rms_norm+nvfp4": 3 * x + w + 64 * 128 + 128 * 16,       # residual in and out; swizzled E4M3 tile
+        "quantize+fp8_token": x + 64 * 256 + 64 * 4,                 # no weight
+        "rms_norm+mxfp8": x + w + 64 * 256 + 128 * 8,                # a 128-row swizzled UE8M0 tile
+    }
+    for r in rows:
+        moved = float(r[col["gbps"]]) * 1e9 * float(r[col["time_us"]]) * 1e-6
+        want = expected[r[col["op"]]]
+        assert abs(moved - want) < 0.01 * want, f"{r[col['op']]}: {moved:.0f} bytes, expected {want}\n{text}"
+
+
+def test_bench_quantize_needs_a_format(tmp_path):
+    proc = T.run_tnorm(["bench", "--device", "cpu", "--ops", "quantize", "--shapes", "8x64"], cwd=tmp_path)
+    T.assert_error_output(proc, 2)
+    assert "quantize+fp8_token" in proc.stderr, T.describe(proc)
 
 
 def test_bench_cpu_prints_without_csv(tmp_path):

@@ -18,6 +18,8 @@ import numpy as np
 import tolerance  # tests/common, put on the path by conftest.py
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
+F8_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+F8_E5M2 = np.dtype(ml_dtypes.float8_e5m2)
 
 # dtype name (as the tests call it) -> numpy dtype, safetensors dtype string
 DTYPES = {
@@ -26,7 +28,8 @@ DTYPES = {
     "bf16": BF16,
 }
 ST_NAME = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
-ST_DTYPE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BF16}
+ST_DTYPE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BF16, "F8_E4M3": F8_E4M3, "F8_E5M2": F8_E5M2,
+            "I8": np.dtype("i1"), "U8": np.dtype("u1")}
 
 ERROR_PREFIX = "tnorm: error: "
 KNOWN_BYTES = b"tnorm-test: pre-existing output, must stay byte-for-byte untouched\n\x00\x01\x02\xff" * 7
@@ -199,7 +202,8 @@ def st_build(tensors, metadata=None, align=8):
             name, arr = t
             arr = np.ascontiguousarray(arr)
             st_dtype = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", BF16: "BF16",
-                        np.dtype("<i4"): "I32", np.dtype("<i8"): "I64", np.dtype("<f8"): "F64"}[arr.dtype]
+                        np.dtype("<i4"): "I32", np.dtype("<i8"): "I64", np.dtype("<f8"): "F64",
+                        F8_E4M3: "F8_E4M3", F8_E5M2: "F8_E5M2", np.dtype("i1"): "I8", np.dtype("u1"): "U8"}[arr.dtype]
             shape = list(arr.shape)
             data = arr.tobytes()
         else:

@@ -78,6 +78,7 @@ tn_status RunOp(tn_context *ctx, Pool &p, const Op &o) {
       break;
     case TN_OP_L2_NORM: a.scale = o.scale; break;
     case TN_OP_ADD_RMS_NORM: a.residual = &b, a.residual_out = &ro; break;
+    default: break;
   }
   return tn_op_run(ctx, &a);
 }
@@ -149,7 +150,9 @@ TEST_F(Graph, RandomChainsGiveTheSameBytes) {
     tn_graph_info info;
     ASSERT_EQ(tn_graph_get_info(g, &info), TN_OK);
     EXPECT_EQ(info.recorded_ops, (int)ops.size());
-    EXPECT_EQ(info.ops + info.fused_add_rms_norm + info.fused_rms_norm_mul + info.fused_l2_norm_scale, info.recorded_ops);
+    EXPECT_EQ(info.ops + info.fused_add_rms_norm + info.fused_rms_norm_mul + info.fused_l2_norm_scale +
+                  info.fused_norm_quantize,
+              info.recorded_ops);
     fused_total += info.recorded_ops - info.ops;
     fused_layer += std::strstr(tn_graph_fusions(g), "add_layer_norm") != nullptr;
     // Every buffer as one by one, except an intermediate a fusion no longer writes: a norm's output whose
@@ -391,3 +394,85 @@ TEST_F(Graph, NoFusionOnPartialOverlap) {
 }
 
 }  // namespace
+
+namespace {
+
+// A quantize of buffer `x` of the pool into q (fp8_e4m3 with per-token scales, or int8 with a static scale).
+struct QuantOut {
+  std::vector<unsigned char> q = std::vector<unsigned char>((size_t)(kRows * kDim), 0xa5);
+  std::vector<float> scales = std::vector<float>((size_t)kRows, -1.0f);
+  float scale = 0.0625f;
+  tn_tensor qt, st, scale_t;
+  tn_quant Quant(bool dynamic) {
+    qt = tn_tensor_2d(q.data(), dynamic ? TN_F8_E4M3 : TN_I8, kRows, kDim);
+    st = tn_tensor_2d(scales.data(), TN_F32, kRows, 1);
+    scale_t = tn_tensor_2d(&scale, TN_F32, 1, 1);
+    tn_quant qu = tn_quant_init(dynamic ? TN_QUANT_FP8_E4M3 : TN_QUANT_INT8);
+    qu.scaling = dynamic ? TN_QUANT_SCALE_TOKEN : TN_QUANT_SCALE_TENSOR;
+    qu.q = &qt;
+    if (dynamic) qu.scales = &st;
+    else qu.scale = &scale_t;
+    return qu;
+  }
+};
+
+tn_status RunQuantize(tn_context *ctx, Pool &p, int x, QuantOut &out, bool dynamic) {
+  tn_tensor xt = p.View(x);
+  tn_quant qu = out.Quant(dynamic);
+  return tn_quantize(ctx, &xt, &qu);
+}
+
+}  // namespace
+
+// norm -> quantize of its y fuses into the norm with a quantized output, giving the bytes of the two ops;
+// add -> rms_norm -> quantize becomes one add_rms_norm; y is still written where a later op reads it.
+TEST_F(Graph, NormThenQuantizeFuses) {
+  tn_rng rng = {Seed() + 7};
+  for (tn_dtype dt : {TN_F32, TN_BF16}) {
+    for (bool dynamic : {true, false}) {
+      SCOPED_TRACE(std::string(tn_dtype_name(dt)) + (dynamic ? " fp8 per token" : " int8 static"));
+      Pool init(dt);
+      init.Fill(&rng);
+      struct Chain {
+        std::vector<Op> before;  // the ops before the quantize of buffer `quantized`
+        int quantized;
+        std::vector<Op> after;
+        int fusions;
+      };
+      const Chain chains[] = {
+          {{{TN_OP_RMS_NORM, 0, kBuffers, 2, -1, 1.0f}}, 2, {}, 1},
+          {{{TN_OP_ADD, 0, 1, 2, -1, 1.0f}, {TN_OP_RMS_NORM, 2, kBuffers, 3, -1, 1.0f}}, 3, {}, 2},
+          {{{TN_OP_RMS_NORM, 0, kBuffers, 2, -1, 1.0f}}, 2, {{TN_OP_MUL, 2, 1, 4, -1, 1.0f}}, 1},  // y read after
+          {{{TN_OP_LAYER_NORM, 0, kBuffers, 2, -1, 1.0f}}, 2, {}, 1},
+          {{{TN_OP_ADD_RMS_NORM, 0, 1, 3, 2, 1.0f}}, 3, {}, 1},
+      };
+      for (size_t c = 0; c < sizeof chains / sizeof chains[0]; c++) {
+        SCOPED_TRACE("chain " + std::to_string(c));
+        const Chain &ch = chains[c];
+        Pool one = init, fused = init;
+        QuantOut q_one, q_fused;
+        for (const Op &o : ch.before) ASSERT_EQ(RunOp(ctx, one, o), TN_OK) << tn_context_last_error(ctx);
+        ASSERT_EQ(RunQuantize(ctx, one, ch.quantized, q_one, dynamic), TN_OK) << tn_context_last_error(ctx);
+        for (const Op &o : ch.after) ASSERT_EQ(RunOp(ctx, one, o), TN_OK);
+        ASSERT_EQ(tn_graph_begin(ctx), TN_OK);
+        for (const Op &o : ch.before) ASSERT_EQ(RunOp(ctx, fused, o), TN_OK);
+        ASSERT_EQ(RunQuantize(ctx, fused, ch.quantized, q_fused, dynamic), TN_OK);
+        for (const Op &o : ch.after) ASSERT_EQ(RunOp(ctx, fused, o), TN_OK);
+        tn_graph *g = nullptr;
+        ASSERT_EQ(tn_graph_end(ctx, &g), TN_OK);
+        tn_graph_info info;
+        tn_graph_get_info(g, &info);
+        EXPECT_EQ(info.recorded_ops - info.ops, ch.fusions) << tn_graph_fusions(g);
+        EXPECT_EQ(info.fused_norm_quantize, 1) << tn_graph_fusions(g);
+        ASSERT_EQ(tn_graph_launch(ctx, g), TN_OK) << tn_context_last_error(ctx);
+        EXPECT_EQ(q_fused.q, q_one.q);
+        EXPECT_EQ(q_fused.scales, q_one.scales);
+        // Every buffer as one by one, but the quantized y where nothing reads it after: the fused norm
+        // leaves it out.
+        for (int b = 0; b < kBuffers; b++)
+          if (b != ch.quantized || !ch.after.empty()) EXPECT_EQ(fused.bytes[(size_t)b], one.bytes[(size_t)b]) << b;
+        tn_graph_destroy(g);
+      }
+    }
+  }
+}

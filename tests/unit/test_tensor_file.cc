@@ -136,6 +136,14 @@ TEST_F(TensorFileRoundTrip, SafetensorsNameWithColonAndQuotes) {
 TEST_F(TensorFileRoundTrip, SafetensorsNonAsciiName) {
   Check("a.safetensors", ":poids_\xc3\xa9\xf0\x9f\x98\x80", TN_F32, 1, 1, 2);
 }
+// The storage dtypes of quantized outputs: FP8 and bytes through safetensors, the integers through .npy.
+TEST_F(TensorFileRoundTrip, SafetensorsF8E4M3) { Check("a.safetensors", ":q", TN_F8_E4M3, 2, 3, 64); }
+TEST_F(TensorFileRoundTrip, SafetensorsF8E5M2) { Check("a.safetensors", ":q", TN_F8_E5M2, 1, 1, 9); }
+TEST_F(TensorFileRoundTrip, SafetensorsI8) { Check("a.safetensors", ":q", TN_I8, 2, 4, 5); }
+TEST_F(TensorFileRoundTrip, SafetensorsU8) { Check("a.safetensors", ":q", TN_U8, 2, 128, 4); }
+TEST_F(TensorFileRoundTrip, NpyI8) { Check("a.npy", "", TN_I8, 2, 3, 7); }
+TEST_F(TensorFileRoundTrip, NpyU8) { Check("a.npy", "", TN_U8, 1, 1, 13); }
+
 // Extents beyond 2^53 (no double holds them exactly) are written and read back exactly.
 TEST_F(TensorFileRoundTrip, SafetensorsHugeEmptyShapes) {
   Check("a.safetensors", ":x", TN_F32, 2, 0, int64_t(1) << 60);
@@ -433,6 +441,71 @@ TEST_F(TensorFileTest, SafetensorsHugeHeadersCostTheirSize) {
 
 // ------------------------------------------------------------------------------------------------
 // Saving: the spec checks and the atomic write
+// The one-byte integers as numpy writes them: '|i1' and '|u1', no byte order.
+TEST_F(TensorFileTest, NpyOneByteIntegersAsNumpyWritesThem) {
+  const Bytes data = Pattern(6);
+  tn_file_tensor t;
+  std::memset(&t, 0, sizeof t);
+  t.dtype = TN_I8;
+  t.ndim = 2;
+  t.rows = 2;
+  t.dim = 3;
+  t.data = const_cast<char *>(data.data());
+  char err[512];
+  ASSERT_EQ(tn_file_save(Path("i.npy").c_str(), &t, nullptr, err, sizeof err), 0) << err;
+  EXPECT_EQ(Read("i.npy"), NpyV1(NpyDict("|i1", "(2, 3)"), data));
+  t.dtype = TN_U8;
+  ASSERT_EQ(tn_file_save(Path("u.npy").c_str(), &t, nullptr, err, sizeof err), 0) << err;
+  EXPECT_EQ(Read("u.npy"), NpyV1(NpyDict("|u1", "(2, 3)"), data));
+}
+
+// A save's metadata goes into the safetensors header's "__metadata__", first, escaped as JSON.
+TEST_F(TensorFileTest, SafetensorsMetadataIsWritten) {
+  const Bytes data = Pattern(8);
+  tn_file_tensor t;
+  std::memset(&t, 0, sizeof t);
+  t.dtype = TN_U8;
+  t.ndim = 2;
+  t.rows = 2;
+  t.dim = 4;
+  t.data = const_cast<char *>(data.data());
+  t.meta[0] = {"format", "nvfp4"};
+  t.meta[1] = {"packing", "e2m1x2, \"low\" nibble first"};
+  char err[512];
+  ASSERT_EQ(tn_file_save(Path("q.safetensors").c_str(), &t, "q", err, sizeof err), 0) << err;
+  const Bytes json = "{\"__metadata__\":{\"format\":\"nvfp4\",\"packing\":\"e2m1x2, \\\"low\\\" nibble first\"},"
+                     "\"q\":" + StEntry("U8", "[2,4]", "[0,8]") + "}";
+  const Bytes padded = json + Bytes((8 - json.size() % 8) % 8, ' ');
+  EXPECT_EQ(Read("q.safetensors"), St(padded, data));
+  tn_file_tensor got;
+  ASSERT_EQ(tn_file_load(Path("q.safetensors:q").c_str(), &got, err, sizeof err), 0) << err;
+  EXPECT_EQ(got.dtype, TN_U8);
+  EXPECT_EQ(got.meta[0].key, nullptr);  // loads leave the metadata empty
+  tn_file_tensor_free(&got);
+}
+
+// tn_file_load_scalar takes a 0-d tensor as one element; tn_file_load refuses it.
+TEST_F(TensorFileTest, ScalarLoadsTakeZeroDimensionalTensors) {
+  const Bytes four = Pattern(4);
+  Write("s.npy", NpyV1(NpyDict("<f4", "()"), four));
+  Write("s.safetensors", St("{\"s\":" + StEntry("F32", "[]", "[0,4]") + "}", four));
+  for (const char *spec : {"s.npy", "s.safetensors:s"}) {
+    SCOPED_TRACE(spec);
+    tn_file_tensor t;
+    char err[512];
+    ASSERT_EQ(tn_file_load_scalar(Path(spec).c_str(), &t, err, sizeof err), 0) << err;
+    EXPECT_EQ(t.dtype, TN_F32);
+    EXPECT_EQ(t.ndim, 1);
+    EXPECT_EQ(t.rows, 1);
+    EXPECT_EQ(t.dim, 1);
+    EXPECT_EQ(Bytes(static_cast<const char *>(t.data), 4), four);
+    tn_file_tensor_free(&t);
+    EXPECT_EQ(tn_file_load(Path(spec).c_str(), &t, err, sizeof err), -1);
+    ExpectOneLine(err);
+    EXPECT_TRUE(IsZeroed(t));
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 
 class TensorFileSave : public TensorFileTest {};
@@ -450,6 +523,17 @@ TEST_F(TensorFileSave, CheckSaveKnowsWhatEachFormatHolds) {
   ExpectOneLine(err);
   EXPECT_NE(std::strstr(err, ".safetensors"), nullptr) << err;
   EXPECT_NE(std::strstr(err, "bf16"), nullptr) << err;
+
+  // numpy has no FP8 dtype: FP8 goes to .safetensors; the one-byte integers fit .npy.
+  for (tn_dtype d : {TN_F8_E4M3, TN_F8_E5M2}) {
+    ASSERT_EQ(tn_file_check_save(Path("a.npy").c_str(), d, err, sizeof err), -1);
+    ExpectOneLine(err);
+    EXPECT_NE(std::strstr(err, ".safetensors"), nullptr) << err;
+    EXPECT_NE(std::strstr(err, tn_dtype_name(d)), nullptr) << err;
+    EXPECT_EQ(tn_file_check_save(Path("a.safetensors").c_str(), d, err, sizeof err), 0) << err;
+  }
+  EXPECT_EQ(tn_file_check_save(Path("a.npy").c_str(), TN_I8, err, sizeof err), 0) << err;
+  EXPECT_EQ(tn_file_check_save(Path("a.npy").c_str(), TN_U8, err, sizeof err), 0) << err;
 
   const char *bad[] = {"a.txt", "a.npy:w", "a.safetensors:", "a.safetensors:__metadata__", ""};
   for (const char *spec : bad) {

@@ -301,7 +301,7 @@ TEST_F(Validation, NullDataWithZeroRowsIsFine) {
 TEST_F(Validation, UnknownOp) {
   tn_op_args a = Rms();
   a.op = (tn_op)TN_OP_COUNT;
-  ExpectArgsRefused(a, TN_ERR_VALUE, {"unknown op 8"});
+  ExpectArgsRefused(a, TN_ERR_VALUE, {"unknown op 9"});
   a.op = (tn_op)-1;
   ExpectArgsRefused(a, TN_ERR_VALUE, {"unknown op -1"});
 }
@@ -313,9 +313,17 @@ TEST_F(Validation, UnknownDtype) {
     tx.dtype = TN_F32;
   }
   {
-    ty.dtype = (tn_dtype)3;
-    ExpectArgsRefused(Rms(), TN_ERR_DTYPE, {"y", "unknown dtype 3"});
+    ty.dtype = (tn_dtype)TN_DTYPE_ALL_COUNT;
+    ExpectArgsRefused(Rms(), TN_ERR_DTYPE, {"y", "unknown dtype 7"});
     ty.dtype = TN_F32;
+  }
+  {  // the storage dtypes of quantized outputs are no op's compute dtype
+    ty.dtype = TN_F8_E4M3;
+    ExpectArgsRefused(Rms(), TN_ERR_DTYPE, {"rms_norm", "y is f8_e4m3, x is f32"});
+    ty.dtype = TN_F32;
+    tx.dtype = TN_I8;
+    ExpectArgsRefused(Rms(), TN_ERR_DTYPE, {"rms_norm", "x is i8", "f32, f16 or bf16"});
+    tx.dtype = TN_F32;
   }
   {
     tw.dtype = (tn_dtype)-2;
@@ -1006,7 +1014,12 @@ TEST(Names, Dtypes) {
   EXPECT_EQ(tn_dtype_size(TN_F32), 4u);
   EXPECT_EQ(tn_dtype_size(TN_F16), 2u);
   EXPECT_EQ(tn_dtype_size(TN_BF16), 2u);
-  for (int v : {3, 4, -1, 1000}) {
+  EXPECT_STREQ(tn_dtype_name(TN_F8_E4M3), "f8_e4m3");
+  EXPECT_STREQ(tn_dtype_name(TN_F8_E5M2), "f8_e5m2");
+  EXPECT_STREQ(tn_dtype_name(TN_I8), "i8");
+  EXPECT_STREQ(tn_dtype_name(TN_U8), "u8");
+  for (tn_dtype d : {TN_F8_E4M3, TN_F8_E5M2, TN_I8, TN_U8}) EXPECT_EQ(tn_dtype_size(d), 1u);
+  for (int v : {7, 8, -1, 1000}) {
     SCOPED_TRACE(v);
     EXPECT_STREQ(tn_dtype_name((tn_dtype)v), "?");
     EXPECT_EQ(tn_dtype_size((tn_dtype)v), 0u);
@@ -1032,7 +1045,7 @@ TEST(Names, Ops) {
   EXPECT_EQ(a.eps, 1e-6f);
   EXPECT_EQ(a.scale, 1.0f);
   EXPECT_EQ(a.weight_offset, 0.0f);
-  EXPECT_STREQ(tn_version(), "0.1.0");
+  EXPECT_STREQ(tn_version(), "0.2.0");
 }
 
 TEST(Context, CreateDestroy) {
@@ -1619,3 +1632,49 @@ TEST(ContextThreads, SetNumThreadsIsBounded) {
   tn_context_destroy(ctx);
 }
 }  // namespace
+
+// tn_quant_shapes_get: the tensors a quantized output takes, as validation asks for them.
+TEST(QuantShapes, EachLayoutAndFormat) {
+  tn_quant_shapes s;
+  tn_quant q = tn_quant_init(TN_QUANT_FP8_E4M3);  // per token, row-major f32
+  ASSERT_EQ(tn_quant_shapes_get(&q, 5, 256, &s), TN_OK);
+  EXPECT_EQ(s.q_dtype, TN_F8_E4M3);
+  EXPECT_EQ(s.q_rows, 5);
+  EXPECT_EQ(s.q_dim, 256);
+  EXPECT_EQ(s.scales_dtype, TN_F32);
+  EXPECT_EQ(s.scales_rows, 5);
+  EXPECT_EQ(s.scales_dim, 1);
+  EXPECT_EQ(s.group, 256);
+  q.scaling = TN_QUANT_SCALE_GROUP;
+  q.group_size = 128;
+  q.pow2_scales = 1;
+  q.layout = TN_SCALES_COLUMN_MAJOR;
+  ASSERT_EQ(tn_quant_shapes_get(&q, 5, 256, &s), TN_OK);
+  EXPECT_EQ(s.scales_dtype, TN_U8);
+  EXPECT_EQ(s.scales_rows, 2);
+  EXPECT_EQ(s.scales_dim, 5);
+  tn_quant n = tn_quant_init(TN_QUANT_NVFP4);
+  n.layout = TN_SCALES_SWIZZLED;
+  ASSERT_EQ(tn_quant_shapes_get(&n, 130, 80, &s), TN_OK);
+  EXPECT_EQ(s.q_dtype, TN_U8);
+  EXPECT_EQ(s.q_dim, 40);
+  EXPECT_EQ(s.scales_dtype, TN_F8_E4M3);
+  EXPECT_EQ(s.scales_rows, 256);
+  EXPECT_EQ(s.scales_dim, 8);  // 5 groups of 16, rounded up to 4
+  EXPECT_EQ(s.group, 16);
+  tn_quant t = tn_quant_init(TN_QUANT_INT8);
+  t.scaling = TN_QUANT_SCALE_TENSOR;
+  ASSERT_EQ(tn_quant_shapes_get(&t, 3, 7, &s), TN_OK);
+  EXPECT_EQ(s.scales_rows, 0);
+  EXPECT_EQ(s.scales_dim, 0);
+  // What tn_op_run would refuse, refused here alike.
+  EXPECT_EQ(tn_quant_shapes_get(&q, 5, 200, &s), TN_ERR_SHAPE);  // 200 % 128
+  q.group_size = 100;
+  EXPECT_EQ(tn_quant_shapes_get(&q, 5, 200, &s), TN_ERR_VALUE);
+  t.layout = TN_SCALES_SWIZZLED;
+  EXPECT_EQ(tn_quant_shapes_get(&t, 3, 7, &s), TN_ERR_VALUE);
+  tn_quant none = tn_quant_init(TN_QUANT_NONE);
+  EXPECT_EQ(tn_quant_shapes_get(&none, 3, 7, &s), TN_ERR_VALUE);
+  EXPECT_EQ(tn_quant_shapes_get(nullptr, 3, 7, &s), TN_ERR_NULL);
+  EXPECT_EQ(tn_quant_shapes_get(&n, 3, 32, nullptr), TN_ERR_NULL);
+}

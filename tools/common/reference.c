@@ -1,6 +1,8 @@
 #include "reference.h"
 
+#include <inttypes.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -95,12 +97,17 @@ void tn_reference_store_head(const tn_tensor *t, int64_t r, int64_t h, int64_t i
   store_element(t->dtype, (char *)element_ptr(t, r, h, i), v);
 }
 
-/* add, mul, scale: exact in float64 (the library rounds once, to the dtype). */
+/* add, mul, scale: exact in float64 (the library rounds once, to the dtype); quantize: x itself, the value
+ * it quantizes. */
 static void reference_elementwise(const tn_op_args *a, double *y) {
   const tn_tensor *x = a->x, *b = a->op == TN_OP_ADD ? a->residual : a->op == TN_OP_MUL ? a->mul : NULL;
   for (int64_t r = 0; r < x->rows; r++)
     for (int64_t i = 0; i < x->dim; i++) {
       double v = tn_reference_load(x, r, i);
+      if (a->op == TN_OP_QUANTIZE) {
+        y[r * x->dim + i] = v;
+        continue;
+      }
       double w = b != NULL ? (double)tn_reference_load(b, b->rows == 1 ? 0 : r, i) : (double)a->scale;
       y[r * x->dim + i] = a->op == TN_OP_ADD ? v + w : v * w;
     }
@@ -191,7 +198,7 @@ static void reference_rope(const tn_rope *rope, tn_dtype dtype, int llama, int64
 int tn_reference_run_slack(const tn_op_args *a, double *y, double *residual_out, double *slack) {
   const tn_tensor *x = a->x;
   const int64_t rows = x->rows, dim = x->dim, heads = x->heads > 1 ? x->heads : 1;
-  if (a->op == TN_OP_ADD || a->op == TN_OP_MUL || a->op == TN_OP_SCALE) {
+  if (a->op == TN_OP_ADD || a->op == TN_OP_MUL || a->op == TN_OP_SCALE || a->op == TN_OP_QUANTIZE) {
     reference_elementwise(a, y);
     if (slack != NULL)
       for (int64_t k = 0; k < rows * dim; k++) slack[k] = 0.0;
@@ -355,4 +362,273 @@ double tn_reference_error_slack(tn_dtype dtype, float got, double ref, double sl
   if (beyond <= 0.0) return 0.0;
   if (dtype == TN_F32) return beyond / (2e-5 * (reach > 0x1p-126 ? reach : 0x1p-126));
   return beyond / ulp_at(dtype, reach);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Quantized outputs                                                                                */
+/* ------------------------------------------------------------------------------------------------ */
+
+static int is_fp8(tn_quant_format f) {
+  return f == TN_QUANT_FP8_E4M3 || f == TN_QUANT_FP8_E5M2 || f == TN_QUANT_MXFP8;
+}
+
+/* A floating-point code's value from its fields: exponent field 0 holds the subnormals m * 2^(1 - bias -
+ * man_bits), the others (2^man_bits + m) * 2^(e - bias - man_bits). */
+static double decode_fields(unsigned code, int exp_bits, int man_bits, int bias) {
+  const unsigned sign = (code >> (exp_bits + man_bits)) & 1u;
+  const unsigned e = (code >> man_bits) & ((1u << exp_bits) - 1u), m = code & ((1u << man_bits) - 1u);
+  const double mag = e == 0 ? ldexp((double)m, 1 - bias - man_bits)
+                            : ldexp((double)((1u << man_bits) + m), (int)e - bias - man_bits);
+  return sign ? -mag : mag;
+}
+
+double tn_reference_decode(tn_quant_format format, uint8_t code) {
+  switch (format) {
+    case TN_QUANT_FP8_E4M3:
+    case TN_QUANT_MXFP8: /* e4m3fn: S.1111.111 is NaN, no infinities */
+      return (code & 0x7fu) == 0x7fu ? NAN : decode_fields(code, 4, 3, 7);
+    case TN_QUANT_FP8_E5M2: /* IEEE-like: exponent field 31 is Inf (mantissa 0) or NaN */
+      if ((code & 0x7cu) == 0x7cu) return (code & 3u) != 0 ? NAN : (code & 0x80u) ? -INFINITY : INFINITY;
+      return decode_fields(code, 5, 2, 15);
+    case TN_QUANT_INT8:
+      return (double)(int8_t)code;
+    case TN_QUANT_NVFP4: /* E2M1: 0, 0.5, 1, 1.5, 2, 3, 4, 6 */
+      return decode_fields(code & 0xfu, 2, 1, 1);
+    case TN_QUANT_NONE:
+      break;
+  }
+  return NAN;
+}
+
+/* The code of the largest finite magnitude, and the magnitude of a code below it (codes 0 .. top grow
+ * with their value in every format). */
+static unsigned top_magnitude_code(tn_quant_format f) {
+  return f == TN_QUANT_FP8_E5M2 ? 0x7bu : f == TN_QUANT_INT8 ? 127u : f == TN_QUANT_NVFP4 ? 7u : 0x7eu;
+}
+
+static double magnitude(tn_quant_format f, unsigned k) { return tn_reference_decode(f, (uint8_t)k); }
+
+uint8_t tn_reference_encode(tn_quant_format format, double v) {
+  const int negative = signbit(v) != 0;
+  if (isnan(v)) return is_fp8(format) ? (uint8_t)(0x7fu | (negative ? 0x80u : 0u)) : 0;
+  const double a = fabs(v);
+  const unsigned top = top_magnitude_code(format);
+  unsigned k = top;
+  if (a < magnitude(format, top)) {
+    /* The first code whose value reaches a, then the nearer of it and the one below. */
+    unsigned lo = 0, hi = top;
+    while (lo < hi) {
+      const unsigned mid = (lo + hi) / 2;
+      if (magnitude(format, mid) >= a) hi = mid;
+      else lo = mid + 1;
+    }
+    k = hi;
+    if (k > 0 && magnitude(format, k) != a) {
+      const double below = a - magnitude(format, k - 1), above = magnitude(format, k) - a;
+      if (below < above || (below == above && (k - 1) % 2 == 0)) k = k - 1;
+    }
+  }
+  if (format == TN_QUANT_INT8) return (uint8_t)(negative ? -(int)k : (int)k);
+  return (uint8_t)(k | (negative ? (format == TN_QUANT_NVFP4 ? 0x8u : 0x80u) : 0u));
+}
+
+/* A code's place on the number line (0 for both zeros), for bands of codes; NaN codes have none. */
+static int code_rank(tn_quant_format f, uint8_t code) {
+  if (f == TN_QUANT_INT8) return (int8_t)code;
+  const unsigned sign = f == TN_QUANT_NVFP4 ? 0x8u : 0x80u, k = code & (sign - 1u);
+  return (code & sign) ? -(int)k : (int)k;
+}
+
+int64_t tn_reference_quant_group(const tn_quant *q, int64_t dim) {
+  if (q->scaling != TN_QUANT_SCALE_GROUP) return dim;
+  if (q->format == TN_QUANT_MXFP8) return 32;
+  if (q->format == TN_QUANT_NVFP4) return 16;
+  return q->group_size;
+}
+
+static size_t scale_elem_size(const tn_quant *q) {
+  return q->format == TN_QUANT_NVFP4 || q->format == TN_QUANT_MXFP8 || q->pow2_scales ? 1 : 4;
+}
+
+void tn_reference_scales_shape(const tn_quant *q, int64_t rows, int64_t dim, int64_t *scale_rows, int64_t *scale_dim,
+                               size_t *elem_size) {
+  const int64_t groups = dim / tn_reference_quant_group(q, dim);
+  *elem_size = scale_elem_size(q);
+  if (q->scaling == TN_QUANT_SCALE_TENSOR) {
+    *scale_rows = *scale_dim = 0;
+  } else if (q->layout == TN_SCALES_COLUMN_MAJOR) {
+    *scale_rows = groups;
+    *scale_dim = rows;
+  } else if (q->layout == TN_SCALES_SWIZZLED) {
+    *scale_rows = (rows + 127) / 128 * 128;
+    *scale_dim = (groups + 3) / 4 * 4;
+  } else {
+    *scale_rows = rows;
+    *scale_dim = groups;
+  }
+}
+
+/* Where scale (r, g) is in the contiguous scales tensor, in elements (tnorm.h's tn_scale_layout). */
+static size_t scale_index(const tn_quant *q, int64_t r, int64_t g, int64_t rows, int64_t groups) {
+  if (q->layout == TN_SCALES_COLUMN_MAJOR) return (size_t)(g * rows + r);
+  if (q->layout == TN_SCALES_SWIZZLED) {
+    const int64_t groups4 = (groups + 3) / 4 * 4;
+    return (size_t)(((r / 128) * (groups4 / 4) + g / 4) * 512 + (r % 32) * 16 + ((r % 128) / 32) * 4 + g % 4);
+  }
+  return (size_t)(r * groups + g);
+}
+
+/* 2^ceil(log2 s) as its exponent, within [-127, 127] (infinity gives 127). */
+static int pow2_ceil_exponent(float s) {
+  if (!(s < INFINITY)) return 127;
+  int e;
+  const double m = frexp((double)s, &e); /* s = m * 2^e, m in [0.5, 1) */
+  if (m == 0.5) e -= 1;                  /* s is a power of two itself */
+  return e < -127 ? -127 : e > 127 ? 127 : e;
+}
+
+static float quant_qmax(tn_quant_format f) {
+  return f == TN_QUANT_FP8_E5M2 ? 57344.0f : f == TN_QUANT_INT8 ? 127.0f : f == TN_QUANT_NVFP4 ? 6.0f : 448.0f;
+}
+
+/* A dynamic scale from its row's or group's amax, each operation one float32 rounding as the spec
+ * writes it; *stored: what the scales tensor holds (the f32's bits, the UE8M0 byte or NVFP4's E4M3 byte). */
+static float dynamic_scale(const tn_quant *q, float amax, float global, uint32_t *stored) {
+  if (q->format == TN_QUANT_NVFP4) {
+    const float t = (amax / 6.0f) * global;
+    const uint8_t sb = tn_reference_encode(TN_QUANT_FP8_E4M3, t);
+    *stored = sb;
+    return (float)tn_reference_decode(TN_QUANT_FP8_E4M3, sb) / global;
+  }
+  float s = amax / quant_qmax(q->format);
+  if (q->scale_ub > 0.0f && s > q->scale_ub) s = q->scale_ub;
+  if (!(s >= q->scale_min)) s = q->scale_min;
+  if (q->pow2_scales || q->format == TN_QUANT_MXFP8) {
+    const int e = pow2_ceil_exponent(s);
+    *stored = (uint32_t)(e + 127);
+    return ldexpf(1.0f, e);
+  }
+  memcpy(stored, &s, sizeof s);
+  return s;
+}
+
+/* The largest |v| of n values, NaN skipped. */
+static float amax_of(const float *v, int64_t n) {
+  float a = 0.0f;
+  for (int64_t i = 0; i < n; i++)
+    if (fabsf(v[i]) > a) a = fabsf(v[i]);
+  return a;
+}
+
+static void put_code(tn_quant_format f, uint8_t *qrow, int64_t i, uint8_t code) {
+  if (f == TN_QUANT_NVFP4) qrow[i / 2] = (uint8_t)(qrow[i / 2] | code << (4 * (i % 2))); /* element 2i low */
+  else qrow[i] = code;
+}
+
+static uint8_t get_code(tn_quant_format f, const uint8_t *qrow, int64_t i) {
+  return f == TN_QUANT_NVFP4 ? (uint8_t)((qrow[i / 2] >> (4 * (i % 2))) & 0xfu) : qrow[i];
+}
+
+static void store_scale(const tn_quant *q, uint8_t *scales, size_t index, uint32_t stored) {
+  if (scale_elem_size(q) == 4) memcpy(scales + 4 * index, &stored, 4);
+  else scales[index] = (uint8_t)stored;
+}
+
+void tn_reference_quantize(const tn_quant *q, int64_t rows, int64_t dim, const float *v, float scale, uint8_t *qout,
+                           uint8_t *scales) {
+  const int64_t group = tn_reference_quant_group(q, dim), groups = dim / group;
+  const int64_t qdim = q->format == TN_QUANT_NVFP4 ? dim / 2 : dim;
+  int64_t srows, sdim;
+  size_t es;
+  tn_reference_scales_shape(q, rows, dim, &srows, &sdim, &es);
+  if (scales != NULL) memset(scales, 0, (size_t)(srows * sdim) * es);
+  memset(qout, 0, (size_t)(rows * qdim));
+  for (int64_t r = 0; r < rows; r++) {
+    for (int64_t g = 0; g < groups; g++) {
+      const float *vg = v + r * dim + g * group;
+      float s = scale;
+      if (q->scaling != TN_QUANT_SCALE_TENSOR) {
+        uint32_t stored;
+        s = dynamic_scale(q, amax_of(vg, group), scale, &stored);
+        store_scale(q, scales, scale_index(q, r, g, rows, groups), stored);
+      }
+      for (int64_t i = 0; i < group; i++) {
+        /* A zero NVFP4 scale (its E4M3 byte rounded to 0) leaves the group's codes 0. */
+        const uint8_t code = s == 0.0f ? 0 : tn_reference_encode(q->format, vg[i] / s);
+        put_code(q->format, qout + r * qdim, g * group + i, code);
+      }
+    }
+  }
+}
+
+/* The scale the library stored for (r, g), as the value that divided, checked against the band of scales
+ * that amax values in [a_lo, a_hi] give. */
+static int check_scale_band(const tn_quant *q, const uint8_t *scales, size_t index, double a_lo, double a_hi,
+                            float global, float *s, char *why, size_t why_len) {
+  uint32_t lo, hi;
+  const float s_lo = dynamic_scale(q, (float)a_lo, global, &lo), s_hi = dynamic_scale(q, (float)a_hi, global, &hi);
+  int ok;
+  if (q->format == TN_QUANT_NVFP4) {
+    const uint8_t sb = scales[index];
+    *s = (float)tn_reference_decode(TN_QUANT_FP8_E4M3, sb) / global;
+    ok = code_rank(TN_QUANT_FP8_E4M3, sb) >= code_rank(TN_QUANT_FP8_E4M3, (uint8_t)lo) &&
+         code_rank(TN_QUANT_FP8_E4M3, sb) <= code_rank(TN_QUANT_FP8_E4M3, (uint8_t)hi);
+  } else if (scale_elem_size(q) == 1) {
+    *s = ldexpf(1.0f, (int)scales[index] - 127);
+    ok = scales[index] >= lo && scales[index] <= hi;
+  } else {
+    memcpy(s, scales + 4 * index, sizeof *s);
+    ok = *s >= s_lo && *s <= s_hi;
+  }
+  if (!ok)
+    snprintf(why, why_len, "scale %.9g, expected one in [%.9g, %.9g] (amax in [%.9g, %.9g])", (double)*s,
+             (double)s_lo, (double)s_hi, a_lo, a_hi);
+  return ok ? 0 : -1;
+}
+
+/* One code against the codes of the values in [v - d, v + d] divided by s. */
+static int check_code_band(tn_quant_format f, uint8_t code, double v, double d, float s) {
+  if (isnan(v)) return is_fp8(f) ? (code & 0x7fu) == 0x7fu : code == 0; /* a NaN's sign is the op's */
+  if (f == TN_QUANT_NVFP4 && s == 0.0f) return code == 0;
+  if (is_fp8(f) && isnan(tn_reference_decode(f, code))) return 0;
+  const double lo = isfinite(v) ? v - d : v, hi = isfinite(v) ? v + d : v;
+  const int rank = code_rank(f, code);
+  return rank >= code_rank(f, tn_reference_encode(f, lo / s)) && rank <= code_rank(f, tn_reference_encode(f, hi / s));
+}
+
+int tn_reference_quant_check_band(const tn_quant *q, int64_t rows, int64_t dim, const double *v, const double *dev,
+                                  float scale, const uint8_t *qbytes, int64_t q_stride, const uint8_t *scales,
+                                  char *why, size_t why_len) {
+  const int64_t group = tn_reference_quant_group(q, dim), groups = dim / group;
+  for (int64_t r = 0; r < rows; r++) {
+    const uint8_t *qrow = qbytes + r * q_stride;
+    for (int64_t g = 0; g < groups; g++) {
+      const int64_t first = r * dim + g * group;
+      float s = scale;
+      if (q->scaling != TN_QUANT_SCALE_TENSOR) {
+        double a_lo = 0.0, a_hi = 0.0;
+        for (int64_t k = first; k < first + group; k++) {
+          if (isnan(v[k])) continue;
+          a_lo = fmax(a_lo, fabs(v[k]) - dev[k]);
+          a_hi = fmax(a_hi, fabs(v[k]) + dev[k]);
+        }
+        char what[160];
+        if (check_scale_band(q, scales, scale_index(q, r, g, rows, groups), a_lo, a_hi, scale, &s, what,
+                             sizeof what) != 0) {
+          snprintf(why, why_len, "row %" PRId64 " group %" PRId64 ": %s", r, g, what);
+          return -1;
+        }
+      }
+      for (int64_t i = 0; i < group; i++) {
+        const int64_t k = first + i, col = g * group + i;
+        const uint8_t code = get_code(q->format, qrow, col);
+        if (!check_code_band(q->format, code, v[k], dev[k], s)) {
+          snprintf(why, why_len, "q[%" PRId64 ", %" PRId64 "] = 0x%02x (%.9g), expected the code of %.9g / %.9g",
+                   r, col, (unsigned)code, tn_reference_decode(q->format, code), v[k], (double)s);
+          return -1;
+        }
+      }
+    }
+  }
+  return 0;
 }

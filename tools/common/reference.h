@@ -3,6 +3,7 @@
 #ifndef TN_TOOLS_REFERENCE_H
 #define TN_TOOLS_REFERENCE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "tnorm.h"
@@ -18,7 +19,7 @@ uint16_t tn_reference_f16_bits(float v);
 float tn_reference_bf16_value(uint16_t bits);
 uint16_t tn_reference_bf16_bits(float v);
 
-/* Computes the op of args (host tensors) in float64.
+/* Computes the op of args (host tensors) in float64 (for quantize, the value it quantizes: x).
  *
  * Layout: y is contiguous, one vector of dim after another: y[(r * heads + h) * dim + i] is element i of
  * head h of row r for a 3-D view of x (heads > 1; rms_norm and l2_norm), y[r * dim + i] for a 2-D one.
@@ -72,6 +73,48 @@ float tn_reference_load_head(const tn_tensor *t, int64_t r, int64_t h, int64_t i
 void tn_reference_store(const tn_tensor *t, int64_t r, int64_t i, float v);
 /* The same for element i of head h of row r. */
 void tn_reference_store_head(const tn_tensor *t, int64_t r, int64_t h, int64_t i, float v);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Quantized outputs (tnorm.h, "Quantized outputs"), written from the formats' definitions: every     */
+/* value of a format is decoded from its sign, exponent and mantissa fields, and a value is encoded as */
+/* the nearest of them by search. Of a tn_quant these read format, scaling, group_size, pow2_scales,   */
+/* layout, scale_ub and scale_min; its tensors are ignored.                                            */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* The value of a format's element code: an FP8 byte (E4M3 for MXFP8 too), an INT8 byte, an E2M1 nibble
+ * (NVFP4); NaN for FP8's NaN codes, Inf for E5M2's infinities. */
+double tn_reference_decode(tn_quant_format format, uint8_t code);
+
+/* The code of v: the nearest value of the format, a tie to the code whose lowest bit is 0 (the even
+ * one); beyond the largest finite value (infinities included) the largest, with v's sign; NaN gives 0x7f
+ * with v's sign for FP8, 0 for INT8 and E2M1. FP8 and E2M1 keep the sign of a zero result. */
+uint8_t tn_reference_encode(tn_quant_format format, double v);
+
+/* Elements per scale: the row (TENSOR, TOKEN), group_size, or the format's own block (MXFP8 32,
+ * NVFP4 16). */
+int64_t tn_reference_quant_group(const tn_quant *quant, int64_t dim);
+
+/* The dynamic scales' tensor for rows x dim values, in its layout: rows x groups, groups x rows, or the
+ * swizzled tile rounded up to 128 rows x 4 groups; its element is 4 bytes (f32) or 1 (UE8M0, E4M3). */
+void tn_reference_scales_shape(const tn_quant *quant, int64_t rows, int64_t dim, int64_t *scale_rows,
+                               int64_t *scale_dim, size_t *elem_size);
+
+/* q and the dynamic scales of rows x dim float32 values v (v[r * dim + i]), every step in float32 as the
+ * spec says (the value quantized is exactly known: TN_QUANT_FROM_ROUNDED takes what y holds).
+ * q: rows x (dim, or dim / 2 for NVFP4) bytes, contiguous. scales (NULL with TENSOR scaling): the bytes
+ * of the tensor tn_reference_scales_shape describes, contiguous, the swizzled padding zeros. scale: the
+ * static scale or NVFP4's global one. */
+void tn_reference_quantize(const tn_quant *quant, int64_t rows, int64_t dim, const float *v, float scale,
+                           uint8_t *q, uint8_t *scales);
+
+/* The check of a quantized output whose value quantized is known only to within a band (TN_QUANT_FROM_F32
+ * on f16/bf16 x: the float32 result is not visible): element k lies in [v[k] - dev[k], v[k] + dev[k]].
+ * Every scale must be what some values in the bands give, and every code what some value in its band
+ * gives divided by the scale the library stored. q_stride: bytes between q's rows. Returns 0, or -1 with
+ * the first mismatch described in why. */
+int tn_reference_quant_check_band(const tn_quant *quant, int64_t rows, int64_t dim, const double *v,
+                                  const double *dev, float scale, const uint8_t *q, int64_t q_stride,
+                                  const uint8_t *scales, char *why, size_t why_len);
 
 #ifdef __cplusplus
 }

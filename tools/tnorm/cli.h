@@ -5,6 +5,7 @@
 
 #include <stddef.h>
 
+#include "tensor_file.h"
 #include "tnorm.h"
 
 enum { CLI_OK = 0, CLI_FAIL = 1, CLI_USAGE = 2 };
@@ -23,7 +24,7 @@ int cli_parse_count(const char *s, long long *out);
 int cli_parse_device(const char *s, cli_device *out);
 /* "f32", "f16", "bf16": 0, or -1. */
 int cli_parse_dtype(const char *s, tn_dtype *out);
-/* An op name (tn_op_name: "rms_norm", ..., "scale"): 0, or -1. */
+/* An op name (tn_op_name: "rms_norm", ..., "quantize"): 0, or -1. */
 int cli_parse_op(const char *s, tn_op *out);
 
 /* The device for a --device choice: cpu; cuda (an error with the library's reason when it is
@@ -37,6 +38,28 @@ tn_status cli_op_on_device(tn_context *ctx, tn_device device, const tn_op_args *
 
 /* Frees device memory through a context of its own, so that ctx keeps the message of an earlier error. */
 void cli_free_quietly(tn_device device, void *ptr);
+
+/* The tensors of a quantized output for rows x dim x (dim a multiple of the group): q's dtype and dim
+ * (NVFP4: two elements a byte), the dynamic scales' dtype and shape in their layout (0 x 0 with a static
+ * scale). */
+typedef struct cli_quant_shapes {
+  tn_dtype q_dtype, scales_dtype;
+  int64_t q_dim, scales_rows, scales_dim;
+} cli_quant_shapes;
+
+void cli_quant_shapes_of(const tn_quant *quant, int64_t rows, int64_t dim, cli_quant_shapes *out);
+
+/* Elements per scale: the row (static and per-token scales), the group, or the format's own block. */
+int64_t cli_quant_group(const tn_quant *quant, int64_t dim);
+
+/* What q's and the scales' safetensors metadata say ("format": "nvfp4", "packing": ..., "format":
+ * "ue8m0", "layout": ...); the strings live as long as the struct. */
+typedef struct cli_quant_meta {
+  tn_file_meta q[TN_FILE_MAX_META], scales[TN_FILE_MAX_META];
+  char group_size[24];
+} cli_quant_meta;
+
+void cli_quant_metadata(const tn_quant *quant, int64_t dim, cli_quant_meta *meta);
 
 /* "cpu" or "cuda". */
 const char *cli_device_name(tn_device device);

@@ -30,12 +30,14 @@ typedef struct mirror {
   int owner;       /* 0 when it shares an earlier operand's buffer (exact aliasing) */
 } mirror;
 
-/* The operands, inputs first (the rope's table among them), then the outputs. */
-#define OPERAND_SLOTS 8
-#define FIRST_OUTPUT_SLOT 6
+/* The operands, inputs first (the rope's table and a quantized output's scale among them), then the
+ * outputs (a quantized output's q and scales among them). */
+#define OPERAND_SLOTS 11
+#define FIRST_OUTPUT_SLOT 7
 static void operand_slots(tn_op_args *a, const tn_tensor **slots[OPERAND_SLOTS]) {
-  const tn_tensor **s[OPERAND_SLOTS] = {&a->x, &a->weight, &a->mul, &a->residual, &a->bias, &a->rope.cos_sin,
-                                        &a->y, &a->residual_out};
+  const tn_tensor **s[OPERAND_SLOTS] = {&a->x,    &a->weight,         &a->mul,         &a->residual,
+                                        &a->bias, &a->rope.cos_sin,   &a->quant.scale, &a->y,
+                                        &a->residual_out, &a->quant.q, &a->quant.scales};
   memcpy(slots, s, sizeof s);
 }
 

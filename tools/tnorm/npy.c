@@ -197,11 +197,22 @@ static int npy_parse(const char *text, size_t n, npy_header *h, const char *path
 /* Reading                                                                                          */
 /* ------------------------------------------------------------------------------------------------ */
 
+/* The one-byte integers, whose descr has no byte order: numpy writes '|i1' and '|u1', and reads '<', '>'
+ * and '=' there too. */
+static int npy_byte_dtype(const char *descr, tn_dtype *dtype) {
+  if (descr[0] == '\0' || !strchr("|<>=", descr[0])) return -1;
+  if (strcmp(descr + 1, "i1") == 0) *dtype = TN_I8;
+  else if (strcmp(descr + 1, "u1") == 0) *dtype = TN_U8;
+  else return -1;
+  return 0;
+}
+
 static int npy_dtype(const char *descr, tn_dtype *dtype, const char *path, char *err, size_t errlen) {
   const char *kind = descr[0] ? descr + 1 : descr;
   int le = descr[0] == '<' || (descr[0] == '=' && tn_tf_host_is_little_endian());
+  if (npy_byte_dtype(descr, dtype) == 0) return 0;
   if (strcmp(kind, "f4") != 0 && strcmp(kind, "f2") != 0)
-    return tn_tf_fail(err, errlen, path, "unsupported dtype '%s' (expected '<f4' or '<f2')", descr);
+    return tn_tf_fail(err, errlen, path, "unsupported dtype '%s' (expected '<f4', '<f2', '|i1' or '|u1')", descr);
   if (descr[0] == '>' || (descr[0] == '=' && !le))
     return tn_tf_fail(err, errlen, path, "big-endian dtype '%s' is not supported; convert with arr.astype('<%s')",
                       descr, kind);
@@ -210,10 +221,16 @@ static int npy_dtype(const char *descr, tn_dtype *dtype, const char *path, char 
   return 0;
 }
 
-static int npy_shape(const npy_header *h, tn_file_tensor *out, const char *path, char *err, size_t errlen) {
+static int npy_shape(const npy_header *h, int allow_0d, tn_file_tensor *out, const char *path, char *err,
+                     size_t errlen) {
   if (npy_dtype(h->descr, &out->dtype, path, err, errlen) != 0) return -1;
   if (h->fortran)
     return tn_tf_fail(err, errlen, path, "fortran_order True is not supported; save np.ascontiguousarray(a)");
+  if (h->ndim == 0 && allow_0d) { /* a scalar: one element */
+    out->ndim = 1;
+    out->rows = out->dim = 1;
+    return 0;
+  }
   if (h->ndim == 0)
     return tn_tf_fail(err, errlen, path, "0-d array (shape ()) is not supported; expected 1-D or 2-D");
   if (h->ndim > 2)
@@ -272,12 +289,13 @@ static int npy_read_header(FILE *f, const char *path, uint64_t hlen, npy_header 
   return rc;
 }
 
-static int npy_read(FILE *f, const char *path, uint64_t size, tn_file_tensor *out, char *err, size_t errlen) {
+static int npy_read(FILE *f, const char *path, uint64_t size, int allow_0d, tn_file_tensor *out, char *err,
+                    size_t errlen) {
   uint64_t hlen = 0, data_off = 0, nbytes = 0, have;
   npy_header h;
   if (npy_preamble(f, path, size, &hlen, &data_off, err, errlen) != 0) return -1;
   if (npy_read_header(f, path, hlen, &h, err, errlen) != 0) return -1;
-  if (npy_shape(&h, out, path, err, errlen) != 0) return -1;
+  if (npy_shape(&h, allow_0d, out, path, err, errlen) != 0) return -1;
   if (tn_tf_nbytes(out->rows, out->dim, out->dtype, &nbytes) != 0)
     return tn_tf_fail(err, errlen, path, "shape %" PRId64 " x %" PRId64 " is too large (its byte size overflows)",
                       out->rows, out->dim);
@@ -288,12 +306,12 @@ static int npy_read(FILE *f, const char *path, uint64_t size, tn_file_tensor *ou
   return tn_tf_read_data(f, path, nbytes, &out->data, err, errlen);
 }
 
-int tn_npy_load(const char *path, tn_file_tensor *out, char *err, size_t errlen) {
+int tn_npy_load(const char *path, int allow_0d, tn_file_tensor *out, char *err, size_t errlen) {
   FILE *f;
   uint64_t size;
   int rc;
   if (tn_tf_open(path, &f, &size, err, errlen) != 0) return -1;
-  rc = npy_read(f, path, size, out, err, errlen);
+  rc = npy_read(f, path, size, allow_0d, out, err, errlen);
   fclose(f);
   return rc;
 }
@@ -301,6 +319,16 @@ int tn_npy_load(const char *path, tn_file_tensor *out, char *err, size_t errlen)
 /* ------------------------------------------------------------------------------------------------ */
 /* Writing                                                                                          */
 /* ------------------------------------------------------------------------------------------------ */
+
+/* The descr numpy writes for each dtype .npy can hold (check_dtype refused the others). */
+static const char *npy_descr(tn_dtype dtype) {
+  switch (dtype) {
+    case TN_F32: return "<f4";
+    case TN_F16: return "<f2";
+    case TN_I8: return "|i1";
+    default: return "|u1";
+  }
+}
 
 /* The dict as numpy 1.x writes it (keys sorted, repr of the values), padded with spaces and a '\n' so
  * the data starts at a multiple of 64; numpy pads a full 64 when already aligned, and so do we. */
@@ -312,8 +340,7 @@ static size_t npy_header_text(const tn_file_tensor *t, char *buf, size_t cap) {
     snprintf(shape, sizeof shape, "(%" PRId64 ",)", t->dim);
   else
     snprintf(shape, sizeof shape, "(%" PRId64 ", %" PRId64 ")", t->rows, t->dim);
-  n = snprintf(buf, cap, "{'descr': '%s', 'fortran_order': False, 'shape': %s, }",
-               t->dtype == TN_F32 ? "<f4" : "<f2", shape);
+  n = snprintf(buf, cap, "{'descr': '%s', 'fortran_order': False, 'shape': %s, }", npy_descr(t->dtype), shape);
   if (n < 0 || (size_t)n + NPY_ALIGN + 1 > cap) return 0;
   pad = NPY_ALIGN - (sizeof NPY_MAGIC + 4 + (size_t)n + 1) % NPY_ALIGN;
   memset(buf + n, ' ', pad);

@@ -31,17 +31,19 @@
 #define ST_MIN_ENTRY 50
 
 /* Every dtype the reference knows (its Dtype enum and Dtype::bitsize), with the tnorm dtype of the
- * three that can be loaded. Tensors of the others are validated like any other. */
+ * seven that can be loaded (F8_E4M3 is torch's float8_e4m3fn, as TN_F8_E4M3). Tensors of the others are
+ * validated like any other. */
 static const struct st_dtype {
   const char *name;
   unsigned bits;
   int tn; /* a tn_dtype, or -1 */
 } ST_DTYPES[] = {
-    {"BOOL", 8, -1},        {"F4", 4, -1},      {"F6_E2M3", 6, -1},  {"F6_E3M2", 6, -1},  {"U8", 8, -1},
-    {"I8", 8, -1},          {"F8_E5M2", 8, -1}, {"F8_E4M3", 8, -1},  {"F8_E8M0", 8, -1},  {"F8_E4M3FNUZ", 8, -1},
-    {"F8_E5M2FNUZ", 8, -1}, {"I16", 16, -1},    {"U16", 16, -1},     {"F16", 16, TN_F16}, {"BF16", 16, TN_BF16},
-    {"I32", 32, -1},        {"U32", 32, -1},    {"F32", 32, TN_F32}, {"C64", 64, -1},     {"F64", 64, -1},
-    {"I64", 64, -1},        {"U64", 64, -1},
+    {"BOOL", 8, -1},          {"F4", 4, -1},          {"F6_E2M3", 6, -1},         {"F6_E3M2", 6, -1},
+    {"U8", 8, TN_U8},         {"I8", 8, TN_I8},       {"F8_E5M2", 8, TN_F8_E5M2}, {"F8_E4M3", 8, TN_F8_E4M3},
+    {"F8_E8M0", 8, -1},       {"F8_E4M3FNUZ", 8, -1}, {"F8_E5M2FNUZ", 8, -1},     {"I16", 16, -1},
+    {"U16", 16, -1},          {"F16", 16, TN_F16},    {"BF16", 16, TN_BF16},      {"I32", 32, -1},
+    {"U32", 32, -1},          {"F32", 32, TN_F32},    {"C64", 64, -1},            {"F64", 64, -1},
+    {"I64", 64, -1},          {"U64", 64, -1},
 };
 #define ST_NDTYPES (sizeof ST_DTYPES / sizeof ST_DTYPES[0])
 
@@ -693,27 +695,27 @@ static int st_missing(st_parser *p) {
                     list, p->nrec - shown);
 }
 
-/* The tensor asked for, in the shapes and dtypes tnorm takes. */
-static int st_pick(st_parser *p, tn_file_tensor *out, uint64_t *begin, uint64_t *nbytes) {
+/* The tensor asked for, in the shapes and dtypes tnorm takes; a 0-d one, with allow_0d, as one element. */
+static int st_pick(st_parser *p, int allow_0d, tn_file_tensor *out, uint64_t *begin, uint64_t *nbytes) {
   const st_entry *e = &p->got;
   uint64_t rows, dim;
   if (p->found == 0) return st_missing(p);
   if (ST_DTYPES[e->dtype].tn < 0)
     return tn_tf_fail(p->err, p->errlen, p->path,
-                      "tensor '%.100s' has unsupported dtype '%s' (F32, F16 and BF16 are)", p->want,
-                      ST_DTYPES[e->dtype].name);
-  if (e->ndim < 1 || e->ndim > 2)
+                      "tensor '%.100s' has unsupported dtype '%s' (F32, F16, BF16, F8_E4M3, F8_E5M2, I8 and U8 are)",
+                      p->want, ST_DTYPES[e->dtype].name);
+  if ((e->ndim < 1 && !allow_0d) || e->ndim > 2)
     return tn_tf_fail(p->err, p->errlen, p->path,
                       "tensor '%.100s' is %" PRIu64 "-D; only 1-D and 2-D are supported", p->want, e->ndim);
-  rows = e->ndim == 1 ? 1 : e->shape[0];
-  dim = e->shape[e->ndim - 1];
+  rows = e->ndim == 2 ? e->shape[0] : 1;
+  dim = e->ndim == 0 ? 1 : e->shape[e->ndim - 1];
   if (rows > INT64_MAX || dim > INT64_MAX ||
       tn_tf_nbytes((int64_t)rows, (int64_t)dim, (tn_dtype)ST_DTYPES[e->dtype].tn, nbytes) != 0)
     return tn_tf_fail(p->err, p->errlen, p->path,
                       "tensor '%.100s' has shape %" PRIu64 " x %" PRIu64 ", too large for int64 indexing",
                       p->want, rows, dim);
   out->dtype = (tn_dtype)ST_DTYPES[e->dtype].tn;
-  out->ndim = (int)e->ndim;
+  out->ndim = e->ndim == 0 ? 1 : (int)e->ndim;
   out->rows = (int64_t)rows;
   out->dim = (int64_t)dim;
   snprintf(out->name, sizeof out->name, "%s", p->want);
@@ -753,8 +755,8 @@ static int st_header(FILE *f, const char *path, uint64_t size, char **text, uint
   return 0;
 }
 
-static int st_read(FILE *f, const char *path, uint64_t size, const char *name, tn_file_tensor *out, char *err,
-                   size_t errlen) {
+static int st_read(FILE *f, const char *path, uint64_t size, const char *name, int allow_0d, tn_file_tensor *out,
+                   char *err, size_t errlen) {
   st_parser p;
   uint64_t hlen = 0, begin = 0, nbytes = 0;
   int rc;
@@ -772,7 +774,7 @@ static int st_read(FILE *f, const char *path, uint64_t size, const char *name, t
   if (!p.recs)
     rc = tn_tf_fail(err, errlen, path, "out of memory");
   else if ((rc = st_parse(&p)) == 0 && (rc = st_check_all(&p, size - 8 - hlen)) == 0)
-    rc = st_pick(&p, out, &begin, &nbytes);
+    rc = st_pick(&p, allow_0d, out, &begin, &nbytes);
   free(p.recs);
   free(p.s);
   if (rc != 0) return -1;
@@ -782,12 +784,12 @@ static int st_read(FILE *f, const char *path, uint64_t size, const char *name, t
   return tn_tf_read_data(f, path, nbytes, &out->data, err, errlen);
 }
 
-int tn_st_load(const char *path, const char *name, tn_file_tensor *out, char *err, size_t errlen) {
+int tn_st_load(const char *path, const char *name, int allow_0d, tn_file_tensor *out, char *err, size_t errlen) {
   FILE *f;
   uint64_t size;
   int rc;
   if (tn_tf_open(path, &f, &size, err, errlen) != 0) return -1;
-  rc = st_read(f, path, size, name, out, err, errlen);
+  rc = st_read(f, path, size, name, allow_0d, out, err, errlen);
   fclose(f);
   return rc;
 }
@@ -796,7 +798,7 @@ int tn_st_load(const char *path, const char *name, tn_file_tensor *out, char *er
 /* Writing                                                                                          */
 /* ------------------------------------------------------------------------------------------------ */
 
-/* The name as a JSON string body: quotes, backslashes and control characters escaped. */
+/* s as a JSON string body: quotes, backslashes and control characters escaped. */
 static int json_escape(const char *s, char *buf, size_t cap) {
   size_t n = 0;
   for (; *s && n + 7 < cap; s++) {
@@ -812,26 +814,60 @@ static int json_escape(const char *s, char *buf, size_t cap) {
   return *s ? -1 : 0;
 }
 
-/* One entry, offsets [0, nbytes], padded with spaces to a multiple of 8 as the reference writer does.
- * The extents are int64, which the reader takes exactly, so whatever is written reads back. */
+/* The writer's safetensors dtype names, by tn_dtype. */
+static const char *const ST_WRITE_NAMES[TN_DTYPE_ALL_COUNT] = {
+    [TN_F32] = "F32",         [TN_F16] = "F16", [TN_BF16] = "BF16", [TN_F8_E4M3] = "F8_E4M3",
+    [TN_F8_E5M2] = "F8_E5M2", [TN_I8] = "I8",   [TN_U8] = "U8"};
+
+/* Room for the tensor's escaped name, its metadata and the rest of its entry. */
+#define ST_META_TEXT 512
+#define ST_HEADER_CAP (256 * 6 + TN_FILE_MAX_META * 2 * ST_META_TEXT + 256)
+
+/* `"__metadata__":{...},` from the tensor's entries (nothing when it has none); the length, or -1 when
+ * a string does not fit. */
+static int st_metadata_text(const tn_file_tensor *t, char *buf, size_t cap) {
+  char key[ST_META_TEXT], value[ST_META_TEXT];
+  size_t n = 0;
+  int k;
+  buf[0] = '\0';
+  for (k = 0; k < TN_FILE_MAX_META && t->meta[k].key != NULL; k++) {
+    int m;
+    if (json_escape(t->meta[k].key, key, sizeof key) != 0 ||
+        json_escape(t->meta[k].value ? t->meta[k].value : "", value, sizeof value) != 0)
+      return -1;
+    m = snprintf(buf + n, cap - n, "%s\"%s\":\"%s\"", k == 0 ? "\"__metadata__\":{" : ",", key, value);
+    if (m < 0 || (size_t)m >= cap - n) return -1;
+    n += (size_t)m;
+  }
+  if (k > 0) {
+    if (n + 3 > cap) return -1;
+    memcpy(buf + n, "},", 3);
+    n += 2;
+  }
+  return (int)n;
+}
+
+/* One entry, offsets [0, nbytes], after the metadata when there is any (the reference writer puts it
+ * first too), padded with spaces to a multiple of 8 as the reference writer does. The extents are int64,
+ * which the reader takes exactly, so whatever is written reads back. */
 static size_t st_header_text(const tn_file_tensor *t, const char *name, uint64_t nbytes, char *buf, size_t cap) {
-  static const char *const names[] = {"F32", "F16", "BF16"};
-  char key[256 * 6 + 8], shape[48];
+  char key[256 * 6 + 8], shape[48], meta[TN_FILE_MAX_META * 2 * ST_META_TEXT + 32];
   int n;
-  if (json_escape(name, key, sizeof key) != 0) return 0;
+  if (json_escape(name, key, sizeof key) != 0 || st_metadata_text(t, meta, sizeof meta) < 0) return 0;
+  if ((unsigned)t->dtype >= TN_DTYPE_ALL_COUNT) return 0;
   if (t->ndim == 1)
     snprintf(shape, sizeof shape, "[%" PRId64 "]", t->dim);
   else
     snprintf(shape, sizeof shape, "[%" PRId64 ",%" PRId64 "]", t->rows, t->dim);
-  n = snprintf(buf, cap, "{\"%s\":{\"dtype\":\"%s\",\"shape\":%s,\"data_offsets\":[0,%" PRIu64 "]}}", key,
-               names[t->dtype], shape, nbytes);
+  n = snprintf(buf, cap, "{%s\"%s\":{\"dtype\":\"%s\",\"shape\":%s,\"data_offsets\":[0,%" PRIu64 "]}}", meta, key,
+               ST_WRITE_NAMES[t->dtype], shape, nbytes);
   if (n < 0 || (size_t)n + 8 > cap) return 0;
   while (n % 8 != 0) buf[n++] = ' ';
   return (size_t)n;
 }
 
 int tn_st_write(FILE *f, const char *path, const tn_file_tensor *t, const char *name, char *err, size_t errlen) {
-  char header[256 * 6 + 256];
+  char header[ST_HEADER_CAP];
   unsigned char len[8];
   uint64_t nbytes = 0;
   size_t hlen = 0, bad;

@@ -221,10 +221,14 @@ static int parse_spec(const char *spec, tf_spec *s, char *err, size_t errlen) {
   return 0;
 }
 
+/* numpy has no bfloat16 and no FP8 dtype of its own (ml_dtypes' FP8 arrays are saved as opaque void
+ * bytes, '|V1', which no reader can tell apart), so those go to .safetensors, which names them. */
 static int check_dtype(const tf_spec *s, tn_dtype dtype, char *err, size_t errlen) {
   if (tn_dtype_size(dtype) == 0) return tn_tf_fail(err, errlen, s->path, "unknown dtype %d", (int)dtype);
-  if (s->kind == TF_NPY && dtype != TN_F32 && dtype != TN_F16)
-    return tn_tf_fail(err, errlen, s->path, ".npy cannot hold %s (numpy has no bfloat16); save it as .safetensors",
+  if (s->kind == TF_NPY && dtype == TN_BF16)
+    return tn_tf_fail(err, errlen, s->path, ".npy cannot hold bf16 (numpy has no bfloat16); save it as .safetensors");
+  if (s->kind == TF_NPY && (dtype == TN_F8_E4M3 || dtype == TN_F8_E5M2))
+    return tn_tf_fail(err, errlen, s->path, ".npy cannot hold %s (numpy has no FP8 dtype); save it as .safetensors",
                       tn_dtype_name(dtype));
   return 0;
 }
@@ -479,7 +483,7 @@ static int undo_slot(tf_slot *sl) {
 /* Public API                                                                                       */
 /* ------------------------------------------------------------------------------------------------ */
 
-int tn_file_load(const char *spec, tn_file_tensor *out, char *err, size_t errlen) {
+static int load(const char *spec, int allow_0d, tn_file_tensor *out, char *err, size_t errlen) {
   tf_spec s;
   int rc;
   if (err && errlen) err[0] = '\0';
@@ -487,14 +491,22 @@ int tn_file_load(const char *spec, tn_file_tensor *out, char *err, size_t errlen
   memset(out, 0, sizeof *out);
   if (parse_spec(spec, &s, err, errlen) != 0) return -1;
   if (s.kind == TF_NPY)
-    rc = tn_npy_load(s.path, out, err, errlen);
+    rc = tn_npy_load(s.path, allow_0d, out, err, errlen);
   else if (!s.name)
     rc = tn_tf_fail(err, errlen, s.path, "name the tensor to load, as %s:TENSOR", s.path);
   else
-    rc = tn_st_load(s.path, s.name, out, err, errlen);
+    rc = tn_st_load(s.path, s.name, allow_0d, out, err, errlen);
   free(s.path);
   if (rc != 0) tn_file_tensor_free(out);
   return rc;
+}
+
+int tn_file_load(const char *spec, tn_file_tensor *out, char *err, size_t errlen) {
+  return load(spec, 0, out, err, errlen);
+}
+
+int tn_file_load_scalar(const char *spec, tn_file_tensor *out, char *err, size_t errlen) {
+  return load(spec, 1, out, err, errlen);
 }
 
 int tn_file_check_save(const char *spec, tn_dtype dtype, char *err, size_t errlen) {

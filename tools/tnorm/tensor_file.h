@@ -13,13 +13,24 @@
 extern "C" {
 #endif
 
+/* One entry of a safetensors header's "__metadata__" (both strings; neither is owned). */
+typedef struct tn_file_meta {
+  const char *key, *value;
+} tn_file_meta;
+
+#define TN_FILE_MAX_META 4
+
 typedef struct tn_file_tensor {
-  tn_dtype dtype; /* TN_F32, TN_F16 or TN_BF16 */
+  tn_dtype dtype; /* any tn_dtype; .npy holds f32, f16, i8 and u8 only */
   int ndim;       /* 1 or 2 */
   int64_t rows;   /* 1-D: 1 */
   int64_t dim;    /* 1-D: the length; 2-D: the second extent */
   void *data;     /* malloc'd, rows*dim contiguous little-endian elements (NULL when rows*dim == 0) */
   char name[256]; /* tensor name for safetensors, "" for npy */
+  /* What a save writes into a safetensors header's "__metadata__" (what the bytes of a packed or
+   * quantized tensor mean); entries from the first NULL key on are unused. .npy has no place for it.
+   * Loads leave it empty. */
+  tn_file_meta meta[TN_FILE_MAX_META];
 } tn_file_tensor;
 
 /* spec: "PATH.npy" or "PATH.safetensors:TENSOR". Returns 0, or -1 with a one-line message in err
@@ -28,7 +39,11 @@ typedef struct tn_file_tensor {
  * The path ends at the first ".safetensors:", so a tensor name may itself contain ':'. */
 int tn_file_load(const char *spec, tn_file_tensor *out, char *err, size_t errlen);
 
-/* spec: "PATH.npy" (f32/f16 only) or "PATH.safetensors" or "PATH.safetensors:NAME" (name defaults to
+/* tn_file_load that also takes a 0-d tensor (shape ()), as a 1-D tensor of one element: checkpoints
+ * store quantization scales so. */
+int tn_file_load_scalar(const char *spec, tn_file_tensor *out, char *err, size_t errlen);
+
+/* spec: "PATH.npy" (f32, f16, i8 and u8 only) or "PATH.safetensors" or "PATH.safetensors:NAME" (name defaults to
  * default_name). Checks only whether the format can hold the dtype and the spec is well formed;
  * touches no file. */
 int tn_file_check_save(const char *spec, tn_dtype dtype, char *err, size_t errlen);

@@ -38,10 +38,11 @@ int tn_tf_host_is_little_endian(void);
 
 /* Per-format entry points. The writers share one signature so the atomic save can take either;
  * they get a tensor already checked (dtype fits the format, shape and byte size valid). */
-int tn_npy_load(const char *path, tn_file_tensor *out, char *err, size_t errlen);
+/* allow_0d: a 0-d tensor loads as one element (tn_file_load_scalar); else it is refused. */
+int tn_npy_load(const char *path, int allow_0d, tn_file_tensor *out, char *err, size_t errlen);
 int tn_npy_write(FILE *f, const char *path, const tn_file_tensor *t, const char *name, char *err, size_t errlen);
 
-int tn_st_load(const char *path, const char *name, tn_file_tensor *out, char *err, size_t errlen);
+int tn_st_load(const char *path, const char *name, int allow_0d, tn_file_tensor *out, char *err, size_t errlen);
 int tn_st_write(FILE *f, const char *path, const tn_file_tensor *t, const char *name, char *err, size_t errlen);
 
 #endif
