@@ -343,7 +343,9 @@ TN_API tn_status tn_add_layer_norm(tn_context *ctx, const tn_tensor *x, const tn
 /*   captured CUDA graph stays valid when the value changes). It must be finite and > 0: the CPU      */
 /*   refuses any other value; a GPU kernel cannot report it and quantizes with it as it is.          */
 /* - Dynamic scales (TOKEN: one per row; GROUP: one per group_size elements of a row): a = max |v| over */
-/*   the row or group (NaN elements skipped; an infinity makes a infinite); s = a / qmax (float32;      */
+/*   the row or group (NaN elements skipped; an infinity makes a infinite, and then each infinity of    */
+/*   the group gives +-largest, its sign kept, where inf / inf would give a NaN of no defined sign);   */
+/*   s = a / qmax (float32;                                                                          */
 /*   qmax the format's largest), then s = min(s, scale_ub) when scale_ub > 0, then s = max(s,          */
 /*   scale_min), so that a row of zeros gets a finite scale. With pow2_scales, s is then rounded up to  */
 /*   a power of two, 2^ceil(log2 s) within [2^-127, 2^127] (DeepGEMM's scales), and stored as its      */
@@ -394,8 +396,9 @@ typedef struct tn_quant {
   tn_quant_source source;
   int pow2_scales;         /* dynamic FP8 and INT8 scales as UE8M0 powers of two (scales TN_U8); MXFP8 always */
   tn_scale_layout layout;  /* of the dynamic scales */
-  float scale_ub;          /* dynamic: an upper bound on s, > 0; 0 for none */
-  float scale_min;         /* dynamic: the least s, finite and > 0 (tn_quant_init: 2^-126) */
+  float scale_ub;          /* dynamic FP8, INT8, MXFP8: an upper bound on s, > 0; 0 for none (NVFP4: unused) */
+  float scale_min;         /* dynamic FP8, INT8, MXFP8: the least s, finite and > 0 (tn_quant_init: 2^-126;
+                              NVFP4: unused, its scales follow from the global scale) */
   const tn_tensor *q;      /* output, on x's device */
   const tn_tensor *scale;  /* input, one f32 on x's device: TENSOR's s, or NVFP4's global scale; else NULL */
   const tn_tensor *scales; /* output of the dynamic scales: f32 (TN_U8 with pow2_scales and for MXFP8,

@@ -145,7 +145,8 @@ def quantize_ref(fmt, v, scaling, group=None, pow2=False, scale=None, scale_ub=N
     s, stored = scales_from_amax(fmt, amax_groups(v, group), pow2, scale, scale_ub, scale_min)
     s_full = np.repeat(s, group, axis=1)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        q = encode(fmt, v / s_full)
+        # An infinity under an infinite scale stays itself (saturates), not inf / inf's NaN.
+        q = encode(fmt, np.where(np.isinf(v) & np.isinf(s_full), v, v / s_full))
     if fmt == "nvfp4":
         q = np.where(np.repeat(stored.view(np.uint8), group, axis=1) == 0, 0, q).astype(np.uint8)
         q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)

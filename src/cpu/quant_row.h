@@ -34,19 +34,26 @@ TN_INLINE float tn_quant_amax(const float *v, int64_t n) {
   return amax;
 }
 
+/* v / s, but an infinity under an infinite scale stays itself (the encoders saturate it, its sign kept)
+ * where the division would give a NaN whose sign the hardware picks. */
+TN_INLINE float tn_quant_div(float v, float s) {
+  const float t = v / s;
+  return t != t && v == v ? v : t;
+}
+
 /* q for n values of one scale s (FP8, INT8: one byte each), one loop per format so that each vectorises
  * (a format test inside the loop keeps it scalar). */
 TN_INLINE void tn_quant_bytes(tn_quant_format format, const float *v, int64_t n, float s, uint8_t *q) {
   switch (format) {
     case TN_QUANT_FP8_E4M3:
     case TN_QUANT_MXFP8:
-      for (int64_t i = 0; i < n; i++) q[i] = tn_f32_to_e4m3(v[i] / s);
+      for (int64_t i = 0; i < n; i++) q[i] = tn_f32_to_e4m3(tn_quant_div(v[i], s));
       break;
     case TN_QUANT_FP8_E5M2:
-      for (int64_t i = 0; i < n; i++) q[i] = tn_f32_to_e5m2(v[i] / s);
+      for (int64_t i = 0; i < n; i++) q[i] = tn_f32_to_e5m2(tn_quant_div(v[i], s));
       break;
     case TN_QUANT_INT8:
-      for (int64_t i = 0; i < n; i++) q[i] = (uint8_t)tn_f32_to_int8(v[i] / s);
+      for (int64_t i = 0; i < n; i++) q[i] = (uint8_t)tn_f32_to_int8(tn_quant_div(v[i], s));
       break;
     default:
       break;

@@ -96,7 +96,8 @@ def quantize(fmt, v, scaling="token", group=None, scale=None, pow2=False, layout
                     s, stored = pow2_ceil(s)
                 else:
                     stored = s.astype(F32)
-        quot = (vg / s[..., None]).astype(F32)
+        # An infinity under an infinite scale stays itself (saturates), not inf / inf's NaN.
+        quot = np.where(np.isinf(vg) & np.isinf(s[..., None]), vg, vg / s[..., None]).astype(F32)
     codes = encode(fmt, quot)
     if fmt == "nvfp4":
         codes = np.where(s[..., None] == 0, 0, codes).astype(np.uint8)

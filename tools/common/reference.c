@@ -554,7 +554,9 @@ void tn_reference_quantize(const tn_quant *q, int64_t rows, int64_t dim, const f
       }
       for (int64_t i = 0; i < group; i++) {
         /* A zero NVFP4 scale (its E4M3 byte rounded to 0) leaves the group's codes 0. */
-        const uint8_t code = s == 0.0f ? 0 : tn_reference_encode(q->format, vg[i] / s);
+        /* An infinity under an infinite scale stays itself (saturates), not inf / inf's NaN. */
+        const float t = isinf(vg[i]) && isinf(s) ? vg[i] : vg[i] / s;
+        const uint8_t code = s == 0.0f ? 0 : tn_reference_encode(q->format, t);
         put_code(q->format, qout + r * qdim, g * group + i, code);
       }
     }
