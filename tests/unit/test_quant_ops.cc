@@ -1809,6 +1809,10 @@ class QuantOpsArgs : public ::testing::Test {
 
   void SetUp() override {
     ASSERT_EQ(tn_context_create(&ctx), TN_OK);
+    Reset();
+  }
+  // The arenas and views as the base arguments have them (each case changes them, then resets).
+  void Reset() {
     in.assign(1 << 14, 0);
     out.assign(1 << 16, 0xFF);
     for (int64_t i = 0; i < R * D; i++) {
@@ -1936,7 +1940,7 @@ TEST_F(QuantOpsArgs, BaseArgumentsAreAccepted) {
       a = Nvfp4(op, l);
       EXPECT_EQ(tn_op_run(ctx, &a), TN_OK) << tn_op_name(op) << ": " << tn_context_last_error(ctx);
     }
-    SetUp();
+    Reset();
   }
 }
 
@@ -1949,7 +1953,7 @@ TEST_F(QuantOpsArgs, ZeroRowsWriteNothing) {
     std::fill(out.begin(), out.end(), 0xFF);
     EXPECT_EQ(tn_op_run(ctx, &a), TN_OK) << tn_op_name(op) << ": " << tn_context_last_error(ctx);
     EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](unsigned char b) { return b == 0xFF; })) << tn_op_name(op);
-    SetUp();
+    Reset();
   }
 }
 
@@ -2006,7 +2010,7 @@ TEST_F(QuantOpsArgs, GroupMustDivideDim) {
       ExpectArgsRefused(
           a, TN_ERR_SHAPE, {"dim " + std::to_string(c.dim), c.group},
           std::string(tn_quant_format_name(c.format)) + " dim " + std::to_string(c.dim) + ", " + tn_op_name(op));
-      SetUp();
+      Reset();
     }
   }
 }
@@ -2103,7 +2107,7 @@ TEST_F(QuantOpsArgs, ScalesOfTheWrongShapeDtypeOrLayout) {
       tn_op_args a = Base(op);
       c.change(a);
       ExpectArgsRefused(a, c.status, c.keys, std::string(c.what) + ", " + tn_op_name(op));
-      SetUp();
+      Reset();
     }
 }
 
@@ -2162,7 +2166,7 @@ TEST_F(QuantOpsArgs, QOfTheWrongShapeOrDtype) {
       tn_op_args a = Base(op);
       c.change(a);
       ExpectArgsRefused(a, c.status, c.keys, std::string(c.what) + ", " + tn_op_name(op));
-      SetUp();
+      Reset();
     }
 }
 
@@ -2234,7 +2238,7 @@ TEST_F(QuantOpsArgs, ScaleTensorAndScalesPresence) {
   for (const Bad &c : cases)
     for (tn_op op : kQuantOps) {
       ExpectArgsRefused(c.make(op), c.status, c.keys, std::string(c.what) + ", " + tn_op_name(op));
-      SetUp();
+      Reset();
     }
 }
 
@@ -2299,7 +2303,7 @@ TEST_F(QuantOpsArgs, FieldValues) {
       tn_op_args a = Base(op);
       c.change(a);
       ExpectArgsRefused(a, TN_ERR_VALUE, c.keys, std::string(c.what) + ", " + tn_op_name(op));
-      SetUp();
+      Reset();
     }
   // NVFP4 takes neither power-of-two scales nor another group.
   for (tn_op op : kQuantOps) {
@@ -2313,7 +2317,7 @@ TEST_F(QuantOpsArgs, FieldValues) {
     a.quant.scaling = TN_QUANT_SCALE_TENSOR;
     ExpectArgsRefused(a, TN_ERR_VALUE, {"nvfp4", "TN_QUANT_SCALE_GROUP"},
                       std::string("nvfp4 static, ") + tn_op_name(op));
-    SetUp();
+    Reset();
   }
 }
 
@@ -2360,7 +2364,7 @@ TEST_F(QuantOpsArgs, OpsThatTakeNoQuantizedOutput) {
   ty = tn_tensor_heads(out.data() + kY, TN_F32, R, 2, 64, D, 64);
   tw = In(kW, TN_F32, 1, 64);
   ExpectArgsRefused(a, TN_ERR_SHAPE, {"2-D views", "2 heads"}, "rms_norm on heads");
-  SetUp();
+  Reset();
   // Quant tensors without a format; quantize without a format.
   a = Base(TN_OP_RMS_NORM);
   a.quant.format = TN_QUANT_NONE;
@@ -2421,7 +2425,7 @@ TEST_F(QuantOpsArgs, Overlaps) {
   for (const Bad &c : cases)
     for (tn_op op : kQuantOps) {
       ExpectArgsRefused(c.make(op), TN_ERR_OVERLAP, c.keys, std::string(c.what) + ", " + tn_op_name(op));
-      SetUp();
+      Reset();
     }
   // add_rms_norm: q over residual_out.
   tn_op_args a = Base(TN_OP_ADD_RMS_NORM);
