@@ -33,6 +33,8 @@ import statistics
 import subprocess
 import sys
 
+from compare import import_tnorm  # the binding of this checkout, as compare.py finds it
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
@@ -91,21 +93,6 @@ def parse_args(argv=None):
     if args.batches < 1 or args.replays < 1 or args.gemm_k < 1:
         p.error("--batches, --replays and --gemm-k must be >= 1")
     return args
-
-
-def import_tnorm():
-    if not os.environ.get("TNORM_LIBRARY"):
-        for d in ("build-gpu", "build"):
-            lib = os.path.join(REPO, d, "libtnorm.so")
-            if os.path.exists(lib):
-                os.environ["TNORM_LIBRARY"] = lib
-                break
-    try:
-        import tnorm
-    except ImportError:
-        sys.path.insert(0, os.path.join(REPO, "python"))
-        import tnorm
-    return tnorm
 
 
 def note(msg):

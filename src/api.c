@@ -328,7 +328,8 @@ tn_status tn_op_run(tn_context *ctx, const tn_op_args *args) { TN_WITH_CONTEXT(c
 /* Every norm entry point: the operands it names, the default modes, and the rope when one is given. */
 static tn_status norm_call(tn_context *ctx, tn_op op, const tn_tensor *x, const tn_tensor *residual,
                            const tn_tensor *weight, float weight_offset, const tn_tensor *bias, const tn_tensor *mul,
-                           float eps, const tn_tensor *y, const tn_tensor *residual_out, const tn_rope *rope) {
+                           float eps, const tn_tensor *y, const tn_tensor *residual_out, const tn_rope *rope,
+                           const tn_quant *quant) {
   tn_op_args a = tn_op_args_init(op);
   a.x = x;
   a.residual = residual;
@@ -340,6 +341,7 @@ static tn_status norm_call(tn_context *ctx, tn_op op, const tn_tensor *x, const 
   a.y = y;
   a.residual_out = residual_out;
   if (rope != NULL) a.rope = *rope;
+  if (quant != NULL) a.quant = *quant;
   return tn_op_run(ctx, &a);
 }
 
@@ -353,7 +355,7 @@ static tn_status rms_norm_call(tn_context *ctx, const char *mul_required_by, tn_
                                const tn_tensor *residual, const tn_tensor *weight, float weight_offset,
                                const tn_tensor *mul, float eps, const tn_tensor *y, const tn_tensor *residual_out) {
   if (mul_required_by != NULL && mul == NULL) TN_WITH_CONTEXT(ctx, missing_mul_locked(ctx, op, mul_required_by));
-  return norm_call(ctx, op, x, residual, weight, weight_offset, NULL, mul, eps, y, residual_out, NULL);
+  return norm_call(ctx, op, x, residual, weight, weight_offset, NULL, mul, eps, y, residual_out, NULL, NULL);
 }
 
 tn_status tn_rms_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset, float eps,
@@ -390,28 +392,21 @@ tn_status tn_add_rms_norm_mul(tn_context *ctx, const tn_tensor *x, const tn_tens
 
 tn_status tn_rms_norm_rope(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset,
                            float eps, const tn_rope *rope, const tn_tensor *y) {
-  return norm_call(ctx, TN_OP_RMS_NORM, x, NULL, weight, weight_offset, NULL, NULL, eps, y, NULL, rope);
+  return norm_call(ctx, TN_OP_RMS_NORM, x, NULL, weight, weight_offset, NULL, NULL, eps, y, NULL, rope, NULL);
 }
 
 tn_status tn_layer_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, const tn_tensor *bias, float eps,
                         const tn_tensor *y) {
-  return norm_call(ctx, TN_OP_LAYER_NORM, x, NULL, weight, 0.0f, bias, NULL, eps, y, NULL, NULL);
+  return norm_call(ctx, TN_OP_LAYER_NORM, x, NULL, weight, 0.0f, bias, NULL, eps, y, NULL, NULL, NULL);
 }
 
 tn_status tn_add_layer_norm(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual, const tn_tensor *weight,
                             const tn_tensor *bias, float eps, const tn_tensor *y, const tn_tensor *residual_out) {
-  return norm_call(ctx, TN_OP_ADD_LAYER_NORM, x, residual, weight, 0.0f, bias, NULL, eps, y, residual_out, NULL);
+  return norm_call(ctx, TN_OP_ADD_LAYER_NORM, x, residual, weight, 0.0f, bias, NULL, eps, y, residual_out, NULL, NULL);
 }
 
 static tn_status missing_quant_locked(tn_context *ctx, const char *entry) {
   return tn_error(ctx, TN_ERR_NULL, "%s: quant is NULL", entry);
-}
-
-/* The quantizing entry points: a's quantized output from *quant, which must be given. */
-static tn_status quant_call(tn_context *ctx, const char *entry, tn_op_args *a, const tn_quant *quant) {
-  if (quant == NULL) TN_WITH_CONTEXT(ctx, missing_quant_locked(ctx, entry));
-  a->quant = *quant;
-  return tn_op_run(ctx, a);
 }
 
 tn_status tn_quant_shapes_get(const tn_quant *quant, int64_t rows, int64_t dim, tn_quant_shapes *out) {
@@ -420,34 +415,25 @@ tn_status tn_quant_shapes_get(const tn_quant *quant, int64_t rows, int64_t dim, 
 }
 
 tn_status tn_quantize(tn_context *ctx, const tn_tensor *x, const tn_quant *quant) {
+  if (quant == NULL) TN_WITH_CONTEXT(ctx, missing_quant_locked(ctx, "tn_quantize"));
   tn_op_args a = tn_op_args_init(TN_OP_QUANTIZE);
   a.x = x;
-  return quant_call(ctx, "tn_quantize", &a, quant);
+  a.quant = *quant;
+  return tn_op_run(ctx, &a);
 }
 
 tn_status tn_rms_norm_quant(tn_context *ctx, const tn_tensor *x, const tn_tensor *weight, float weight_offset,
                             float eps, const tn_quant *quant, const tn_tensor *y) {
-  tn_op_args a = tn_op_args_init(TN_OP_RMS_NORM);
-  a.x = x;
-  a.weight = weight;
-  a.weight_offset = weight_offset;
-  a.eps = eps;
-  a.y = y;
-  return quant_call(ctx, "tn_rms_norm_quant", &a, quant);
+  if (quant == NULL) TN_WITH_CONTEXT(ctx, missing_quant_locked(ctx, "tn_rms_norm_quant"));
+  return norm_call(ctx, TN_OP_RMS_NORM, x, NULL, weight, weight_offset, NULL, NULL, eps, y, NULL, NULL, quant);
 }
 
 tn_status tn_add_rms_norm_quant(tn_context *ctx, const tn_tensor *x, const tn_tensor *residual,
                                 const tn_tensor *weight, float weight_offset, float eps, const tn_quant *quant,
                                 const tn_tensor *y, const tn_tensor *residual_out) {
-  tn_op_args a = tn_op_args_init(TN_OP_ADD_RMS_NORM);
-  a.x = x;
-  a.residual = residual;
-  a.weight = weight;
-  a.weight_offset = weight_offset;
-  a.eps = eps;
-  a.y = y;
-  a.residual_out = residual_out;
-  return quant_call(ctx, "tn_add_rms_norm_quant", &a, quant);
+  if (quant == NULL) TN_WITH_CONTEXT(ctx, missing_quant_locked(ctx, "tn_add_rms_norm_quant"));
+  return norm_call(ctx, TN_OP_ADD_RMS_NORM, x, residual, weight, weight_offset, NULL, NULL, eps, y, residual_out,
+                   NULL, quant);
 }
 
 /* add and mul: b goes in the operand slot of the op table (residual for add, mul for mul). */

@@ -423,6 +423,20 @@ TN_INLINE void tn_prefetch_slice(tn_next_row next, int64_t from, int64_t to, int
   }
 }
 
+/* Element i of the emit formula below in float32, before the rounding to the dtype (m: the multiplicand's
+ * element, used with has_m). */
+TN_INLINE float tn_emit_value(tn_dtype dtype, const void *v, int src_half, int64_t i, float inv, int round_first,
+                              int has_w, const float *w, int has_m, float m, int has_scale, float scale,
+                              int round_mid) {
+  float t = (src_half ? tn_load(dtype, v, i) : ((const float *)v)[i]) * inv;
+  if (round_first) t = tn_round_to(dtype, t);
+  if (has_w) t *= w[i];
+  if (round_mid) t = tn_round_to(dtype, t);
+  if (has_m) t *= m;
+  if (has_scale) t *= scale;
+  return t;
+}
+
 /* out[i] = round((((v[i] * inv) * w[i]) * m[i]) * scale) for i < n, each factor present only when its
  * flag is set (w is the weight plus offset, already in float32; m a row of the dtype). With round_first
  * (TN_CASTING_LLAMA on f16/bf16), v[i] * inv is rounded to the dtype before anything multiplies it. With
@@ -472,15 +486,9 @@ TN_INLINE void tn_row_emit_from(tn_dtype dtype, void *out, const void *v, const 
     float *r = dtype == TN_F32 && !stream ? (float *)dst : f32;
     const float *mb = NULL;
     if (has_m) mb = tn_row_as_f32(dtype, (const char *)m + (size_t)b * es, len, mf);
-    for (int64_t i = 0; i < len; i++) {
-      float t = (src_half ? tn_load(dtype, v, b + i) : ((const float *)v)[b + i]) * inv;
-      if (round_first) t = tn_round_to(dtype, t);
-      if (has_w) t *= w[b + i];
-      if (round_mid) t = tn_round_to(dtype, t);
-      if (has_m) t *= mb[i];
-      if (has_scale) t *= scale;
-      r[i] = t;
-    }
+    for (int64_t i = 0; i < len; i++)
+      r[i] = tn_emit_value(dtype, v, src_half, b + i, inv, round_first, has_w, w, has_m, has_m ? mb[i] : 1.0f,
+                           has_scale, scale, round_mid);
     tn_block_out(dtype, dst, f32, u16, len, stream);
   }
 }
@@ -495,15 +503,9 @@ TN_INLINE void tn_row_result(tn_dtype dtype, float *out, const void *v, int src_
   for (int64_t b = 0; b < n; b += TN_BLOCK) {
     const int64_t len = n - b < TN_BLOCK ? n - b : TN_BLOCK;
     const float *mb = has_m ? tn_row_as_f32(dtype, (const char *)m + (size_t)b * es, len, mf) : NULL;
-    for (int64_t i = 0; i < len; i++) {
-      float t = (src_half ? tn_load(dtype, v, b + i) : ((const float *)v)[b + i]) * inv;
-      if (round_first) t = tn_round_to(dtype, t);
-      if (has_w) t *= w[b + i];
-      if (round_mid) t = tn_round_to(dtype, t);
-      if (has_m) t *= mb[i];
-      if (has_scale) t *= scale;
-      out[b + i] = t;
-    }
+    for (int64_t i = 0; i < len; i++)
+      out[b + i] = tn_emit_value(dtype, v, src_half, b + i, inv, round_first, has_w, w, has_m,
+                                 has_m ? mb[i] : 1.0f, has_scale, scale, round_mid);
   }
 }
 
